@@ -1,0 +1,33 @@
+# Set-up installs the CPU build of torch 2.13.0 first: a bare "torch" requirement resolved with
+# nothing installed pulls a multi-GB CUDA build.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_VERSION ?= 2.13.0
+
+.PHONY: setup test demo lint openapi clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==$(TORCH_VERSION)
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q -p no:cacheprovider
+
+demo: setup
+	$(VENV)/bin/layerbank demo
+
+lint: setup
+	$(VENV)/bin/ruff check store workers service tests bench
+	$(VENV)/bin/ruff format --check store workers service tests bench
+	$(VENV)/bin/mypy store service
+
+openapi: setup
+	$(PY) -m service.openapi > openapi.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache
