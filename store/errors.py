@@ -1,0 +1,44 @@
+"""Errors raised by the store package."""
+
+from __future__ import annotations
+
+
+class StoreError(Exception):
+    """Base class of every error raised by the store package.
+
+    Parameters
+    ----------
+    message
+        A sentence that names the field and the value and says what to do.
+    field
+        The request field or store key the error is about, if any.
+    value
+        The offending value, if any.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, value: object = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.value = value
+
+
+class InvalidIdError(StoreError):
+    """Raised when an id does not have the store's id format."""
+
+
+class NotFoundError(StoreError):
+    """Raised when a feature set, probe result, projection or model is not in the store."""
+
+
+class NotReadyError(StoreError):
+    """Raised when a feature set or result is read before it is complete."""
+
+    def __init__(self, message: str, *, field: str | None = None, value: object = None,
+                 progress: dict[str, int] | None = None) -> None:
+        super().__init__(message, field=field, value=value)
+        self.progress = progress or {}
+
+
+class LayoutError(StoreError):
+    """Raised when a group on disk does not have the layout this version writes."""

@@ -1,0 +1,364 @@
+"""Feature sets on disk: one Zarr group per spec with preallocated, block-aligned arrays.
+
+Layout of ``featuresets/<id>/``:
+
+``features``
+    array of shape (n_layers, n_items, dim), NaN fill, chunks (1, block_rows, dim) inside shards
+    (n_layers, block_rows, dim), so one block of rows is written as one object and one layer is
+    read as one chunk per block.
+``labels``, ``item_ids``
+    arrays of shape (n_items,), written when the group is created.
+``blocks_done``
+    bool array of shape (n_blocks,), one chunk per block. A block's flag is written only after its
+    features, so a flag never covers missing data.
+
+Group attributes hold the spec, the layer map, counts and ``status`` ("pending" or "complete").
+Only `FeatureSet.mark_complete` sets "complete", after checking every block flag.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+
+from store.errors import LayoutError, NotReadyError, StoreError
+from store.spec import FeatureSetSpec
+
+if TYPE_CHECKING:
+    from store.root import Store
+
+logger = logging.getLogger(__name__)
+
+STATUS_PENDING = "pending"
+STATUS_COMPLETE = "complete"
+# Target size of one (1, block_rows, dim) chunk: large enough for fast layer reads, small enough
+# that a killed worker loses little.
+TARGET_CHUNK_BYTES = 2 * 1024 * 1024
+MIN_BLOCK_ROWS = 64
+MAX_BLOCK_ROWS = 8192
+
+
+def default_block_rows(n_items: int, dim: int, dtype: str) -> int:
+    """Return the rows per block for a (1, rows, dim) chunk of about 2 MiB, at most ``n_items``."""
+    itemsize = np.dtype(dtype).itemsize
+    rows = TARGET_CHUNK_BYTES // max(1, dim * itemsize)
+    rows = 2 ** int(math.log2(max(rows, 1)))
+    rows = min(max(rows, MIN_BLOCK_ROWS), MAX_BLOCK_ROWS)
+    return max(1, min(rows, n_items))
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Blocks and items written so far."""
+
+    blocks_done: int
+    blocks_total: int
+    items_done: int
+    items_total: int
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "blocks_done": self.blocks_done,
+            "blocks_total": self.blocks_total,
+            "items_done": self.items_done,
+            "items_total": self.items_total,
+        }
+
+
+class FeatureSet:
+    """Handle on one feature set group; cheap to keep, re-reads only what can change."""
+
+    def __init__(self, store: Store, featureset_id: str, group: zarr.Group) -> None:
+        self.store = store
+        self.id = featureset_id
+        self._group = group
+        try:
+            self.features = group["features"]
+            self.labels_array = group["labels"]
+            self.item_ids_array = group["item_ids"]
+            self.blocks_done_array = group["blocks_done"]
+        except KeyError as exc:
+            raise LayoutError(
+                f"feature set {featureset_id!r} is missing the array {exc.args[0]!r}; "
+                "run `layerbank fsck` on it",
+                field="featureset_id",
+                value=featureset_id,
+            ) from exc
+        self._attrs: dict[str, Any] = dict(group.attrs)
+
+    # -- metadata ---------------------------------------------------------------------------
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        if self._attrs.get("status") != STATUS_COMPLETE:
+            # Pending groups change status when finalised; complete ones never change again.
+            self._attrs = dict(zarr.open_group(self.store.zarr_store, path=self.path, mode="r").attrs)
+        return self._attrs
+
+    @property
+    def path(self) -> str:
+        return f"featuresets/{self.id}"
+
+    @property
+    def spec(self) -> FeatureSetSpec:
+        return FeatureSetSpec.model_validate(self.attrs["spec"])
+
+    @property
+    def layers(self) -> list[int]:
+        return list(self.attrs["spec"]["layers"])
+
+    @property
+    def block_rows(self) -> int:
+        return int(self.attrs["block_rows"])
+
+    @property
+    def n_items(self) -> int:
+        return int(self.features.shape[1])
+
+    @property
+    def n_blocks(self) -> int:
+        return int(self.blocks_done_array.shape[0])
+
+    @property
+    def is_complete(self) -> bool:
+        return self.attrs.get("status") == STATUS_COMPLETE
+
+    def block_range(self, block: int) -> tuple[int, int]:
+        """Return the [start, stop) rows of ``block``."""
+        if not 0 <= block < self.n_blocks:
+            raise StoreError(
+                f"block {block} is out of range for feature set {self.id!r} (0..{self.n_blocks - 1})",
+                field="block",
+                value=block,
+            )
+        start = block * self.block_rows
+        return start, min(start + self.block_rows, self.n_items)
+
+    def layer_position(self, layer: int) -> int:
+        """Return the position along axis 0 of hidden-state index ``layer``."""
+        layers = self.layers
+        if layer not in layers:
+            raise StoreError(
+                f"layer {layer!r} is not in feature set {self.id!r}; stored layers are "
+                f"{_describe_layers(layers)}",
+                field="layer",
+                value=layer,
+            )
+        return layers.index(layer)
+
+    # -- progress ---------------------------------------------------------------------------
+
+    def done_blocks(self) -> np.ndarray:
+        """Return the bool array of shape (n_blocks,) of blocks whose data is written."""
+        return np.asarray(self.blocks_done_array[:], dtype=bool)
+
+    def missing_blocks(self) -> list[int]:
+        return [int(b) for b in np.flatnonzero(~self.done_blocks())]
+
+    def progress(self) -> Progress:
+        done = self.done_blocks()
+        items_done = sum(
+            self.block_range(int(b))[1] - self.block_range(int(b))[0] for b in np.flatnonzero(done)
+        )
+        return Progress(int(done.sum()), self.n_blocks, int(items_done), self.n_items)
+
+    # -- writing ----------------------------------------------------------------------------
+
+    def write_block(self, block: int, features: np.ndarray) -> None:
+        """Write the features of ``block``, then its done flag.
+
+        Parameters
+        ----------
+        block
+            Block index.
+        features
+            Array of shape (n_layers, block rows, dim); cast to the stored dtype.
+        """
+        start, stop = self.block_range(block)
+        expected = (self.features.shape[0], stop - start, self.features.shape[2])
+        if features.shape != expected:
+            raise StoreError(
+                f"block {block} of feature set {self.id!r} needs features of shape {expected}, "
+                f"got {features.shape}",
+                field="features",
+                value=features.shape,
+            )
+        if not np.all(np.isfinite(features)):
+            raise StoreError(
+                f"block {block} of feature set {self.id!r} has non-finite features; the model "
+                "produced NaN or infinity, so the block was not written",
+                field="features",
+                value=block,
+            )
+        self.features[:, start:stop, :] = features.astype(self.features.dtype, copy=False)
+        # The flag goes last: a worker killed before this line leaves the block marked missing.
+        self.blocks_done_array[block] = True
+        logger.debug("feature set %s: block %d rows %d..%d written", self.id, block, start, stop)
+
+    def mark_complete(self) -> bool:
+        """Set status "complete" if every block is written; return whether it did."""
+        missing = self.missing_blocks()
+        if missing:
+            logger.info("feature set %s: %d blocks still missing", self.id, len(missing))
+            return False
+        group = zarr.open_group(self.store.zarr_store, path=self.path, mode="r+")
+        group.attrs.update(
+            {"status": STATUS_COMPLETE, "completed": dt.datetime.now(dt.timezone.utc).isoformat()}
+        )
+        self._attrs = dict(group.attrs)
+        self.store.forget(self.id)
+        logger.info("feature set %s: complete", self.id)
+        return True
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def require_complete(self) -> None:
+        if not self.is_complete:
+            progress = self.progress()
+            raise NotReadyError(
+                f"feature set {self.id!r} is not complete yet ({progress.blocks_done}/"
+                f"{progress.blocks_total} blocks written); wait for its job to finish",
+                field="featureset_id",
+                value=self.id,
+                progress=progress.as_dict(),
+            )
+
+    def read_layer(self, layer: int, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        """Return rows [start, stop) of hidden-state index ``layer``, array of shape (rows, dim)."""
+        self.require_complete()
+        position = self.layer_position(layer)
+        start, stop = self.check_rows(start, stop)
+        return np.asarray(self.features[position, start:stop, :])
+
+    def read_labels(self, start: int | None = None, stop: int | None = None) -> np.ndarray:
+        start, stop = self.check_rows(start, stop)
+        return np.asarray(self.labels_array[start:stop])
+
+    def check_rows(self, start: int | None, stop: int | None) -> tuple[int, int]:
+        """Return the validated [start, stop) row range; None means the ends."""
+        n = self.n_items
+        start = 0 if start is None else start
+        stop = n if stop is None else stop
+        if not 0 <= start <= n:
+            raise StoreError(
+                f"start {start} is out of range (0..{n}); feature set {self.id!r} has {n} items",
+                field="start",
+                value=start,
+            )
+        if not start <= stop <= n:
+            raise StoreError(
+                f"stop {stop} is out of range ({start}..{n}); feature set {self.id!r} has {n} items",
+                field="stop",
+                value=stop,
+            )
+        return start, stop
+
+    def summary(self) -> dict[str, Any]:
+        """Return the public description: spec, layer map, shape, dtype, status, progress."""
+        attrs = self.attrs
+        progress = self.progress()
+        return {
+            "featureset_id": self.id,
+            "status": attrs.get("status", STATUS_PENDING),
+            "spec": attrs["spec"],
+            "layer_map": attrs.get("layer_map", []),
+            "shape": list(self.features.shape),
+            "dtype": str(self.features.dtype),
+            "n_items": self.n_items,
+            "dim": int(self.features.shape[2]),
+            "block_rows": self.block_rows,
+            "class_names": attrs.get("class_names", []),
+            "created": attrs.get("created"),
+            "completed": attrs.get("completed"),
+            "progress": progress.as_dict(),
+        }
+
+
+def create_featureset(
+    store: Store,
+    spec: FeatureSetSpec,
+    *,
+    layer_map: list[dict[str, Any]],
+    dim: int,
+    labels: np.ndarray,
+    item_ids: np.ndarray,
+    class_names: list[str],
+    block_rows: int | None = None,
+) -> FeatureSet:
+    """Create the group of ``spec`` with preallocated arrays, or return the existing one.
+
+    Parameters
+    ----------
+    layer_map
+        One entry per stored layer, ``{"layer": i, "description": ...}``, in spec order.
+    labels, item_ids
+        Arrays of shape (n_items,).
+    """
+    featureset_id = spec.featureset_id()
+    existing = store.find_featureset(featureset_id)
+    if existing is not None:
+        return existing
+
+    n_items = int(labels.shape[0])
+    n_layers = len(spec.layers)
+    rows = block_rows or default_block_rows(n_items, dim, spec.dtype)
+    rows = max(1, min(rows, n_items))
+    n_blocks = math.ceil(n_items / rows)
+    path = f"featuresets/{featureset_id}"
+
+    # Arrays first, attributes with the spec last: a group without "spec" was interrupted during
+    # creation and is recreated by the next request.
+    group = zarr.open_group(store.zarr_store, path=path, mode="w")
+    zarr.create_array(
+        store.zarr_store,
+        name=f"{path}/features",
+        shape=(n_layers, n_items, dim),
+        chunks=(1, rows, dim),
+        shards=(n_layers, rows, dim),
+        dtype=spec.dtype,
+        fill_value=np.nan,
+        compressors=None,
+        dimension_names=("layer", "item", "dim"),
+    )
+    zarr.create_array(
+        store.zarr_store, name=f"{path}/labels", data=labels.astype(np.int64), chunks=(rows,),
+        dimension_names=("item",),
+    )
+    zarr.create_array(
+        store.zarr_store, name=f"{path}/item_ids", data=item_ids.astype(np.int64), chunks=(rows,),
+        dimension_names=("item",),
+    )
+    zarr.create_array(
+        store.zarr_store, name=f"{path}/blocks_done", shape=(n_blocks,), chunks=(1,), dtype=bool,
+        fill_value=False, dimension_names=("block",),
+    )
+    group.attrs.update(
+        {
+            "featureset_id": featureset_id,
+            "spec": spec.model_dump(),
+            "layer_map": layer_map,
+            "class_names": class_names,
+            "block_rows": rows,
+            "n_blocks": n_blocks,
+            "status": STATUS_PENDING,
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+            "completed": None,
+        }
+    )
+    logger.info(
+        "feature set %s: created, %d layers x %d items x %d dim in %d blocks",
+        featureset_id, n_layers, n_items, dim, n_blocks,
+    )
+    return FeatureSet(store, featureset_id, group)
+
+
+def _describe_layers(layers: list[int]) -> str:
+    if layers == list(range(layers[0], layers[-1] + 1)) if layers else False:
+        return f"{layers[0]}..{layers[-1]}"
+    return ", ".join(str(layer) for layer in layers)

@@ -1,0 +1,51 @@
+"""Content-addressed ids for feature sets, probe results and projections."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any
+
+from store.errors import InvalidIdError
+
+ID_LENGTH = 24
+_ID_PATTERN = re.compile(rf"^[0-9a-f]{{{ID_LENGTH}}}$")
+_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def canonical_json(payload: Any) -> str:
+    """Serialise ``payload`` so that equal content always gives equal text."""
+    return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def content_id(payload: Any) -> str:
+    """Return the id of ``payload``: the first 24 hex digits of the sha256 of its canonical JSON."""
+    return hashlib.sha256(canonical_json(payload).encode()).hexdigest()[:ID_LENGTH]
+
+
+def check_id(value: str, *, field: str = "id") -> str:
+    """Return ``value`` if it has the id format, else raise `InvalidIdError`.
+
+    Ids are checked before any store access, so a value such as ``../x`` never reaches a path.
+    """
+    if not isinstance(value, str) or not _ID_PATTERN.match(value):
+        raise InvalidIdError(
+            f"{field} {value!r} is not a valid id; ids are {ID_LENGTH} lowercase hex digits "
+            "as returned by the API",
+            field=field,
+            value=value,
+        )
+    return value
+
+
+def check_name(value: str, *, field: str = "name") -> str:
+    """Return ``value`` if it is a safe store name (letters, digits, ``._-``), else raise."""
+    if not isinstance(value, str) or not _NAME_PATTERN.match(value) or ".." in value:
+        raise InvalidIdError(
+            f"{field} {value!r} is not a valid name; use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit",
+            field=field,
+            value=value,
+        )
+    return value

@@ -1,0 +1,137 @@
+"""The store root: a local directory or any fsspec URL shared by every worker and API replica."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import zarr
+from zarr.abc.store import Store as ZarrStore
+from zarr.storage import FsspecStore, LocalStore
+
+from store.errors import LayoutError, NotFoundError
+from store.featureset import FeatureSet
+from store.ids import check_id
+
+logger = logging.getLogger(__name__)
+
+
+def is_local_url(root: str) -> bool:
+    return "://" not in root or root.startswith("file://")
+
+
+class Store:
+    """Entry point to everything stored under one root.
+
+    Parameters
+    ----------
+    root
+        A local directory (created if missing) or an fsspec URL such as ``s3://bucket/prefix``.
+    """
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = str(root)
+        self.zarr_store: ZarrStore
+        if is_local_url(self.root):
+            local = Path(self.root.removeprefix("file://")).expanduser().resolve()
+            local.mkdir(parents=True, exist_ok=True)
+            self.local_root: Path | None = local
+            self.zarr_store = LocalStore(local)
+        else:
+            self.local_root = None
+            self.zarr_store = FsspecStore.from_url(self.root, read_only=False)
+        self._open: dict[str, FeatureSet] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"Store({self.root!r})"
+
+    # -- feature sets -----------------------------------------------------------------------
+
+    def find_featureset(self, featureset_id: str) -> FeatureSet | None:
+        """Return the feature set ``featureset_id``, or None if it does not exist."""
+        check_id(featureset_id, field="featureset_id")
+        with self._lock:
+            cached = self._open.get(featureset_id)
+        if cached is not None:
+            return cached
+        try:
+            group = zarr.open_group(self.zarr_store, path=f"featuresets/{featureset_id}", mode="r+")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            return None
+        if "spec" not in group.attrs:
+            # Creation was interrupted before the spec was written: treat as absent.
+            return None
+        try:
+            featureset = FeatureSet(self, featureset_id, group)
+        except LayoutError:
+            logger.exception("feature set %s: unreadable layout", featureset_id)
+            raise
+        with self._lock:
+            self._open[featureset_id] = featureset
+        return featureset
+
+    def featureset(self, featureset_id: str) -> FeatureSet:
+        """Return the feature set ``featureset_id`` or raise `NotFoundError`."""
+        featureset = self.find_featureset(featureset_id)
+        if featureset is None:
+            raise NotFoundError(
+                f"feature set {featureset_id!r} not found; list feature sets with "
+                "GET /v1/featuresets",
+                field="featureset_id",
+                value=featureset_id,
+            )
+        return featureset
+
+    def forget(self, featureset_id: str) -> None:
+        """Drop the cached handle so the next access re-reads the group."""
+        with self._lock:
+            self._open.pop(featureset_id, None)
+
+    def featureset_ids(self) -> list[str]:
+        return self._child_names("featuresets")
+
+    def _child_names(self, prefix: str) -> list[str]:
+        try:
+            group = zarr.open_group(self.zarr_store, path=prefix, mode="r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            return []
+        return sorted(name for name, _ in group.groups())
+
+    # -- groups of other kinds --------------------------------------------------------------
+
+    def write_result(self, kind: str, result_id: str, attrs: dict[str, Any]) -> None:
+        """Create or update the attributes of ``<kind>/<result_id>``."""
+        group = zarr.open_group(self.zarr_store, path=f"{kind}/{result_id}", mode="a")
+        group.attrs.update(attrs)
+
+    def read_result(self, kind: str, result_id: str) -> dict[str, Any] | None:
+        try:
+            group = zarr.open_group(self.zarr_store, path=f"{kind}/{result_id}", mode="r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            return None
+        return dict(group.attrs)
+
+    def result_ids(self, kind: str) -> list[str]:
+        return self._child_names(kind)
+
+    def result_group(self, kind: str, result_id: str, mode: str = "a") -> zarr.Group:
+        return zarr.open_group(self.zarr_store, path=f"{kind}/{result_id}", mode=mode)  # type: ignore[arg-type]
+
+    # -- models -----------------------------------------------------------------------------
+
+    def models_dir(self) -> Path:
+        """Return the local directory of checkpoints the service pretrained itself."""
+        if self.local_root is None:
+            # NOTE: pretrained checkpoints live on local disk only; with an fsspec root each
+            # worker keeps its own copy under LAYERBANK_MODELS_DIR.
+            raise NotFoundError(
+                f"store root {self.root!r} is not a local directory; set LAYERBANK_MODELS_DIR",
+                field="store",
+                value=self.root,
+            )
+        path = self.local_root / "models"
+        path.mkdir(parents=True, exist_ok=True)
+        return path

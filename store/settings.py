@@ -1,0 +1,66 @@
+"""Configuration shared by the API, the workers and the CLI, read from environment variables."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every setting, with its environment variable (prefix ``LAYERBANK_`` unless noted)."""
+
+    model_config = SettingsConfigDict(env_prefix="LAYERBANK_", extra="ignore")
+
+    store: str = Field("./data/store", description="Store root: a directory or an fsspec URL.")
+    redis_url: str = Field(
+        "redis://127.0.0.1:6379/0",
+        validation_alias="REDIS_URL",
+        description="Redis used as the job queue (REDIS_URL, no prefix).",
+    )
+    queue: str = Field("layerbank", description="Name of the rq queue jobs go to.")
+    host: str = Field("127.0.0.1", description="Address the API binds to.")
+    port: int = Field(8000, description="Port the API listens on.")
+    device: str = Field("auto", description="Worker device: auto, cpu, cuda or cuda:N.")
+    data_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Directories local datasets may be read from (comma-separated); "
+        "empty allows none.",
+    )
+    model_roots: Annotated[list[Path], NoDecode] = Field(
+        default_factory=list,
+        description="Directories local checkpoints may be read from (comma-separated); "
+        "empty allows none.",
+    )
+    allow_hub: bool = Field(True, description="Resolve Hugging Face Hub ids.")
+    block_timeout: int = Field(3600, description="Seconds one extraction block job may run.")
+    probe_timeout: int = Field(3600, description="Seconds one probe job may run.")
+    pretrain_timeout: int = Field(7200, description="Seconds one pretraining job may run.")
+    max_rows_per_fetch: int = Field(1_000_000, description="Rows one layer fetch may return.")
+    max_json_rows: int = Field(1000, description="Rows a JSON layer fetch may return.")
+
+    @field_validator("data_roots", "model_roots", mode="before")
+    @classmethod
+    def _split_paths(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [Path(part).expanduser() for part in value.split(",") if part.strip()]
+        return value
+
+    def resolved_device(self) -> str:
+        """Return the torch device string; "auto" picks CUDA when a GPU is visible."""
+        if self.device != "auto":
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Return the process-wide settings, read once from the environment."""
+    return Settings()
