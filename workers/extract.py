@@ -1,0 +1,129 @@
+"""Extraction of one block of rows: dataset rows in, pooled hidden states of every layer out."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from store import FeatureSet, Store
+from store.settings import Settings
+from workers.datasets import DatasetSplit, load_split
+from workers.errors import DatasetError, ModelError
+from workers.modelref import ModelRef, resolve_model
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 64
+
+
+@dataclass(frozen=True)
+class BlockResult:
+    """What one block job did."""
+
+    featureset_id: str
+    block: int
+    rows: int
+    seconds: float
+    skipped: bool
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "featureset_id": self.featureset_id,
+            "block": self.block,
+            "rows": self.rows,
+            "seconds": round(self.seconds, 3),
+            "skipped": self.skipped,
+        }
+
+
+def resolve_for_featureset(featureset: FeatureSet, settings: Settings, store: Store) -> ModelRef:
+    """Resolve the feature set's model and check that its weights did not change since."""
+    spec = featureset.spec
+    ref = resolve_model(
+        spec.model,
+        models_dir=store.models_dir() if store.local_root else None,
+        allowed_roots=settings.model_roots or None,
+        allow_hub=settings.allow_hub,
+    )
+    if ref.revision != spec.model_revision:
+        raise ModelError(
+            f"model {spec.model!r} now resolves to revision {ref.revision!r}, but feature set "
+            f"{featureset.id!r} was created from {spec.model_revision!r}; request a new "
+            "extraction",
+            field="model",
+            value=spec.model,
+        )
+    return ref
+
+
+def load_featureset_split(featureset: FeatureSet, settings: Settings) -> DatasetSplit:
+    """Load the dataset split of a feature set and check that its content did not change."""
+    spec = featureset.spec
+    split = load_split(
+        spec.dataset, spec.split, limit=spec.limit, seed=spec.seed,
+        allowed_roots=settings.data_roots or None,
+    )
+    if split.fingerprint != spec.dataset_fingerprint:
+        raise DatasetError(
+            f"dataset {spec.dataset!r} split {spec.split!r} changed since feature set "
+            f"{featureset.id!r} was created (fingerprint {split.fingerprint[:12]} != "
+            f"{spec.dataset_fingerprint[:12]}); request a new extraction",
+            field="dataset",
+            value=spec.dataset,
+        )
+    return split
+
+
+def extract_block(
+    store: Store,
+    featureset_id: str,
+    block: int,
+    *,
+    settings: Settings,
+    batch_size: int | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
+) -> BlockResult:
+    """Compute and write the pooled features of one block, unless it is already written.
+
+    Parameters
+    ----------
+    on_batch
+        Called with (rows done, rows in block) after every batch.
+    """
+    from workers.models import load_model
+
+    started = time.perf_counter()
+    featureset = store.featureset(featureset_id)
+    if featureset.done_blocks()[block]:
+        logger.info("feature set %s: block %d already written, skipped", featureset_id, block)
+        return BlockResult(featureset_id, block, 0, 0.0, skipped=True)
+
+    spec = featureset.spec
+    split = load_featureset_split(featureset, settings)
+    ref = resolve_for_featureset(featureset, settings, store)
+    model = load_model(ref, device=settings.resolved_device(),
+                       input_policy=spec.processor.get("input_policy"))
+    start, stop = featureset.block_range(block)
+    batch = batch_size or int(featureset.attrs.get("batch_size") or DEFAULT_BATCH_SIZE)
+
+    features = np.empty((len(spec.layers), stop - start, featureset.features.shape[2]), np.float32)
+    for batch_start in range(start, stop, batch):
+        batch_stop = min(batch_start + batch, stop)
+        pooled = model.pooled(split.images[batch_start:batch_stop], spec.layers, spec.pooling)
+        # (n_layers, batch, dim)
+        features[:, batch_start - start : batch_stop - start] = pooled.cpu().numpy()
+        if on_batch is not None:
+            on_batch(batch_stop - start, stop - start)
+
+    featureset.write_block(block, features)
+    seconds = time.perf_counter() - started
+    logger.info(
+        "feature set %s: block %d/%d written, %d rows in %.2fs (%.1f items/s)",
+        featureset_id, block + 1, featureset.n_blocks, stop - start, seconds,
+        (stop - start) / max(seconds, 1e-9),
+    )
+    return BlockResult(featureset_id, block, stop - start, seconds, skipped=False)

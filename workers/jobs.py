@@ -1,0 +1,186 @@
+"""The rq job functions. The API enqueues them by dotted path, so it never imports this module.
+
+Every job catches the project's own errors, records a readable message in the rq job's meta
+(``meta["error"]`` with message, field and value) and re-raises, so the job is marked failed.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import numpy as np
+from rq import get_current_job
+
+from store import NotReadyError, Store, StoreError
+from store.settings import Settings, get_settings
+from workers.errors import ProbeError, WorkersError
+
+logger = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Any])
+_stores: dict[str, Store] = {}
+
+
+def _store(settings: Settings) -> Store:
+    store = _stores.get(settings.store)
+    if store is None:
+        store = _stores[settings.store] = Store(settings.store)
+    return store
+
+
+def _set_meta(**values: Any) -> None:
+    job = get_current_job()
+    if job is not None:
+        job.meta.update(values)
+        job.save_meta()
+
+
+def recorded_errors(func: F) -> F:
+    """Record the message of a failed job in its meta before rq marks it failed."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except (WorkersError, StoreError) as exc:
+            logger.exception("job %s failed", func.__name__)
+            _set_meta(error={"message": exc.message, "field": exc.field,
+                             "value": _jsonable(exc.value), "type": type(exc).__name__})
+            raise
+        except Exception as exc:
+            logger.exception("job %s failed", func.__name__)
+            _set_meta(error={"message": f"{type(exc).__name__}: {exc}", "field": None,
+                             "value": None, "type": type(exc).__name__})
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _jsonable(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(value)
+
+
+@recorded_errors
+def extract_block(featureset_id: str, block: int) -> dict[str, Any]:
+    """Compute and write one block of a feature set."""
+    from workers.extract import extract_block as run
+
+    settings = get_settings()
+
+    def on_batch(done: int, total: int) -> None:
+        _set_meta(progress={"rows_done": done, "rows_total": total})
+
+    return run(_store(settings), featureset_id, block, settings=settings,
+               on_batch=on_batch).as_dict()
+
+
+@recorded_errors
+def finalize_featureset(featureset_id: str) -> dict[str, Any]:
+    """Mark a feature set complete once every block is written."""
+    store = _store(get_settings())
+    featureset = store.featureset(featureset_id)
+    if not featureset.mark_complete():
+        missing = featureset.missing_blocks()
+        progress = featureset.progress()
+        raise NotReadyError(
+            f"feature set {featureset_id!r} has {len(missing)} missing blocks "
+            f"(first: {missing[:5]}); resume its job to re-run them",
+            field="featureset_id",
+            value=featureset_id,
+            progress=progress.as_dict(),
+        )
+    return {"featureset_id": featureset_id, "status": "complete"}
+
+
+@recorded_errors
+def run_probe(probe_id: str) -> dict[str, Any]:
+    """Fit every requested probe kind on every requested layer and store the rows."""
+    from workers.probes import fit_probes
+
+    store = _store(get_settings())
+    settings = get_settings()
+    attrs = store.read_result("probes", probe_id)
+    if attrs is None:
+        raise ProbeError(f"probe {probe_id!r} has no stored spec", field="probe_id", value=probe_id)
+    spec = attrs["spec"]
+    train = store.featureset(spec["train_featureset"])
+    test = store.featureset(spec["test_featureset"])
+    train.require_complete()
+    test.require_complete()
+    positions = [train.layer_position(layer) for layer in spec["layers"]]
+    y_train, y_test = train.read_labels(), test.read_labels()
+    class_names = train.attrs.get("class_names") or None
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    total = len(spec["kinds"]) * len(positions)
+
+    # Layers are read into memory once; a (layers, items, dim) float32 block of digits is small,
+    # and larger sets are read layer by layer by the engines through the zarr array.
+    train_features = _features(train, positions)
+    test_features = _features(test, positions)
+    for kind_index, kind in enumerate(spec["kinds"]):
+        def progress(done: int, _total: int, offset: int = kind_index * len(positions)) -> None:
+            _set_meta(progress={"done": offset + done, "total": total})
+
+        kind_rows = fit_probes(
+            kind, train_features, y_train, test_features, y_test,
+            layers=list(range(len(positions))), params=dict(spec["params"].get(kind, {})),
+            seed=spec["seed"], class_names=class_names, device=settings.resolved_device(),
+            progress=progress,
+        )
+        for row, layer in zip(kind_rows, spec["layers"], strict=True):
+            row["layer"] = layer
+            rows.append(row)
+
+    best = _best_rows(rows)
+    store.write_result("probes", probe_id, {
+        "status": "complete",
+        "rows": rows,
+        "best": best,
+        "fit_seconds": round(time.perf_counter() - started, 3),
+    })
+    logger.info("probe %s: %d rows stored in %.1fs", probe_id, len(rows),
+                time.perf_counter() - started)
+    return {"probe_id": probe_id, "rows": len(rows)}
+
+
+def _features(featureset: Any, positions: list[int]) -> np.ndarray:
+    if positions == list(range(featureset.features.shape[0])):
+        return np.asarray(featureset.features[:])
+    return np.stack([np.asarray(featureset.features[p]) for p in positions])
+
+
+def _best_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Return, per probe kind, the row with the highest validation accuracy."""
+    best: dict[str, Any] = {}
+    for row in rows:
+        current = best.get(row["kind"])
+        if current is None or row["val_accuracy"] > current["val_accuracy"]:
+            best[row["kind"]] = {k: row[k] for k in ("layer", "val_accuracy", "test_accuracy")}
+    return best
+
+
+@recorded_errors
+def pretrain(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Pretrain a small ImageGPT and store it as ``store:<name>``."""
+    from workers.pretrain import PretrainParams, pretrain_imagegpt
+
+    settings = get_settings()
+    store = _store(settings)
+
+    def progress(step: int, steps: int, record: dict[str, float]) -> None:
+        _set_meta(progress={"done": step, "total": steps, **record})
+
+    record = pretrain_imagegpt(
+        PretrainParams.model_validate(params), store.models_dir() / name,
+        device=settings.resolved_device(), data_roots=settings.data_roots or None,
+        progress=progress,
+    )
+    return {"model": f"store:{name}", "final_val_loss": record["final_val_loss"],
+            "seconds": record["seconds"]}

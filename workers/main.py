@@ -1,0 +1,52 @@
+"""Worker entry point: ``python -m workers.main`` (or ``layerbank worker``).
+
+Runs an rq ``SimpleWorker``: jobs execute in this process, never in a fork, so a model loaded
+once (and a CUDA context) is reused by every job.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import socket
+
+from redis import Redis
+from rq import Queue, SimpleWorker
+
+from store.settings import get_settings
+
+logger = logging.getLogger(__name__)
+
+
+def run_worker(redis_url: str, queue: str, *, burst: bool = False, name: str | None = None,
+               log_level: str = "INFO") -> None:
+    """Process jobs from ``queue`` until stopped (or until it is empty, with ``burst``)."""
+    connection = Redis.from_url(redis_url)
+    worker_name = name or f"layerbank-{socket.gethostname()}-{os.getpid()}"
+    worker = SimpleWorker([Queue(queue, connection=connection)], connection=connection,
+                          name=worker_name)
+    logger.info("worker %s up on queue %s", worker_name, queue)
+    try:
+        worker.work(burst=burst, logging_level=log_level, with_scheduler=False)
+    finally:
+        logger.info("worker %s down", worker_name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    settings = get_settings()
+    parser = argparse.ArgumentParser(prog="layerbank-worker", description=__doc__)
+    parser.add_argument("--redis-url", default=settings.redis_url, help="Redis URL (REDIS_URL)")
+    parser.add_argument("--queue", default=settings.queue, help="queue name (LAYERBANK_QUEUE)")
+    parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
+    parser.add_argument("--name", default=None, help="worker name shown in rq")
+    parser.add_argument("--log-level", default="INFO", help="logging level")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    run_worker(args.redis_url, args.queue, burst=args.burst, name=args.name,
+               log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,208 @@
+"""Pretrain a small ImageGPT on a stored dataset with the next-pixel objective.
+
+The checkpoint is a plain Hugging Face directory (``ImageGPTForCausalImageModeling`` weights in
+safetensors, an ``ImageGPTImageProcessor`` config with the palette) plus ``layerbank.json`` with
+the training record, so the same loading code serves it and hub checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from workers.datasets import load_split
+
+logger = logging.getLogger(__name__)
+
+
+class PretrainParams(BaseModel):
+    """Model size and optimisation settings of a pretraining run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = "digits"
+    split: str = "train"
+    n_layer: int = Field(4, ge=1, le=48)
+    n_embd: int = Field(64, ge=8, le=2048)
+    n_head: int = Field(4, ge=1, le=64)
+    n_colors: int = Field(16, ge=2, le=1024)
+    steps: int = Field(1000, ge=1, le=1_000_000)
+    batch_size: int = Field(64, ge=1, le=4096)
+    learning_rate: float = Field(1e-3, gt=0, le=1.0)
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    dropout: float = Field(0.1, ge=0, le=0.9)
+    val_fraction: float = Field(0.1, gt=0, lt=0.5)
+    eval_every: int = Field(100, ge=1)
+    seed: int = 0
+
+
+def fit_palette(images: np.ndarray, n_colors: int, seed: int) -> np.ndarray:
+    """Return a palette of ``n_colors`` RGB colours in [-1, 1], array of shape (n_colors, 3).
+
+    k-means on the training pixels; colours are sorted by brightness so equal data and seed give
+    an identical palette.
+    """
+    from sklearn.cluster import KMeans
+
+    pixels = images.reshape(-1, 3).astype(np.float64) / 127.5 - 1.0
+    unique = np.unique(pixels, axis=0)
+    if len(unique) < n_colors:
+        # Fewer distinct colours than palette entries: pad with the existing ones, jittered apart.
+        # k-means would otherwise warn and return duplicates.
+        reps = unique[np.arange(n_colors) % len(unique)]
+        offsets = (np.arange(n_colors) // len(unique))[:, None] * 1e-3
+        centers = np.clip(reps + offsets, -1.0, 1.0)
+    else:
+        rng = np.random.default_rng(seed)
+        sample = pixels[rng.choice(len(pixels), size=min(len(pixels), 100_000), replace=False)]
+        kmeans = KMeans(n_clusters=n_colors, n_init=4, random_state=seed).fit(sample)
+        centers = kmeans.cluster_centers_
+    order = np.argsort(centers.sum(axis=1), kind="stable")
+    return centers[order].astype(np.float32)
+
+
+def pretrain_imagegpt(
+    params: PretrainParams,
+    output_dir: Path,
+    *,
+    device: str = "cpu",
+    data_roots: list[Path] | None = None,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Train a small ImageGPT and save it under ``output_dir``; return the training record.
+
+    The directory appears complete or not at all: training writes to a temporary sibling that is
+    renamed at the end.
+    """
+    from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGPTImageProcessor
+
+    from workers.imagegpt import build_input_ids, quantize
+
+    started = time.perf_counter()
+    torch.manual_seed(params.seed)
+    split = load_split(params.dataset, params.split, allowed_roots=data_roots)
+    n, height, width, _ = split.images.shape
+
+    # Validation part for the generative loss, seeded.
+    rng = np.random.default_rng(params.seed)
+    order = rng.permutation(n)
+    n_val = max(1, int(round(n * params.val_fraction)))
+    val_index, train_index = np.sort(order[:n_val]), np.sort(order[n_val:])
+
+    palette = fit_palette(split.images[train_index], params.n_colors, params.seed)
+    tokens = quantize(torch.from_numpy(split.images), torch.from_numpy(palette))  # (n, H*W)
+    inputs = build_input_ids(tokens, policy="sos", sos_token=params.n_colors)
+
+    config = ImageGPTConfig(
+        vocab_size=params.n_colors + 1,
+        n_positions=height * width,
+        n_embd=params.n_embd,
+        n_layer=params.n_layer,
+        n_head=params.n_head,
+        resid_pdrop=params.dropout,
+        embd_pdrop=params.dropout,
+        attn_pdrop=params.dropout,
+    )
+    model = ImageGPTForCausalImageModeling(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=params.learning_rate,
+                                  weight_decay=params.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(params))
+    generator = torch.Generator().manual_seed(params.seed)
+    train_inputs, train_targets = inputs[train_index], tokens[train_index]
+    history: list[dict[str, float]] = []
+
+    model.train()
+    for step in range(1, params.steps + 1):
+        batch = torch.randint(len(train_index), (params.batch_size,), generator=generator)
+        logits = model(input_ids=train_inputs[batch].to(device)).logits  # (batch, seq, n_colors)
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), train_targets[batch].to(device).reshape(-1)
+        )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        if step % params.eval_every == 0 or step == params.steps:
+            val_loss = _evaluate(model, inputs[val_index], tokens[val_index], device)
+            record = {"step": step, "train_loss": float(loss), "val_loss": val_loss,
+                      "val_bits_per_token": val_loss / math.log(2)}
+            history.append(record)
+            logger.info("pretrain: step %d/%d train loss %.4f val loss %.4f", step, params.steps,
+                        float(loss), val_loss)
+            if progress is not None:
+                progress(step, params.steps, record)
+            model.train()
+
+    model.eval()
+    record = {
+        "objective": "next_pixel",
+        "input_policy": "sos",
+        "params": params.model_dump(),
+        "dataset_fingerprint": split.fingerprint,
+        "n_train": int(len(train_index)),
+        "n_val": int(len(val_index)),
+        "history": history,
+        "final_val_loss": history[-1]["val_loss"],
+        "final_val_bits_per_token": history[-1]["val_bits_per_token"],
+        "seconds": round(time.perf_counter() - started, 2),
+        "device": device,
+    }
+    _save(model.cpu(), palette, (height, width), record, output_dir,
+          ImageGPTImageProcessor)
+    return record
+
+
+def _warmup_cosine(params: PretrainParams) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < params.warmup_steps:
+            return (step + 1) / params.warmup_steps
+        span = max(1, params.steps - params.warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, (step - params.warmup_steps) / span)))
+
+    return factor
+
+
+@torch.no_grad()
+def _evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
+              device: str) -> float:
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(inputs), 256):
+        logits = model(input_ids=inputs[start : start + 256].to(device)).logits
+        batch_targets = targets[start : start + 256].to(device)
+        total += float(torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), batch_targets.reshape(-1), reduction="sum"))
+        count += batch_targets.numel()
+    return total / count
+
+
+def _save(model: torch.nn.Module, palette: np.ndarray, size: tuple[int, int],
+          record: dict[str, Any], output_dir: Path, processor_cls: Any) -> None:
+    temporary = output_dir.parent / f".{output_dir.name}.{uuid.uuid4().hex}.partial"
+    temporary.mkdir(parents=True)
+    try:
+        model.save_pretrained(temporary, safe_serialization=True)
+        processor = processor_cls(clusters=palette.tolist(), do_resize=True,
+                                  size={"height": size[0], "width": size[1]})
+        processor.save_pretrained(temporary)
+        (temporary / "layerbank.json").write_text(json.dumps(record, indent=2))
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        temporary.rename(output_dir)
+    finally:
+        if temporary.exists():
+            shutil.rmtree(temporary, ignore_errors=True)
+    logger.info("pretrain: checkpoint saved to %s", output_dir)
