@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     """Every setting, with its environment variable (prefix ``LAYERBANK_`` unless noted)."""
 
-    model_config = SettingsConfigDict(env_prefix="LAYERBANK_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="LAYERBANK_", extra="ignore", populate_by_name=True)
 
     store: str = Field("./data/store", description="Store root: a directory or an fsspec URL.")
     redis_url: str = Field(

@@ -58,3 +58,6 @@ class ProbeSpec(BaseModel):
     def probe_id(self) -> str:
         """Return the content-addressed id of this spec."""
         return content_id({"kind": "probe", **self.model_dump()})
+
+
+PROBE_KINDS = ("logistic", "knn", "mlp")

@@ -46,7 +46,7 @@ def resolve_for_featureset(featureset: FeatureSet, settings: Settings, store: St
     ref = resolve_model(
         spec.model,
         models_dir=store.models_dir() if store.local_root else None,
-        allowed_roots=settings.model_roots or None,
+        allowed_roots=settings.model_roots,
         allow_hub=settings.allow_hub,
     )
     if ref.revision != spec.model_revision:
@@ -65,7 +65,7 @@ def load_featureset_split(featureset: FeatureSet, settings: Settings) -> Dataset
     spec = featureset.spec
     split = load_split(
         spec.dataset, spec.split, limit=spec.limit, seed=spec.seed,
-        allowed_roots=settings.data_roots or None,
+        allowed_roots=settings.data_roots,
     )
     if split.fingerprint != spec.dataset_fingerprint:
         raise DatasetError(

@@ -179,7 +179,7 @@ def pretrain(name: str, params: dict[str, Any]) -> dict[str, Any]:
 
     record = pretrain_imagegpt(
         PretrainParams.model_validate(params), store.models_dir() / name,
-        device=settings.resolved_device(), data_roots=settings.data_roots or None,
+        device=settings.resolved_device(), data_roots=settings.data_roots,
         progress=progress,
     )
     return {"model": f"store:{name}", "final_val_loss": record["final_val_loss"],

@@ -1,0 +1,69 @@
+"""The FastAPI application factory and the translation of domain errors to HTTP."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from redis import Redis
+from rq import Queue
+
+from service.jobs import JobNotFoundError
+from service.routes import extractions, featuresets, health, jobs, models, probes
+from store import InvalidIdError, NotFoundError, NotReadyError, Store, StoreError
+from store.settings import Settings, get_settings
+from workers.errors import DatasetError, ModelError, PathNotAllowedError, WorkersError
+
+logger = logging.getLogger(__name__)
+
+# Most specific first: the first matching class decides the status code.
+STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
+    (PathNotAllowedError, 403),
+    (JobNotFoundError, 404),
+    (NotFoundError, 404),
+    (NotReadyError, 409),
+    (InvalidIdError, 422),
+    (DatasetError, 422),
+    (ModelError, 422),
+    (WorkersError, 422),
+    (StoreError, 422),
+]
+
+
+def error_body(exc: StoreError | WorkersError) -> dict[str, Any]:
+    value = exc.value
+    if not (value is None or isinstance(value, (str, int, float, bool, list, dict))):
+        value = repr(value)
+    body: dict[str, Any] = {"detail": {"message": exc.message, "field": exc.field, "value": value}}
+    if isinstance(exc, NotReadyError) and exc.progress:
+        body["detail"]["progress"] = exc.progress
+    return body
+
+
+async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, (StoreError, WorkersError))
+    code = next(code for cls, code in STATUS_BY_ERROR if isinstance(exc, cls))
+    logger.info("%s %s -> %d: %s", request.method, request.url.path, code, exc.message)
+    return JSONResponse(error_body(exc), status_code=code)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; the store, Redis connection and queue live on ``app.state``."""
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="layerbank",
+        version="0.1.0",
+        summary="Feature store and probing service for vision transformers.",
+    )
+    app.state.settings = settings
+    app.state.store = Store(settings.store)
+    app.state.redis = Redis.from_url(settings.redis_url)
+    app.state.queue = Queue(settings.queue, connection=app.state.redis)
+    app.add_exception_handler(StoreError, _domain_error)
+    app.add_exception_handler(WorkersError, _domain_error)
+    for router in (extractions.router, jobs.router, featuresets.router, probes.router,
+                   models.router, health.router):
+        app.include_router(router)
+    return app

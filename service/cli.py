@@ -1,0 +1,124 @@
+"""The ``layerbank`` command line."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="layerbank: a feature store and probing service for vision transformers.",
+                  no_args_is_help=True, add_completion=False)
+console = Console()
+err = Console(stderr=True)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+@app.command()
+def up(
+    host: Annotated[str, typer.Option(help="address the API binds to")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="API port")] = 8000,
+    store: Annotated[str, typer.Option(envvar="LAYERBANK_STORE", help="store root")] =
+    "./data/store",
+    workers: Annotated[int, typer.Option(min=0, help="worker processes to start")] = 1,
+) -> None:
+    """Start the embedded stack: a private Redis, workers and the API."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.launcher import RedisServer, free_port, start_worker, stop_process
+    from store.settings import Settings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
+                        "%(message)s")
+    if not _is_loopback(host):
+        err.print(f"[red]refusing to bind to {host}: the embedded stack has no API keys; bind "
+                  "to 127.0.0.1 or run the API with keys configured[/red]")
+        raise typer.Exit(2)
+
+    redis_server = None
+    redis_url = os.environ.get("REDIS_URL")
+    store_path = Path(store).expanduser()
+    if redis_url is None:
+        redis_server = RedisServer(free_port(), store_path.parent / "redis", persistent=True)
+        redis_url = redis_server.start().url
+    settings = Settings(store=str(store_path), redis_url=redis_url, host=host, port=port)
+    env = {"LAYERBANK_STORE": str(store_path), "REDIS_URL": redis_url}
+    log_dir = store_path.parent / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    processes = [start_worker(redis_url, env=env, log_file=log_dir / f"worker-{i}.log")
+                 for i in range(workers)]
+    console.print(f"layerbank up: API http://{host}:{port}  store {store_path}  redis "
+                  f"{redis_url}  workers {workers} (logs in {log_dir})")
+    console.print("[yellow]open mode: no API keys are checked; anyone who can reach "
+                  f"{host}:{port} on this machine can use the API[/yellow]")
+    try:
+        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+    finally:
+        for process in processes:
+            stop_process(process)
+        if redis_server is not None:
+            redis_server.stop()
+
+
+@app.command()
+def worker(
+    burst: Annotated[bool, typer.Option(help="exit when the queue is empty")] = False,
+) -> None:
+    """Run one worker on REDIS_URL and LAYERBANK_QUEUE (for extra GPU machines)."""
+    from workers.main import main
+
+    main(["--burst"] if burst else [])
+
+
+@app.command()
+def demo(
+    url: Annotated[str, typer.Option(help="API to use; started locally if not running")] =
+    "http://127.0.0.1:8000",
+    output: Annotated[Path, typer.Option(help="directory for the curve PNG")] =
+    Path("demo-output"),
+    steps: Annotated[int, typer.Option(min=1, help="pretraining steps")] = 1000,
+) -> None:
+    """Pretrain a small ImageGPT on digits, extract every layer, probe, print and plot."""
+    from service.client import Client
+    from service.demo import run_demo
+    from service.launcher import stop_process, wait_for_http
+
+    stack = None
+    client = Client(url, timeout=120)
+    try:
+        client.health()
+    except Exception:
+        port = url.rsplit(":", 1)[-1].strip("/")
+        console.print(f"no API at {url}: starting the embedded stack (layerbank up)")
+        stack = subprocess.Popen([sys.executable, "-m", "service.cli", "up", "--port", port],
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            wait_for_http(f"{url}/healthz", timeout=90)
+        except TimeoutError:
+            stop_process(stack)
+            err.print("the embedded stack did not start; run `layerbank up` to see why")
+            raise typer.Exit(1) from None
+    try:
+        run_demo(client, output, steps=steps, console=console)
+    finally:
+        client.close()
+        stop_process(stack)
+
+
+if __name__ == "__main__":
+    app()

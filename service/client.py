@@ -1,0 +1,142 @@
+"""A Python client for the layerbank REST API (httpx).
+
+>>> from service.client import Client
+>>> client = Client("http://127.0.0.1:8000")
+>>> array = client.layer_array(featureset_id, layer=3)   # numpy array of shape (n_items, dim)
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from typing import Any
+
+import httpx
+import numpy as np
+
+TERMINAL = ("finished", "failed")
+
+
+class ClientError(Exception):
+    """Raised when the API answers with an error; carries the status code and the detail."""
+
+    def __init__(self, status_code: int, detail: Any) -> None:
+        self.status_code = status_code
+        self.detail = detail
+        message = detail.get("message") if isinstance(detail, dict) else detail
+        super().__init__(f"HTTP {status_code}: {message}")
+
+
+class JobFailedError(ClientError):
+    """Raised by `Client.wait` when the job ends in status "failed"."""
+
+
+class Client:
+    """Typed methods mirroring the API. Retries 503 answers and connection errors a few times."""
+
+    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
+                 timeout: float = 60.0, retries: int = 3) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
+        self.retries = retries
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        for attempt in range(self.retries + 1):
+            try:
+                response = self._http.request(method, path, **kwargs)
+            except httpx.TransportError:
+                if attempt == self.retries:
+                    raise
+                time.sleep(0.5 * 2**attempt)
+                continue
+            if response.status_code == 503 and attempt < self.retries:
+                time.sleep(0.5 * 2**attempt)
+                continue
+            if response.status_code >= 400:
+                try:
+                    detail = response.json().get("detail", response.text)
+                except ValueError:
+                    detail = response.text
+                raise ClientError(response.status_code, detail)
+            return response
+        raise AssertionError("unreachable")
+
+    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.request(method, path, **kwargs).json()
+
+    # -- API methods ------------------------------------------------------------------------
+
+    def health(self) -> dict[str, Any]:
+        return self._json("GET", "/healthz")  # type: ignore[no-any-return]
+
+    def pretrain(self, name: str, **params: Any) -> dict[str, Any]:
+        return self._json("POST", "/v1/pretrain", json={"name": name, **params})  # type: ignore[no-any-return]
+
+    def extract(self, model: str, dataset: str, split: str, **options: Any) -> dict[str, Any]:
+        body = {"model": model, "dataset": dataset, "split": split, **options}
+        return self._json("POST", "/v1/extractions", json=body)  # type: ignore[no-any-return]
+
+    def probe(self, train_featureset: str, test_featureset: str, *, kind: str | list[str] =
+              "logistic", layers: str | list[int] = "all", **options: Any) -> dict[str, Any]:
+        body = {"train_featureset": train_featureset, "test_featureset": test_featureset,
+                "kind": kind, "layers": layers, **options}
+        return self._json("POST", "/v1/probes", json=body)  # type: ignore[no-any-return]
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/jobs/{job_id}")  # type: ignore[no-any-return]
+
+    def wait(self, job_id: str | None, *, timeout: float = 3600.0, poll: float = 0.5,
+             on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
+        """Poll a job until it finishes; raise `JobFailedError` if it fails."""
+        if job_id is None:
+            return None
+        deadline = time.monotonic() + timeout
+        while True:
+            state = self.job(job_id)
+            if on_progress is not None:
+                on_progress(state)
+            if state["status"] == "failed":
+                raise JobFailedError(200, state.get("error") or {"message": "job failed"})
+            if state["status"] == "finished":
+                return state
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {state['status']} after {timeout:.0f}s")
+            time.sleep(poll)
+
+    def featureset(self, featureset_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/featuresets/{featureset_id}")  # type: ignore[no-any-return]
+
+    def featuresets(self) -> list[dict[str, Any]]:
+        return self._json("GET", "/v1/featuresets")["data"]  # type: ignore[no-any-return]
+
+    def layer_array(self, featureset_id: str, layer: int, *, start: int | None = None,
+                    stop: int | None = None) -> np.ndarray:
+        """Return one layer as a numpy array of shape (rows, dim)."""
+        params = {k: v for k, v in (("start", start), ("stop", stop)) if v is not None}
+        response = self.request("GET", f"/v1/featuresets/{featureset_id}/layers/{layer}",
+                                params=params)
+        return np.load(io.BytesIO(response.content), allow_pickle=False)
+
+    def labels(self, featureset_id: str) -> np.ndarray:
+        response = self.request("GET", f"/v1/featuresets/{featureset_id}/labels")
+        return np.load(io.BytesIO(response.content), allow_pickle=False)
+
+    def probe_result(self, probe_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/probes/{probe_id}")  # type: ignore[no-any-return]
+
+    def curve(self, probe_id: str) -> dict[str, Any]:
+        return self._json("GET", f"/v1/probes/{probe_id}/curve")  # type: ignore[no-any-return]
+
+    def curve_png(self, probe_id: str, *, baseline: float | None = None) -> bytes:
+        params = {"baseline": baseline} if baseline is not None else {}
+        return self.request("GET", f"/v1/probes/{probe_id}/curve.png", params=params).content

@@ -1,0 +1,34 @@
+"""FastAPI dependencies: settings, the store, Redis and the job queue, one of each per app."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from redis import Redis
+from rq import Queue
+
+from store import Store
+from store.settings import Settings
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store  # type: ignore[no-any-return]
+
+
+def get_redis(request: Request) -> Redis:
+    return request.app.state.redis  # type: ignore[no-any-return]
+
+
+def get_queue(request: Request) -> Queue:
+    return request.app.state.queue  # type: ignore[no-any-return]
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+StoreDep = Annotated[Store, Depends(get_store)]
+RedisDep = Annotated[Redis, Depends(get_redis)]
+QueueDep = Annotated[Queue, Depends(get_queue)]

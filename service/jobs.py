@@ -1,0 +1,194 @@
+"""Job records in Redis: one layerbank job groups the rq jobs of one extraction, probe or pretraining.
+
+A record is the hash ``layerbank:job:<job_id>`` with its kind, its target (feature set, probe or
+model) and the ids of its rq jobs. Status is derived on every read from rq and the store, so an
+API restart rebuilds it from Redis and the store alone.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from redis import Redis
+from rq import Queue
+from rq.exceptions import NoSuchJobError
+from rq.job import Job, JobStatus
+
+from store import FeatureSet, Store
+from store.errors import StoreError
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "layerbank"
+RESULT_TTL = 7 * 24 * 3600
+FAILURE_TTL = 30 * 24 * 3600
+
+
+class JobNotFoundError(StoreError):
+    """Raised when a job id has no record in Redis."""
+
+
+def _key(*parts: str) -> str:
+    return ":".join((PREFIX, *parts))
+
+
+def new_job_id() -> str:
+    return uuid.uuid4().hex[:24]
+
+
+@contextmanager
+def target_lock(redis: Redis, target: str, timeout: float = 60.0) -> Iterator[None]:
+    """Hold a Redis lock on ``target`` so concurrent API replicas create one job per target."""
+    lock = redis.lock(_key("lock", target), timeout=timeout, blocking_timeout=timeout)
+    if not lock.acquire():
+        raise StoreError(f"timed out waiting for the lock on {target!r}; retry the request",
+                         field="target", value=target)
+    try:
+        yield
+    finally:
+        try:
+            lock.release()
+        except Exception:  # the lock expired: another request may proceed, which is safe
+            logger.exception("lock on %s expired before release", target)
+
+
+def active_job_id(redis: Redis, target: str) -> str | None:
+    value = redis.get(_key("target", target))
+    return value.decode() if value else None
+
+
+def save_job(redis: Redis, job_id: str, *, kind: str, target: str, rq_ids: list[str]) -> None:
+    record = {
+        "kind": kind,
+        "target": target,
+        "rq_ids": json.dumps(rq_ids),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(),
+    }
+    pipe = redis.pipeline()
+    pipe.hset(_key("job", job_id), mapping=record)
+    pipe.set(_key("target", target), job_id)
+    pipe.execute()
+
+
+def load_job(redis: Redis, job_id: str) -> dict[str, Any]:
+    raw = redis.hgetall(_key("job", job_id))
+    if not raw:
+        raise JobNotFoundError(f"job {job_id!r} not found; job ids are returned by the POST "
+                               "that started the work", field="job_id", value=job_id)
+    record = {k.decode(): v.decode() for k, v in raw.items()}
+    record["rq_ids"] = json.loads(record["rq_ids"])
+    record["job_id"] = job_id
+    return record
+
+
+def enqueue_extraction(queue: Queue, featureset: FeatureSet, *, timeout: int,
+                       job_id: str | None = None) -> str:
+    """Enqueue one rq job per missing block plus a finalize job; return the layerbank job id."""
+    job_id = job_id or new_job_id()
+    missing = featureset.missing_blocks()
+    common = {"result_ttl": RESULT_TTL, "failure_ttl": FAILURE_TTL, "meta": {"layerbank_job": job_id}}
+    blocks = queue.enqueue_many([
+        Queue.prepare_data("workers.jobs.extract_block", (featureset.id, block), timeout=timeout,
+                           description=f"extract {featureset.id} block {block}", **common)
+        for block in missing
+    ])
+    finalize = queue.enqueue_call(
+        "workers.jobs.finalize_featureset", args=(featureset.id,), timeout=300,
+        depends_on=blocks or None, description=f"finalize {featureset.id}", **common,
+    )
+    save_job(queue.connection, job_id, kind="extraction", target=featureset.id,
+             rq_ids=[job.id for job in blocks] + [finalize.id])
+    logger.info("job %s: feature set %s, %d blocks enqueued", job_id, featureset.id, len(missing))
+    return job_id
+
+
+def enqueue_single(queue: Queue, func: str, args: tuple[Any, ...], *, kind: str, target: str,
+                   timeout: int) -> str:
+    job_id = new_job_id()
+    job = queue.enqueue_call(func, args=args, timeout=timeout, result_ttl=RESULT_TTL,
+                             failure_ttl=FAILURE_TTL, meta={"layerbank_job": job_id},
+                             description=f"{kind} {target}")
+    save_job(queue.connection, job_id, kind=kind, target=target, rq_ids=[job.id])
+    logger.info("job %s: %s %s enqueued", job_id, kind, target)
+    return job_id
+
+
+def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
+    """Return the public state of a job: status, progress, error, result."""
+    record = load_job(redis, job_id)
+    rq_jobs = _fetch(redis, record["rq_ids"])
+    statuses = [job.get_status(refresh=False) if job else None for job in rq_jobs]
+    error = None
+    for job in rq_jobs:
+        if job is not None and job.get_status(refresh=False) == JobStatus.FAILED:
+            error = job.meta.get("error") or {"message": _last_line(job), "field": None,
+                                              "value": None}
+            break
+
+    kind = record["kind"]
+    result = None
+    if kind == "extraction":
+        featureset = store.find_featureset(record["target"])
+        # Status before progress: a block finishing between the two reads must not show a
+        # complete feature set with a block missing.
+        done = bool(featureset and featureset.is_complete)
+        progress = featureset.progress() if featureset else None
+        progress_public = {
+            "done": progress.blocks_done if progress else 0,
+            "total": progress.blocks_total if progress else 0,
+            "items_done": progress.items_done if progress else 0,
+            "items_total": progress.items_total if progress else 0,
+        }
+    else:
+        last = rq_jobs[-1] if rq_jobs else None
+        meta_progress = (last.meta.get("progress") if last else None) or {}
+        done = statuses[-1] == JobStatus.FINISHED if statuses else False
+        progress_public = {"done": int(meta_progress.get("done", 1 if done else 0)),
+                           "total": int(meta_progress.get("total", 1))}
+        if done and last is not None:
+            result = last.return_value(refresh=False)
+
+    if done:
+        status = "finished"
+    elif error is not None:
+        status = "failed"
+    elif any(s is None for s in statuses):
+        status = "failed"
+        error = {"message": "some rq jobs of this job expired or were lost (Redis restarted?); "
+                 f"resume it with POST /v1/jobs/{job_id}/resume", "field": None, "value": None}
+    elif any(s in (JobStatus.STARTED,) for s in statuses) or any(
+        s == JobStatus.FINISHED for s in statuses
+    ):
+        status = "running"
+    else:
+        status = "queued"
+    return {
+        "job_id": job_id,
+        "kind": kind,
+        "target_id": record["target"],
+        "status": status,
+        "progress": progress_public,
+        "error": error,
+        "created": record["created"],
+        "result": result if isinstance(result, dict) else None,
+    }
+
+
+def _fetch(redis: Redis, ids: list[str]) -> list[Job | None]:
+    try:
+        return Job.fetch_many(ids, connection=redis)
+    except NoSuchJobError:
+        return [None for _ in ids]
+
+
+def _last_line(job: Job) -> str:
+    latest = job.latest_result()
+    text = latest.exc_string if latest is not None and latest.exc_string else "job failed"
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "job failed"

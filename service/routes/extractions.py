@@ -1,0 +1,70 @@
+"""POST /v1/extractions: resolve a request to a feature set and queue its blocks."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import APIRouter, Response, status
+
+from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
+from service.jobs import active_job_id, enqueue_extraction, job_state, target_lock
+from service.schemas import ExtractionCreate, ExtractionPublic
+from store import FeatureSetSpec, create_featureset
+from workers.datasets import load_split
+from workers.modelref import check_pooling, processor_spec, resolve_model
+
+logger = logging.getLogger(__name__)
+router = APIRouter(prefix="/v1/extractions", tags=["extractions"])
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=ExtractionPublic)
+def create_extraction(body: ExtractionCreate, response: Response, settings: SettingsDep,
+                      store: StoreDep, redis: RedisDep, queue: QueueDep) -> ExtractionPublic:
+    """Start extracting pooled hidden states, or return the feature set of an identical request."""
+    ref = resolve_model(
+        body.model,
+        models_dir=store.models_dir() if store.local_root else None,
+        allowed_roots=settings.model_roots,
+        allow_hub=settings.allow_hub,
+    )
+    layers = ref.check_layers(body.layers)
+    pooling = check_pooling(ref, body.pooling)
+    processor = processor_spec(ref, body.input_policy)
+    split = load_split(body.dataset, body.split, limit=body.limit, seed=body.seed,
+                       allowed_roots=settings.data_roots)
+    spec = FeatureSetSpec(
+        model=ref.ref, model_revision=ref.revision, model_family=ref.family, processor=processor,
+        dataset=body.dataset, dataset_fingerprint=split.fingerprint, split=body.split,
+        limit=body.limit, seed=body.seed, layers=layers, pooling=pooling, dtype=body.dtype,
+    )
+    featureset_id = spec.featureset_id()
+    dim = int(split.images[0].size) if ref.family == "pixels" else ref.dim
+
+    with target_lock(redis, featureset_id):
+        featureset = store.find_featureset(featureset_id)
+        existing_job = active_job_id(redis, featureset_id)
+        if featureset is not None and featureset.is_complete:
+            response.status_code = status.HTTP_200_OK
+            return ExtractionPublic(featureset_id=featureset_id, job_id=existing_job,
+                                    status="complete", created=False)
+        if featureset is not None and existing_job is not None:
+            state = job_state(redis, store, existing_job)
+            if state["status"] in ("queued", "running"):
+                return ExtractionPublic(featureset_id=featureset_id, job_id=existing_job,
+                                        status=state["status"], created=False)
+        created = featureset is None
+        if featureset is None:
+            featureset = create_featureset(
+                store, spec, layer_map=ref.layer_map(layers, pooling), dim=dim,
+                labels=split.labels, item_ids=split.item_ids, class_names=split.class_names,
+                block_rows=body.block_rows,
+            )
+            if body.batch_size is not None:
+                store.write_result("featuresets", featureset_id, {"batch_size": body.batch_size})
+                store.forget(featureset_id)
+        # A failed or lost earlier job is resumed: only missing blocks are queued again.
+        job_id = enqueue_extraction(queue, featureset, timeout=settings.block_timeout)
+    logger.info("extraction %s: job %s for %s on %s/%s", featureset_id, job_id, ref.ref,
+                body.dataset, body.split)
+    return ExtractionPublic(featureset_id=featureset_id, job_id=job_id, status="queued",
+                            created=created)

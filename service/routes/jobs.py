@@ -1,0 +1,33 @@
+"""Job status and resume."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
+from service.jobs import enqueue_extraction, job_state, load_job
+from service.schemas import JobPublic
+from store import check_id
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+
+@router.get("/{job_id}", response_model=JobPublic)
+def read_job(job_id: str, store: StoreDep, redis: RedisDep) -> JobPublic:
+    """Status, progress and error of a job."""
+    check_id(job_id, field="job_id")
+    return JobPublic.model_validate(job_state(redis, store, job_id))
+
+
+@router.post("/{job_id}/resume", response_model=JobPublic, status_code=202)
+def resume_job(job_id: str, settings: SettingsDep, store: StoreDep, redis: RedisDep,
+               queue: QueueDep) -> JobPublic:
+    """Queue the missing blocks of an extraction again; finished jobs are returned unchanged."""
+    check_id(job_id, field="job_id")
+    record = load_job(redis, job_id)
+    state = job_state(redis, store, job_id)
+    if record["kind"] == "extraction" and state["status"] == "failed":
+        featureset = store.featureset(record["target"])
+        enqueue_extraction(queue, featureset, timeout=settings.block_timeout, job_id=job_id)
+        state = job_state(redis, store, job_id)
+    return JobPublic.model_validate(state)

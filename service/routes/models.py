@@ -1,0 +1,75 @@
+"""Models: pretrain a small ImageGPT, list what the service can load."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Response, status
+
+from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
+from service.jobs import active_job_id, enqueue_single, job_state, target_lock
+from service.schemas import ModelPublic, ModelsPublic, PretrainCreate, PretrainPublic
+from store import StoreError, check_name
+from workers.datasets import load_split
+from workers.errors import ModelError
+from workers.modelref import resolve_model
+
+router = APIRouter(prefix="/v1", tags=["models"])
+
+
+@router.post("/pretrain", status_code=status.HTTP_202_ACCEPTED, response_model=PretrainPublic)
+def create_pretraining(body: PretrainCreate, response: Response, settings: SettingsDep,
+                       store: StoreDep, redis: RedisDep, queue: QueueDep) -> PretrainPublic:
+    """Pretrain a small ImageGPT (next-pixel objective) on a stored dataset as store:<name>."""
+    name = check_name(body.name, field="name")
+    if body.n_embd % body.n_head:
+        raise StoreError(f"n_embd {body.n_embd} is not divisible by n_head {body.n_head}; "
+                         "pick n_head that divides n_embd", field="n_head", value=body.n_head)
+    # Fails early with a 4xx for unknown datasets or splits; the worker loads it again.
+    split = load_split(body.dataset, body.split, allowed_roots=settings.data_roots)
+    params = body.model_dump(exclude={"name"})
+    target = f"model-{name}"
+    model_dir = store.models_dir() / name
+    with target_lock(redis, target):
+        record_path = model_dir / "layerbank.json"
+        if record_path.is_file():
+            record = json.loads(record_path.read_text())
+            same = {k: v for k, v in record["params"].items() if k in params} == params and (
+                record.get("dataset_fingerprint") == split.fingerprint)
+            if not same:
+                raise ModelError(
+                    f"store:{name} already exists with different settings; choose another name",
+                    field="name", value=name)
+            response.status_code = status.HTTP_200_OK
+            return PretrainPublic(model=f"store:{name}", job_id=active_job_id(redis, target),
+                                  status="complete", created=False)
+        existing = active_job_id(redis, target)
+        if existing is not None and job_state(redis, store, existing)["status"] in (
+                "queued", "running"):
+            return PretrainPublic(model=f"store:{name}", job_id=existing, status="running",
+                                  created=False)
+        job_id = enqueue_single(queue, "workers.jobs.pretrain", (name, params), kind="pretrain",
+                                target=target, timeout=settings.pretrain_timeout)
+    return PretrainPublic(model=f"store:{name}", job_id=job_id, status="queued", created=True)
+
+
+@router.get("/models", response_model=ModelsPublic)
+def list_models(store: StoreDep, settings: SettingsDep) -> ModelsPublic:
+    """Models the service pretrained, plus the built-in raw-pixel baseline."""
+    data = [ModelPublic(model="pixels", family="pixels", source="builtin", revision="pixels-v1",
+                        n_hidden_states=1, dim=0)]
+    models_dir = store.models_dir() if store.local_root else None
+    if models_dir is not None:
+        for path in sorted(p for p in models_dir.iterdir() if p.is_dir() and
+                           not p.name.startswith(".")):
+            try:
+                ref = resolve_model(f"store:{path.name}", models_dir=models_dir, allow_hub=False)
+            except ModelError:
+                continue
+            data.append(ModelPublic(model=ref.ref, family=ref.family, source=ref.source,
+                                    revision=ref.revision, n_hidden_states=ref.n_hidden_states,
+                                    dim=ref.dim, training={k: v for k, v in ref.training.items()
+                                                           if k != "history"}))
+    return ModelsPublic(data=data, count=len(data))
+
+

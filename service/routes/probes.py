@@ -1,0 +1,169 @@
+"""Probes: train on stored feature sets, read metrics and layer curves."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Response, status
+
+from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
+from service.jobs import active_job_id, enqueue_single, job_state, target_lock
+from service.plots import layer_curve_png
+from service.schemas import CurvePublic, ProbeCreate, ProbeCreated, ProbePublic, ProbesPublic
+from store import NotFoundError, NotReadyError, ProbeSpec, Store, StoreError, check_id
+from store.spec import PROBE_KINDS
+
+router = APIRouter(prefix="/v1/probes", tags=["probes"])
+
+# Fields of a feature-set spec that must agree between train and test.
+MATCHING_FIELDS = ("model", "model_revision", "processor", "layers", "pooling")
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=ProbeCreated)
+def create_probe(body: ProbeCreate, response: Response, settings: SettingsDep, store: StoreDep,
+                 redis: RedisDep, queue: QueueDep) -> ProbeCreated:
+    """Fit probes of one or more kinds on every requested layer, as one job."""
+    spec = _probe_spec(body, store)
+    probe_id = spec.probe_id()
+    with target_lock(redis, probe_id):
+        stored = store.read_result("probes", probe_id)
+        existing_job = active_job_id(redis, probe_id)
+        if stored is not None and stored.get("status") == "complete":
+            response.status_code = status.HTTP_200_OK
+            return ProbeCreated(probe_id=probe_id, job_id=existing_job, status="complete",
+                                created=False)
+        if existing_job is not None:
+            state = job_state(redis, store, existing_job)
+            if state["status"] in ("queued", "running"):
+                return ProbeCreated(probe_id=probe_id, job_id=existing_job,
+                                    status=state["status"], created=False)
+        store.write_result("probes", probe_id, {"probe_id": probe_id, "spec": spec.model_dump(),
+                                                "status": "pending", "rows": [], "best": {}})
+        job_id = enqueue_single(queue, "workers.jobs.run_probe", (probe_id,), kind="probe",
+                                target=probe_id, timeout=settings.probe_timeout)
+    return ProbeCreated(probe_id=probe_id, job_id=job_id, status="queued", created=stored is None)
+
+
+def _probe_spec(body: ProbeCreate, store: Store) -> ProbeSpec:
+    check_id(body.train_featureset, field="train_featureset")
+    check_id(body.test_featureset, field="test_featureset")
+    train = store.featureset(body.train_featureset)
+    test = store.featureset(body.test_featureset)
+    for field, featureset in (("train_featureset", train), ("test_featureset", test)):
+        if not featureset.is_complete:
+            progress = featureset.progress()
+            raise NotReadyError(
+                f"{field} {featureset.id!r} is not complete yet ({progress.blocks_done}/"
+                f"{progress.blocks_total} blocks written); probe it when its job has finished",
+                field=field, value=featureset.id, progress=progress.as_dict(),
+            )
+    train_spec, test_spec = train.spec.model_dump(), test.spec.model_dump()
+    for name in MATCHING_FIELDS:
+        if train_spec[name] != test_spec[name]:
+            raise StoreError(
+                f"train and test feature sets differ in {name} ({train_spec[name]!r} vs "
+                f"{test_spec[name]!r}); extract both splits with the same model and settings",
+                field="test_featureset", value=body.test_featureset,
+            )
+    if train.features.shape[2] != test.features.shape[2]:
+        raise StoreError(
+            f"train and test feature sets differ in dim ({train.features.shape[2]} vs "
+            f"{test.features.shape[2]})", field="test_featureset", value=body.test_featureset)
+
+    layers = train.layers if body.layers == "all" else body.layers
+    if not layers:
+        raise StoreError("layers is empty; pass \"all\" or a list of stored layers",
+                         field="layers", value=body.layers)
+    for layer in layers:
+        train.layer_position(layer)
+    kinds = [body.kind] if isinstance(body.kind, str) else list(body.kind)
+    for kind in kinds:
+        if kind not in PROBE_KINDS:
+            raise StoreError(f"kind {kind!r} is not a probe kind; choose from "
+                             f"{', '.join(PROBE_KINDS)}", field="kind", value=kind)
+    if not kinds or len(set(kinds)) != len(kinds):
+        raise StoreError("kind must name each probe kind once", field="kind", value=body.kind)
+    return ProbeSpec(train_featureset=train.id, test_featureset=test.id,
+                     layers=sorted(set(layers)), kinds=kinds,
+                     params=_params_by_kind(body.params, kinds), seed=body.seed)
+
+
+def _params_by_kind(params: dict[str, Any], kinds: list[str]) -> dict[str, dict[str, Any]]:
+    if params and all(key in PROBE_KINDS for key in params):
+        unknown = [key for key in params if key not in kinds]
+        if unknown:
+            raise StoreError(f"params are given for {unknown!r}, which is not in kind {kinds!r}",
+                             field="params", value=unknown)
+        return {kind: dict(params.get(kind, {})) for kind in kinds}
+    if params and len(kinds) > 1:
+        raise StoreError("with several kinds, key params by kind, e.g. "
+                         "{\"logistic\": {\"C\": [1]}, \"knn\": {\"k\": [10]}}",
+                         field="params", value=params)
+    return {kind: dict(params) for kind in kinds}
+
+
+def _read_probe(store: Store, redis: Any, probe_id: str) -> dict[str, Any]:
+    check_id(probe_id, field="probe_id")
+    stored = store.read_result("probes", probe_id)
+    if stored is None:
+        raise NotFoundError(f"probe {probe_id!r} not found", field="probe_id", value=probe_id)
+    return {
+        "probe_id": probe_id,
+        "status": stored.get("status", "pending"),
+        "spec": stored["spec"],
+        "rows": stored.get("rows", []),
+        "best": stored.get("best", {}),
+        "job_id": active_job_id(redis, probe_id),
+    }
+
+
+@router.get("", response_model=ProbesPublic)
+def list_probes(store: StoreDep, redis: RedisDep) -> ProbesPublic:
+    """All probe results in the store."""
+    data = [ProbePublic.model_validate(_read_probe(store, redis, i))
+            for i in store.result_ids("probes")]
+    return ProbesPublic(data=data, count=len(data))
+
+
+@router.get("/{probe_id}", response_model=ProbePublic)
+def read_probe(probe_id: str, store: StoreDep, redis: RedisDep) -> ProbePublic:
+    """Per-layer metrics of a probe result."""
+    return ProbePublic.model_validate(_read_probe(store, redis, probe_id))
+
+
+def _complete_probe(store: Store, redis: Any, probe_id: str) -> dict[str, Any]:
+    probe = _read_probe(store, redis, probe_id)
+    if probe["status"] != "complete":
+        raise NotReadyError(f"probe {probe_id!r} is not complete yet; wait for job "
+                            f"{probe['job_id']}", field="probe_id", value=probe_id)
+    return probe
+
+
+@router.get("/{probe_id}/curve", response_model=CurvePublic)
+def read_curve(probe_id: str, store: StoreDep, redis: RedisDep) -> CurvePublic:
+    """Layer-accuracy curve per probe kind as JSON."""
+    probe = _complete_probe(store, redis, probe_id)
+    kinds: dict[str, list[dict[str, Any]]] = {}
+    for row in probe["rows"]:
+        kinds.setdefault(row["kind"], []).append(
+            {k: row.get(k) for k in ("layer", "train_accuracy", "val_accuracy", "test_accuracy",
+                                     "test_accuracy_ci95", "params", "converged")})
+    return CurvePublic(probe_id=probe_id, kinds=kinds, best=probe["best"])
+
+
+@router.get("/{probe_id}/curve.png", responses={200: {"content": {"image/png": {}}}},
+            response_class=Response)
+def read_curve_png(
+    probe_id: str, store: StoreDep, redis: RedisDep,
+    baseline: Annotated[float | None, Query(ge=0, le=1, description="reference accuracy line")]
+    = None,
+) -> Response:
+    """Layer-accuracy curve as a PNG, best layer by validation accuracy marked."""
+    probe = _complete_probe(store, redis, probe_id)
+    rows_by_kind: dict[str, list[dict[str, Any]]] = {}
+    for row in probe["rows"]:
+        rows_by_kind.setdefault(row["kind"], []).append(row)
+    train = store.featureset(probe["spec"]["train_featureset"]).spec
+    title = f"{train.model} on {train.dataset}: probe accuracy per layer ({train.pooling} pooling)"
+    png = layer_curve_png(rows_by_kind, title=title, baseline=baseline)
+    return Response(png, media_type="image/png")

@@ -1,0 +1,166 @@
+"""Request and response bodies of the REST API."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+MAX_BATCH_SIZE = 4096
+
+
+class ExtractionCreate(BaseModel):
+    """Request body of POST /v1/extractions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(..., min_length=1, max_length=512,
+                       examples=["store:digits-igpt", "openai/imagegpt-small", "pixels"])
+    dataset: str = Field(..., min_length=1, max_length=1024, examples=["digits"])
+    split: str = Field(..., min_length=1, max_length=64, examples=["train"])
+    layers: Literal["all"] | list[int] = "all"
+    pooling: Literal["mean", "cls", "last_token", "mean_ln_f"] = "mean"
+    input_policy: Literal["sos", "plain"] | None = Field(
+        None, description="ImageGPT only: sos prepends the start token and drops the last pixel; "
+        "plain uses no start token. Default: the policy the checkpoint was trained with, else plain.")
+    dtype: Literal["float32", "float16"] = "float32"
+    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE)
+    block_rows: int | None = Field(None, ge=1, le=1_000_000,
+                                   description="Rows per block (one rq job each).")
+    limit: int | None = Field(None, ge=1, description="Stratified subset size.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the stratified subset.")
+
+
+class ExtractionPublic(BaseModel):
+    featureset_id: str
+    job_id: str | None
+    status: str
+    created: bool = Field(description="False when an identical request already had a feature set.")
+
+
+class ProgressPublic(BaseModel):
+    done: int
+    total: int
+    items_done: int | None = None
+    items_total: int | None = None
+
+
+class ErrorPublic(BaseModel):
+    message: str
+    field: str | None = None
+    value: Any = None
+
+
+class JobPublic(BaseModel):
+    job_id: str
+    kind: str
+    target_id: str
+    status: Literal["queued", "running", "finished", "failed"]
+    progress: ProgressPublic
+    error: ErrorPublic | None = None
+    created: str
+    result: dict[str, Any] | None = None
+
+
+class FeatureSetPublic(BaseModel):
+    featureset_id: str
+    status: str
+    spec: dict[str, Any]
+    layer_map: list[dict[str, Any]]
+    shape: list[int]
+    dtype: str
+    n_items: int
+    dim: int
+    block_rows: int
+    class_names: list[str]
+    created: str | None
+    completed: str | None
+    progress: dict[str, int]
+
+
+class FeatureSetsPublic(BaseModel):
+    data: list[FeatureSetPublic]
+    count: int
+
+
+class ProbeCreate(BaseModel):
+    """Request body of POST /v1/probes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    train_featureset: str
+    test_featureset: str
+    layers: Literal["all"] | list[int] = "all"
+    kind: str | list[str] = Field("logistic", description="logistic, knn, mlp, or a list of them.")
+    params: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Hyper-parameters; either flat (applied to the only kind) or keyed by kind.",
+    )
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class ProbeCreated(BaseModel):
+    probe_id: str
+    job_id: str | None
+    status: str
+    created: bool
+
+
+class ProbePublic(BaseModel):
+    probe_id: str
+    status: str
+    spec: dict[str, Any]
+    rows: list[dict[str, Any]]
+    best: dict[str, Any]
+    job_id: str | None = None
+
+
+class ProbesPublic(BaseModel):
+    data: list[ProbePublic]
+    count: int
+
+
+class CurvePublic(BaseModel):
+    probe_id: str
+    kinds: dict[str, list[dict[str, Any]]]
+    best: dict[str, Any]
+
+
+class PretrainCreate(BaseModel):
+    """Request body of POST /v1/pretrain: a small ImageGPT trained on a stored dataset."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, max_length=64, examples=["digits-igpt"])
+    dataset: str = "digits"
+    split: str = "train"
+    n_layer: int = Field(4, ge=1, le=48)
+    n_embd: int = Field(64, ge=8, le=2048)
+    n_head: int = Field(4, ge=1, le=64)
+    n_colors: int = Field(16, ge=2, le=1024)
+    steps: int = Field(1000, ge=1, le=1_000_000)
+    batch_size: int = Field(64, ge=1, le=4096)
+    learning_rate: float = Field(1e-3, gt=0, le=1.0)
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class PretrainPublic(BaseModel):
+    model: str
+    job_id: str | None
+    status: str
+    created: bool
+
+
+class ModelPublic(BaseModel):
+    model: str
+    family: str
+    source: str
+    revision: str
+    n_hidden_states: int
+    dim: int
+    training: dict[str, Any] = Field(default_factory=dict)
+
+
+class ModelsPublic(BaseModel):
+    data: list[ModelPublic]
+    count: int

@@ -1,0 +1,53 @@
+"""Factories for tiny real models and the stack's processes, shared by the tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+
+def tiny_imagegpt(path: Path, *, n_layer: int = 2, n_embd: int = 32, n_head: int = 2,
+                  n_colors: int = 16, size: int = 8, seed: int = 0,
+                  input_policy: str | None = None) -> Path:
+    """Save a randomly initialised ImageGPT with a palette fitted on digits pixels to ``path``."""
+    import torch
+    from transformers import ImageGPTConfig, ImageGPTImageProcessor, ImageGPTModel
+
+    from workers.datasets import load_split
+    from workers.pretrain import fit_palette
+
+    torch.manual_seed(seed)
+    config = ImageGPTConfig(vocab_size=n_colors + 1, n_positions=size * size, n_embd=n_embd,
+                            n_layer=n_layer, n_head=n_head)
+    model = ImageGPTModel(config).eval()
+    palette = fit_palette(load_split("digits", "train").images, n_colors, seed)
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    ImageGPTImageProcessor(clusters=palette.tolist(), do_resize=True,
+                           size={"height": size, "width": size}).save_pretrained(path)
+    if input_policy is not None:
+        import json
+
+        (path / "layerbank.json").write_text(json.dumps({"input_policy": input_policy}))
+    return path
+
+
+def reference_pooled(path: Path, images: np.ndarray, *, policy: str = "plain") -> np.ndarray:
+    """Pool Hugging Face's own ``output_hidden_states`` of the checkpoint at ``path``.
+
+    Returns an array of shape (n_hidden_states, n_images, dim): the mean over positions of each
+    hidden state, computed with the processor's NumPy quantisation and the eager model.
+    """
+    import torch
+    from transformers import ImageGPTImageProcessor, ImageGPTModel
+
+    processor = ImageGPTImageProcessor.from_pretrained(path)
+    model = ImageGPTModel.from_pretrained(path, attn_implementation="eager").eval()
+    input_ids = processor(images=list(images), return_tensors="pt")["input_ids"]
+    if policy == "sos":
+        sos = torch.full((len(images), 1), len(processor.clusters), dtype=input_ids.dtype)
+        input_ids = torch.cat([sos, input_ids[:, :-1]], dim=1)
+    with torch.no_grad():
+        states = model(input_ids=input_ids, output_hidden_states=True).hidden_states
+    return np.stack([state.mean(dim=1).numpy() for state in states])

@@ -1,0 +1,220 @@
+"""The main job end to end over HTTP: real Redis, real rq workers, real Zarr, real digits."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.client import ClientError
+from tests.conftest import wait_job
+from tests.factories import reference_pooled
+
+
+@pytest.fixture(scope="module")
+def digits_featuresets(client: Any, tiny_model: Path) -> dict[str, str]:
+    """Train and test feature sets of the tiny model on digits, several blocks each."""
+    ids = {}
+    for split in ("train", "test"):
+        answer = client.extract(str(tiny_model), "digits", split, layers="all", pooling="mean",
+                                block_rows=256, batch_size=64)
+        state = wait_job(client, answer["job_id"])
+        assert state is not None and state["status"] == "finished", state
+        ids[split] = answer["featureset_id"]
+    return ids
+
+
+def test_extraction_layer_matches_direct_forward(client: Any, tiny_model: Path,
+                                                 digits_featuresets: dict[str, str]) -> None:
+    from workers.datasets import load_split
+
+    featureset_id = digits_featuresets["train"]
+    images = load_split("digits", "train").images
+    expected = reference_pooled(tiny_model, images[:40])
+    for layer in range(3):
+        array = client.layer_array(featureset_id, layer)
+        assert array.shape == (len(images), 32)
+        assert array.dtype == np.float32
+        np.testing.assert_allclose(array[:40], expected[layer], rtol=1e-4, atol=1e-5)
+
+
+def test_extraction_featureset_describes_layers(client: Any, digits_featuresets: dict[str, str]
+                                                ) -> None:
+    summary = client.featureset(digits_featuresets["train"])
+    assert summary["status"] == "complete"
+    assert summary["shape"] == [3, 1297, 32]
+    assert summary["progress"]["blocks_done"] == summary["progress"]["blocks_total"] == 6
+    descriptions = [row["description"] for row in summary["layer_map"]]
+    assert descriptions[0].startswith("embeddings")
+    assert "ln_f" in descriptions[2]
+
+
+def test_extraction_same_request_twice_one_featureset(client: Any, tiny_model: Path,
+                                                      digits_featuresets: dict[str, str]) -> None:
+    again = client.extract(str(tiny_model), "digits", "train", layers="all", pooling="mean",
+                           block_rows=256, batch_size=64)
+    assert again["featureset_id"] == digits_featuresets["train"]
+    assert again["created"] is False
+    assert again["status"] == "complete"
+    ids = [fs["featureset_id"] for fs in client.featuresets()]
+    assert ids.count(digits_featuresets["train"]) == 1
+
+
+def test_extraction_job_reports_progress(client: Any, tiny_model: Path) -> None:
+    answer = client.extract(str(tiny_model), "digits", "test", layers=[1], pooling="last_token",
+                            block_rows=100)
+    state = wait_job(client, answer["job_id"])
+    assert state is not None
+    assert state["status"] == "finished"
+    assert state["progress"] == {"done": 5, "total": 5, "items_done": 500, "items_total": 500}
+
+
+def test_layer_fetch_json_slice_and_labels(client: Any, digits_featuresets: dict[str, str]) -> None:
+    featureset_id = digits_featuresets["test"]
+    response = client.request("GET", f"/v1/featuresets/{featureset_id}/layers/1",
+                              params={"start": 10, "stop": 13, "format": "json"})
+    body = response.json()
+    assert body["shape"] == [3, 32]
+    full = client.layer_array(featureset_id, 1)
+    np.testing.assert_allclose(np.asarray(body["data"], dtype=np.float32), full[10:13])
+    labels = client.labels(featureset_id)
+    assert labels.shape == (500,)
+    assert sorted(np.unique(labels).tolist()) == list(range(10))
+
+
+def test_layer_fetch_npy_has_content_length(client: Any, digits_featuresets: dict[str, str]
+                                            ) -> None:
+    response = client.request("GET", f"/v1/featuresets/{digits_featuresets['test']}/layers/0")
+    assert response.headers["content-type"] == "application/octet-stream"
+    assert int(response.headers["content-length"]) == len(response.content)
+    assert np.load(io.BytesIO(response.content)).shape == (500, 32)
+
+
+def test_probe_logistic_beats_chance_and_converges(client: Any,
+                                                   digits_featuresets: dict[str, str]) -> None:
+    answer = client.probe(digits_featuresets["train"], digits_featuresets["test"],
+                          kind="logistic", params={"C": [0.1, 1, 10]})
+    state = wait_job(client, answer["job_id"])
+    assert state is not None and state["status"] == "finished", state
+    result = client.probe_result(answer["probe_id"])
+    rows = result["rows"]
+    assert [row["layer"] for row in rows] == [0, 1, 2]
+    assert max(row["test_accuracy"] for row in rows) > 0.4
+    assert all(row["converged"] for row in rows)
+    assert all(row["params"]["C"] in (0.1, 1, 10) for row in rows)
+    curve = client.curve(answer["probe_id"])
+    assert [point["layer"] for point in curve["kinds"]["logistic"]] == [0, 1, 2]
+    png = client.curve_png(answer["probe_id"], baseline=0.9)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "field"),
+    [
+        ({"model": "no-such-org/no-such-model", "dataset": "digits", "split": "train"}, 422,
+         "model"),
+        ({"model": "pixels", "dataset": "no-such-dataset", "split": "train"}, 422, "dataset"),
+        ({"model": "pixels", "dataset": "digits", "split": "validation"}, 422, "split"),
+        ({"model": "pixels", "dataset": "digits", "split": "train", "layers": [3]}, 422,
+         "layers"),
+        ({"model": "/etc", "dataset": "digits", "split": "train"}, 403, "model"),
+    ],
+)
+def test_extraction_bad_request_names_field(client: Any, body: dict[str, Any], status: int,
+                                            field: str) -> None:
+    with pytest.raises(ClientError) as info:
+        client.extract(**body)
+    assert info.value.status_code == status
+    assert info.value.detail["field"] == field
+    assert repr(body.get(field, body.get("layers")))[:10] in info.value.detail["message"] or (
+        field in ("split", "layers"))
+
+
+def test_extraction_layer_out_of_range_message(client: Any, tiny_model: Path) -> None:
+    with pytest.raises(ClientError) as info:
+        client.extract(str(tiny_model), "digits", "train", layers=[0, 30])
+    assert info.value.status_code == 422
+    assert "layer 30 is out of range" in info.value.detail["message"]
+    assert "(0..2)" in info.value.detail["message"]
+
+
+def test_probe_mismatched_featuresets_rejected(client: Any, digits_featuresets: dict[str, str]
+                                               ) -> None:
+    pixels = client.extract("pixels", "digits", "test")
+    wait_job(client, pixels["job_id"])
+    with pytest.raises(ClientError) as info:
+        client.probe(digits_featuresets["train"], pixels["featureset_id"])
+    assert info.value.status_code == 422
+    assert info.value.detail["field"] == "test_featureset"
+
+
+def test_probe_on_unfinished_featureset_is_409(client: Any, settings: Any,
+                                               digits_featuresets: dict[str, str]) -> None:
+    from store import FeatureSetSpec, Store, create_featureset
+
+    store = Store(settings.store)
+    spec = FeatureSetSpec(model="pending-model", model_revision="r", model_family="imagegpt",
+                          dataset="digits", dataset_fingerprint="f", split="train", layers=[0],
+                          pooling="mean")
+    pending = create_featureset(store, spec, layer_map=[], dim=4, labels=np.zeros(10, np.int64),
+                                item_ids=np.arange(10), class_names=[], block_rows=5)
+    with pytest.raises(ClientError) as info:
+        client.probe(pending.id, digits_featuresets["test"])
+    assert info.value.status_code == 409
+    assert info.value.detail["progress"] == {"blocks_done": 0, "blocks_total": 2,
+                                             "items_done": 0, "items_total": 10}
+    with pytest.raises(ClientError) as layer_info:
+        client.layer_array(pending.id, 0)
+    assert layer_info.value.status_code == 409
+
+
+def test_ids_with_path_separators_rejected(client: Any) -> None:
+    for bad in ("..%2F..%2Fetc", "abc", "0123456789abcdef0123456Z"):
+        with pytest.raises(ClientError) as info:
+            client.featureset(bad)
+        assert info.value.status_code in (404, 422)
+
+
+def test_pretrain_then_extract_store_model(client: Any) -> None:
+    created = client.pretrain("tiny-pretrained", n_layer=1, n_embd=16, n_head=2, n_colors=8,
+                              steps=3, batch_size=16)
+    state = wait_job(client, created["job_id"])
+    assert state is not None and state["status"] == "finished", state
+    again = client.pretrain("tiny-pretrained", n_layer=1, n_embd=16, n_head=2, n_colors=8,
+                            steps=3, batch_size=16)
+    assert again["status"] == "complete"
+    models = {m["model"]: m for m in client._json("GET", "/v1/models")["data"]}
+    assert models["store:tiny-pretrained"]["n_hidden_states"] == 2
+    assert models["store:tiny-pretrained"]["training"]["input_policy"] == "sos"
+    answer = client.extract("store:tiny-pretrained", "digits", "test", limit=50)
+    finished = wait_job(client, answer["job_id"])
+    assert finished is not None and finished["status"] == "finished", finished
+    summary = client.featureset(answer["featureset_id"])
+    assert summary["spec"]["processor"]["input_policy"] == "sos"
+    assert summary["n_items"] == 50
+
+
+def test_api_process_never_imports_torch(settings: Any) -> None:
+    code = (
+        "import sys\n"
+        "from fastapi.testclient import TestClient\n"
+        "from service.app import create_app\n"
+        "client = TestClient(create_app())\n"
+        "assert client.get('/v1/featuresets').status_code == 200\n"
+        "r = client.post('/v1/extractions', json={'model': 'pixels', 'dataset': 'digits',"
+        " 'split': 'train', 'limit': 20})\n"
+        "assert r.status_code in (200, 202), r.text\n"
+        "assert 'torch' not in sys.modules, 'torch imported'\n"
+    )
+    env = {"LAYERBANK_STORE": settings.store, "REDIS_URL": settings.redis_url,
+           "LAYERBANK_QUEUE": "layerbank-no-torch-check", "HF_HUB_OFFLINE": "1"}
+    import os
+
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
