@@ -1,0 +1,55 @@
+"""Errors raised by the workers package.
+
+Every error carries the request field it concerns and the offending value, so the API can
+turn it into a 4xx response that shows the caller what to change.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DatasetError",
+    "ModelError",
+    "PathNotAllowedError",
+    "ProbeError",
+    "WorkersError",
+]
+
+
+class WorkersError(Exception):
+    """Base class of every error raised by the workers package.
+
+    Parameters
+    ----------
+    message
+        What went wrong and what to do about it, naming the field and the value.
+    field
+        The request field the error concerns (``"dataset"``, ``"split"``, ``"limit"``, ...),
+        or None when no single field is to blame.
+    value
+        The offending value as the caller gave it.
+    """
+
+    def __init__(self, message: str, *, field: str | None = None, value: object = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.value = value
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class DatasetError(WorkersError):
+    """Raised when a dataset reference, split or item cannot be loaded."""
+
+
+class ModelError(WorkersError):
+    """Raised when a model reference cannot be resolved or loaded."""
+
+
+class ProbeError(WorkersError):
+    """Raised when a probe request cannot be fitted on the given features."""
+
+
+class PathNotAllowedError(WorkersError):
+    """Raised when a path resolves outside the configured roots."""
