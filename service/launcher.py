@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -21,6 +22,28 @@ from redis import Redis
 from redis.exceptions import RedisError
 
 logger = logging.getLogger(__name__)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to send SIGTERM to this child when its parent exits, so no child is orphaned."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
+def terminate_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so ``finally`` blocks stop the children.
+
+    uvicorn restores the previous handler and raises the signal again after its own shutdown, so
+    this handler also runs when the API is stopped with SIGTERM.
+    """
+
+    def handler(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
 
 
 def free_port() -> int:
@@ -62,6 +85,7 @@ class RedisServer:
         return f"redis://127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 15.0) -> RedisServer:
+        self.directory = self.directory.resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         command = [
             redis_binary(self.prefer), "--port", str(self.port), "--bind", "127.0.0.1",
@@ -71,7 +95,7 @@ class RedisServer:
             "--logfile", str(self.directory / "redis.log"),
         ]
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL)
+                                        stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
         deadline = time.monotonic() + timeout
         client = Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
         while time.monotonic() < deadline:
@@ -116,10 +140,11 @@ def start_worker(redis_url: str, *, env: dict[str, str] | None = None, burst: bo
         # The child keeps its own copy of the descriptor; the parent closes its handle.
         with log_file.open("ab") as output:
             process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=output,
-                                       stderr=subprocess.STDOUT)
+                                       stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
     else:
         process = subprocess.Popen(command, env={**os.environ, **(env or {})},
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                                   preexec_fn=_die_with_parent)
     logger.info("worker process %d started", process.pid)
     return process
 

@@ -29,6 +29,10 @@ class ExtractionCreate(BaseModel):
                                    description="Rows per block (one rq job each).")
     limit: int | None = Field(None, ge=1, description="Stratified subset size.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the stratified subset.")
+    image_column: str | None = Field(None, max_length=128,
+                                     description="Hugging Face datasets: the image column.")
+    label_column: str | None = Field(None, max_length=128,
+                                     description="Hugging Face datasets: the label column.")
 
 
 class ExtractionPublic(BaseModel):

@@ -32,6 +32,8 @@ class FeatureSetSpec(BaseModel):
     split: str
     limit: int | None = None
     seed: int = 0
+    image_column: str | None = None
+    label_column: str | None = None
     layers: list[int]
     pooling: str
     dtype: StoredDtype = "float32"

@@ -48,6 +48,7 @@ def resolve_for_featureset(featureset: FeatureSet, settings: Settings, store: St
         models_dir=store.models_dir() if store.local_root else None,
         allowed_roots=settings.model_roots,
         allow_hub=settings.allow_hub,
+        allow_list=settings.model_allow_list,
     )
     if ref.revision != spec.model_revision:
         raise ModelError(
@@ -65,6 +66,7 @@ def load_featureset_split(featureset: FeatureSet, settings: Settings) -> Dataset
     spec = featureset.spec
     split = load_split(
         spec.dataset, spec.split, limit=spec.limit, seed=spec.seed,
+        image_column=spec.image_column, label_column=spec.label_column,
         allowed_roots=settings.data_roots,
     )
     if split.fingerprint != spec.dataset_fingerprint:

@@ -6,6 +6,7 @@ import logging
 
 from fastapi import APIRouter, Response, status
 
+from service.auth import JobQuotaDep, check_extraction_size
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
 from service.jobs import active_job_id, enqueue_extraction, job_state, target_lock
 from service.schemas import ExtractionCreate, ExtractionPublic
@@ -19,23 +20,28 @@ router = APIRouter(prefix="/v1/extractions", tags=["extractions"])
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=ExtractionPublic)
 def create_extraction(body: ExtractionCreate, response: Response, settings: SettingsDep,
-                      store: StoreDep, redis: RedisDep, queue: QueueDep) -> ExtractionPublic:
+                      store: StoreDep, redis: RedisDep, queue: QueueDep,
+                      quota: JobQuotaDep) -> ExtractionPublic:
     """Start extracting pooled hidden states, or return the feature set of an identical request."""
     ref = resolve_model(
         body.model,
         models_dir=store.models_dir() if store.local_root else None,
         allowed_roots=settings.model_roots,
         allow_hub=settings.allow_hub,
+        allow_list=settings.model_allow_list,
     )
     layers = ref.check_layers(body.layers)
     pooling = check_pooling(ref, body.pooling)
     processor = processor_spec(ref, body.input_policy)
     split = load_split(body.dataset, body.split, limit=body.limit, seed=body.seed,
+                       image_column=body.image_column, label_column=body.label_column,
                        allowed_roots=settings.data_roots)
+    check_extraction_size(len(layers), len(split.labels), settings)
     spec = FeatureSetSpec(
         model=ref.ref, model_revision=ref.revision, model_family=ref.family, processor=processor,
         dataset=body.dataset, dataset_fingerprint=split.fingerprint, split=body.split,
-        limit=body.limit, seed=body.seed, layers=layers, pooling=pooling, dtype=body.dtype,
+        limit=body.limit, seed=body.seed, image_column=body.image_column,
+        label_column=body.label_column, layers=layers, pooling=pooling, dtype=body.dtype,
     )
     featureset_id = spec.featureset_id()
     dim = int(split.images[0].size) if ref.family == "pixels" else ref.dim
@@ -52,6 +58,7 @@ def create_extraction(body: ExtractionCreate, response: Response, settings: Sett
             if state["status"] in ("queued", "running"):
                 return ExtractionPublic(featureset_id=featureset_id, job_id=existing_job,
                                         status=state["status"], created=False)
+        quota.check()
         created = featureset is None
         if featureset is None:
             featureset = create_featureset(
@@ -64,6 +71,7 @@ def create_extraction(body: ExtractionCreate, response: Response, settings: Sett
                 store.forget(featureset_id)
         # A failed or lost earlier job is resumed: only missing blocks are queued again.
         job_id = enqueue_extraction(queue, featureset, timeout=settings.block_timeout)
+        quota.record(job_id)
     logger.info("extraction %s: job %s for %s on %s/%s", featureset_id, job_id, ref.ref,
                 body.dataset, body.split)
     return ExtractionPublic(featureset_id=featureset_id, job_id=job_id, status="queued",
