@@ -13,6 +13,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from service.cli_commands import register as register_api_commands
+
 app = typer.Typer(help="layerbank: a feature store and probing service for vision transformers.",
                   no_args_is_help=True, add_completion=False)
 console = Console()
@@ -40,7 +42,13 @@ def up(
     import uvicorn
 
     from service.app import create_app
-    from service.launcher import RedisServer, free_port, start_worker, stop_process
+    from service.launcher import (
+        RedisServer,
+        free_port,
+        start_worker,
+        stop_process,
+        terminate_on_sigterm,
+    )
     from store.settings import Settings
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
@@ -50,6 +58,7 @@ def up(
                   "to 127.0.0.1 or run the API with keys configured[/red]")
         raise typer.Exit(2)
 
+    terminate_on_sigterm()
     redis_server = None
     redis_url = os.environ.get("REDIS_URL")
     store_path = Path(store).expanduser()
@@ -96,8 +105,9 @@ def demo(
     """Pretrain a small ImageGPT on digits, extract every layer, probe, print and plot."""
     from service.client import Client
     from service.demo import run_demo
-    from service.launcher import stop_process, wait_for_http
+    from service.launcher import stop_process, terminate_on_sigterm, wait_for_http
 
+    terminate_on_sigterm()
     stack = None
     client = Client(url, timeout=120)
     try:
@@ -119,6 +129,8 @@ def demo(
         client.close()
         stop_process(stack)
 
+
+register_api_commands(app)
 
 if __name__ == "__main__":
     app()

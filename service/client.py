@@ -140,3 +140,7 @@ class Client:
     def curve_png(self, probe_id: str, *, baseline: float | None = None) -> bytes:
         params = {"baseline": baseline} if baseline is not None else {}
         return self.request("GET", f"/v1/probes/{probe_id}/curve.png", params=params).content
+
+    def fsck(self, featureset_id: str) -> dict[str, Any]:
+        """Run the consistency check of a feature set and return its report."""
+        return self._json("GET", f"/v1/featuresets/{featureset_id}/fsck")  # type: ignore[no-any-return]

@@ -1,0 +1,603 @@
+"""CLI commands that drive a running layerbank API: extract, probe, jobs, feature sets, fetch.
+
+Every command talks to the API through `service.client.Client`. Output is a rich table for
+people, or with ``--json`` plain JSON on stdout and nothing else. Exit codes: 0 on success,
+1 when the API returns an error or a job fails, 2 for usage errors (typer's default). Errors
+are printed as one line on stderr, without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    ProgressColumn,
+    Task,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+from rich.table import Table
+from rich.text import Text
+
+from service.client import TERMINAL, Client, ClientError
+
+logger = logging.getLogger(__name__)
+
+console = Console()
+err = Console(stderr=True)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+POLL_SECONDS = 0.5
+
+UrlOption = Annotated[
+    str, typer.Option("--url", envvar="LAYERBANK_URL", help="Base URL of the layerbank API.")
+]
+ApiKeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="LAYERBANK_API_KEY",
+        show_default=False,
+        help="API key, sent as 'Authorization: Bearer <key>'.",
+    ),
+]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="Print plain JSON on stdout and nothing else.")
+]
+WaitOption = Annotated[
+    bool, typer.Option("--wait", help="Follow the job with a progress bar until it ends.")
+]
+TimeoutOption = Annotated[
+    float, typer.Option("--timeout", min=1, help="Seconds to follow a job before giving up.")
+]
+
+
+class CommandError(Exception):
+    """Raised inside a command to stop it with one line on stderr and exit code 1."""
+
+
+def register(app: typer.Typer) -> None:
+    """Add the API commands to the ``layerbank`` typer app."""
+    for command in (extract, probe, jobs, featuresets, probes, fetch, fsck):
+        app.command()(command)
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def extract(
+    model: Annotated[str, typer.Argument(help="Model: hub id, store:<name>, a path or pixels.")],
+    dataset: Annotated[str, typer.Argument(help="Dataset name or path, e.g. digits.")],
+    split: Annotated[str, typer.Argument(help="Split, e.g. train or test.")],
+    layers: Annotated[str, typer.Option(help="'all' or hidden-state indices, e.g. 0,3,5.")] = "all",
+    pooling: Annotated[str, typer.Option(help="mean, cls, last_token or mean_ln_f.")] = "mean",
+    batch_size: Annotated[int | None, typer.Option(min=1, help="Images per forward pass.")] = None,
+    block_rows: Annotated[
+        int | None, typer.Option(min=1, help="Rows per block (one rq job).")
+    ] = None,
+    limit: Annotated[int | None, typer.Option(min=1, help="Stratified subset size.")] = None,
+    wait: WaitOption = False,
+    timeout: TimeoutOption = 3600.0,
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Extract pooled hidden states of MODEL on DATASET/SPLIT into a feature set."""
+    body: dict[str, Any] = {"layers": _parse_layers(layers), "pooling": pooling}
+    for name, value in (("batch_size", batch_size), ("block_rows", block_rows), ("limit", limit)):
+        if value is not None:
+            body[name] = value
+
+    with _api(url, api_key) as client:
+        answer = client.extract(model, dataset, split, **body)
+        state = _follow(client, answer["job_id"], timeout, show=not as_json) if wait else None
+
+    if as_json:
+        _print_json({**answer, "job": state} if wait else answer)
+    else:
+        _print_record("extraction", answer)
+        if state is not None:
+            _print_job(state)
+    _exit_if_failed(state)
+
+
+def probe(
+    train_featureset: Annotated[str, typer.Argument(help="Feature set id to fit probes on.")],
+    test_featureset: Annotated[str, typer.Argument(help="Feature set id to evaluate on.")],
+    kind: Annotated[
+        str, typer.Option(help="Probe kinds, comma-separated: logistic,knn,mlp.")
+    ] = "logistic",
+    layers: Annotated[str, typer.Option(help="'all' or layer indices, e.g. 0,3,5.")] = "all",
+    params: Annotated[
+        str | None,
+        typer.Option(help="Hyper-parameters as a JSON object, e.g. '{\"C\": [0.1, 1, 10]}'."),
+    ] = None,
+    seed: Annotated[int, typer.Option(min=0, help="Seed of the probe's random sources.")] = 0,
+    wait: WaitOption = False,
+    timeout: TimeoutOption = 3600.0,
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Fit probes on TRAIN_FEATURESET and score them on TEST_FEATURESET, layer by layer."""
+    kinds = [part.strip() for part in kind.split(",") if part.strip()]
+    if not kinds:
+        raise typer.BadParameter("give at least one probe kind", param_hint="--kind")
+    options: dict[str, Any] = {"seed": seed}
+    if params is not None:
+        options["params"] = _parse_params(params)
+
+    with _api(url, api_key) as client:
+        answer = client.probe(
+            train_featureset,
+            test_featureset,
+            kind=kinds[0] if len(kinds) == 1 else kinds,
+            layers=_parse_layers(layers),
+            **options,
+        )
+        state = _follow(client, answer["job_id"], timeout, show=not as_json) if wait else None
+        result = None
+        if wait and (state is None or state["status"] == "finished"):
+            result = client.probe_result(answer["probe_id"])
+
+    if as_json:
+        _print_json({**answer, "job": state, "result": result} if wait else answer)
+    else:
+        _print_record("probe", answer)
+        if state is not None:
+            _print_job(state)
+        if result is not None:
+            _print_probe_rows(result)
+    _exit_if_failed(state)
+
+
+def jobs(
+    job_id: Annotated[str, typer.Argument(help="Job id returned by extract or probe.")],
+    watch: Annotated[
+        bool, typer.Option("--watch", help="Follow the job with a progress bar until it ends.")
+    ] = False,
+    timeout: TimeoutOption = 3600.0,
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show the status and progress of a job; exit code 1 if the job failed."""
+    with _api(url, api_key) as client:
+        state = _follow(client, job_id, timeout, show=not as_json) if watch else client.job(job_id)
+
+    if as_json:
+        _print_json(state)
+    else:
+        _print_job(state)
+    _exit_if_failed(state)
+
+
+def featuresets(
+    featureset_id: Annotated[
+        str | None, typer.Argument(help="Show one feature set in detail.")
+    ] = None,
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List the feature sets in the store, or describe one."""
+    with _api(url, api_key) as client:
+        data = client.featureset(featureset_id) if featureset_id else client.featuresets()
+
+    if as_json:
+        _print_json(data)
+    elif isinstance(data, dict):
+        _print_featureset(data)
+    else:
+        _print_featureset_list(data)
+
+
+def probes(
+    probe_id: Annotated[str | None, typer.Argument(help="Show one probe result per layer.")] = None,
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List probe results, or show the per-layer metrics of one."""
+    with _api(url, api_key) as client:
+        if probe_id:
+            data: Any = client.probe_result(probe_id)
+        else:
+            data = client.request("GET", "/v1/probes").json()["data"]
+
+    if as_json:
+        _print_json(data)
+    elif isinstance(data, dict):
+        _print_probe_rows(data)
+    else:
+        _print_probe_list(data)
+
+
+def fetch(
+    featureset_id: Annotated[str, typer.Argument(help="Feature set id.")],
+    layer: Annotated[int, typer.Argument(help="Hidden-state index, as in the layer map.")],
+    output: Annotated[
+        Path, typer.Option("-o", "--output", help="Path of the .npy file to write.", dir_okay=False)
+    ],
+    start: Annotated[int | None, typer.Option(min=0, help="First row (default 0).")] = None,
+    stop: Annotated[
+        int | None, typer.Option(min=0, help="Row after the last (default: all).")
+    ] = None,
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Download one layer of a feature set as an array of shape (rows, dim) to a .npy file."""
+    import numpy as np
+
+    with _api(url, api_key) as client:
+        array = client.layer_array(featureset_id, layer, start=start, stop=stop)
+        try:
+            np.save(output, array, allow_pickle=False)
+        except OSError as exc:
+            raise CommandError(f"cannot write {output}: {exc.strerror or exc}") from exc
+
+    first = start or 0
+    record = {
+        "path": str(output),
+        "featureset_id": featureset_id,
+        "layer": layer,
+        "start": first,
+        "stop": first + int(array.shape[0]),
+        "shape": list(array.shape),
+        "dtype": str(array.dtype),
+    }
+    if as_json:
+        _print_json(record)
+    else:
+        console.print(
+            f"wrote {output}: {record['dtype']} array of shape {tuple(array.shape)} "
+            f"(layer {layer}, rows {record['start']}..{record['stop']})",
+            markup=False,
+            highlight=False,
+        )
+
+
+def fsck(
+    featureset_id: Annotated[str, typer.Argument(help="Feature set id.")],
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Run the API's consistency check on a feature set; exit code 1 if it reports problems."""
+    with _api(url, api_key) as client:
+        report = client.fsck(featureset_id)
+
+    if as_json:
+        _print_json(report)
+    else:
+        _print_record(f"fsck {featureset_id}", report)
+    if _fsck_found_problems(report):
+        raise typer.Exit(1)
+
+
+# -- API access and errors -----------------------------------------------------------------
+
+
+@contextmanager
+def _api(url: str, api_key: str | None) -> Iterator[Client]:
+    """Open a client and turn every API or connection error into one stderr line and exit 1."""
+    try:
+        with Client(url.rstrip("/"), api_key=api_key or None) as client:
+            yield client
+    except ClientError as exc:
+        _fail(f"error: {_describe(exc)}")
+    except httpx.TransportError as exc:
+        _fail(
+            f"error: cannot reach the layerbank API at {url}: {exc or type(exc).__name__}; "
+            "start it with `layerbank up` or pass --url"
+        )
+    except httpx.HTTPError as exc:
+        _fail(f"error: request to {url} failed: {exc}")
+    except (CommandError, TimeoutError) as exc:
+        _fail(f"error: {exc}")
+
+
+def _fail(line: str) -> None:
+    typer.echo(" ".join(line.split()), err=True)
+    raise typer.Exit(1)
+
+
+def _describe(exc: ClientError) -> str:
+    """Return the API's detail message of an error, with the status code in front."""
+    detail = exc.detail
+    if isinstance(detail, dict) and detail.get("message"):
+        message = str(detail["message"])
+    elif isinstance(detail, list):
+        # FastAPI's request validation errors: a list of {loc, msg, ...}.
+        parts = []
+        for item in detail:
+            if isinstance(item, dict):
+                loc = ".".join(str(p) for p in item.get("loc", []) if p != "body")
+                parts.append(f"{loc}: {item.get('msg', '')}" if loc else str(item.get("msg")))
+            else:
+                parts.append(str(item))
+        message = "invalid request: " + "; ".join(parts)
+    else:
+        message = str(detail) if detail else "no detail"
+    return f"HTTP {exc.status_code}: {message}"
+
+
+def _exit_if_failed(state: dict[str, Any] | None) -> None:
+    if state is None or state["status"] != "failed":
+        return
+    error = state.get("error") or {}
+    _fail(f"error: job {state['job_id']} failed: {error.get('message') or 'no error message'}")
+
+
+def _fsck_found_problems(report: Any) -> bool:
+    if not isinstance(report, dict):
+        return False
+    if report.get("ok") is False:
+        return True
+    return bool(report.get("problems") or report.get("errors"))
+
+
+# -- following jobs ------------------------------------------------------------------------
+
+
+class ItemsPerSecondColumn(ProgressColumn):
+    """Rate of progress in the task's unit, from rich's running speed estimate."""
+
+    def render(self, task: Task) -> Text:
+        unit = task.fields.get("unit", "items")
+        if task.speed is None:
+            return Text(f"- {unit}/s", style="progress.data.speed")
+        return Text(f"{task.speed:,.1f} {unit}/s", style="progress.data.speed")
+
+
+def _follow(
+    client: Client, job_id: str | None, timeout: float, *, show: bool
+) -> dict[str, Any] | None:
+    """Poll a job until it finishes or fails; draw a progress bar on stderr when ``show``.
+
+    Returns the final job state, or None when there is no job to follow (the result already
+    existed). Raises TimeoutError when the job is still running after ``timeout`` seconds.
+    """
+    if job_id is None:
+        return None
+    deadline = time.monotonic() + timeout
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        ItemsPerSecondColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not show,
+        transient=False,
+    )
+    with progress:
+        task = None
+        while True:
+            state = client.job(job_id)
+            completed, total, unit = _progress_counts(state["progress"])
+            description = f"{state['kind']} {job_id[:8]} {state['status']}"
+            if task is None:
+                task = progress.add_task(description, total=total or None, unit=unit)
+            progress.update(task, completed=completed, total=total or None, description=description)
+            if state["status"] in TERMINAL:
+                return state
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"job {job_id} is still {state['status']} after "
+                    f"{timeout:.0f}s; follow it with `layerbank jobs {job_id} "
+                    "--watch`"
+                )
+            time.sleep(POLL_SECONDS)
+
+
+def _progress_counts(progress: dict[str, Any]) -> tuple[int, int, str]:
+    """Return (completed, total, unit): items for extractions, steps for other jobs."""
+    if progress.get("items_total"):
+        return int(progress.get("items_done") or 0), int(progress["items_total"]), "items"
+    return int(progress.get("done") or 0), int(progress.get("total") or 0), "steps"
+
+
+# -- output --------------------------------------------------------------------------------
+
+
+def _print_json(data: Any) -> None:
+    typer.echo(json.dumps(data, indent=2, sort_keys=False))
+
+
+def _print_record(title: str, record: dict[str, Any]) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    for key, value in record.items():
+        table.add_row(key, _cell(value))
+    console.print(table)
+
+
+def _print_job(state: dict[str, Any]) -> None:
+    completed, total, unit = _progress_counts(state["progress"])
+    color = {"finished": "green", "failed": "red", "running": "yellow"}.get(state["status"], "")
+    table = Table(title=f"job {state['job_id']}", show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value", overflow="fold")
+    table.add_row("kind", state["kind"])
+    table.add_row("target", state["target_id"])
+    table.add_row("status", Text(state["status"], style=color))
+    table.add_row("progress", f"{completed}/{total} {unit}")
+    table.add_row("created", state["created"])
+    if state.get("error"):
+        table.add_row("error", Text(str(state["error"].get("message")), style="red"))
+    if state.get("result"):
+        table.add_row("result", _cell(state["result"]))
+    console.print(table)
+
+
+def _print_featureset_list(data: list[dict[str, Any]]) -> None:
+    table = Table(title=f"{len(data)} feature sets", title_justify="left")
+    table.add_column("id", no_wrap=True)
+    for column in (
+        "status",
+        "model",
+        "dataset/split",
+        "layers",
+        "pooling",
+        "items",
+        "dim",
+        "progress",
+    ):
+        table.add_column(column, overflow="fold")
+    for fs in data:
+        spec, progress = fs["spec"], fs["progress"]
+        table.add_row(
+            fs["featureset_id"],
+            _status_text(fs["status"]),
+            str(spec.get("model")),
+            f"{spec.get('dataset')}/{spec.get('split')}",
+            str(fs["shape"][0]),
+            str(spec.get("pooling")),
+            str(fs["n_items"]),
+            str(fs["dim"]),
+            f"{progress['blocks_done']}/{progress['blocks_total']} blocks",
+        )
+    console.print(table)
+
+
+def _print_featureset(fs: dict[str, Any]) -> None:
+    summary = {
+        key: fs[key]
+        for key in (
+            "featureset_id",
+            "status",
+            "shape",
+            "dtype",
+            "n_items",
+            "dim",
+            "block_rows",
+            "created",
+            "completed",
+            "progress",
+        )
+    }
+    summary.update({f"spec.{k}": v for k, v in fs["spec"].items()})
+    _print_record(f"feature set {fs['featureset_id']}", summary)
+    table = Table(title="layer map", title_justify="left")
+    table.add_column("position")
+    table.add_column("layer")
+    table.add_column("description", overflow="fold")
+    for position, row in enumerate(fs["layer_map"]):
+        table.add_row(
+            str(position),
+            str(row.get("layer", row.get("index", ""))),
+            str(row.get("description", "")),
+        )
+    console.print(table)
+
+
+def _print_probe_list(data: list[dict[str, Any]]) -> None:
+    table = Table(title=f"{len(data)} probe results", title_justify="left")
+    table.add_column("id", no_wrap=True)
+    for column in ("status", "kinds", "train", "test", "best layer (test acc)"):
+        table.add_column(column, overflow="fold")
+    for result in data:
+        spec = result["spec"]
+        best = ", ".join(
+            f"{kind}: {b['layer']} ({b['test_accuracy']:.3f})" for kind, b in result["best"].items()
+        )
+        table.add_row(
+            result["probe_id"],
+            _status_text(result["status"]),
+            ",".join(spec.get("kinds", [])),
+            spec.get("train_featureset", ""),
+            spec.get("test_featureset", ""),
+            best or "-",
+        )
+    console.print(table)
+
+
+def _print_probe_rows(result: dict[str, Any]) -> None:
+    table = Table(title=f"probe {result['probe_id']} ({result['status']})", title_justify="left")
+    for column in (
+        "kind",
+        "layer",
+        "train acc",
+        "val acc",
+        "test acc",
+        "±95%",
+        "params",
+        "converged",
+    ):
+        table.add_column(column, overflow="fold")
+    best = {kind: b["layer"] for kind, b in result.get("best", {}).items()}
+    for row in result["rows"]:
+        style = "bold green" if best.get(row["kind"]) == row["layer"] else ""
+        table.add_row(
+            row["kind"],
+            str(row["layer"]),
+            _fraction(row.get("train_accuracy")),
+            _fraction(row.get("val_accuracy")),
+            _fraction(row.get("test_accuracy")),
+            _fraction(row.get("test_accuracy_ci95")),
+            _cell(row.get("params", {})),
+            str(row.get("converged", "")),
+            style=style,
+        )
+    console.print(table)
+
+
+def _status_text(status: str) -> Text:
+    return Text(status, style="green" if status == "complete" else "yellow")
+
+
+def _fraction(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def _cell(value: Any) -> str:
+    return json.dumps(value) if isinstance(value, (dict, list)) else str(value)
+
+
+# -- argument parsing ----------------------------------------------------------------------
+
+
+def _parse_layers(text: str) -> str | list[int]:
+    """Parse ``--layers``: 'all' or comma-separated hidden-state indices."""
+    if text.strip().lower() == "all":
+        return "all"
+    try:
+        layers = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is not 'all' or a comma-separated list of layer indices such as 0,3,5",
+            param_hint="--layers",
+        ) from None
+    if not layers:
+        raise typer.BadParameter("give 'all' or at least one layer index", param_hint="--layers")
+    return layers
+
+
+def _parse_params(text: str) -> dict[str, Any]:
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise typer.BadParameter(
+            f"{text!r} is not valid JSON ({exc.msg})", param_hint="--params"
+        ) from None
+    if not isinstance(params, dict):
+        raise typer.BadParameter(f"{text!r} is not a JSON object", param_hint="--params")
+    return params
