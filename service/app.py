@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from redis import Redis
 from rq import Queue
 
+from service.dashboard import install_dashboard
 from service.jobs import JobNotFoundError
 from service.routes import extractions, featuresets, health, jobs, models, probes
 from store import InvalidIdError, NotFoundError, NotReadyError, Store, StoreError
@@ -66,4 +67,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (extractions.router, jobs.router, featuresets.router, probes.router,
                    models.router, health.router):
         app.include_router(router)
+    install_dashboard(app)
     return app

@@ -1,0 +1,387 @@
+// layerbank dashboard: polls the REST API and renders feature sets, jobs, probes and projections.
+// Every request carries the API key from sessionStorage as "Authorization: Bearer <key>".
+"use strict";
+
+const KEY_STORAGE = "layerbank.apiKey";
+const JOBS_STORAGE = "layerbank.jobs";
+const POLL_MS = 2000;
+
+let selectedProbe = null;
+let shownCurve = null;
+let projectionsAvailable = true;
+
+function apiKey() {
+  return sessionStorage.getItem(KEY_STORAGE) || "";
+}
+
+function authHeaders() {
+  const key = apiKey();
+  return key ? { Authorization: `Bearer ${key}` } : {};
+}
+
+class ApiError extends Error {
+  constructor(status, message) {
+    super(`HTTP ${status}: ${message}`);
+    this.status = status;
+  }
+}
+
+// Send a request to the API and return the response; raise ApiError with the API's
+// detail.message for 4xx and 5xx answers.
+async function request(method, path, body) {
+  const options = { method, headers: authHeaders() };
+  if (body !== undefined) {
+    options.headers["Content-Type"] = "application/json";
+    options.body = JSON.stringify(body);
+  }
+  const response = await fetch(path, options);
+  if (!response.ok) {
+    let message = response.statusText;
+    try {
+      const detail = (await response.json()).detail;
+      if (detail && detail.message) message = detail.message;
+      else if (Array.isArray(detail)) {
+        message = detail.map((d) => `${(d.loc || []).filter((p) => p !== "body").join(".")}: ${d.msg}`)
+          .join("; ");
+      } else if (detail) message = String(detail);
+    } catch (_) { /* the body was not JSON: keep the status text */ }
+    throw new ApiError(response.status, message);
+  }
+  return response;
+}
+
+async function getJson(path) {
+  return (await request("GET", path)).json();
+}
+
+function setApiStatus(text, isError) {
+  const status = document.getElementById("api-status");
+  status.textContent = text;
+  status.className = isError ? "error" : "";
+}
+
+function cell(row, text, className) {
+  const td = document.createElement("td");
+  td.textContent = text === undefined || text === null ? "-" : String(text);
+  if (className) td.className = className;
+  row.appendChild(td);
+  return td;
+}
+
+function fraction(value) {
+  return typeof value === "number" ? value.toFixed(4) : "-";
+}
+
+function progressCell(row, done, total, label) {
+  const td = document.createElement("td");
+  const bar = document.createElement("progress");
+  bar.max = total || 1;
+  bar.value = done || 0;
+  td.appendChild(bar);
+  td.appendChild(document.createTextNode(` ${done}/${total} ${label}`));
+  row.appendChild(td);
+}
+
+// -- feature sets ---------------------------------------------------------------------------
+
+function renderFeaturesets(featuresets) {
+  const tbody = document.querySelector("#featuresets tbody");
+  tbody.replaceChildren();
+  for (const fs of featuresets) {
+    const row = document.createElement("tr");
+    row.dataset.id = fs.featureset_id;
+    cell(row, fs.featureset_id, "id");
+    cell(row, fs.status, `status-${fs.status}`);
+    cell(row, fs.spec.model);
+    cell(row, `${fs.spec.dataset} / ${fs.spec.split}`);
+    cell(row, fs.shape[0]);
+    cell(row, fs.spec.pooling);
+    cell(row, fs.n_items);
+    progressCell(row, fs.progress.items_done, fs.progress.items_total, "items");
+    tbody.appendChild(row);
+  }
+  document.getElementById("featuresets-empty").hidden = featuresets.length > 0;
+  fillFeaturesetSelect(document.getElementById("probe-train"), featuresets, "train");
+  fillFeaturesetSelect(document.getElementById("probe-test"), featuresets, "test");
+}
+
+// Offer complete feature sets only (the API rejects probes on unfinished ones) and keep the
+// user's selection across refreshes.
+function fillFeaturesetSelect(select, featuresets, preferredSplit) {
+  const previous = select.value;
+  const complete = featuresets.filter((fs) => fs.status === "complete");
+  select.replaceChildren();
+  for (const fs of complete) {
+    const option = document.createElement("option");
+    option.value = fs.featureset_id;
+    option.textContent = `${fs.featureset_id} (${fs.spec.dataset}/${fs.spec.split}, ${fs.n_items} items)`;
+    select.appendChild(option);
+  }
+  if (complete.some((fs) => fs.featureset_id === previous)) {
+    select.value = previous;
+  } else {
+    const preferred = complete.find((fs) => fs.spec.split === preferredSplit);
+    if (preferred) select.value = preferred.featureset_id;
+  }
+}
+
+// -- jobs -----------------------------------------------------------------------------------
+
+function launchedJobs() {
+  return JSON.parse(sessionStorage.getItem(JOBS_STORAGE) || "[]");
+}
+
+function rememberJob(jobId) {
+  const jobs = launchedJobs().filter((id) => id !== jobId);
+  jobs.unshift(jobId);
+  sessionStorage.setItem(JOBS_STORAGE, JSON.stringify(jobs.slice(0, 20)));
+}
+
+async function refreshJobs() {
+  const states = await Promise.all(launchedJobs().map(async (jobId) => {
+    try {
+      return await getJson(`/v1/jobs/${encodeURIComponent(jobId)}`);
+    } catch (error) {
+      return { job_id: jobId, kind: "-", target_id: "-", status: "unknown",
+               progress: { done: 0, total: 0 }, error: { message: error.message } };
+    }
+  }));
+  const tbody = document.querySelector("#jobs tbody");
+  tbody.replaceChildren();
+  for (const state of states) {
+    const row = document.createElement("tr");
+    row.dataset.jobId = state.job_id;
+    row.dataset.status = state.status;
+    cell(row, state.job_id, "id");
+    cell(row, state.kind);
+    cell(row, state.target_id, "id");
+    cell(row, state.status, `status-${state.status}`);
+    const p = state.progress;
+    if (p.items_total) progressCell(row, p.items_done, p.items_total, "items");
+    else progressCell(row, p.done, p.total, "steps");
+    cell(row, state.error ? state.error.message : "");
+    tbody.appendChild(row);
+  }
+}
+
+// -- probes ---------------------------------------------------------------------------------
+
+function renderProbes(probes) {
+  const tbody = document.querySelector("#probes tbody");
+  tbody.replaceChildren();
+  if (selectedProbe === null) {
+    const firstComplete = probes.find((p) => p.status === "complete");
+    if (firstComplete) selectedProbe = firstComplete.probe_id;
+  }
+  for (const probe of probes) {
+    const row = document.createElement("tr");
+    row.dataset.id = probe.probe_id;
+    if (probe.probe_id === selectedProbe) row.className = "selected";
+    cell(row, probe.probe_id, "id");
+    cell(row, probe.status, `status-${probe.status}`);
+    cell(row, (probe.spec.kinds || []).join(", "));
+    cell(row, probe.spec.train_featureset, "id");
+    cell(row, probe.spec.test_featureset, "id");
+    const best = Object.entries(probe.best || {})
+      .map(([kind, b]) => `${kind}: layer ${b.layer} (${fraction(b.test_accuracy)})`).join("; ");
+    cell(row, best || "-");
+    row.addEventListener("click", () => {
+      selectedProbe = probe.probe_id;
+      shownCurve = null;
+      renderProbes(probes);
+    });
+    tbody.appendChild(row);
+  }
+  const probe = probes.find((p) => p.probe_id === selectedProbe);
+  if (probe) renderProbeDetail(probe);
+}
+
+function renderProbeDetail(probe) {
+  document.getElementById("probe-detail").hidden = false;
+  document.getElementById("probe-title").textContent = `probe ${probe.probe_id} (${probe.status})`;
+  const tbody = document.querySelector("#probe-rows tbody");
+  tbody.replaceChildren();
+  for (const r of probe.rows) {
+    const row = document.createElement("tr");
+    const best = probe.best[r.kind];
+    if (best && best.layer === r.layer) row.className = "selected";
+    cell(row, r.kind);
+    cell(row, r.layer);
+    cell(row, fraction(r.train_accuracy));
+    cell(row, fraction(r.val_accuracy));
+    cell(row, fraction(r.test_accuracy));
+    cell(row, fraction(r.test_accuracy_ci95));
+    cell(row, JSON.stringify(r.params || {}));
+    cell(row, r.converged);
+    tbody.appendChild(row);
+  }
+  if (probe.status === "complete" && shownCurve !== probe.probe_id) {
+    shownCurve = probe.probe_id;
+    loadCurve(probe.probe_id);
+  }
+}
+
+// An <img src> cannot send the Authorization header, so the PNG is fetched and shown as a blob.
+async function loadCurve(probeId) {
+  const img = document.getElementById("curve");
+  try {
+    const blob = await (await request("GET", `/v1/probes/${encodeURIComponent(probeId)}/curve.png`)).blob();
+    if (img.src.startsWith("blob:")) URL.revokeObjectURL(img.src);
+    img.src = URL.createObjectURL(blob);
+  } catch (error) {
+    shownCurve = null;
+    img.removeAttribute("src");
+    img.alt = `curve not available: ${error.message}`;
+  }
+}
+
+// -- projections ----------------------------------------------------------------------------
+
+async function refreshProjections() {
+  if (!projectionsAvailable) return;
+  let listing;
+  try {
+    listing = await getJson("/v1/projections");
+  } catch (error) {
+    if (error.status === 404) {
+      // This API build has no projections endpoint: hide the section for the session.
+      projectionsAvailable = false;
+      document.getElementById("projections-section").hidden = true;
+      return;
+    }
+    throw error;
+  }
+  const items = Array.isArray(listing) ? listing : listing.data || [];
+  const container = document.getElementById("projections");
+  container.replaceChildren();
+  for (const item of items) {
+    let projection = item;
+    const id = item.projection_id || item.id;
+    if (!pointsOf(projection) && id) {
+      projection = await getJson(`/v1/projections/${encodeURIComponent(id)}`);
+    }
+    container.appendChild(scatterPlot(projection, id));
+  }
+  document.getElementById("projections-section").hidden = items.length === 0;
+}
+
+function pointsOf(projection) {
+  return projection.coords || projection.points || null;
+}
+
+function scatterPlot(projection, id) {
+  const figure = document.createElement("figure");
+  const canvas = document.createElement("canvas");
+  canvas.width = 360;
+  canvas.height = 360;
+  const points = pointsOf(projection) || [];
+  const labels = projection.labels || [];
+  const xs = points.map((p) => p[0]);
+  const ys = points.map((p) => p[1]);
+  const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+  const context = canvas.getContext("2d");
+  context.fillStyle = "#fff";
+  context.fillRect(0, 0, canvas.width, canvas.height);
+  points.forEach((p, i) => {
+    const x = 10 + ((p[0] - x0) / (x1 - x0 || 1)) * (canvas.width - 20);
+    const y = canvas.height - 10 - ((p[1] - y0) / (y1 - y0 || 1)) * (canvas.height - 20);
+    context.fillStyle = `hsl(${((labels[i] || 0) * 36) % 360}, 70%, 45%)`;
+    context.fillRect(x - 1.5, y - 1.5, 3, 3);
+  });
+  const caption = document.createElement("figcaption");
+  const method = projection.method || (projection.spec && projection.spec.method) || "";
+  caption.textContent = `${id || ""} ${method} (${points.length} points)`;
+  figure.append(canvas, caption);
+  return figure;
+}
+
+// -- forms ----------------------------------------------------------------------------------
+
+function parseLayers(text) {
+  const value = text.trim();
+  if (value === "" || value.toLowerCase() === "all") return "all";
+  return value.split(",").filter((part) => part.trim() !== "").map((part) => {
+    const layer = Number(part.trim());
+    if (!Number.isInteger(layer)) throw new Error(`layers: ${JSON.stringify(part.trim())} is not an integer`);
+    return layer;
+  });
+}
+
+function formMessage(form, text, isError) {
+  const message = form.querySelector(".form-message");
+  message.textContent = text;
+  message.className = isError ? "form-message error" : "form-message";
+}
+
+async function submitExtraction(event) {
+  event.preventDefault();
+  const form = event.target;
+  const data = new FormData(form);
+  try {
+    const body = { model: data.get("model"), dataset: data.get("dataset"), split: data.get("split"),
+                   layers: parseLayers(data.get("layers")), pooling: data.get("pooling") };
+    const answer = await (await request("POST", "/v1/extractions", body)).json();
+    if (answer.job_id) rememberJob(answer.job_id);
+    formMessage(form, `feature set ${answer.featureset_id}: ${answer.status}`, false);
+    await refresh();
+  } catch (error) {
+    formMessage(form, error.message, true);
+  }
+}
+
+async function submitProbe(event) {
+  event.preventDefault();
+  const form = event.target;
+  const data = new FormData(form);
+  const kinds = data.getAll("kind");
+  try {
+    if (kinds.length === 0) throw new Error("kind: tick at least one probe kind");
+    const body = { train_featureset: data.get("train"), test_featureset: data.get("test"),
+                   kind: kinds.length === 1 ? kinds[0] : kinds, layers: parseLayers(data.get("layers")) };
+    const answer = await (await request("POST", "/v1/probes", body)).json();
+    if (answer.job_id) rememberJob(answer.job_id);
+    selectedProbe = answer.probe_id;
+    shownCurve = null;
+    formMessage(form, `probe ${answer.probe_id}: ${answer.status}`, false);
+    await refresh();
+  } catch (error) {
+    formMessage(form, error.message, true);
+  }
+}
+
+// -- polling --------------------------------------------------------------------------------
+
+async function refresh() {
+  try {
+    const [featuresets, probes] = await Promise.all([getJson("/v1/featuresets"), getJson("/v1/probes")]);
+    renderFeaturesets(featuresets.data);
+    renderProbes(probes.data);
+    await refreshJobs();
+    await refreshProjections();
+    setApiStatus(`updated ${new Date().toLocaleTimeString()}`, false);
+  } catch (error) {
+    setApiStatus(error.message, true);
+  }
+}
+
+function setUp() {
+  const keyInput = document.getElementById("api-key");
+  keyInput.value = apiKey();
+  document.getElementById("key-form").addEventListener("submit", (event) => {
+    event.preventDefault();
+    sessionStorage.setItem(KEY_STORAGE, keyInput.value.trim());
+    shownCurve = null;
+    refresh();
+  });
+  document.getElementById("key-clear").addEventListener("click", () => {
+    sessionStorage.removeItem(KEY_STORAGE);
+    keyInput.value = "";
+    refresh();
+  });
+  document.getElementById("extract-form").addEventListener("submit", submitExtraction);
+  document.getElementById("probe-form").addEventListener("submit", submitProbe);
+  refresh();
+  setInterval(refresh, POLL_MS);
+}
+
+document.addEventListener("DOMContentLoaded", setUp);

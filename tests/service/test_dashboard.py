@@ -1,0 +1,318 @@
+"""The dashboard page in headless Chromium, driven over the DevTools protocol, against live APIs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import wait_job
+
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--remote-debugging-address=127.0.0.1",
+    "--remote-debugging-port=0",
+    "--window-size=1280,1600",
+)
+
+
+def chromium_path() -> str | None:
+    for name in ("chromium", "chromium-browser", "google-chrome"):
+        path = shutil.which(name)
+        if path is not None:
+            return path
+    return None
+
+
+class Page:
+    """One browser tab, driven through the DevTools protocol over a WebSocket."""
+
+    def __init__(self, websocket_url: str) -> None:
+        from websockets.sync.client import connect
+
+        self._socket = connect(websocket_url, max_size=None, open_timeout=10)
+        self._next_id = 0
+
+    def close(self) -> None:
+        self._socket.close()
+
+    def send(self, method: str, **params: Any) -> dict[str, Any]:
+        """Send one DevTools command and return its result; events in between are dropped."""
+        self._next_id += 1
+        message_id = self._next_id
+        self._socket.send(json.dumps({"id": message_id, "method": method, "params": params}))
+        while True:
+            message = json.loads(self._socket.recv(timeout=30))
+            if message.get("id") != message_id:
+                continue
+            if "error" in message:
+                raise RuntimeError(f"{method} failed: {message['error']}")
+            return message["result"]  # type: ignore[no-any-return]
+
+    def evaluate(self, expression: str) -> Any:
+        result = self.send(
+            "Runtime.evaluate", expression=expression, returnByValue=True, awaitPromise=True
+        )
+        if "exceptionDetails" in result:
+            raise RuntimeError(f"{expression!r} raised {result['exceptionDetails']}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 30.0) -> Any:
+        """Evaluate ``expression`` until it is truthy and return its value."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = self.evaluate(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{expression!r} still falsy after {timeout:.0f}s")
+            time.sleep(0.2)
+
+    def open(self, url: str) -> None:
+        self.send("Page.navigate", url=url)
+        self.wait_for("document.readyState === 'complete'")
+
+    def screenshot(self, path: Path) -> None:
+        import base64
+
+        data = self.send("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(base64.b64decode(data["data"]))
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[], Page]]:
+    """Headless Chromium with an empty profile; yields a factory of fresh tabs."""
+    executable = chromium_path()
+    if executable is None:
+        pytest.skip("Chromium is not installed; run tests/install_browser.sh to install it")
+    profile = tmp_path_factory.mktemp("chromium-profile")
+    process = subprocess.Popen(
+        [executable, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    pages: list[Page] = []
+    try:
+        # Chromium writes the port it picked to DevToolsActivePort in the profile directory.
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 30
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            if time.monotonic() > deadline or process.poll() is not None:
+                raise RuntimeError(f"Chromium did not start (exit code {process.poll()})")
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+
+        def new_page() -> Page:
+            target = httpx.put(f"http://127.0.0.1:{port}/json/new?about:blank", timeout=10).json()
+            page = Page(target["webSocketDebuggerUrl"])
+            pages.append(page)
+            return page
+
+        yield new_page
+    finally:
+        for page in pages:
+            page.close()
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def dashboard_data(client: Any, tiny_model: Path) -> dict[str, str]:
+    """Train and test feature sets of the tiny model on digits and a finished logistic probe."""
+    ids = {}
+    for split, limit in (("train", 300), ("test", 200)):
+        answer = client.extract(
+            str(tiny_model),
+            "digits",
+            split,
+            layers="all",
+            limit=limit,
+            block_rows=100,
+            batch_size=50,
+        )
+        state = wait_job(client, answer["job_id"])
+        assert state is None or state["status"] == "finished", state
+        ids[split] = answer["featureset_id"]
+    answer = client.probe(ids["train"], ids["test"], kind="logistic", params={"C": [1.0]})
+    state = wait_job(client, answer["job_id"])
+    assert state is None or state["status"] == "finished", state
+    ids["probe"] = answer["probe_id"]
+    return ids
+
+
+@pytest.fixture(scope="module")
+def keyed_api(settings: Any, redis_server: Any) -> Iterator[tuple[str, str]]:
+    """A second API that requires keys, on Redis database 1, so the session's API stays open.
+
+    Yields (base URL, read key). It shares the store with the session's API but has no workers.
+    """
+    import uvicorn
+    from redis import Redis
+
+    from service.app import create_app
+    from service.auth import KeyStore
+    from service.launcher import free_port, wait_for_http
+
+    redis_url = redis_server.url.rsplit("/", 1)[0] + "/1"
+    keyed_settings = settings.model_copy(update={"redis_url": redis_url, "auth": "required"})
+    key = KeyStore(Redis.from_url(redis_url)).create("dashboard-test", "read")
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(keyed_settings), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{url}/healthz")
+    yield url, key
+    server.should_exit = True
+    thread.join(timeout=10)
+
+
+def featureset_row(featureset_id: str) -> str:
+    return f"document.querySelector('#featuresets tr[data-id=\"{featureset_id}\"]') !== null"
+
+
+CURVE_LOADED = (
+    "(() => { const img = document.getElementById('curve'); "
+    "return img.complete && img.naturalWidth > 0 ? img.naturalWidth : 0; })()"
+)
+
+
+def test_dashboard_served_at_root_and_path(api_url: str) -> None:
+    for path in ("/", "/dashboard"):
+        response = httpx.get(f"{api_url}{path}")
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/html")
+        assert "<title>layerbank dashboard</title>" in response.text
+    script = httpx.get(f"{api_url}/static/dashboard.js")
+    assert script.status_code == 200
+
+
+def test_dashboard_lists_featureset_and_curve(
+    browser: Callable[[], Page], api_url: str, dashboard_data: dict[str, str], tmp_path: Path
+) -> None:
+    page = browser()
+    page.open(f"{api_url}/dashboard")
+    assert page.wait_for(featureset_row(dashboard_data["train"]))
+    status = page.evaluate(
+        f"document.querySelector('#featuresets tr[data-id="
+        f'"{dashboard_data["train"]}"] td:nth-child(2)\').textContent'
+    )
+    assert status == "complete"
+    page.evaluate(
+        f"document.querySelector('#probes tr[data-id=\"{dashboard_data['probe']}\"]').click()"
+    )
+    assert page.wait_for(CURVE_LOADED) > 0
+    layers = page.evaluate(
+        "[...document.querySelectorAll('#probe-rows tbody tr')].map(r => r.children[1].textContent)"
+    )
+    assert layers == ["0", "1", "2"]
+    page.screenshot(tmp_path / "dashboard.png")
+    assert (tmp_path / "dashboard.png").stat().st_size > 10_000
+
+
+def test_dashboard_probe_form_starts_job(
+    browser: Callable[[], Page], api_url: str, client: Any, dashboard_data: dict[str, str]
+) -> None:
+    page = browser()
+    page.open(f"{api_url}/dashboard")
+    page.wait_for(
+        f"document.querySelector('#probe-train option[value="
+        f'"{dashboard_data["train"]}"]\') !== null'
+    )
+    page.evaluate(f"""(() => {{
+        const form = document.getElementById('probe-form');
+        form.train.value = {json.dumps(dashboard_data["train"])};
+        form.test.value = {json.dumps(dashboard_data["test"])};
+        for (const box of form.querySelectorAll('input[name=kind]')) {{
+            box.checked = box.value === 'knn';
+        }}
+        form.layers.value = '1,2';
+        form.querySelector('button[type=submit]').click();
+    }})()""")
+    job_id = page.wait_for(
+        "(document.querySelector('#jobs tbody tr') || {dataset: {}}).dataset.jobId"
+    )
+    state = wait_job(client, job_id)
+    assert state is not None
+    assert state["kind"] == "probe"
+    assert state["status"] == "finished"
+    result = client.probe_result(state["target_id"])
+    assert result["spec"]["kinds"] == ["knn"]
+    assert [row["layer"] for row in result["rows"]] == [1, 2]
+
+
+def test_dashboard_bad_layers_shows_message(
+    browser: Callable[[], Page], api_url: str, tiny_model: Path
+) -> None:
+    page = browser()
+    page.open(f"{api_url}/dashboard")
+    page.evaluate(f"""(() => {{
+        const form = document.getElementById('extract-form');
+        form.model.value = {json.dumps(str(tiny_model))};
+        form.layers.value = '0,30';
+        form.querySelector('button[type=submit]').click();
+    }})()""")
+    message = page.wait_for(
+        "document.querySelector('#extract-form .form-message.error')?.textContent"
+    )
+    assert message.startswith("HTTP 422: ")
+
+
+def test_dashboard_hides_missing_projections(
+    browser: Callable[[], Page], api_url: str, dashboard_data: dict[str, str]
+) -> None:
+    page = browser()
+    page.open(f"{api_url}/dashboard")
+    page.wait_for(featureset_row(dashboard_data["train"]))
+    listing = httpx.get(f"{api_url}/v1/projections")
+    hidden = page.evaluate("document.getElementById('projections-section').hidden")
+    if listing.status_code == 404:
+        assert hidden is True
+    else:
+        assert listing.status_code == 200
+        page.wait_for(
+            "document.querySelectorAll('#projections figure').length > 0 || "
+            "document.getElementById('projections-section').hidden"
+        )
+
+
+def test_dashboard_sends_stored_api_key(
+    browser: Callable[[], Page], keyed_api: tuple[str, str], dashboard_data: dict[str, str]
+) -> None:
+    url, key = keyed_api
+    page = browser()
+    page.open(f"{url}/dashboard")
+    error = page.wait_for("document.querySelector('#api-status.error')?.textContent")
+    assert error.startswith("HTTP 401")
+    page.evaluate(f"""(() => {{
+        document.getElementById('api-key').value = {json.dumps(key)};
+        document.querySelector('#key-form button[type=submit]').click();
+    }})()""")
+    assert page.wait_for(featureset_row(dashboard_data["test"]))
+    assert page.evaluate(f"sessionStorage.getItem('layerbank.apiKey') === {json.dumps(key)}")
+    page.evaluate(
+        f"document.querySelector('#probes tr[data-id=\"{dashboard_data['probe']}\"]').click()"
+    )
+    assert page.wait_for(CURVE_LOADED) > 0
