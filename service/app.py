@@ -12,6 +12,7 @@ from rq import Queue
 
 from service.dashboard import install_dashboard
 from service.jobs import JobNotFoundError
+from service.metrics import install_metrics
 from service.routes import extractions, featuresets, health, jobs, models, probes
 from store import InvalidIdError, NotFoundError, NotReadyError, Store, StoreError
 from store.settings import Settings, get_settings
@@ -68,4 +69,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                    models.router, health.router):
         app.include_router(router)
     install_dashboard(app)
+    install_metrics(app)
     return app

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import numpy as np
+from redis.exceptions import RedisError
 from rq import get_current_job
 
 from store import NotReadyError, Store, StoreError
@@ -23,6 +24,10 @@ logger = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Any])
 _stores: dict[str, Store] = {}
+
+# Redis hash the API's GET /metrics reads; key and field names must match service.metrics, which
+# this module cannot import (nothing imports service).
+METRICS_KEY = "layerbank:metrics"
 
 
 def _store(settings: Settings) -> Store:
@@ -39,23 +44,53 @@ def _set_meta(**values: Any) -> None:
         job.save_meta()
 
 
+def _publish_metrics(increments: dict[str, float], latest: dict[str, float]) -> None:
+    """Add ``increments`` to and set ``latest`` in the metrics hash; a Redis error is logged."""
+    job = get_current_job()
+    if job is None:
+        return
+    pipe = job.connection.pipeline(transaction=False)
+    for field, amount in increments.items():
+        if isinstance(amount, int):
+            pipe.hincrby(METRICS_KEY, field, amount)
+        else:
+            pipe.hincrbyfloat(METRICS_KEY, field, amount)
+    if latest:
+        pipe.hset(METRICS_KEY, mapping=latest)
+    try:
+        pipe.execute()
+    except RedisError:
+        # The job's result matters more than its metrics: log and carry on.
+        logger.exception("job %s: metrics not published", job.id)
+
+
 def recorded_errors(func: F) -> F:
     """Record the message of a failed job in its meta before rq marks it failed."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        job = get_current_job()
+        # Every line names the layerbank job, the rq job and the target (feature set and block,
+        # probe or model), so one grep over the worker logs follows a job across machines.
+        ids = (job.meta.get("layerbank_job", "-") if job else "-", job.id if job else "-",
+               func.__name__, ", ".join(repr(arg) for arg in args))
+        logger.info("job %s (rq %s): %s(%s) started", *ids)
+        started = time.perf_counter()
         try:
-            return func(*args, **kwargs)
+            result = func(*args, **kwargs)
         except (WorkersError, StoreError) as exc:
-            logger.exception("job %s failed", func.__name__)
+            logger.exception("job %s (rq %s): %s(%s) failed", *ids)
             _set_meta(error={"message": exc.message, "field": exc.field,
                              "value": _jsonable(exc.value), "type": type(exc).__name__})
             raise
         except Exception as exc:
-            logger.exception("job %s failed", func.__name__)
+            logger.exception("job %s (rq %s): %s(%s) failed", *ids)
             _set_meta(error={"message": f"{type(exc).__name__}: {exc}", "field": None,
                              "value": None, "type": type(exc).__name__})
             raise
+        logger.info("job %s (rq %s): %s(%s) finished in %.2fs", *ids,
+                    time.perf_counter() - started)
+        return result
 
     return wrapper  # type: ignore[return-value]
 
@@ -76,8 +111,14 @@ def extract_block(featureset_id: str, block: int) -> dict[str, Any]:
     def on_batch(done: int, total: int) -> None:
         _set_meta(progress={"rows_done": done, "rows_total": total})
 
-    return run(_store(settings), featureset_id, block, settings=settings,
-               on_batch=on_batch).as_dict()
+    result = run(_store(settings), featureset_id, block, settings=settings, on_batch=on_batch)
+    if not result.skipped:
+        _publish_metrics(
+            {"blocks_written": 1, "images_extracted": result.rows,
+             "extraction_seconds": result.seconds},
+            {"last_block_images_per_second": result.rows / max(result.seconds, 1e-9)},
+        )
+    return result.as_dict()
 
 
 @recorded_errors
@@ -139,14 +180,16 @@ def run_probe(probe_id: str) -> dict[str, Any]:
             rows.append(row)
 
     best = _best_rows(rows)
+    fit_seconds = time.perf_counter() - started
     store.write_result("probes", probe_id, {
         "status": "complete",
         "rows": rows,
         "best": best,
-        "fit_seconds": round(time.perf_counter() - started, 3),
+        "fit_seconds": round(fit_seconds, 3),
     })
-    logger.info("probe %s: %d rows stored in %.1fs", probe_id, len(rows),
-                time.perf_counter() - started)
+    _publish_metrics({"probe_fits": 1, "probe_fit_seconds": fit_seconds},
+                     {"last_probe_fit_seconds": fit_seconds})
+    logger.info("probe %s: %d rows stored in %.1fs", probe_id, len(rows), fit_seconds)
     return {"probe_id": probe_id, "rows": len(rows)}
 
 
