@@ -16,9 +16,10 @@ from contextlib import contextmanager
 from typing import Any
 
 from redis import Redis
-from rq import Queue
+from rq import Queue, Retry
 from rq.exceptions import NoSuchJobError
 from rq.job import Job, JobStatus
+from rq.registry import StartedJobRegistry
 
 from store import FeatureSet, Store
 from store.errors import StoreError
@@ -28,6 +29,9 @@ logger = logging.getLogger(__name__)
 PREFIX = "layerbank"
 RESULT_TTL = 7 * 24 * 3600
 FAILURE_TTL = 30 * 24 * 3600
+# Attempts after the first for a block whose worker died or whose job raised. Rewriting a block
+# is safe: its features are stored before its done flag, and a rerun writes the same values.
+BLOCK_RETRIES = 2
 
 
 class JobNotFoundError(StoreError):
@@ -95,7 +99,8 @@ def enqueue_extraction(queue: Queue, featureset: FeatureSet, *, timeout: int,
     common = {"result_ttl": RESULT_TTL, "failure_ttl": FAILURE_TTL, "meta": {"layerbank_job": job_id}}
     blocks = queue.enqueue_many([
         Queue.prepare_data("workers.jobs.extract_block", (featureset.id, block), timeout=timeout,
-                           description=f"extract {featureset.id} block {block}", **common)
+                           description=f"extract {featureset.id} block {block}",
+                           retry=Retry(max=BLOCK_RETRIES), **common)
         for block in missing
     ])
     finalize = queue.enqueue_call(
@@ -123,6 +128,8 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
     """Return the public state of a job: status, progress, error, result."""
     record = load_job(redis, job_id)
     rq_jobs = _fetch(redis, record["rq_ids"])
+    if _release_abandoned(redis, rq_jobs):
+        rq_jobs = _fetch(redis, record["rq_ids"])
     statuses = [job.get_status(refresh=False) if job else None for job in rq_jobs]
     error = None
     for job in rq_jobs:
@@ -178,6 +185,24 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
         "created": record["created"],
         "result": result if isinstance(result, dict) else None,
     }
+
+
+def _release_abandoned(redis: Redis, rq_jobs: list[Job | None]) -> bool:
+    """Let rq retry or fail the started jobs whose worker stopped sending heartbeats.
+
+    rq notices a dead worker only when a started-job registry is cleaned, which each worker does
+    about every ten minutes; cleaning on read makes the job's status correct when it is read.
+    Returns whether an expired job was found, so the statuses of ``rq_jobs`` may have changed.
+    """
+    origins = {job.origin for job in rq_jobs
+               if job is not None and job.get_status(refresh=False) == JobStatus.STARTED}
+    released = False
+    for origin in sorted(origins):
+        registry = StartedJobRegistry(origin, connection=redis)
+        if registry.get_expired_job_ids():
+            registry.cleanup()
+            released = True
+    return released
 
 
 def _fetch(redis: Redis, ids: list[str]) -> list[Job | None]:

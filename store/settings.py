@@ -39,6 +39,12 @@ class Settings(BaseSettings):
     )
     allow_hub: bool = Field(True, description="Resolve Hugging Face Hub ids.")
     block_timeout: int = Field(3600, description="Seconds one extraction block job may run.")
+    heartbeat_interval: float = Field(
+        default=30.0,
+        gt=0,
+        description="Seconds between heartbeats of a running job; a worker that misses three in "
+        "a row is taken as dead, and its job is retried or marked failed.",
+    )
     probe_timeout: int = Field(3600, description="Seconds one probe job may run.")
     pretrain_timeout: int = Field(7200, description="Seconds one pretraining job may run.")
     max_rows_per_fetch: int = Field(1_000_000, description="Rows one layer fetch may return.")

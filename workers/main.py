@@ -1,7 +1,7 @@
 """Worker entry point: ``python -m workers.main`` (or ``layerbank worker``).
 
-Runs an rq ``SimpleWorker``: jobs execute in this process, never in a fork, so a model loaded
-once (and a CUDA context) is reused by every job.
+Runs a `workers.heartbeat.HeartbeatWorker`, an rq ``SimpleWorker``: jobs execute in this
+process, never in a fork, so a model loaded once (and a CUDA context) is reused by every job.
 """
 
 from __future__ import annotations
@@ -12,20 +12,22 @@ import os
 import socket
 
 from redis import Redis
-from rq import Queue, SimpleWorker
+from rq import Queue
 
 from store.settings import get_settings
+from workers.heartbeat import DEFAULT_HEARTBEAT_INTERVAL, HeartbeatWorker
 
 logger = logging.getLogger(__name__)
 
 
 def run_worker(redis_url: str, queue: str, *, burst: bool = False, name: str | None = None,
-               log_level: str = "INFO") -> None:
+               log_level: str = "INFO",
+               heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL) -> None:
     """Process jobs from ``queue`` until stopped (or until it is empty, with ``burst``)."""
     connection = Redis.from_url(redis_url)
     worker_name = name or f"layerbank-{socket.gethostname()}-{os.getpid()}"
-    worker = SimpleWorker([Queue(queue, connection=connection)], connection=connection,
-                          name=worker_name)
+    worker = HeartbeatWorker([Queue(queue, connection=connection)], connection=connection,
+                             name=worker_name, heartbeat_interval=heartbeat_interval)
     logger.info("worker %s up on queue %s", worker_name, queue)
     try:
         worker.work(burst=burst, logging_level=log_level, with_scheduler=False)
@@ -45,7 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=args.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     run_worker(args.redis_url, args.queue, burst=args.burst, name=args.name,
-               log_level=args.log_level)
+               log_level=args.log_level, heartbeat_interval=settings.heartbeat_interval)
 
 
 if __name__ == "__main__":

@@ -152,6 +152,9 @@ def resolve_model(
         raise ModelError("model is empty; pass a hub id, a local directory, store:<name> or "
                          "pixels", field="model", value=ref)
     ref = ref.strip()
+    if any(ord(char) < 32 or ord(char) == 127 for char in ref):
+        raise ModelError(f"model {ref!r} contains control characters; pass a hub id, a local "
+                         "directory, store:<name> or pixels", field="model", value=ref)
     if allow_list is not None and ref != PIXELS and ref not in allow_list:
         raise ModelError(
             f"model {ref!r} is not in the allow-list of this service; allowed: "
@@ -235,8 +238,14 @@ def _resolve_hub(ref: str) -> ModelRef:
     try:
         from huggingface_hub import HfApi, hf_hub_download
         from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+        from huggingface_hub.utils import HFValidationError, validate_repo_id
     except ImportError as exc:  # pragma: no cover - huggingface_hub ships with transformers
         raise ModelError("hub: huggingface_hub is not installed", field="model", value=ref) from exc
+
+    try:
+        validate_repo_id(ref)
+    except HFValidationError as exc:
+        raise ModelError(f"hub id {ref!r} is invalid ({exc})", field="model", value=ref) from exc
 
     try:
         revision = HfApi().model_info(ref).sha or "main"
