@@ -24,7 +24,7 @@ router = APIRouter(tags=["dashboard"], include_in_schema=False)
 @router.get("/dashboard")
 @public
 def read_dashboard() -> FileResponse:
-    """The dashboard page."""
+    """Serve the dashboard page."""
     return FileResponse(STATIC_DIR / "dashboard.html", media_type="text/html")
 
 

@@ -27,7 +27,7 @@ class ApiError extends Error {
 }
 
 // Send a request to the API and return the response; raise ApiError with the API's
-// detail.message for 4xx and 5xx answers.
+// detail.message for 4xx and 5xx responses.
 async function request(method, path, body) {
   const options = { method, headers: authHeaders() };
   if (body !== undefined) {
@@ -237,6 +237,9 @@ async function loadCurve(probeId) {
 
 // -- projections ----------------------------------------------------------------------------
 
+// Scatter plots already shown, by projection id, so that each PNG is downloaded once.
+const projectionFigures = new Map();
+
 async function refreshProjections() {
   if (!projectionsAvailable) return;
   let listing;
@@ -251,47 +254,42 @@ async function refreshProjections() {
     }
     throw error;
   }
-  const items = Array.isArray(listing) ? listing : listing.data || [];
   const container = document.getElementById("projections");
-  container.replaceChildren();
-  for (const item of items) {
-    let projection = item;
-    const id = item.projection_id || item.id;
-    if (!pointsOf(projection) && id) {
-      projection = await getJson(`/v1/projections/${encodeURIComponent(id)}`);
+  const figures = [];
+  for (const projection of listing.data) {
+    let figure = projectionFigures.get(projection.projection_id);
+    if (!figure || figure.dataset.status !== projection.status) {
+      figure = await projectionFigure(projection);
+      projectionFigures.set(projection.projection_id, figure);
     }
-    container.appendChild(scatterPlot(projection, id));
+    figures.push(figure);
   }
-  document.getElementById("projections-section").hidden = items.length === 0;
+  container.replaceChildren(...figures);
+  document.getElementById("projections-section").hidden = figures.length === 0;
 }
 
-function pointsOf(projection) {
-  return projection.coords || projection.points || null;
-}
-
-function scatterPlot(projection, id) {
+async function projectionFigure(projection) {
+  const spec = projection.spec;
   const figure = document.createElement("figure");
-  const canvas = document.createElement("canvas");
-  canvas.width = 360;
-  canvas.height = 360;
-  const points = pointsOf(projection) || [];
-  const labels = projection.labels || [];
-  const xs = points.map((p) => p[0]);
-  const ys = points.map((p) => p[1]);
-  const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
-  const context = canvas.getContext("2d");
-  context.fillStyle = "#fff";
-  context.fillRect(0, 0, canvas.width, canvas.height);
-  points.forEach((p, i) => {
-    const x = 10 + ((p[0] - x0) / (x1 - x0 || 1)) * (canvas.width - 20);
-    const y = canvas.height - 10 - ((p[1] - y0) / (y1 - y0 || 1)) * (canvas.height - 20);
-    context.fillStyle = `hsl(${((labels[i] || 0) * 36) % 360}, 70%, 45%)`;
-    context.fillRect(x - 1.5, y - 1.5, 3, 3);
-  });
+  figure.dataset.id = projection.projection_id;
+  figure.dataset.status = projection.status;
   const caption = document.createElement("figcaption");
-  const method = projection.method || (projection.spec && projection.spec.method) || "";
-  caption.textContent = `${id || ""} ${method} (${points.length} points)`;
-  figure.append(canvas, caption);
+  caption.textContent = `${spec.method} of layer ${spec.layer} of ${spec.featureset} ` +
+    `(${projection.n_points ?? spec.n_points} points, ${projection.status})`;
+  if (projection.status === "complete") {
+    const img = document.createElement("img");
+    img.alt = caption.textContent;
+    try {
+      const path = `/v1/projections/${encodeURIComponent(projection.projection_id)}.png`;
+      img.src = URL.createObjectURL(await (await request("GET", path)).blob());
+    } catch (error) {
+      // Leave the status out so that the next refresh tries again.
+      figure.dataset.status = "error";
+      img.alt = `scatter plot not available: ${error.message}`;
+    }
+    figure.appendChild(img);
+  }
+  figure.appendChild(caption);
   return figure;
 }
 

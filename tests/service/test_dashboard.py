@@ -280,22 +280,37 @@ def test_dashboard_bad_layers_shows_message(
     assert message.startswith("HTTP 422: ")
 
 
-def test_dashboard_hides_missing_projections(
-    browser: Callable[[], Page], api_url: str, dashboard_data: dict[str, str]
+def test_dashboard_projections_match_endpoint(
+    browser: Callable[[], Page], api_url: str, client: Any, dashboard_data: dict[str, str]
 ) -> None:
+    listing = httpx.get(f"{api_url}/v1/projections")
+    if listing.status_code == 404:
+        page = browser()
+        page.open(f"{api_url}/dashboard")
+        page.wait_for(featureset_row(dashboard_data["train"]))
+        assert page.evaluate("document.getElementById('projections-section').hidden") is True
+        return
+    answer = client.request(
+        "POST",
+        "/v1/projections",
+        json={
+            "featureset": dashboard_data["test"],
+            "layer": 1,
+            "method": "pca",
+            "n_points": 100,
+        },
+    ).json()
+    state = wait_job(client, answer["job_id"])
+    assert state is None or state["status"] == "finished", state
     page = browser()
     page.open(f"{api_url}/dashboard")
-    page.wait_for(featureset_row(dashboard_data["train"]))
-    listing = httpx.get(f"{api_url}/v1/projections")
-    hidden = page.evaluate("document.getElementById('projections-section').hidden")
-    if listing.status_code == 404:
-        assert hidden is True
-    else:
-        assert listing.status_code == 200
-        page.wait_for(
-            "document.querySelectorAll('#projections figure').length > 0 || "
-            "document.getElementById('projections-section').hidden"
-        )
+    width = page.wait_for(
+        f"(() => {{ const img = document.querySelector('#projections figure[data-id="
+        f'"{answer["projection_id"]}"] img\'); '
+        "return img && img.complete ? img.naturalWidth : 0; })()"
+    )
+    assert width > 0
+    assert page.evaluate("document.getElementById('projections-section').hidden") is False
 
 
 def test_dashboard_sends_stored_api_key(
