@@ -13,7 +13,7 @@ from rq import Queue
 from service.dashboard import install_dashboard
 from service.jobs import JobNotFoundError
 from service.metrics import install_metrics
-from service.routes import extractions, featuresets, health, jobs, models, probes
+from service.routes import catalog, extractions, featuresets, health, jobs, models, probes
 from store import InvalidIdError, NotFoundError, NotReadyError, Store, StoreError
 from store.settings import Settings, get_settings
 from workers.errors import DatasetError, ModelError, PathNotAllowedError, WorkersError
@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for router in (extractions.router, jobs.router, featuresets.router, probes.router,
                    models.router, health.router):
         app.include_router(router)
+    app.include_router(catalog.router)
     install_dashboard(app)
     install_metrics(app)
     return app

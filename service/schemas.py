@@ -24,6 +24,10 @@ class ExtractionCreate(BaseModel):
         None, description="ImageGPT only: sos prepends the start token and drops the last pixel; "
         "plain uses no start token. Default: the policy the checkpoint was trained with, else plain.")
     dtype: Literal["float32", "float16"] = "float32"
+    token_layers: list[int] = Field(
+        default_factory=list, max_length=1024,
+        description="Hidden-state indices whose unpooled (per-token) states are stored too, as "
+        "token_features (n_token_layers, n_items, seq, dim); list each layer explicitly.")
     batch_size: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE)
     block_rows: int | None = Field(None, ge=1, le=1_000_000,
                                    description="Rows per block (one rq job each).")
@@ -40,6 +44,9 @@ class ExtractionPublic(BaseModel):
     job_id: str | None
     status: str
     created: bool = Field(description="False when an identical request already had a feature set.")
+    estimated_bytes: int | None = Field(
+        None, description="Bytes the stored arrays take: pooled plus token-level features.")
+    token_bytes: int | None = Field(None, description="Bytes of the token-level features alone.")
 
 
 class ProgressPublic(BaseModel):
@@ -80,6 +87,8 @@ class FeatureSetPublic(BaseModel):
     created: str | None
     completed: str | None
     progress: dict[str, int]
+    token_layers: list[int] = Field(default_factory=list)
+    token_shape: list[int] | None = None
 
 
 class FeatureSetsPublic(BaseModel):
@@ -168,3 +177,36 @@ class ModelPublic(BaseModel):
 class ModelsPublic(BaseModel):
     data: list[ModelPublic]
     count: int
+
+
+class DatasetPublic(BaseModel):
+    reference: str
+    kind: str
+    description: str
+    example: str
+    splits: list[str]
+    sizes: dict[str, int] | None = None
+    image_shape: list[int] | None = None
+    class_names: list[str] | None = None
+    local_path: bool
+    available: bool
+
+
+class TokenCachePublic(BaseModel):
+    key: str
+    dataset_fingerprint: str
+    palette_sha256: str
+    size: list[int]
+    n_items: int
+    seq: int
+    dataset: str | None = None
+    split: str | None = None
+    created: str | None = None
+
+
+class DatasetsPublic(BaseModel):
+    data: list[DatasetPublic]
+    count: int
+    token_caches: list[TokenCachePublic] = Field(
+        default_factory=list,
+        description="Dataset fingerprints whose ImageGPT palette tokens are cached in the store.")

@@ -8,6 +8,9 @@ Layout of ``featuresets/<id>/``:
     read as one chunk per block.
 ``labels``, ``item_ids``
     arrays of shape (n_items,), written when the group is created.
+``token_features``
+    only when the spec lists ``token_layers``: array of shape (n_token_layers, n_items, seq, dim)
+    of unpooled hidden states, NaN fill, one chunk (1, block_rows, seq, dim) per layer and block.
 ``blocks_done``
     bool array of shape (n_blocks,), one chunk per block. A block's flag is written only after its
     features, so a flag never covers missing data.
@@ -42,6 +45,9 @@ STATUS_COMPLETE = "complete"
 TARGET_CHUNK_BYTES = 2 * 1024 * 1024
 MIN_BLOCK_ROWS = 64
 MAX_BLOCK_ROWS = 8192
+# Bytes of token-level features one block may hold, across its token layers: a worker keeps a
+# whole block in memory before writing it.
+TARGET_TOKEN_BLOCK_BYTES = 64 * 1024 * 1024
 
 
 def default_block_rows(n_items: int, dim: int, dtype: str) -> int:
@@ -90,6 +96,9 @@ class FeatureSet:
                 field="featureset_id",
                 value=featureset_id,
             ) from exc
+        self.token_features: zarr.Array | None = (
+            group["token_features"] if "token_features" in group else None  # type: ignore[assignment]
+        )
         self._attrs: dict[str, Any] = dict(group.attrs)
 
     # -- metadata ---------------------------------------------------------------------------
@@ -170,7 +179,9 @@ class FeatureSet:
 
     # -- writing ----------------------------------------------------------------------------
 
-    def write_block(self, block: int, features: np.ndarray) -> None:
+    def write_block(
+        self, block: int, features: np.ndarray, token_features: np.ndarray | None = None
+    ) -> None:
         """Write the features of ``block``, then its done flag.
 
         Parameters
@@ -179,8 +190,12 @@ class FeatureSet:
             Block index.
         features
             Array of shape (n_layers, block rows, dim); cast to the stored dtype.
+        token_features
+            Array of shape (n_token_layers, block rows, seq, dim), required when the feature
+            set stores token-level features and rejected otherwise.
         """
         start, stop = self.block_range(block)
+        self._check_token_block(block, token_features)
         expected = (self.features.shape[0], stop - start, self.features.shape[2])
         if features.shape != expected:
             raise StoreError(
@@ -197,9 +212,38 @@ class FeatureSet:
                 value=block,
             )
         self.features[:, start:stop, :] = features.astype(self.features.dtype, copy=False)
+        if self.token_features is not None and token_features is not None:
+            stored = token_features.astype(self.token_features.dtype, copy=False)
+            self.token_features[:, start:stop] = stored
         # The flag goes last: a worker killed before this line leaves the block marked missing.
         self.blocks_done_array[block] = True
         logger.debug("feature set %s: block %d rows %d..%d written", self.id, block, start, stop)
+
+    def _check_token_block(self, block: int, token_features: np.ndarray | None) -> None:
+        if self.token_features is None:
+            if token_features is not None:
+                raise StoreError(f"feature set {self.id!r} stores no token-level features, but "
+                                 f"block {block} came with some", field="token_features",
+                                 value=block)
+            return
+        start, stop = self.block_range(block)
+        n_token_layers, _, seq, dim = self.token_features.shape
+        expected = (n_token_layers, stop - start, seq, dim)
+        if token_features is None or token_features.shape != expected:
+            shape = None if token_features is None else token_features.shape
+            raise StoreError(
+                f"block {block} of feature set {self.id!r} needs token features of shape "
+                f"{expected}, got {shape}",
+                field="token_features",
+                value=shape,
+            )
+        if not np.all(np.isfinite(token_features)):
+            raise StoreError(
+                f"block {block} of feature set {self.id!r} has non-finite token features; the "
+                "model produced NaN or infinity, so the block was not written",
+                field="token_features",
+                value=block,
+            )
 
     def mark_complete(self) -> bool:
         """Set status "complete" if every block is written; return whether it did."""
@@ -277,6 +321,10 @@ class FeatureSet:
             "created": attrs.get("created"),
             "completed": attrs.get("completed"),
             "progress": progress.as_dict(),
+            "token_layers": list(attrs["spec"].get("token_layers", [])),
+            "token_shape": (
+                list(self.token_features.shape) if self.token_features is not None else None
+            ),
         }
 
 
@@ -290,6 +338,7 @@ def create_featureset(
     item_ids: np.ndarray,
     class_names: list[str],
     block_rows: int | None = None,
+    n_tokens: int | None = None,
 ) -> FeatureSet:
     """Create the group of ``spec`` with preallocated arrays, or return the existing one.
 
@@ -299,6 +348,10 @@ def create_featureset(
         One entry per stored layer, ``{"layer": i, "description": ...}``, in spec order.
     labels, item_ids
         Arrays of shape (n_items,).
+    n_tokens
+        Sequence length of the token-level features; required when ``spec.token_layers`` is
+        not empty. Without ``block_rows``, blocks are then made small enough that one block of
+        token features is about 64 MiB.
     """
     featureset_id = spec.featureset_id()
     existing = store.find_featureset(featureset_id)
@@ -307,7 +360,14 @@ def create_featureset(
 
     n_items = int(labels.shape[0])
     n_layers = len(spec.layers)
+    n_token_layers = len(spec.token_layers)
+    if n_token_layers and not n_tokens:
+        raise StoreError("token_layers need the sequence length of the model (n_tokens)",
+                         field="token_layers", value=spec.token_layers)
     rows = block_rows or default_block_rows(n_items, dim, spec.dtype)
+    if n_token_layers and n_tokens and block_rows is None:
+        token_row_bytes = n_token_layers * n_tokens * dim * np.dtype(spec.dtype).itemsize
+        rows = min(rows, max(1, TARGET_TOKEN_BLOCK_BYTES // token_row_bytes))
     rows = max(1, min(rows, n_items))
     n_blocks = math.ceil(n_items / rows)
     path = f"featuresets/{featureset_id}"
@@ -326,6 +386,17 @@ def create_featureset(
         compressors=None,
         dimension_names=("layer", "item", "dim"),
     )
+    if n_token_layers and n_tokens:
+        zarr.create_array(
+            store.zarr_store,
+            name=f"{path}/token_features",
+            shape=(n_token_layers, n_items, n_tokens, dim),
+            chunks=(1, rows, n_tokens, dim),
+            dtype=spec.dtype,
+            fill_value=np.nan,
+            compressors=None,
+            dimension_names=("token_layer", "item", "position", "dim"),
+        )
     zarr.create_array(
         store.zarr_store, name=f"{path}/labels", data=labels.astype(np.int64), chunks=(rows,),
         dimension_names=("item",),

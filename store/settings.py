@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     pretrain_timeout: int = Field(7200, description="Seconds one pretraining job may run.")
     max_rows_per_fetch: int = Field(1_000_000, description="Rows one layer fetch may return.")
     max_json_rows: int = Field(1000, description="Rows a JSON layer fetch may return.")
+    max_token_bytes: int = Field(
+        2 * 1024**3, ge=0, description="Bytes of token-level (unpooled) features one extraction "
+        "may store.",
+    )
 
     @field_validator("data_roots", "model_roots", mode="before")
     @classmethod

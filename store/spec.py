@@ -37,11 +37,16 @@ class FeatureSetSpec(BaseModel):
     layers: list[int]
     pooling: str
     dtype: StoredDtype = "float32"
+    token_layers: list[int] = Field(default_factory=list)
     layout_version: int = LAYOUT_VERSION
 
     def featureset_id(self) -> str:
         """Return the content-addressed id of this spec."""
-        return content_id({"kind": "featureset", **self.model_dump()})
+        data = self.model_dump()
+        if not data["token_layers"]:
+            # Specs without token-level features keep the ids they had before the field existed.
+            del data["token_layers"]
+        return content_id({"kind": "featureset", **data})
 
 
 class ProbeSpec(BaseModel):

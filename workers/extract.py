@@ -6,6 +6,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -13,7 +14,10 @@ from store import FeatureSet, Store
 from store.settings import Settings
 from workers.datasets import DatasetSplit, load_split
 from workers.errors import DatasetError, ModelError
-from workers.modelref import ModelRef, resolve_model
+from workers.modelref import ModelRef, processor_spec, resolve_model
+
+if TYPE_CHECKING:
+    from workers.models import PooledModel
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +84,27 @@ def load_featureset_split(featureset: FeatureSet, settings: Settings) -> Dataset
     return split
 
 
+def _palette_tokens(
+    store: Store, model: PooledModel, split: DatasetSplit, dataset: str, split_name: str
+) -> np.ndarray | None:
+    """Return the cached palette tokens (n_items, seq) of the split for ImageGPT, else None."""
+    from workers.models import ImageGPTAdapter
+    from workers.tokens import cached_tokens
+
+    if not isinstance(model, ImageGPTAdapter):
+        return None
+    processor = processor_spec(model.ref, model.input_policy)
+
+    def quantize(images: np.ndarray) -> np.ndarray:
+        return model.tokens(images).cpu().numpy()  # (rows, seq)
+
+    return cached_tokens(
+        store, split.images, dataset_fingerprint=split.fingerprint,
+        palette_sha256=processor["palette_sha256"], size=model.size, quantize=quantize,
+        description={"dataset": dataset, "split": split_name},
+    )
+
+
 def extract_block(
     store: Store,
     featureset_id: str,
@@ -96,6 +121,8 @@ def extract_block(
     on_batch
         Called with (rows done, rows in block) after every batch.
     """
+    import torch
+
     from workers.models import load_model
 
     started = time.perf_counter()
@@ -113,15 +140,37 @@ def extract_block(
     batch = batch_size or int(featureset.attrs.get("batch_size") or DEFAULT_BATCH_SIZE)
 
     features = np.empty((len(spec.layers), stop - start, featureset.features.shape[2]), np.float32)
+    token_features = None
+    if featureset.token_features is not None:
+        _, _, seq, dim = featureset.token_features.shape
+        token_features = np.empty((len(spec.token_layers), stop - start, seq, dim), np.float32)
+    palette_tokens = _palette_tokens(store, model, split, spec.dataset, spec.split)
+
     for batch_start in range(start, stop, batch):
         batch_stop = min(batch_start + batch, stop)
-        pooled = model.pooled(split.images[batch_start:batch_stop], spec.layers, spec.pooling)
-        # (n_layers, batch, dim)
-        features[:, batch_start - start : batch_stop - start] = pooled.cpu().numpy()
+        rows = slice(batch_start - start, batch_stop - start)
+        if palette_tokens is not None:
+            batch_tokens = torch.from_numpy(palette_tokens[batch_start:batch_stop].astype(np.int64))
+            pooled, tokens = model.features_from_tokens(batch_tokens, spec.layers, spec.pooling,
+                                                        spec.token_layers)
+        else:
+            pooled, tokens = model.features(split.images[batch_start:batch_stop], spec.layers,
+                                            spec.pooling, spec.token_layers)
+        features[:, rows] = pooled.cpu().numpy()  # (n_layers, batch, dim)
+        if token_features is not None and tokens is not None:
+            if tokens.shape[2] != token_features.shape[2]:
+                raise ModelError(
+                    f"model {spec.model!r} produced {tokens.shape[2]} tokens per image, but "
+                    f"feature set {featureset_id!r} expects {token_features.shape[2]}; the "
+                    "processor resizes these images differently, so request without token_layers",
+                    field="token_layers",
+                    value=spec.token_layers,
+                )
+            token_features[:, rows] = tokens.cpu().numpy()  # (n_token_layers, batch, seq, dim)
         if on_batch is not None:
             on_batch(batch_stop - start, stop - start)
 
-    featureset.write_block(block, features)
+    featureset.write_block(block, features, token_features)
     seconds = time.perf_counter() - started
     logger.info(
         "feature set %s: block %d/%d written, %d rows in %.2fs (%.1f items/s)",

@@ -35,13 +35,47 @@ PIXELS = "pixels"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 HASHED_FILES = ("config.json", "preprocessor_config.json", *WEIGHT_FILES)
 INPUT_POLICIES = ("sos", "plain")
-# Families with an explicit adapter in workers.models: what each expects and returns.
+# Families with an explicit adapter in workers.models: the model input, the config key that
+# counts blocks (``hidden_states`` has that many plus one entries), the module name of the final
+# layer norm, whether Hugging Face's last hidden state has already passed it, and what index 0 is.
+# Checked against transformers 5.x: ViT and DINOv2 apply ``layernorm`` only to
+# ``last_hidden_state``, and CLIP's ``post_layernorm`` only to the pooled CLS output.
 FAMILIES: dict[str, dict[str, Any]] = {
-    "imagegpt": {"input_key": "input_ids", "final_norm_in_last_state": True},
-    "vit": {"input_key": "pixel_values", "final_norm_in_last_state": False},
-    "dinov2": {"input_key": "pixel_values", "final_norm_in_last_state": False},
-    "clip_vision_model": {"input_key": "pixel_values", "final_norm_in_last_state": False},
-    PIXELS: {"input_key": "pixels", "final_norm_in_last_state": False},
+    "imagegpt": {
+        "input_key": "input_ids",
+        "layers_key": "n_layer",
+        "final_norm": "ln_f",
+        "final_norm_in_last_state": True,
+        "embeddings": "embeddings (token + position), before block 1",
+    },
+    "vit": {
+        "input_key": "pixel_values",
+        "layers_key": "num_hidden_layers",
+        "final_norm": "layernorm",
+        "final_norm_in_last_state": False,
+        "embeddings": "embeddings (CLS + patch + position), before block 1",
+    },
+    "dinov2": {
+        "input_key": "pixel_values",
+        "layers_key": "num_hidden_layers",
+        "final_norm": "layernorm",
+        "final_norm_in_last_state": False,
+        "embeddings": "embeddings (CLS + patch + position), before block 1",
+    },
+    "clip_vision_model": {
+        "input_key": "pixel_values",
+        "layers_key": "num_hidden_layers",
+        "final_norm": "post_layernorm",
+        "final_norm_in_last_state": False,
+        "embeddings": "embeddings (CLS + patch + position) after pre_layrnorm, before block 1",
+    },
+    PIXELS: {
+        "input_key": "pixels",
+        "layers_key": None,
+        "final_norm": None,
+        "final_norm_in_last_state": False,
+        "embeddings": "raw pixel values scaled to [0, 1], flattened (H*W*3)",
+    },
 }
 
 _hash_cache: dict[tuple[str, float, int], str] = {}
@@ -67,7 +101,9 @@ class ModelRef:
         if self.family == PIXELS:
             return 1
         config = self.vision_config
-        n_layers = config.get("n_layer", config.get("num_hidden_layers"))
+        n_layers = config.get(FAMILIES[self.family]["layers_key"])
+        if n_layers is None:
+            n_layers = config.get("n_layer", config.get("num_hidden_layers"))
         return int(n_layers) + 1
 
     @property
@@ -85,22 +121,53 @@ class ModelRef:
     def default_input_policy(self) -> str:
         return str(self.training.get("input_policy", "plain"))
 
+    @property
+    def n_tokens(self) -> int | None:
+        """Sequence length of one image's hidden states, or None for the raw-pixel baseline.
+
+        ImageGPT has one token per pixel of the processor's size. Patch encoders have one CLS
+        token plus one per patch of the processed image: the crop size when the processor
+        crops, else its resize target.
+        """
+        if self.family == PIXELS:
+            return None
+        if self.family == "imagegpt":
+            size = self.processor.get("size", {"height": 32, "width": 32})
+            return int(size["height"]) * int(size["width"])
+        config = self.vision_config
+        default = int(config.get("image_size", 224))
+        size = self.processor.get("size") or {}
+        if self.processor.get("do_center_crop") and self.processor.get("crop_size"):
+            size = self.processor["crop_size"]
+        if isinstance(size, int):
+            height = width = size
+        elif "height" in size:
+            height, width = int(size["height"]), int(size["width"])
+        else:
+            # NOTE: a shortest_edge resize without a crop keeps the aspect ratio, so this count
+            # holds for square images only; extraction rejects a batch whose length differs.
+            height = width = int(size.get("shortest_edge", default))
+        patch = int(config.get("patch_size", 16))
+        return (height // patch) * (width // patch) + 1
+
     def layer_map(self, layers: Sequence[int], pooling: str) -> list[dict[str, Any]]:
         """Describe what each stored hidden-state index means for this model."""
         last = self.n_hidden_states - 1
-        final_norm = FAMILIES.get(self.family, {}).get("final_norm_in_last_state", False)
+        family = FAMILIES.get(self.family, FAMILIES[PIXELS])
+        norm = family["final_norm"]
         rows = []
         for layer in layers:
-            if self.family == PIXELS:
-                text = "raw pixel values scaled to [0, 1], flattened (H*W*3)"
-            elif layer == 0:
-                text = "embeddings (token + position), before block 1"
-            elif layer == last and final_norm:
-                text = f"output of block {layer} after the final layer norm (ln_f)"
+            if self.family == PIXELS or layer == 0:
+                text = family["embeddings"]
+            elif layer == last and family["final_norm_in_last_state"]:
+                text = f"output of block {layer} after the final layer norm ({norm})"
+            elif layer == last:
+                text = f"output of block {layer}, before the final layer norm ({norm})"
             else:
                 text = f"output of block {layer}"
-            if pooling == "mean_ln_f" and layer != last:
-                text += ", final layer norm applied before pooling"
+            norm_inside = layer == last and family["final_norm_in_last_state"]
+            if pooling == "mean_ln_f" and norm is not None and not norm_inside:
+                text += f", final layer norm ({norm}) applied to every token before pooling"
             rows.append({"layer": int(layer), "description": text})
         return rows
 
@@ -170,6 +237,9 @@ def resolve_model(
         if models_dir is None or not name or "/" in name or ".." in name:
             raise ModelError(f"model {ref!r} is not a valid store model name", field="model",
                              value=ref)
+        name, _, step = name.partition("@step")
+        if step:
+            return _resolve_checkpoint(ref, models_dir / name, step)
         path = models_dir / name
         if not (path / "config.json").is_file():
             available = sorted(p.name for p in models_dir.iterdir() if p.is_dir()) if (
@@ -200,14 +270,19 @@ def resolve_model(
         if (resolved / "config.json").is_file():
             return _resolve_directory(ref, resolved, source="local")
         tried.append(f"local path {ref!r}: no config.json there")
+    else:
+        tried.append(f"local path {ref!r}: no such directory")
 
-    if allow_hub and not ref.startswith(("/", ".", "~")) and ref.count("/") <= 1:
+    if not allow_hub:
+        tried.append("hub: disabled on this service")
+    elif ref.startswith(("/", ".", "~")) or ref.count("/") > 1:
+        tried.append(f"hub: {ref!r} is not a hub id (<org>/<name>)")
+    else:
         try:
             return _resolve_hub(ref)
         except ModelError as exc:
             tried.append(exc.message)
-    elif not allow_hub:
-        tried.append("hub: disabled on this service")
+    tried.append(_describe_store_candidate(ref, models_dir))
     raise ModelError(
         f"model {ref!r} could not be resolved; tried: {'; '.join(tried) or 'nothing matched'}. "
         "Pass a hub id reachable from the workers, a local checkpoint directory, "
@@ -215,6 +290,33 @@ def resolve_model(
         field="model",
         value=ref,
     )
+
+
+def _describe_store_candidate(ref: str, models_dir: Path | None) -> str:
+    """Say whether the last part of ``ref`` names a checkpoint in the store's models."""
+    name = ref.rstrip("/").rsplit("/", 1)[-1]
+    if models_dir is None or not models_dir.is_dir():
+        return "store: this service's store has no models directory"
+    if name and (models_dir / name / "config.json").is_file():
+        return f"store: store:{name} exists, pass that reference to use it"
+    available = sorted(p.name for p in models_dir.iterdir() if p.is_dir())
+    return f"store: no store:{name} among the store's models ({', '.join(available) or 'none'})"
+
+
+def _resolve_checkpoint(ref: str, model_dir: Path, step: str) -> ModelRef:
+    """Resolve ``store:<name>@step<N>``: a checkpoint saved during pretraining."""
+    checkpoints = model_dir / "checkpoints"
+    available = sorted((p.name.removeprefix("step-") for p in checkpoints.iterdir()
+                        if p.name.startswith("step-")), key=int) if checkpoints.is_dir() else []
+    path = checkpoints / f"step-{int(step)}" if step.isdigit() else None
+    if path is None or not (path / "config.json").is_file():
+        raise ModelError(
+            f"model {ref!r} not found: {model_dir.name!r} has checkpoints at steps "
+            f"{', '.join(available) or 'none'}; pretrain with checkpoint_every to save some",
+            field="model",
+            value=ref,
+        )
+    return _resolve_directory(ref, path, source="store")
 
 
 def _resolve_directory(ref: str, path: Path, *, source: str) -> ModelRef:

@@ -9,13 +9,16 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
 import torch
 
 from workers.errors import ModelError
-from workers.modelref import PIXELS, ModelRef
+from workers.modelref import FAMILIES, PIXELS, ModelRef
+
+SAFETENSORS_FILES = ("model.safetensors", "model.safetensors.index.json")
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +36,16 @@ class PooledModel(Protocol):
         """Return pooled hidden states, tensor of shape (len(layers), batch, dim) float32.
 
         ``images`` is an array of shape (batch, H, W, 3) uint8.
+        """
+        ...
+
+    def features(
+        self, images: np.ndarray, layers: Sequence[int], pooling: str, token_layers: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return the pooled states and the unpooled states of ``token_layers``.
+
+        The pooled tensor has shape (len(layers), batch, dim), the token tensor
+        (len(token_layers), batch, seq, dim), or is None when ``token_layers`` is empty.
         """
         ...
 
@@ -66,8 +79,20 @@ def _from_pretrained_kwargs(ref: ModelRef) -> dict[str, object]:
     return kwargs
 
 
+def _safetensors_kwargs(ref: ModelRef) -> dict[str, object]:
+    # A pickled pytorch_model.bin can run code when loaded, so it is never read when a
+    # safetensors file sits beside it. Hub models keep transformers' own preference.
+    if ref.source in ("local", "store"):
+        directory = Path(ref.location)
+        if any((directory / name).is_file() for name in SAFETENSORS_FILES):
+            return {"use_safetensors": True}
+    return {}
+
+
 class PixelsModel:
     """Raw pixels as a single layer: the baseline every curve is compared with."""
+
+    input_key = "pixels"
 
     def __init__(self, ref: ModelRef) -> None:
         self.ref = ref
@@ -75,6 +100,14 @@ class PixelsModel:
     def pooled(self, images: np.ndarray, layers: Sequence[int], pooling: str) -> torch.Tensor:
         flat = torch.from_numpy(images.reshape(len(images), -1)).float() / 255.0  # (batch, H*W*3)
         return flat.unsqueeze(0)
+
+    def features(
+        self, images: np.ndarray, layers: Sequence[int], pooling: str, token_layers: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if token_layers:
+            raise ModelError("token_layers is not available for the pixels baseline",
+                             field="token_layers", value=list(token_layers))
+        return self.pooled(images, layers, pooling), None
 
 
 class ImageGPTAdapter:
@@ -89,11 +122,14 @@ class ImageGPTAdapter:
         self.device = torch.device(device)
         self.input_policy = input_policy or ref.default_input_policy
         try:
-            model = ImageGPTModel.from_pretrained(ref.location, **_from_pretrained_kwargs(ref))
+            model = ImageGPTModel.from_pretrained(ref.location, **_from_pretrained_kwargs(ref),
+                                                  **_safetensors_kwargs(ref))
         except (OSError, ValueError) as exc:
             raise ModelError(f"model {ref.ref!r} could not be loaded: {exc}", field="model",
                              value=ref.ref) from exc
         self.model = model.to(self.device).eval()
+        # The palette is the processor config's "clusters" (512 colours for the OpenAI
+        # checkpoints), in [-1, 1]; the start token's id is the palette size.
         clusters = np.asarray(ref.processor["clusters"], dtype=np.float32)
         self.palette = torch.from_numpy(clusters).to(self.device)  # (n_colors, 3) in [-1, 1]
         size = ref.processor.get("size", {"height": 32, "width": 32})
@@ -109,18 +145,64 @@ class ImageGPTAdapter:
         return quantize(batch, self.palette)
 
     def pooled(self, images: np.ndarray, layers: Sequence[int], pooling: str) -> torch.Tensor:
+        return self.pooled_tokens(self.tokens(images), layers, pooling)
+
+    def pooled_tokens(
+        self, palette_tokens: torch.Tensor, layers: Sequence[int], pooling: str
+    ) -> torch.Tensor:
+        """Return pooled states of shape (len(layers), batch, dim) from palette tokens.
+
+        ``palette_tokens`` has shape (batch, H*W), as from `tokens` or the token cache.
+        """
         from workers.imagegpt import build_input_ids, pooled_hidden_states
 
-        input_ids = build_input_ids(self.tokens(images), policy=self.input_policy,
-                                    sos_token=self.sos_token)
+        input_ids = build_input_ids(palette_tokens.to(self.device, torch.int64),
+                                    policy=self.input_policy, sos_token=self.sos_token)
         autocast = self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
             pooled = pooled_hidden_states(self.model, input_ids, layers, pooling)
         return pooled.float()
 
+    @torch.no_grad()
+    def token_states(self, palette_tokens: torch.Tensor, layers: Sequence[int]) -> torch.Tensor:
+        """Return unpooled states of shape (len(layers), batch, seq, dim) float32.
+
+        Runs the model's own forward pass with ``output_hidden_states``, so index *i* means the
+        same as in the pooled features: the last state has passed ``ln_f``.
+        """
+        from workers.imagegpt import build_input_ids
+
+        input_ids = build_input_ids(palette_tokens.to(self.device, torch.int64),
+                                    policy=self.input_policy, sos_token=self.sos_token)
+        states = self.model(input_ids=input_ids, output_hidden_states=True).hidden_states
+        return torch.stack([states[layer] for layer in layers]).float()
+
+    def features(
+        self, images: np.ndarray, layers: Sequence[int], pooling: str, token_layers: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.features_from_tokens(self.tokens(images), layers, pooling, token_layers)
+
+    def features_from_tokens(
+        self,
+        palette_tokens: torch.Tensor,
+        layers: Sequence[int],
+        pooling: str,
+        token_layers: Sequence[int],
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Return `features` for palette tokens of shape (batch, H*W) instead of images."""
+        pooled = self.pooled_tokens(palette_tokens, layers, pooling)
+        if not token_layers:
+            return pooled, None
+        return pooled, self.token_states(palette_tokens, token_layers)
+
 
 class HiddenStatesAdapter:
-    """Vision encoders loaded by ``AutoModel``: ``pixel_values`` in, ``hidden_states`` out."""
+    """ViT, DINOv2 and CLIP vision encoders: ``pixel_values`` in, ``hidden_states`` out.
+
+    ``hidden_states`` has ``num_hidden_layers + 1`` entries and none has passed the final layer
+    norm (``layernorm`` for ViT and DINOv2, ``post_layernorm`` for CLIP), so ``mean_ln_f``
+    applies it to every layer, the last one included.
+    """
 
     input_key = "pixel_values"
 
@@ -131,35 +213,55 @@ class HiddenStatesAdapter:
         self.device = torch.device(device)
         kwargs = _from_pretrained_kwargs(ref)
         try:
+            # A full CLIP checkpoint (model_type "clip") loads its vision tower only: the
+            # vision config is read from its nested vision_config.
             cls = CLIPVisionModel if ref.family == "clip_vision_model" else AutoModel
-            self.model = cls.from_pretrained(ref.location, **kwargs).to(self.device).eval()
+            self.model = cls.from_pretrained(ref.location, **kwargs, **_safetensors_kwargs(ref))
+            self.model = self.model.to(self.device).eval()
             self.processor = AutoImageProcessor.from_pretrained(ref.location, **kwargs)
         except (OSError, ValueError) as exc:
             raise ModelError(f"model {ref.ref!r} could not be loaded: {exc}", field="model",
                              value=ref.ref) from exc
+        norm_name = FAMILIES[ref.family]["final_norm"]
+        norm = getattr(self.model, norm_name, None)
+        if norm is None:
+            raise ModelError(f"model {ref.ref!r} ({type(self.model).__name__}) has no final layer "
+                             f"norm {norm_name!r}; its transformers version is not supported",
+                             field="model", value=ref.ref)
+        self.final_norm: torch.nn.Module = norm
 
     @torch.no_grad()
-    def pooled(self, images: np.ndarray, layers: Sequence[int], pooling: str) -> torch.Tensor:
+    def hidden_states(self, images: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """Return every hidden state, each a tensor of shape (batch, seq, dim)."""
         inputs = self.processor(images=list(images), return_tensors="pt")
-        pixel_values = inputs["pixel_values"].to(self.device)
+        pixel_values = inputs[self.input_key].to(self.device)
         # NOTE: these families return every hidden state at once; the memory cost is
         # n_layers x batch x tokens x dim, unlike ImageGPT's pooled-as-produced forward pass.
         outputs = self.model(pixel_values=pixel_values, output_hidden_states=True)
-        states = outputs.hidden_states
-        norm = getattr(self.model, "layernorm", None) or getattr(
-            getattr(self.model, "vision_model", None), "post_layernorm", None)
-        pooled = []
-        for layer in layers:
-            hidden = states[layer]  # (batch, tokens, dim)
-            if pooling == "mean_ln_f" and norm is not None:
-                hidden = norm(hidden)
-            if pooling == "cls":
-                pooled.append(hidden[:, 0])
-            elif pooling == "last_token":
-                pooled.append(hidden[:, -1])
-            else:
-                pooled.append(hidden.mean(dim=1))
-        return torch.stack(pooled).float()
+        return tuple(outputs.hidden_states)
+
+    def pooled(self, images: np.ndarray, layers: Sequence[int], pooling: str) -> torch.Tensor:
+        return self.features(images, layers, pooling, ())[0]
+
+    @torch.no_grad()
+    def features(
+        self, images: np.ndarray, layers: Sequence[int], pooling: str, token_layers: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        states = self.hidden_states(images)
+        pooled = torch.stack([self._pool(states[layer], pooling) for layer in layers]).float()
+        if not token_layers:
+            return pooled, None
+        return pooled, torch.stack([states[layer] for layer in token_layers]).float()
+
+    def _pool(self, hidden: torch.Tensor, pooling: str) -> torch.Tensor:
+        """Pool a (batch, seq, dim) state to (batch, dim); position 0 is the CLS token."""
+        if pooling == "mean_ln_f":
+            return self.final_norm(hidden).mean(dim=1)
+        if pooling == "cls":
+            return hidden[:, 0]
+        if pooling == "last_token":
+            return hidden[:, -1]
+        return hidden.mean(dim=1)
 
 
 def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -6,13 +6,15 @@ import logging
 
 from fastapi import APIRouter, Response, status
 
-from service.auth import JobQuotaDep, check_extraction_size
+from service.auth import JobQuotaDep, LimitExceededError, check_extraction_size
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
 from service.jobs import active_job_id, enqueue_extraction, job_state, target_lock
 from service.schemas import ExtractionCreate, ExtractionPublic
 from store import FeatureSetSpec, create_featureset
+from store.settings import Settings
 from workers.datasets import load_split
-from workers.modelref import check_pooling, processor_spec, resolve_model
+from workers.errors import ModelError
+from workers.modelref import ModelRef, check_pooling, processor_spec, resolve_model
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/extractions", tags=["extractions"])
@@ -37,14 +39,21 @@ def create_extraction(body: ExtractionCreate, response: Response, settings: Sett
                        image_column=body.image_column, label_column=body.label_column,
                        allowed_roots=settings.data_roots)
     check_extraction_size(len(layers), len(split.labels), settings)
+    token_layers = _check_token_layers(ref, body.token_layers)
     spec = FeatureSetSpec(
         model=ref.ref, model_revision=ref.revision, model_family=ref.family, processor=processor,
         dataset=body.dataset, dataset_fingerprint=split.fingerprint, split=body.split,
         limit=body.limit, seed=body.seed, image_column=body.image_column,
         label_column=body.label_column, layers=layers, pooling=pooling, dtype=body.dtype,
+        token_layers=token_layers,
     )
     featureset_id = spec.featureset_id()
     dim = int(split.images[0].size) if ref.family == "pixels" else ref.dim
+    itemsize = 4 if body.dtype == "float32" else 2
+    token_bytes = len(token_layers) * len(split.labels) * (ref.n_tokens or 0) * dim * itemsize
+    estimated_bytes = len(layers) * len(split.labels) * dim * itemsize + token_bytes
+    _check_token_bytes(token_bytes, settings, token_layers, len(split.labels), ref, dim, itemsize)
+    sizes = {"estimated_bytes": estimated_bytes, "token_bytes": token_bytes}
 
     with target_lock(redis, featureset_id):
         featureset = store.find_featureset(featureset_id)
@@ -52,19 +61,19 @@ def create_extraction(body: ExtractionCreate, response: Response, settings: Sett
         if featureset is not None and featureset.is_complete:
             response.status_code = status.HTTP_200_OK
             return ExtractionPublic(featureset_id=featureset_id, job_id=existing_job,
-                                    status="complete", created=False)
+                                    status="complete", created=False, **sizes)
         if featureset is not None and existing_job is not None:
             state = job_state(redis, store, existing_job)
             if state["status"] in ("queued", "running"):
                 return ExtractionPublic(featureset_id=featureset_id, job_id=existing_job,
-                                        status=state["status"], created=False)
+                                        status=state["status"], created=False, **sizes)
         quota.check()
         created = featureset is None
         if featureset is None:
             featureset = create_featureset(
                 store, spec, layer_map=ref.layer_map(layers, pooling), dim=dim,
                 labels=split.labels, item_ids=split.item_ids, class_names=split.class_names,
-                block_rows=body.block_rows,
+                block_rows=body.block_rows, n_tokens=ref.n_tokens if token_layers else None,
             )
             if body.batch_size is not None:
                 store.write_result("featuresets", featureset_id, {"batch_size": body.batch_size})
@@ -75,4 +84,29 @@ def create_extraction(body: ExtractionCreate, response: Response, settings: Sett
     logger.info("extraction %s: job %s for %s on %s/%s", featureset_id, job_id, ref.ref,
                 body.dataset, body.split)
     return ExtractionPublic(featureset_id=featureset_id, job_id=job_id, status="queued",
-                            created=created)
+                            created=created, **sizes)
+
+
+def _check_token_layers(ref: ModelRef, token_layers: list[int]) -> list[int]:
+    """Return the validated token layers, sorted; an empty list stores no token features."""
+    if not token_layers:
+        return []
+    if ref.n_tokens is None:
+        raise ModelError(f"token_layers is not available for {ref.ref!r}, which has no tokens; "
+                         "drop token_layers", field="token_layers", value=token_layers)
+    return ref.check_layers(token_layers)
+
+
+def _check_token_bytes(token_bytes: int, settings: Settings, token_layers: list[int],
+                       n_items: int, ref: ModelRef, dim: int, itemsize: int) -> None:
+    """Raise `LimitExceededError` (413) if token features exceed LAYERBANK_MAX_TOKEN_BYTES."""
+    if token_bytes <= settings.max_token_bytes:
+        return
+    raise LimitExceededError(
+        f"token_layers {token_layers!r} need {token_bytes} bytes ({len(token_layers)} layers x "
+        f"{n_items} items x {ref.n_tokens} tokens x {dim} dim x {itemsize} bytes), more than "
+        f"LAYERBANK_MAX_TOKEN_BYTES={settings.max_token_bytes}; request fewer token_layers, a "
+        "smaller limit or dtype float16",
+        field="token_layers",
+        value=token_layers,
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from fastapi import APIRouter, Response, status
 
@@ -11,7 +12,7 @@ from service.jobs import active_job_id, enqueue_single, job_state, target_lock
 from service.schemas import ModelPublic, ModelsPublic, PretrainCreate, PretrainPublic
 from store import StoreError, check_name
 from workers.datasets import load_split
-from workers.errors import ModelError
+from workers.errors import ModelError, WorkersError
 from workers.modelref import resolve_model
 
 router = APIRouter(prefix="/v1", tags=["models"])
@@ -70,6 +71,24 @@ def list_models(store: StoreDep, settings: SettingsDep) -> ModelsPublic:
                                     revision=ref.revision, n_hidden_states=ref.n_hidden_states,
                                     dim=ref.dim, training={k: v for k, v in ref.training.items()
                                                            if k != "history"}))
+    for path in _local_checkpoints(settings.model_roots or []):
+        try:
+            ref = resolve_model(str(path), models_dir=None, allowed_roots=settings.model_roots,
+                                allow_hub=False, allow_list=settings.model_allow_list)
+        except WorkersError:
+            continue
+        data.append(ModelPublic(model=ref.ref, family=ref.family, source=ref.source,
+                                revision=ref.revision, n_hidden_states=ref.n_hidden_states,
+                                dim=ref.dim))
     return ModelsPublic(data=data, count=len(data))
+
+
+def _local_checkpoints(roots: list[Path]) -> list[Path]:
+    """Return the directories with a config.json directly under each model root."""
+    found = []
+    for root in roots:
+        if root.is_dir():
+            found.extend(sorted(p for p in root.iterdir() if (p / "config.json").is_file()))
+    return found
 
 
