@@ -3,17 +3,31 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue
 
+from service.auth import (
+    ERROR_RESPONSES,
+    BodySizeLimitMiddleware,
+    InternalErrorMiddleware,
+    JobQuotaError,
+    KeyStore,
+    LimitExceededError,
+    authorize,
+    keys_required,
+)
 from service.dashboard import install_dashboard
 from service.jobs import JobNotFoundError
 from service.metrics import install_metrics
 from service.routes import catalog, extractions, featuresets, health, jobs, models, probes
+from service.routes import claims, projections
 from store import InvalidIdError, NotFoundError, NotReadyError, Store, StoreError
 from store.settings import Settings, get_settings
 from workers.errors import DatasetError, ModelError, PathNotAllowedError, WorkersError
@@ -23,6 +37,8 @@ logger = logging.getLogger(__name__)
 # Most specific first: the first matching class decides the status code.
 STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
     (PathNotAllowedError, 403),
+    (LimitExceededError, 413),
+    (JobQuotaError, 429),
     (JobNotFoundError, 404),
     (NotFoundError, 404),
     (NotReadyError, 409),
@@ -51,6 +67,21 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=code)
 
 
+@asynccontextmanager
+async def _warn_if_open(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    try:
+        open_mode = not keys_required(settings, app.state.key_store)
+    except RedisError:
+        logger.exception("could not count API keys in Redis at start-up")
+        open_mode = settings.auth == "off"
+    if open_mode:
+        logger.warning("API keys are NOT checked (LAYERBANK_AUTH=%s, no keys, host %s): anyone "
+                       "who can reach the port can read, write and delete; create a key with "
+                       "`layerbank keys create` to require keys", settings.auth, settings.host)
+    yield
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app; the store, Redis connection and queue live on ``app.state``."""
     settings = settings or get_settings()
@@ -58,17 +89,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         title="layerbank",
         version="0.1.0",
         summary="Feature store and probing service for vision transformers.",
+        # Every route needs an API key with the scope of its method unless marked public.
+        dependencies=[Depends(authorize)],
+        responses=ERROR_RESPONSES,
+        lifespan=_warn_if_open,
     )
     app.state.settings = settings
     app.state.store = Store(settings.store)
     app.state.redis = Redis.from_url(settings.redis_url)
     app.state.queue = Queue(settings.queue, connection=app.state.redis)
+    app.state.key_store = KeyStore(app.state.redis)
+    app.add_middleware(InternalErrorMiddleware)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(StoreError, _domain_error)
     app.add_exception_handler(WorkersError, _domain_error)
     for router in (extractions.router, jobs.router, featuresets.router, probes.router,
                    models.router, health.router):
         app.include_router(router)
     app.include_router(catalog.router)
+    app.include_router(projections.router)
+    app.include_router(claims.router)
     install_dashboard(app)
     install_metrics(app)
     return app

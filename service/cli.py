@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 
 from service.cli_commands import register as register_api_commands
+from service.cli_keys import keys_app
 
 app = typer.Typer(help="layerbank: a feature store and probing service for vision transformers.",
                   no_args_is_help=True, add_completion=False)
@@ -40,8 +41,10 @@ def up(
 ) -> None:
     """Start the embedded stack: a private Redis, workers and the API."""
     import uvicorn
+    from redis import Redis
 
     from service.app import create_app
+    from service.auth import KeyStore, keys_required
     from service.launcher import (
         RedisServer,
         free_port,
@@ -53,10 +56,6 @@ def up(
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
                         "%(message)s")
-    if not _is_loopback(host):
-        err.print(f"[red]refusing to bind to {host}: the embedded stack has no API keys; bind "
-                  "to 127.0.0.1 or run the API with keys configured[/red]")
-        raise typer.Exit(2)
 
     terminate_on_sigterm()
     redis_server = None
@@ -66,6 +65,13 @@ def up(
         redis_server = RedisServer(free_port(), store_path.parent / "redis", persistent=True)
         redis_url = redis_server.start().url
     settings = Settings(store=str(store_path), redis_url=redis_url, host=host, port=port)
+    key_store = KeyStore(Redis.from_url(redis_url))
+    if not _is_loopback(host) and (settings.auth == "off" or key_store.count() == 0):
+        err.print(f"[red]refusing to bind to {host}: API keys are off or none exist; create one "
+                  "with `layerbank keys create` (REDIS_URL set) or bind to 127.0.0.1[/red]")
+        if redis_server is not None:
+            redis_server.stop()
+        raise typer.Exit(2)
     env = {"LAYERBANK_STORE": str(store_path), "REDIS_URL": redis_url}
     log_dir = store_path.parent / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -73,8 +79,9 @@ def up(
                  for i in range(workers)]
     console.print(f"layerbank up: API http://{host}:{port}  store {store_path}  redis "
                   f"{redis_url}  workers {workers} (logs in {log_dir})")
-    console.print("[yellow]open mode: no API keys are checked; anyone who can reach "
-                  f"{host}:{port} on this machine can use the API[/yellow]")
+    if not keys_required(settings, key_store):
+        console.print("[yellow]open mode: no API keys are checked; anyone who can reach "
+                      f"{host}:{port} on this machine can use the API[/yellow]")
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     finally:
@@ -131,6 +138,7 @@ def demo(
 
 
 register_api_commands(app)
+app.add_typer(keys_app, name="keys")
 
 if __name__ == "__main__":
     app()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import NoDecode
@@ -53,12 +53,40 @@ class Settings(BaseSettings):
         2 * 1024**3, ge=0, description="Bytes of token-level (unpooled) features one extraction "
         "may store.",
     )
+    auth: Literal["auto", "required", "off"] = Field(
+        "auto",
+        description="API keys: auto requires them once a key exists or when binding to a "
+        "non-loopback host; required always; off never.",
+    )
+    max_body_bytes: int = Field(1_048_576, ge=1, description="Bytes a request body may have.")
+    max_layers_per_extraction: int = Field(
+        256, ge=1, description="Layers one extraction may store."
+    )
+    max_items_per_extraction: int = Field(
+        2_000_000, ge=1, description="Dataset items one extraction may store."
+    )
+    max_jobs_per_key: int = Field(
+        8, ge=1, description="Queued or running jobs one API key may have at once."
+    )
+    model_allow_list: Annotated[list[str] | None, NoDecode] = Field(
+        None,
+        description="Model references the service accepts (comma-separated, plus pixels); "
+        "unset accepts any.",
+    )
 
     @field_validator("data_roots", "model_roots", mode="before")
     @classmethod
     def _split_paths(cls, value: object) -> object:
         if isinstance(value, str):
             return [Path(part).expanduser() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("model_allow_list", mode="before")
+    @classmethod
+    def _split_names(cls, value: object) -> object:
+        if isinstance(value, str):
+            names = [part.strip() for part in value.split(",") if part.strip()]
+            return names or None
         return value
 
     def resolved_device(self) -> str:

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import io
+import logging
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Query, Response
+from fastapi import APIRouter, HTTPException, Query, Response, status
 
-from service.deps import SettingsDep, StoreDep
+from service.auth import requires_scope
+from service.deps import RedisDep, SettingsDep, StoreDep
+from service.jobs import active_job_id, job_state, target_lock
 from service.schemas import FeatureSetPublic, FeatureSetsPublic
-from store import check_id
+from store import NotReadyError, Store, check_id
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/featuresets", tags=["featuresets"])
 
@@ -53,7 +58,11 @@ def read_layer(featureset_id: str, layer: int, store: StoreDep, settings: Settin
                                            "start": first, "stop": last})
 
 
-@router.get("/{featureset_id}/labels")
+@router.get(
+    "/{featureset_id}/labels",
+    responses={200: {"content": {"application/octet-stream": {}, "application/json": {}},
+                     "description": "array of shape (rows,) as .npy, or JSON rows"}},
+)
 def read_labels(featureset_id: str, store: StoreDep, settings: SettingsDep,
                 start: RowQuery = None, stop: RowQuery = None,
                 format: FormatQuery = "npy") -> Response:
@@ -65,6 +74,58 @@ def read_labels(featureset_id: str, store: StoreDep, settings: SettingsDep,
     array = featureset.read_labels(first, last)
     return _array_response(array, format, {"featureset_id": featureset_id, "start": first,
                                            "stop": last})
+
+
+@router.delete("/{featureset_id}", status_code=status.HTTP_204_NO_CONTENT,
+               response_class=Response)
+@requires_scope("admin")
+def delete_featureset(featureset_id: str, store: StoreDep, redis: RedisDep) -> Response:
+    """Delete a feature set with the probe results and projections computed from it (admin)."""
+    check_id(featureset_id, field="featureset_id")
+    with target_lock(redis, featureset_id):
+        store.featureset(featureset_id)
+        job_id = active_job_id(redis, featureset_id)
+        if job_id is not None and job_state(redis, store, job_id)["status"] in ("queued",
+                                                                               "running"):
+            raise NotReadyError(
+                f"feature set {featureset_id!r} is still being written by job {job_id!r}; wait "
+                "for the job to finish or fail, then delete it", field="featureset_id",
+                value=featureset_id)
+        dependents = _dependent_results(store, featureset_id)
+        for kind, result_id in dependents:
+            _delete_group(store, f"{kind}/{result_id}")
+        _delete_group(store, f"featuresets/{featureset_id}")
+        store.forget(featureset_id)
+    logger.info("feature set %s deleted with %d dependent results", featureset_id,
+                len(dependents))
+    return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def _dependent_results(store: Store, featureset_id: str) -> list[tuple[str, str]]:
+    """Return (kind, id) of every probe result and projection whose spec names the feature set."""
+    found = []
+    for kind in ("probes", "projections"):
+        for result_id in store.result_ids(kind):
+            spec = (store.read_result(kind, result_id) or {}).get("spec") or {}
+            if featureset_id in _string_values(spec):
+                found.append((kind, result_id))
+    return found
+
+
+def _string_values(value: object) -> set[str]:
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, dict):
+        return set().union(*(_string_values(item) for item in value.values()))
+    if isinstance(value, list):
+        return set().union(*(_string_values(item) for item in value))
+    return set()
+
+
+def _delete_group(store: Store, path: str) -> None:
+    from zarr.core.sync import sync
+
+    sync(store.zarr_store.delete_dir(path))
 
 
 def _check_row_limit(rows: int, format: str, max_rows: int, max_json_rows: int) -> None:

@@ -6,14 +6,16 @@ from fastapi import APIRouter
 from redis.exceptions import RedisError
 from rq import Worker
 
-from service.deps import QueueDep, RedisDep, StoreDep
+from service.auth import public
+from service.deps import QueueDep, RedisDep
 
 router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz(store: StoreDep, redis: RedisDep, queue: QueueDep) -> dict[str, object]:
-    """Reports whether Redis answers, how many workers are up and where the store is."""
+@public
+def healthz(redis: RedisDep, queue: QueueDep) -> dict[str, object]:
+    """Report whether Redis answers and how many workers and queued jobs there are (no key)."""
     try:
         redis.ping()
         workers = len(Worker.all(connection=redis))
@@ -22,4 +24,4 @@ def healthz(store: StoreDep, redis: RedisDep, queue: QueueDep) -> dict[str, obje
     except RedisError:
         workers, queued, redis_ok = 0, 0, False
     return {"status": "ok" if redis_ok else "degraded", "redis": redis_ok, "workers": workers,
-            "queued_jobs": queued, "store": store.root}
+            "queued_jobs": queued}

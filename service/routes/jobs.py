@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from service.auth import JobQuotaDep
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
 from service.jobs import enqueue_extraction, job_state, load_job
 from service.schemas import JobPublic
@@ -21,13 +22,15 @@ def read_job(job_id: str, store: StoreDep, redis: RedisDep) -> JobPublic:
 
 @router.post("/{job_id}/resume", response_model=JobPublic, status_code=202)
 def resume_job(job_id: str, settings: SettingsDep, store: StoreDep, redis: RedisDep,
-               queue: QueueDep) -> JobPublic:
+               queue: QueueDep, quota: JobQuotaDep) -> JobPublic:
     """Queue the missing blocks of an extraction again; finished jobs are returned unchanged."""
     check_id(job_id, field="job_id")
     record = load_job(redis, job_id)
     state = job_state(redis, store, job_id)
     if record["kind"] == "extraction" and state["status"] == "failed":
         featureset = store.featureset(record["target"])
+        quota.check()
         enqueue_extraction(queue, featureset, timeout=settings.block_timeout, job_id=job_id)
+        quota.record(job_id)
         state = job_state(redis, store, job_id)
     return JobPublic.model_validate(state)

@@ -7,10 +7,18 @@ from pathlib import Path
 
 from fastapi import APIRouter, Response, status
 
+from service.auth import JobQuotaDep
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
 from service.jobs import active_job_id, enqueue_single, job_state, target_lock
-from service.schemas import ModelPublic, ModelsPublic, PretrainCreate, PretrainPublic
-from store import StoreError, check_name
+from service.schemas import (
+    CheckpointPublic,
+    CheckpointsPublic,
+    ModelPublic,
+    ModelsPublic,
+    PretrainCreate,
+    PretrainPublic,
+)
+from store import NotFoundError, StoreError, check_name
 from workers.datasets import load_split
 from workers.errors import ModelError, WorkersError
 from workers.modelref import resolve_model
@@ -20,7 +28,8 @@ router = APIRouter(prefix="/v1", tags=["models"])
 
 @router.post("/pretrain", status_code=status.HTTP_202_ACCEPTED, response_model=PretrainPublic)
 def create_pretraining(body: PretrainCreate, response: Response, settings: SettingsDep,
-                       store: StoreDep, redis: RedisDep, queue: QueueDep) -> PretrainPublic:
+                       store: StoreDep, redis: RedisDep, queue: QueueDep,
+                       quota: JobQuotaDep) -> PretrainPublic:
     """Pretrain a small ImageGPT (next-pixel objective) on a stored dataset as store:<name>."""
     name = check_name(body.name, field="name")
     if body.n_embd % body.n_head:
@@ -49,8 +58,10 @@ def create_pretraining(body: PretrainCreate, response: Response, settings: Setti
                 "queued", "running"):
             return PretrainPublic(model=f"store:{name}", job_id=existing, status="running",
                                   created=False)
+        quota.check()
         job_id = enqueue_single(queue, "workers.jobs.pretrain", (name, params), kind="pretrain",
                                 target=target, timeout=settings.pretrain_timeout)
+        quota.record(job_id)
     return PretrainPublic(model=f"store:{name}", job_id=job_id, status="queued", created=True)
 
 
@@ -92,3 +103,24 @@ def _local_checkpoints(roots: list[Path]) -> list[Path]:
     return found
 
 
+@router.get("/models/{name}/checkpoints", response_model=CheckpointsPublic)
+def list_checkpoints(name: str, store: StoreDep) -> CheckpointsPublic:
+    """Checkpoints saved while pretraining store:<name>, with their validation loss."""
+    check_name(name, field="name")
+    model_dir = store.models_dir() / name
+    if not (model_dir / "config.json").is_file():
+        raise NotFoundError(f"model store:{name} not found; list models with GET /v1/models",
+                            field="name", value=name)
+    data = []
+    checkpoints = model_dir / "checkpoints"
+    for path in checkpoints.iterdir() if checkpoints.is_dir() else []:
+        record_path = path / "layerbank.json"
+        if not path.name.startswith("step-") or not record_path.is_file():
+            continue
+        record = json.loads(record_path.read_text())
+        step = int(record["checkpoint"]["step"])
+        data.append(CheckpointPublic(model=f"store:{name}@step{step}", step=step,
+                                     val_loss=record["val_loss"],
+                                     val_bits_per_token=record["val_bits_per_token"]))
+    data.sort(key=lambda checkpoint: checkpoint.step)
+    return CheckpointsPublic(data=data, count=len(data))

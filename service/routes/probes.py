@@ -6,6 +6,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response, status
 
+from service.auth import JobQuotaDep
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
 from service.jobs import active_job_id, enqueue_single, job_state, target_lock
 from service.plots import layer_curve_png
@@ -21,7 +22,7 @@ MATCHING_FIELDS = ("model", "model_revision", "processor", "layers", "pooling")
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=ProbeCreated)
 def create_probe(body: ProbeCreate, response: Response, settings: SettingsDep, store: StoreDep,
-                 redis: RedisDep, queue: QueueDep) -> ProbeCreated:
+                 redis: RedisDep, queue: QueueDep, quota: JobQuotaDep) -> ProbeCreated:
     """Fit probes of one or more kinds on every requested layer, as one job."""
     spec = _probe_spec(body, store)
     probe_id = spec.probe_id()
@@ -37,10 +38,12 @@ def create_probe(body: ProbeCreate, response: Response, settings: SettingsDep, s
             if state["status"] in ("queued", "running"):
                 return ProbeCreated(probe_id=probe_id, job_id=existing_job,
                                     status=state["status"], created=False)
+        quota.check()
         store.write_result("probes", probe_id, {"probe_id": probe_id, "spec": spec.model_dump(),
                                                 "status": "pending", "rows": [], "best": {}})
         job_id = enqueue_single(queue, "workers.jobs.run_probe", (probe_id,), kind="probe",
                                 target=probe_id, timeout=settings.probe_timeout)
+        quota.record(job_id)
     return ProbeCreated(probe_id=probe_id, job_id=job_id, status="queued", created=stored is None)
 
 

@@ -1,0 +1,538 @@
+"""API keys, scopes and request limits.
+
+Keys live in Redis, shared by every API replica and the CLI:
+
+``layerbank:keys:names``
+    hash of key name -> key id.
+``layerbank:keys:id:<key id>``
+    hash with the name, scope, per-key salt, scrypt digest, creation and last-use times.
+``layerbank:keys:jobs:<key name>``
+    set of the layerbank job ids the key started, pruned to queued and running jobs on read.
+
+A key reads ``lb_<key id>_<secret>``. Only its salted scrypt digest is stored, so neither Redis
+nor the logs ever contain a usable key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import ipaddress
+import json
+import logging
+import secrets
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, HTTPException, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import BaseModel
+from redis import Redis
+from redis.exceptions import RedisError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.deps import RedisDep, SettingsDep, StoreDep
+from service.jobs import JobNotFoundError, job_state
+from service.schemas import ErrorPublic
+from store import Store, StoreError, check_name
+from store.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SCOPES = ("read", "write", "admin")
+KEY_PREFIX = "layerbank:keys"
+KEY_MARKER = "lb"
+
+# scrypt cost: about 16 MiB and tens of milliseconds per check. Verified keys are cached in
+# memory by the digest they matched, so a request with a known key skips the scrypt step.
+SCRYPT_PARAMS = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
+
+# The scope each HTTP method needs unless the endpoint says otherwise with `requires_scope`.
+SCOPE_BY_METHOD = {"GET": "read", "HEAD": "read", "OPTIONS": "read", "POST": "write",
+                   "PUT": "write", "PATCH": "write", "DELETE": "admin"}
+
+_PUBLIC_ATTR = "__layerbank_public__"
+_SCOPE_ATTR = "__layerbank_scope__"
+_Endpoint = TypeVar("_Endpoint", bound=Callable[..., Any])
+
+
+class ApiKeyError(StoreError):
+    """Raised when an API key name, scope or record is invalid, missing or already taken."""
+
+
+class LimitExceededError(StoreError):
+    """Raised when a request is larger than a configured limit (HTTP 413)."""
+
+
+class JobQuotaError(StoreError):
+    """Raised when an API key already has its maximum number of queued or running jobs."""
+
+
+class ErrorResponse(BaseModel):
+    """Body of every error response except request validation errors."""
+
+    detail: ErrorPublic
+
+
+class ValidationErrorResponse(BaseModel):
+    """Body of a 422: FastAPI's list of validation errors, or one domain error."""
+
+    detail: ErrorPublic | list[dict[str, Any]]
+
+
+class BadRequestResponse(BaseModel):
+    """Body of a 400: the request body could not be parsed."""
+
+    detail: str | ErrorPublic
+
+
+# Declared on every operation, so that clients and schema-based tests know the error shapes.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: {"model": BadRequestResponse, "description": "The request body is not valid JSON."},
+    401: {"model": ErrorResponse, "description": "Missing, invalid or revoked API key."},
+    403: {"model": ErrorResponse, "description": "The key's scope is too low, or a path is "
+          "outside the allowed roots."},
+    404: {"model": ErrorResponse, "description": "No such feature set, job, probe or model."},
+    409: {"model": ErrorResponse, "description": "The resource is not complete yet or a job "
+          "still writes it."},
+    413: {"model": ErrorResponse, "description": "The request exceeds a configured limit."},
+    422: {"model": ValidationErrorResponse, "description": "Invalid request."},
+    429: {"model": ErrorResponse, "description": "The key has its maximum number of jobs."},
+    500: {"model": ErrorResponse, "description": "Internal error; the message names a "
+          "request id to look up in the server log."},
+    503: {"model": ErrorResponse, "description": "Redis is unavailable."},
+}
+
+
+@dataclass(frozen=True)
+class ApiKeyInfo:
+    """The public part of an API key record: everything except the salt and digest."""
+
+    name: str
+    scope: str
+    created: str
+    last_used: str | None
+    key_id: str
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _digest(key: str, salt: bytes) -> bytes:
+    return hashlib.scrypt(key.encode(), salt=salt, **SCRYPT_PARAMS)  # type: ignore[arg-type]
+
+
+def check_scope(scope: str) -> str:
+    """Return ``scope`` if it is one of `SCOPES`, else raise `ApiKeyError`."""
+    if scope not in SCOPES:
+        raise ApiKeyError(f"scope {scope!r} is not a scope; choose one of {', '.join(SCOPES)}",
+                          field="scope", value=scope)
+    return scope
+
+
+def scope_allows(granted: str, needed: str) -> bool:
+    """Return whether a key with scope ``granted`` may do what ``needed`` requires."""
+    return SCOPES.index(granted) >= SCOPES.index(needed)
+
+
+class KeyStore:
+    """Create, list, verify and revoke API keys stored in Redis.
+
+    Parameters
+    ----------
+    redis
+        The Redis every API replica uses; keys are under ``layerbank:keys:``.
+    """
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+        self._verified: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def _record_key(self, key_id: str) -> str:
+        return f"{KEY_PREFIX}:id:{key_id}"
+
+    def count(self) -> int:
+        """Return the number of keys."""
+        return int(self.redis.hlen(f"{KEY_PREFIX}:names"))
+
+    def create(self, name: str, scope: str) -> str:
+        """Store a new key named ``name`` and return it; the plain key is never stored.
+
+        Raises
+        ------
+        ApiKeyError
+            If the name is invalid or taken, or the scope is not one of `SCOPES`.
+        """
+        check_name(name, field="name")
+        check_scope(scope)
+        key_id = secrets.token_hex(6)
+        key = f"{KEY_MARKER}_{key_id}_{secrets.token_urlsafe(32)}"
+        salt = secrets.token_bytes(16)
+        record = {"name": name, "scope": scope, "salt": salt.hex(),
+                  "digest": _digest(key, salt).hex(), "created": _now(), "last_used": ""}
+        self.redis.hset(self._record_key(key_id), mapping=record)
+        if not self.redis.hsetnx(f"{KEY_PREFIX}:names", name, key_id):
+            self.redis.delete(self._record_key(key_id))
+            raise ApiKeyError(f"an API key named {name!r} already exists; revoke it first or "
+                              "choose another name", field="name", value=name)
+        logger.info("API key %r created with scope %s", name, scope)
+        return key
+
+    def list(self) -> list[ApiKeyInfo]:
+        """Return every key's name, scope, creation and last-use time, sorted by name."""
+        infos = []
+        for _name, raw_id in sorted(self.redis.hgetall(f"{KEY_PREFIX}:names").items()):
+            record = self._load(raw_id.decode())
+            if record is not None:
+                infos.append(self._info(raw_id.decode(), record))
+        return infos
+
+    def revoke(self, name: str) -> None:
+        """Delete the key ``name`` so that every replica rejects it from the next request on."""
+        raw_id = self.redis.hget(f"{KEY_PREFIX}:names", name)
+        if raw_id is None:
+            raise ApiKeyError(f"no API key named {name!r}; list keys with `layerbank keys list`",
+                              field="name", value=name)
+        pipe = self.redis.pipeline()
+        pipe.delete(self._record_key(raw_id.decode()))
+        pipe.hdel(f"{KEY_PREFIX}:names", name)
+        pipe.delete(f"{KEY_PREFIX}:jobs:{name}")
+        pipe.execute()
+        logger.info("API key %r revoked", name)
+
+    def verify(self, key: str) -> ApiKeyInfo | None:
+        """Return the record of ``key``, or None when it is malformed, unknown or revoked."""
+        parts = key.split("_", 2)
+        if len(parts) != 3 or parts[0] != KEY_MARKER or not parts[1].isalnum():
+            return None
+        key_id = parts[1]
+        record = self._load(key_id)
+        if record is None:
+            return None
+        stored = bytes.fromhex(record["digest"])
+        fingerprint = hashlib.sha256(key.encode()).hexdigest()
+        with self._lock:
+            cached = self._verified.get(fingerprint)
+        if cached is None or not hmac.compare_digest(cached, stored):
+            if not hmac.compare_digest(_digest(key, bytes.fromhex(record["salt"])), stored):
+                return None
+            with self._lock:
+                if len(self._verified) > 4096:
+                    self._verified.clear()
+                self._verified[fingerprint] = stored
+        return self._info(key_id, record)
+
+    def touch(self, key_id: str) -> None:
+        """Record that the key ``key_id`` was just used."""
+        self.redis.hset(self._record_key(key_id), "last_used", _now())
+
+    def _load(self, key_id: str) -> dict[str, str] | None:
+        raw = self.redis.hgetall(self._record_key(key_id))
+        if not raw:
+            return None
+        return {k.decode(): v.decode() for k, v in raw.items()}
+
+    def _info(self, key_id: str, record: dict[str, str]) -> ApiKeyInfo:
+        return ApiKeyInfo(name=record["name"], scope=record["scope"], created=record["created"],
+                          last_used=record["last_used"] or None, key_id=key_id)
+
+
+# -- endpoint markers ------------------------------------------------------------------------
+
+
+def public(endpoint: _Endpoint) -> _Endpoint:
+    """Mark a route as open to requests without an API key (liveness checks only)."""
+    setattr(endpoint, _PUBLIC_ATTR, True)
+    return endpoint
+
+
+def requires_scope(scope: str) -> Callable[[_Endpoint], _Endpoint]:
+    """Mark a route as needing ``scope`` instead of the default scope of its HTTP method."""
+    check_scope(scope)
+
+    def mark(endpoint: _Endpoint) -> _Endpoint:
+        setattr(endpoint, _SCOPE_ATTR, scope)
+        return endpoint
+
+    return mark
+
+
+def is_public(endpoint: object) -> bool:
+    """Return whether ``endpoint`` was marked with `public`."""
+    return bool(getattr(endpoint, _PUBLIC_ATTR, False))
+
+
+def required_scope(method: str, endpoint: object) -> str:
+    """Return the scope a request with ``method`` to ``endpoint`` needs."""
+    return str(getattr(endpoint, _SCOPE_ATTR, None) or SCOPE_BY_METHOD.get(method, "admin"))
+
+
+# -- the dependency every route gets -----------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """Return whether ``host`` is a loopback address (or ``localhost``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def keys_required(settings: Settings, key_store: KeyStore) -> bool:
+    """Return whether requests must carry a key under ``settings.auth``.
+
+    ``auto`` requires keys when at least one key exists or the API binds to a non-loopback
+    address; ``required`` always does; ``off`` never does.
+    """
+    if settings.auth == "off":
+        return False
+    if settings.auth == "required" or not is_loopback(settings.host):
+        return True
+    return key_store.count() > 0
+
+
+_bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",
+                     description="An API key from `layerbank keys create`, sent as "
+                     "`Authorization: Bearer <key>`.")
+
+
+def _unauthorized(message: str, error: str | None = None) -> HTTPException:
+    challenge = "Bearer" if error is None else f'Bearer error="{error}"'
+    return HTTPException(status_code=401, headers={"WWW-Authenticate": challenge},
+                         detail={"message": message, "field": "Authorization", "value": None})
+
+
+def authorize(
+    request: Request,
+    settings: SettingsDep,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> ApiKeyInfo | None:
+    """Check the request's API key against the scope its route needs (401 or 403).
+
+    Attached to the whole app in `service.app.create_app`, so every route is covered unless it
+    is marked `public`. The accepted key is left on ``request.state.api_key`` (None when open).
+    """
+    request.state.api_key = None
+    endpoint = request.scope.get("endpoint")
+    if is_public(endpoint):
+        return None
+    key_store: KeyStore = request.app.state.key_store
+    try:
+        if not keys_required(settings, key_store):
+            return None
+        info = key_store.verify(credentials.credentials) if credentials is not None else None
+    except RedisError as exc:
+        logger.exception("API key check failed: Redis did not answer")
+        raise HTTPException(status_code=503, detail={
+            "message": "API keys cannot be checked because Redis is unavailable; retry later",
+            "field": None, "value": None}) from exc
+    if credentials is None:
+        raise _unauthorized("missing API key; send `Authorization: Bearer <key>` with a key "
+                            "from `layerbank keys create`")
+    if info is None:
+        logger.info("%s %s -> 401: invalid API key", request.method, request.url.path)
+        raise _unauthorized("invalid or revoked API key; ask an admin for a key from "
+                            "`layerbank keys create`", error="invalid_token")
+
+    needed = required_scope(request.method, endpoint)
+    if not scope_allows(info.scope, needed):
+        logger.info("%s %s -> 403: key %r has scope %s, %s needed", request.method,
+                    request.url.path, info.name, info.scope, needed)
+        raise HTTPException(status_code=403, detail={
+            "message": f"this request needs an API key with scope {needed!r}; key {info.name!r} "
+            f"has scope {info.scope!r}", "field": "scope", "value": info.scope})
+    key_store.touch(info.key_id)
+    request.state.api_key = info
+    return info
+
+
+# -- concurrent jobs per key -------------------------------------------------------------------
+
+
+@dataclass
+class JobQuota:
+    """The jobs one API key may still start; routes call `check` before and `record` after."""
+
+    redis: Redis
+    store: Store
+    key: ApiKeyInfo | None
+    limit: int
+
+    @property
+    def _set(self) -> str:
+        assert self.key is not None
+        return f"{KEY_PREFIX}:jobs:{self.key.name}"
+
+    def active_jobs(self) -> int:
+        """Return how many jobs started with this key are queued or running."""
+        if self.key is None:
+            return 0
+        active = 0
+        for raw in self.redis.smembers(self._set):
+            job_id = raw.decode()
+            try:
+                status = job_state(self.redis, self.store, job_id)["status"]
+            except JobNotFoundError:
+                status = "gone"
+            if status in ("queued", "running"):
+                active += 1
+            else:
+                self.redis.srem(self._set, job_id)
+        return active
+
+    def check(self) -> None:
+        """Raise `JobQuotaError` if the key already has ``limit`` queued or running jobs."""
+        if self.key is None:
+            return
+        # NOTE: check then record is not atomic, so two replicas racing can each start one job
+        # past the limit.
+        active = self.active_jobs()
+        if active >= self.limit:
+            raise JobQuotaError(
+                f"API key {self.key.name!r} already has {active} queued or running jobs and the "
+                f"limit is {self.limit} (LAYERBANK_MAX_JOBS_PER_KEY); wait for one to finish",
+                field="max_jobs_per_key", value=self.limit)
+
+    def record(self, job_id: str | None) -> None:
+        """Count ``job_id`` against the key until it finishes or fails."""
+        if self.key is not None and job_id is not None:
+            self.redis.sadd(self._set, job_id)
+
+
+def get_job_quota(request: Request, redis: RedisDep, store: StoreDep,
+                  settings: SettingsDep) -> JobQuota:
+    return JobQuota(redis, store, getattr(request.state, "api_key", None),
+                    settings.max_jobs_per_key)
+
+
+JobQuotaDep = Annotated[JobQuota, Depends(get_job_quota)]
+
+
+def check_extraction_size(n_layers: int, n_items: int, settings: Settings) -> None:
+    """Raise `LimitExceededError` if an extraction has more layers or items than allowed."""
+    if n_layers > settings.max_layers_per_extraction:
+        raise LimitExceededError(
+            f"{n_layers} layers requested but one extraction may store at most "
+            f"{settings.max_layers_per_extraction} (LAYERBANK_MAX_LAYERS_PER_EXTRACTION); "
+            "request fewer layers", field="layers", value=n_layers)
+    if n_items > settings.max_items_per_extraction:
+        raise LimitExceededError(
+            f"{n_items} items requested but one extraction may store at most "
+            f"{settings.max_items_per_extraction} (LAYERBANK_MAX_ITEMS_PER_EXTRACTION); pass "
+            "a smaller limit", field="limit", value=n_items)
+
+
+# -- ASGI middleware -----------------------------------------------------------------------------
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def _json_message(status: int, body: dict[str, Any],
+                  headers: list[tuple[bytes, bytes]] | None = None) -> tuple[Message, Message]:
+    payload = json.dumps(body).encode()
+    start: Message = {"type": "http.response.start", "status": status, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
+        *(headers or [])]}
+    return start, {"type": "http.response.body", "body": payload}
+
+
+class BodySizeLimitMiddleware:
+    """Reject request bodies over ``max_bytes`` with 413, by Content-Length or while streaming."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _too_large(self) -> tuple[Message, Message]:
+        return _json_message(413, {"detail": {
+            "message": f"request body is larger than the limit of {self.max_bytes} bytes "
+            "(LAYERBANK_MAX_BODY_BYTES); send a smaller body", "field": "body",
+            "value": self.max_bytes}})
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope["headers"]:
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    declared = 0
+                if declared > self.max_bytes:
+                    for message in self._too_large():
+                        await send(message)
+                    return
+
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    raise _BodyTooLarge
+            return message
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, tracking_send)
+        except _BodyTooLarge:
+            if started:
+                raise
+            for message in self._too_large():
+                await send(message)
+
+
+class InternalErrorMiddleware:
+    """Turn an unhandled exception into a 500 that names a request id and no paths or code.
+
+    The traceback goes to the log under the same request id.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except _BodyTooLarge:
+            raise
+        except Exception:
+            request_id = uuid.uuid4().hex[:16]
+            logger.exception("request %s: %s %s failed", request_id, scope.get("method"),
+                             scope.get("path"))
+            if started:
+                raise
+            body = {"detail": {"message": "internal error, see the server log (request id "
+                               f"{request_id})", "field": None, "value": None}}
+            for message in _json_message(500, body, [(b"x-request-id", request_id.encode())]):
+                await send(message)

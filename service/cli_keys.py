@@ -1,0 +1,60 @@
+"""``layerbank keys``: create, list and revoke API keys in the Redis at REDIS_URL."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from service.auth import SCOPES, ApiKeyError, KeyStore
+
+keys_app = typer.Typer(help="Manage API keys (stored hashed in the Redis at REDIS_URL).",
+                       no_args_is_help=True)
+console = Console()
+err = Console(stderr=True)
+
+
+def _key_store() -> KeyStore:
+    from redis import Redis
+
+    from store.settings import Settings
+
+    return KeyStore(Redis.from_url(Settings().redis_url))
+
+
+@keys_app.command("create")
+def create_key(
+    name: Annotated[str, typer.Option(help="unique key name: letters, digits, '.', '_', '-'")],
+    scope: Annotated[str, typer.Option(help=f"one of {', '.join(SCOPES)}")] = "read",
+) -> None:
+    """Create a key and print it once; only a salted hash is stored."""
+    try:
+        key = _key_store().create(name, scope)
+    except ApiKeyError as exc:
+        err.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(1) from None
+    err.print(f"API key {name!r} with scope {scope!r} created. It is shown only now; send it as "
+              "`Authorization: Bearer <key>`:")
+    console.print(key, markup=False, highlight=False, soft_wrap=True)
+
+
+@keys_app.command("list")
+def list_keys() -> None:
+    """List key names, scopes, creation and last-use times (never the keys)."""
+    table = Table("name", "scope", "created", "last used")
+    for info in _key_store().list():
+        table.add_row(info.name, info.scope, info.created, info.last_used or "never")
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def revoke_key(name: Annotated[str, typer.Argument(help="name of the key to revoke")]) -> None:
+    """Delete a key; every API replica rejects it from the next request on."""
+    try:
+        _key_store().revoke(name)
+    except ApiKeyError as exc:
+        err.print(f"[red]{exc.message}[/red]")
+        raise typer.Exit(1) from None
+    console.print(f"API key {name!r} revoked")
