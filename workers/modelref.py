@@ -297,7 +297,11 @@ def _describe_store_candidate(ref: str, models_dir: Path | None) -> str:
     name = ref.rstrip("/").rsplit("/", 1)[-1]
     if models_dir is None or not models_dir.is_dir():
         return "store: this service's store has no models directory"
-    if name and (models_dir / name / "config.json").is_file():
+    try:
+        exists = bool(name) and (models_dir / name / "config.json").is_file()
+    except (OSError, ValueError):  # a name too long or invalid for the file system
+        exists = False
+    if exists:
         return f"store: store:{name} exists, pass that reference to use it"
     available = sorted(p.name for p in models_dir.iterdir() if p.is_dir())
     return f"store: no store:{name} among the store's models ({', '.join(available) or 'none'})"
