@@ -475,28 +475,35 @@ class BodySizeLimitMiddleware:
                     return
 
         received = 0
-        started = False
+        exceeded = False
+        replaced = False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, exceeded
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_bytes:
+                    exceeded = True
                     raise _BodyTooLarge
             return message
 
-        async def tracking_send(message: Message) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
+        async def guarded_send(message: Message) -> None:
+            # FastAPI turns an error while reading the body into its own 400, so once the
+            # limit is exceeded the app's response is replaced by the 413.
+            nonlocal replaced
+            if not exceeded:
+                await send(message)
+            elif message["type"] == "http.response.start" and not replaced:
+                replaced = True
+                for too_large in self._too_large():
+                    await send(too_large)
 
         try:
-            await self.app(scope, limited_receive, tracking_send)
+            await self.app(scope, limited_receive, guarded_send)
         except _BodyTooLarge:
-            if started:
-                raise
+            pass
+        if exceeded and not replaced:
             for message in self._too_large():
                 await send(message)
 

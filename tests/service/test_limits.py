@@ -1,0 +1,170 @@
+"""Request limits (body size, rows, layers, items, jobs per key) and admin deletion."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fastapi.testclient import TestClient
+from redis import Redis
+
+from service.app import create_app
+from service.auth import KeyStore
+from store import Store
+from store.settings import Settings
+
+# Redis databases of the session's private server that only this module uses. Jobs queued
+# there never reach the session workers, so they stay queued for as long as a test needs.
+LIMITS_DB = 9
+FRESH_DB = 10
+
+
+def _redis_url(redis_server: Any, db: int) -> str:
+    return redis_server.url.rsplit("/", 1)[0] + f"/{db}"
+
+
+@pytest.fixture(scope="module")
+def limits_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("limits-store")
+
+
+@pytest.fixture(scope="module")
+def limits(settings: Settings, redis_server: Any, limits_store: Path
+           ) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    """A client of an app with small limits, and headers with a write and an admin key."""
+    redis = Redis.from_url(_redis_url(redis_server, LIMITS_DB))
+    redis.flushdb()
+    key_store = KeyStore(redis)
+    headers = {scope: {"Authorization": f"Bearer {key_store.create(f'limits-{scope}', scope)}"}
+               for scope in ("write", "admin")}
+    app = create_app(settings.model_copy(update={
+        "store": str(limits_store), "redis_url": _redis_url(redis_server, LIMITS_DB),
+        "max_body_bytes": 2048, "max_rows_per_fetch": 5, "max_layers_per_extraction": 2,
+        "max_items_per_extraction": 50, "max_jobs_per_key": 1}))
+    with TestClient(app, raise_server_exceptions=False) as client:
+        yield client, headers
+    redis.flushdb()
+    redis.close()
+
+
+@pytest.fixture(scope="module")
+def queued_featureset(limits: tuple[TestClient, dict[str, str]]) -> str:
+    """A feature set whose extraction job stays queued (it uses the key's one job)."""
+    client, headers = limits
+    response = client.post("/v1/extractions", headers=headers["write"], json={
+        "model": "pixels", "dataset": "digits", "split": "train", "limit": 20})
+    assert response.status_code == 202
+    return str(response.json()["featureset_id"])
+
+
+def test_limits_body_size_by_content_length(limits: tuple[TestClient, dict[str, str]]) -> None:
+    client, headers = limits
+    response = client.post("/v1/extractions", headers=headers["write"], json={
+        "model": "m" * 3000, "dataset": "digits", "split": "train"})
+    assert response.status_code == 413
+    assert "2048 bytes" in response.json()["detail"]["message"]
+
+
+def test_limits_body_size_chunked(limits: tuple[TestClient, dict[str, str]]) -> None:
+    client, headers = limits
+    chunks = iter([b'{"model": "', b"m" * 3000, b'"}'])
+    response = client.post("/v1/extractions", content=chunks,
+                           headers={**headers["write"], "Content-Type": "application/json"})
+    assert response.status_code == 413
+
+
+def test_limits_items_per_extraction(limits: tuple[TestClient, dict[str, str]]) -> None:
+    client, headers = limits
+    response = client.post("/v1/extractions", headers=headers["write"], json={
+        "model": "pixels", "dataset": "digits", "split": "train", "limit": 100})
+    assert response.status_code == 413
+    assert "at most 50" in response.json()["detail"]["message"]
+
+
+def test_limits_layers_per_extraction(limits: tuple[TestClient, dict[str, str]],
+                                      tiny_model: Path) -> None:
+    client, headers = limits
+    response = client.post("/v1/extractions", headers=headers["write"], json={
+        "model": str(tiny_model), "dataset": "digits", "split": "train", "limit": 10})
+    assert response.status_code == 413
+    assert "at most 2" in response.json()["detail"]["message"]
+
+
+def test_limits_jobs_per_key(limits: tuple[TestClient, dict[str, str]],
+                             queued_featureset: str) -> None:
+    client, headers = limits
+    response = client.post("/v1/extractions", headers=headers["write"], json={
+        "model": "pixels", "dataset": "digits", "split": "train", "limit": 30})
+    assert response.status_code == 429
+    assert "the limit is 1" in response.json()["detail"]["message"]
+
+
+def test_limits_jobs_per_key_counts_each_key(limits: tuple[TestClient, dict[str, str]],
+                                             queued_featureset: str) -> None:
+    client, headers = limits
+    response = client.post("/v1/extractions", headers=headers["admin"], json={
+        "model": "pixels", "dataset": "digits", "split": "train", "limit": 30})
+    assert response.status_code == 202
+
+
+def test_limits_same_request_returns_job_at_limit(limits: tuple[TestClient, dict[str, str]],
+                                                  queued_featureset: str) -> None:
+    client, headers = limits
+    response = client.post("/v1/extractions", headers=headers["write"], json={
+        "model": "pixels", "dataset": "digits", "split": "train", "limit": 20})
+    assert response.status_code == 202
+    assert response.json()["featureset_id"] == queued_featureset
+
+
+def test_limits_rows_per_fetch(limits: tuple[TestClient, dict[str, str]],
+                               queued_featureset: str) -> None:
+    client, headers = limits
+    response = client.get(f"/v1/featuresets/{queued_featureset}/labels?start=0&stop=20",
+                          headers=headers["write"])
+    assert response.status_code == 413
+
+
+# -- admin delete ---------------------------------------------------------------------------------
+
+
+def test_delete_featureset_while_job_queued(limits: tuple[TestClient, dict[str, str]],
+                                           queued_featureset: str) -> None:
+    client, headers = limits
+    response = client.delete(f"/v1/featuresets/{queued_featureset}", headers=headers["admin"])
+    assert response.status_code == 409
+    assert "still being written" in response.json()["detail"]["message"]
+
+
+def test_delete_featureset_removes_probe_results(
+    settings: Settings, redis_server: Any, limits_store: Path,
+    limits: tuple[TestClient, dict[str, str]], queued_featureset: str,
+) -> None:
+    # An app on a Redis database without the job record: the feature set has no active job.
+    fresh = Redis.from_url(_redis_url(redis_server, FRESH_DB))
+    fresh.flushdb()
+    store = Store(str(limits_store))
+    other = "f" * 24
+    store.write_result("probes", "a" * 24, {"spec": {"train_featureset": queued_featureset,
+                                                     "test_featureset": other}})
+    store.write_result("probes", "b" * 24, {"spec": {"train_featureset": other,
+                                                     "test_featureset": other}})
+    store.write_result("projections", "c" * 24, {"spec": {"featureset": queued_featureset}})
+    app = create_app(settings.model_copy(update={
+        "store": str(limits_store), "redis_url": _redis_url(redis_server, FRESH_DB)}))
+    with TestClient(app) as client:
+        deleted = client.delete(f"/v1/featuresets/{queued_featureset}")
+        after = client.get(f"/v1/featuresets/{queued_featureset}")
+    fresh.flushdb()
+    assert deleted.status_code == 204
+    assert after.status_code == 404
+    assert store.read_result("probes", "a" * 24) is None
+    assert store.read_result("projections", "c" * 24) is None
+    assert store.read_result("probes", "b" * 24) is not None
+
+
+def test_delete_featureset_unknown(limits: tuple[TestClient, dict[str, str]]) -> None:
+    client, headers = limits
+    response = client.delete(f"/v1/featuresets/{'e' * 24}", headers=headers["admin"])
+    assert response.status_code == 404
