@@ -283,7 +283,7 @@ async function projectionFigure(projection) {
       const path = `/v1/projections/${encodeURIComponent(projection.projection_id)}.png`;
       img.src = URL.createObjectURL(await (await request("GET", path)).blob());
     } catch (error) {
-      // Leave the status out so that the next refresh tries again.
+      // A status other than the listed one makes the next refresh fetch the plot again.
       figure.dataset.status = "error";
       img.alt = `scatter plot not available: ${error.message}`;
     }
