@@ -6,14 +6,22 @@ import io
 from typing import Any
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def layer_curve_png(rows_by_kind: dict[str, list[dict[str, Any]]], *, title: str,
-                    baseline: float | None = None, baseline_label: str = "raw pixels") -> bytes:
-    """Draw test accuracy per layer for each probe kind, best layer (by validation) marked."""
+                    baseline: float | None = None, baseline_label: str = "raw pixels",
+                    reference: list[tuple[int, float]] | None = None,
+                    reference_label: str = "reference") -> bytes:
+    """Draw test accuracy per layer for each probe kind, best layer (by validation) marked.
+
+    ``reference`` holds (layer, accuracy in [0, 1]) points from elsewhere, e.g. a published
+    result, drawn as stars for comparison.
+    """
     figure, axes = plt.subplots(figsize=(7, 4.2), dpi=110)
     for kind, rows in rows_by_kind.items():
         rows = sorted(rows, key=lambda r: r["layer"])
@@ -29,6 +37,13 @@ def layer_curve_png(rows_by_kind: dict[str, list[dict[str, Any]]], *, title: str
     if baseline is not None:
         axes.axhline(100 * baseline, color="grey", linestyle="--",
                      label=f"{baseline_label} {100 * baseline:.1f}%")
+    if reference:
+        axes.scatter([layer for layer, _ in reference], [100 * acc for _, acc in reference],
+                     marker="*", s=140, color="black", zorder=4, label=reference_label)
+        for layer, acc in reference:
+            axes.annotate(f"{100 * acc:.1f}%", (layer, 100 * acc), textcoords="offset points",
+                          xytext=(6, 6), fontsize=8)
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("layer (hidden-state index; 0 = embeddings)")
     axes.set_ylabel("test accuracy (%)")
     axes.set_title(title)
@@ -39,3 +54,99 @@ def layer_curve_png(rows_by_kind: dict[str, list[dict[str, Any]]], *, title: str
     figure.savefig(buffer, format="png")
     plt.close(figure)
     return buffer.getvalue()
+
+
+def _png(figure: Any) -> bytes:
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    plt.close(figure)
+    return buffer.getvalue()
+
+
+def scatter_png(coords: np.ndarray, labels: np.ndarray, *, class_names: list[str], title: str,
+                axis_label: str) -> bytes:
+    """Draw 2-D points coloured by class with a legend of class names.
+
+    Parameters
+    ----------
+    coords
+        Array of shape (n_points, 2).
+    labels
+        Integer array of shape (n_points,); label ``i`` is named ``class_names[i]`` when the
+        list is long enough, else by its number.
+    axis_label
+        Prefix of the axis labels, e.g. "t-SNE" gives "t-SNE 1" and "t-SNE 2".
+    """
+    figure, axes = plt.subplots(figsize=(7, 6), dpi=110)
+    classes = np.unique(labels)
+    colours = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    for index, label in enumerate(classes):
+        members = labels == label
+        name = class_names[label] if 0 <= label < len(class_names) else str(label)
+        axes.scatter(coords[members, 0], coords[members, 1], s=10, alpha=0.8,
+                     color=colours(index % colours.N), label=f"{name} ({int(members.sum())})")
+    axes.set_xlabel(f"{axis_label} 1")
+    axes.set_ylabel(f"{axis_label} 2")
+    axes.set_title(title)
+    axes.legend(title="class (points)", fontsize=8, markerscale=2, loc="center left",
+                bbox_to_anchor=(1.01, 0.5))
+    return _png(figure)
+
+
+def confusion_png(matrix: np.ndarray, *, class_names: list[str], title: str) -> bytes:
+    """Draw a confusion matrix, rows = true class, columns = predicted class.
+
+    Cells are coloured by the fraction of their row (the recall of each class) and annotated
+    with counts; ``matrix`` has shape (n_classes, n_classes).
+    """
+    n = len(matrix)
+    totals = matrix.sum(axis=1, keepdims=True)
+    fractions = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
+    size = min(12.0, 3.0 + 0.5 * n)
+    figure, axes = plt.subplots(figsize=(size + 1.2, size), dpi=110)
+    image = axes.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0)
+    figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="fraction of true class")
+    if n <= 30:
+        for row in range(n):
+            for column in range(n):
+                colour = "white" if fractions[row, column] > 0.6 else "black"
+                axes.text(column, row, str(int(matrix[row, column])), ha="center",
+                          va="center", fontsize=8, color=colour)
+    axes.set_xticks(range(n), class_names, rotation=45 if n > 10 else 0, ha="right"
+                    if n > 10 else "center")
+    axes.set_yticks(range(n), class_names)
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    axes.set_title(title)
+    return _png(figure)
+
+
+def accuracy_vs_loss_png(points: list[dict[str, Any]], *, title: str) -> bytes:
+    """Draw probe test accuracy against validation bits per token, one point per checkpoint.
+
+    Each point needs ``val_bits_per_token``, ``test_accuracy`` and ``step``; optional
+    ``test_accuracy_ci95`` ([lo, hi]) gives an error bar.
+    """
+    figure, axes = plt.subplots(figsize=(7, 4.5), dpi=110)
+    points = sorted(points, key=lambda p: p["step"])
+    loss = [p["val_bits_per_token"] for p in points]
+    accuracy = [100 * p["test_accuracy"] for p in points]
+    errors = None
+    if all(p.get("test_accuracy_ci95") for p in points):
+        errors = np.array([[100 * (p["test_accuracy"] - p["test_accuracy_ci95"][0]),
+                            100 * (p["test_accuracy_ci95"][1] - p["test_accuracy"])]
+                           for p in points]).T  # (2, n_points)
+    axes.errorbar(loss, accuracy, yerr=errors, marker="o", capsize=3, linestyle="-",
+                  label="checkpoints in training order")
+    for point, x, y in zip(points, loss, accuracy, strict=True):
+        axes.annotate(f"step {point['step']}", (x, y), textcoords="offset points",
+                      xytext=(6, 4), fontsize=8)
+    # Lower loss to the right, so "better generative model" reads left to right.
+    axes.invert_xaxis()
+    axes.set_xlabel("validation loss (bits per token; lower is better)")
+    axes.set_ylabel("probe test accuracy (%)")
+    axes.set_title(title)
+    axes.grid(alpha=0.3)
+    axes.legend(loc="lower right", fontsize=8)
+    return _png(figure)

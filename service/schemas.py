@@ -104,7 +104,8 @@ class ProbeCreate(BaseModel):
     train_featureset: str
     test_featureset: str
     layers: Literal["all"] | list[int] = "all"
-    kind: str | list[str] = Field("logistic", description="logistic, knn, mlp, or a list of them.")
+    kind: str | list[str] = Field("logistic",
+                                  description="logistic, knn, mlp, adapter, or a list of them.")
     params: dict[str, Any] = Field(
         default_factory=dict,
         description="Hyper-parameters; either flat (applied to the only kind) or keyed by kind.",
@@ -155,6 +156,10 @@ class PretrainCreate(BaseModel):
     batch_size: int = Field(64, ge=1, le=4096)
     learning_rate: float = Field(1e-3, gt=0, le=1.0)
     seed: int = Field(0, ge=0, le=2**31 - 1)
+    eval_every: int = Field(100, ge=1, description="Steps between validation-loss evaluations.")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="Save a checkpoint (store:<name>@step<N>) at step 0 and every "
+        "this many steps, each with its validation loss; none when unset.")
 
 
 class PretrainPublic(BaseModel):
@@ -177,6 +182,75 @@ class ModelPublic(BaseModel):
 class ModelsPublic(BaseModel):
     data: list[ModelPublic]
     count: int
+
+
+class CheckpointPublic(BaseModel):
+    model: str = Field(description="Reference to extract with, store:<name>@step<N>.")
+    step: int
+    val_loss: float = Field(description="Validation cross-entropy in nats per token.")
+    val_bits_per_token: float
+
+
+class CheckpointsPublic(BaseModel):
+    data: list[CheckpointPublic]
+    count: int
+
+
+class ProjectionCreate(BaseModel):
+    """Request body of POST /v1/projections."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    featureset: str
+    layer: int = Field(..., ge=0)
+    method: Literal["tsne", "pca", "umap"] = "tsne"
+    n_points: int = Field(1000, ge=1, le=100_000, description="Stratified subsample size; "
+                          "all items when the feature set has fewer.")
+    seed: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class ProjectionCreated(BaseModel):
+    projection_id: str
+    job_id: str | None
+    status: str
+    created: bool
+
+
+class ProjectionPublic(BaseModel):
+    projection_id: str
+    status: str
+    spec: dict[str, Any]
+    n_points: int | None = None
+    info: dict[str, Any] = Field(default_factory=dict, description="Engine and its settings.")
+    class_names: list[str] = Field(default_factory=list)
+    coords: list[list[float]] | None = Field(None, description="(n_points, 2) when complete.")
+    item_indices: list[int] | None = Field(None, description="Rows of the feature set.")
+    labels: list[int] | None = None
+    job_id: str | None = None
+
+
+class ProjectionsPublic(BaseModel):
+    data: list[ProjectionPublic]
+    count: int
+
+
+class ClaimPointPublic(BaseModel):
+    probe_id: str
+    model: str
+    step: int
+    kind: str
+    layer: int
+    val_loss: float
+    val_bits_per_token: float
+    test_accuracy: float
+    test_accuracy_ci95: list[float] | None = None
+
+
+class ClaimPublic(BaseModel):
+    points: list[ClaimPointPublic]
+    spearman: float | None = Field(
+        None, description="Rank correlation of validation bits per token and test accuracy; "
+        "negative when lower loss goes with higher accuracy. None with fewer than 3 points.")
 
 
 class DatasetPublic(BaseModel):

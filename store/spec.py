@@ -67,4 +67,6 @@ class ProbeSpec(BaseModel):
         return content_id({"kind": "probe", **self.model_dump()})
 
 
-PROBE_KINDS = ("logistic", "knn", "mlp")
+# "adapter" trains Houlsby adapters on the images and model behind the feature sets
+# (workers.adapters); the other kinds read the stored features.
+PROBE_KINDS = ("logistic", "knn", "mlp", "adapter")

@@ -10,7 +10,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import numpy as np
 from redis.exceptions import RedisError
@@ -169,12 +169,15 @@ def run_probe(probe_id: str) -> dict[str, Any]:
         def progress(done: int, _total: int, offset: int = kind_index * len(positions)) -> None:
             _set_meta(progress={"done": offset + done, "total": total})
 
-        kind_rows = fit_probes(
-            kind, train_features, y_train, test_features, y_test,
-            layers=list(range(len(positions))), params=dict(spec["params"].get(kind, {})),
-            seed=spec["seed"], class_names=class_names, device=settings.resolved_device(),
-            progress=progress,
-        )
+        if kind == "adapter":
+            kind_rows = _fit_adapters(store, settings, train, test, spec, progress)
+        else:
+            kind_rows = fit_probes(
+                kind, train_features, y_train, test_features, y_test,
+                layers=list(range(len(positions))), params=dict(spec["params"].get(kind, {})),
+                seed=spec["seed"], class_names=class_names, device=settings.resolved_device(),
+                progress=progress,
+            )
         for row, layer in zip(kind_rows, spec["layers"], strict=True):
             row["layer"] = layer
             rows.append(row)
@@ -191,6 +194,45 @@ def run_probe(probe_id: str) -> dict[str, Any]:
                      {"last_probe_fit_seconds": fit_seconds})
     logger.info("probe %s: %d rows stored in %.1fs", probe_id, len(rows), fit_seconds)
     return {"probe_id": probe_id, "rows": len(rows)}
+
+
+def _fit_adapters(store: Store, settings: Settings, train: Any, test: Any, spec: dict[str, Any],
+                  progress: Callable[[int, int], None]) -> list[dict[str, Any]]:
+    """Train adapter probes from the images and model behind two feature sets, layer by layer."""
+    from workers.adapters import fit_adapter
+    from workers.extract import load_featureset_split, resolve_for_featureset
+    from workers.imagegpt import build_input_ids
+    from workers.models import ImageGPTAdapter, load_model
+
+    ref = resolve_for_featureset(train, settings, store)
+    if ref.family != "imagegpt":
+        raise ProbeError(f"adapter probes need an ImageGPT model, but {ref.ref!r} is a "
+                         f"{ref.family} model; use kind logistic, knn or mlp for it",
+                         field="kind", value="adapter")
+    model = cast(ImageGPTAdapter, load_model(
+        ref, device=settings.resolved_device(),
+        input_policy=train.spec.processor.get("input_policy")))
+    # Rows of a feature set are the split's items in order, so labels and inputs line up.
+    inputs = [build_input_ids(model.tokens(load_featureset_split(featureset, settings).images),
+                              policy=model.input_policy, sos_token=model.sos_token)
+              for featureset in (train, test)]  # (n_items, seq) each
+    rows = []
+    for index, layer in enumerate(spec["layers"]):
+        rows.append(fit_adapter(
+            model.model, inputs[0], train.read_labels(), inputs[1], test.read_labels(),
+            layer=layer, pooling=train.spec.pooling, params=spec["params"].get("adapter", {}),
+            seed=spec["seed"], class_names=train.attrs.get("class_names") or None,
+        ))
+        progress(index + 1, len(spec["layers"]))
+    return rows
+
+
+@recorded_errors
+def run_projection(projection_id: str) -> dict[str, Any]:
+    """Compute a 2-D projection of one stored layer and write its coordinates."""
+    from workers.projections import run_projection as run
+
+    return run(_store(get_settings()), projection_id)
 
 
 def _features(featureset: Any, positions: list[int]) -> np.ndarray:

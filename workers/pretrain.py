@@ -45,6 +45,7 @@ class PretrainParams(BaseModel):
     dropout: float = Field(0.1, ge=0, le=0.9)
     val_fraction: float = Field(0.1, gt=0, lt=0.5)
     eval_every: int = Field(100, ge=1)
+    checkpoint_every: int | None = Field(None, ge=1)
     seed: int = 0
 
 
@@ -84,7 +85,9 @@ def pretrain_imagegpt(
     """Train a small ImageGPT and save it under ``output_dir``; return the training record.
 
     The directory appears complete or not at all: training writes to a temporary sibling that is
-    renamed at the end.
+    renamed at the end. With ``params.checkpoint_every`` set, the model is also saved at step 0
+    and every that many steps, each with its validation loss, under
+    ``output_dir/checkpoints/step-<N>/`` (loadable as ``store:<name>@step<N>``).
     """
     from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGPTImageProcessor
 
@@ -122,6 +125,19 @@ def pretrain_imagegpt(
     generator = torch.Generator().manual_seed(params.seed)
     train_inputs, train_targets = inputs[train_index], tokens[train_index]
     history: list[dict[str, float]] = []
+    checkpoints_dir = output_dir.parent / f".{output_dir.name}.{uuid.uuid4().hex}.checkpoints"
+    checkpoint_steps = _checkpoint_steps(params)
+
+    def save_checkpoint(step: int, val_loss: float) -> None:
+        checkpoint = {"objective": "next_pixel", "input_policy": "sos",
+                      "params": params.model_dump(), "dataset_fingerprint": split.fingerprint,
+                      "checkpoint": {"step": step}, "val_loss": val_loss,
+                      "val_bits_per_token": val_loss / math.log(2)}
+        _save(model, palette, (height, width), checkpoint,
+              checkpoints_dir / f"step-{step}", ImageGPTImageProcessor)
+
+    if 0 in checkpoint_steps:
+        save_checkpoint(0, _evaluate(model, inputs[val_index], tokens[val_index], device))
 
     model.train()
     for step in range(1, params.steps + 1):
@@ -135,7 +151,7 @@ def pretrain_imagegpt(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
-        if step % params.eval_every == 0 or step == params.steps:
+        if step % params.eval_every == 0 or step == params.steps or step in checkpoint_steps:
             val_loss = _evaluate(model, inputs[val_index], tokens[val_index], device)
             record = {"step": step, "train_loss": float(loss), "val_loss": val_loss,
                       "val_bits_per_token": val_loss / math.log(2)}
@@ -144,6 +160,8 @@ def pretrain_imagegpt(
                         float(loss), val_loss)
             if progress is not None:
                 progress(step, params.steps, record)
+            if step in checkpoint_steps:
+                save_checkpoint(step, val_loss)
             model.train()
 
     model.eval()
@@ -161,8 +179,14 @@ def pretrain_imagegpt(
         "device": device,
     }
     _save(model.cpu(), palette, (height, width), record, output_dir,
-          ImageGPTImageProcessor)
+          ImageGPTImageProcessor, checkpoints=checkpoints_dir if checkpoint_steps else None)
     return record
+
+
+def _checkpoint_steps(params: PretrainParams) -> set[int]:
+    if params.checkpoint_every is None:
+        return set()
+    return {0, *range(params.checkpoint_every, params.steps + 1, params.checkpoint_every)}
 
 
 def _warmup_cosine(params: PretrainParams) -> Callable[[int], float]:
@@ -190,7 +214,9 @@ def _evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tenso
 
 
 def _save(model: torch.nn.Module, palette: np.ndarray, size: tuple[int, int],
-          record: dict[str, Any], output_dir: Path, processor_cls: Any) -> None:
+          record: dict[str, Any], output_dir: Path, processor_cls: Any,
+          checkpoints: Path | None = None) -> None:
+    """Write a checkpoint directory atomically; ``checkpoints`` is moved into it, if given."""
     temporary = output_dir.parent / f".{output_dir.name}.{uuid.uuid4().hex}.partial"
     temporary.mkdir(parents=True)
     try:
@@ -199,6 +225,8 @@ def _save(model: torch.nn.Module, palette: np.ndarray, size: tuple[int, int],
                                   size={"height": size[0], "width": size[1]})
         processor.save_pretrained(temporary)
         (temporary / "layerbank.json").write_text(json.dumps(record, indent=2))
+        if checkpoints is not None:
+            checkpoints.rename(temporary / "checkpoints")
         if output_dir.exists():
             shutil.rmtree(output_dir)
         temporary.rename(output_dir)

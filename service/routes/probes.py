@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
+import numpy as np
 from fastapi import APIRouter, Query, Response, status
 
 from service.auth import JobQuotaDep
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
 from service.jobs import active_job_id, enqueue_single, job_state, target_lock
-from service.plots import layer_curve_png
+from service.plots import confusion_png, layer_curve_png
 from service.schemas import CurvePublic, ProbeCreate, ProbeCreated, ProbePublic, ProbesPublic
 from store import NotFoundError, NotReadyError, ProbeSpec, Store, StoreError, check_id
 from store.spec import PROBE_KINDS
@@ -160,6 +161,9 @@ def read_curve_png(
     probe_id: str, store: StoreDep, redis: RedisDep,
     baseline: Annotated[float | None, Query(ge=0, le=1, description="reference accuracy line")]
     = None,
+    reference: Annotated[str | None, Query(
+        max_length=2000, description="reference points layer:accuracy, comma-separated, e.g. "
+        "13:0.782,16:0.786")] = None,
 ) -> Response:
     """Layer-accuracy curve as a PNG, best layer by validation accuracy marked."""
     probe = _complete_probe(store, redis, probe_id)
@@ -168,5 +172,48 @@ def read_curve_png(
         rows_by_kind.setdefault(row["kind"], []).append(row)
     train = store.featureset(probe["spec"]["train_featureset"]).spec
     title = f"{train.model} on {train.dataset}: probe accuracy per layer ({train.pooling} pooling)"
-    png = layer_curve_png(rows_by_kind, title=title, baseline=baseline)
+    png = layer_curve_png(rows_by_kind, title=title, baseline=baseline,
+                          reference=_reference_points(reference))
+    return Response(png, media_type="image/png")
+
+
+def _reference_points(text: str | None) -> list[tuple[int, float]]:
+    """Parse ``"13:0.782,16:0.786"`` into [(13, 0.782), (16, 0.786)]."""
+    points: list[tuple[int, float]] = []
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        layer, _, value = part.partition(":")
+        try:
+            point = (int(layer), float(value))
+        except ValueError:
+            point = (-1, -1.0)
+        if point[0] < 0 or not 0.0 <= point[1] <= 1.0:
+            raise StoreError(f"reference point {part.strip()!r} is invalid; pass layer:accuracy "
+                             "pairs with accuracy in [0, 1], e.g. 13:0.782,16:0.786",
+                             field="reference", value=text)
+        points.append(point)
+    return points
+
+
+@router.get("/{probe_id}/confusion.png", responses={200: {"content": {"image/png": {}}}},
+            response_class=Response)
+def read_confusion_png(
+    probe_id: str, store: StoreDep, redis: RedisDep,
+    layer: Annotated[int, Query(ge=0, description="hidden-state index")],
+    kind: Annotated[str, Query(description="probe kind")] = "logistic",
+) -> Response:
+    """Test confusion matrix of one probe kind on one layer as a PNG."""
+    probe = _complete_probe(store, redis, probe_id)
+    rows = [row for row in probe["rows"] if row["kind"] == kind and row["layer"] == layer]
+    if not rows:
+        fitted = sorted({(row["kind"], row["layer"]) for row in probe["rows"]})
+        raise NotFoundError(f"probe {probe_id!r} has no {kind} row for layer {layer}; fitted "
+                            f"(kind, layer) pairs: {fitted}", field="layer", value=layer)
+    row = rows[0]
+    names = row.get("class_names") or [str(c) for c in row["classes"]]
+    train = store.featureset(probe["spec"]["train_featureset"]).spec
+    title = (f"{train.model} on {train.dataset}: {kind} probe, layer {layer}\n"
+             f"test accuracy {100 * row['test_accuracy']:.1f}% ({row['n_test']} items)")
+    png = confusion_png(np.asarray(row["confusion_matrix"]), class_names=names, title=title)
     return Response(png, media_type="image/png")

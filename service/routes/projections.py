@@ -1,0 +1,219 @@
+"""Projections: 2-D PCA, t-SNE or UMAP maps of one stored layer, as JSON, .npy and PNG."""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Response, status
+
+from service.auth import JobQuotaDep
+from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
+from service.jobs import active_job_id, enqueue_single, job_state, target_lock
+from service.plots import scatter_png
+from service.schemas import (
+    ProjectionCreate,
+    ProjectionCreated,
+    ProjectionPublic,
+    ProjectionsPublic,
+)
+from store import NotFoundError, NotReadyError, Store, check_id
+from workers.projections import ProjectionSpec, check_request
+
+logger = logging.getLogger(__name__)
+
+router = APIRouter(prefix="/v1/projections", tags=["projections"])
+
+METHOD_NAMES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
+PNG_RESPONSE: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}}}
+
+
+@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=ProjectionCreated)
+def create_projection(
+    body: ProjectionCreate,
+    response: Response,
+    settings: SettingsDep,
+    store: StoreDep,
+    redis: RedisDep,
+    queue: QueueDep,
+    quota: JobQuotaDep,
+) -> ProjectionCreated:
+    """Project a stratified subsample of one layer to 2-D, as one job."""
+    check_id(body.featureset, field="featureset")
+    featureset = store.featureset(body.featureset)
+    featureset.require_complete()
+    featureset.layer_position(body.layer)
+    # More points than items means all items; the id is computed from the count actually used.
+    n_points = min(body.n_points, featureset.n_items)
+    check_request(body.method, n_points)
+    spec = ProjectionSpec(
+        featureset=featureset.id,
+        layer=body.layer,
+        method=body.method,
+        n_points=n_points,
+        seed=body.seed,
+    )
+    projection_id = spec.projection_id()
+
+    with target_lock(redis, projection_id):
+        stored = store.read_result("projections", projection_id)
+        existing_job = active_job_id(redis, projection_id)
+        if stored is not None and stored.get("status") == "complete":
+            response.status_code = status.HTTP_200_OK
+            return ProjectionCreated(
+                projection_id=projection_id, job_id=existing_job, status="complete", created=False
+            )
+        if existing_job is not None:
+            state = job_state(redis, store, existing_job)
+            if state["status"] in ("queued", "running"):
+                return ProjectionCreated(
+                    projection_id=projection_id,
+                    job_id=existing_job,
+                    status=state["status"],
+                    created=False,
+                )
+        quota.check()
+        store.write_result(
+            "projections",
+            projection_id,
+            {"projection_id": projection_id, "spec": spec.model_dump(), "status": "pending"},
+        )
+        job_id = enqueue_single(
+            queue,
+            "workers.jobs.run_projection",
+            (projection_id,),
+            kind="projection",
+            target=projection_id,
+            timeout=settings.probe_timeout,
+        )
+        quota.record(job_id)
+    logger.info(
+        "projection %s: job %s, %s of layer %d of %s (%d points)",
+        projection_id,
+        job_id,
+        body.method,
+        body.layer,
+        featureset.id,
+        n_points,
+    )
+    return ProjectionCreated(
+        projection_id=projection_id, job_id=job_id, status="queued", created=stored is None
+    )
+
+
+def _read_projection(
+    store: Store, redis: Any, projection_id: str, *, arrays: bool
+) -> dict[str, Any]:
+    check_id(projection_id, field="projection_id")
+    stored = store.read_result("projections", projection_id)
+    if stored is None or "spec" not in stored:
+        raise NotFoundError(
+            f"projection {projection_id!r} not found; list projections with GET /v1/projections",
+            field="projection_id",
+            value=projection_id,
+        )
+    result: dict[str, Any] = {
+        "projection_id": projection_id,
+        "status": stored.get("status", "pending"),
+        "spec": stored["spec"],
+        "n_points": stored.get("n_points"),
+        "info": stored.get("info", {}),
+        "class_names": stored.get("class_names", []),
+        "job_id": active_job_id(redis, projection_id),
+    }
+    if arrays and result["status"] == "complete":
+        group = store.result_group("projections", projection_id, mode="r")
+        result["coords"] = np.asarray(group["coords"][:]).tolist()
+        result["item_indices"] = np.asarray(group["item_indices"][:]).tolist()
+        result["labels"] = np.asarray(group["labels"][:]).tolist()
+    return result
+
+
+def _complete_arrays(
+    store: Store, redis: Any, projection_id: str
+) -> tuple[dict[str, Any], np.ndarray, np.ndarray]:
+    projection = _read_projection(store, redis, projection_id, arrays=False)
+    if projection["status"] != "complete":
+        raise NotReadyError(
+            f"projection {projection_id!r} is not complete yet; wait for job "
+            f"{projection['job_id']}",
+            field="projection_id",
+            value=projection_id,
+        )
+    group = store.result_group("projections", projection_id, mode="r")
+    coords = np.asarray(group["coords"][:])  # (n_points, 2)
+    labels = np.asarray(group["labels"][:])  # (n_points,)
+    return projection, coords, labels
+
+
+@router.get("", response_model=ProjectionsPublic)
+def list_projections(store: StoreDep, redis: RedisDep) -> ProjectionsPublic:
+    """All projections in the store, without their coordinates."""
+    data = [
+        ProjectionPublic.model_validate(_read_projection(store, redis, i, arrays=False))
+        for i in store.result_ids("projections")
+    ]
+    return ProjectionsPublic(data=data, count=len(data))
+
+
+def _scatter(store: Store, redis: Any, projection_id: str) -> Response:
+    projection, coords, labels = _complete_arrays(store, redis, projection_id)
+    spec = projection["spec"]
+    featureset = store.featureset(spec["featureset"]).spec
+    method = METHOD_NAMES[spec["method"]]
+    # A local checkpoint path would overflow the title; its directory name identifies it.
+    model = featureset.model
+    if model.startswith(("/", ".", "~")):
+        model = model.rstrip("/").rsplit("/", 1)[-1]
+    title = (
+        f"{method} of layer {spec['layer']}: {model} on {featureset.dataset}/"
+        f"{featureset.split}\n({len(labels)} points, {featureset.pooling} pooling)"
+    )
+    png = scatter_png(
+        coords, labels, class_names=projection["class_names"], title=title, axis_label=method
+    )
+    return Response(png, media_type="image/png")
+
+
+@router.get("/{projection_id}.png", responses=PNG_RESPONSE, response_class=Response)
+def read_projection_png(projection_id: str, store: StoreDep, redis: RedisDep) -> Response:
+    """Scatter plot of a projection, coloured by class, as a PNG."""
+    return _scatter(store, redis, projection_id)
+
+
+@router.get("/{projection_id}/scatter.png", responses=PNG_RESPONSE, response_class=Response)
+def read_scatter_png(projection_id: str, store: StoreDep, redis: RedisDep) -> Response:
+    """Scatter plot of a projection, coloured by class, as a PNG (same as {id}.png)."""
+    return _scatter(store, redis, projection_id)
+
+
+@router.get(
+    "/{projection_id}/coords.npy",
+    responses={
+        200: {
+            "content": {"application/octet-stream": {}},
+            "description": "float32 array of shape (n_points, 2) as .npy",
+        }
+    },
+    response_class=Response,
+)
+def read_coords_npy(projection_id: str, store: StoreDep, redis: RedisDep) -> Response:
+    """Coordinates of a projection as a (n_points, 2) float32 .npy array."""
+    _, coords, _ = _complete_arrays(store, redis, projection_id)
+    buffer = io.BytesIO()
+    np.save(buffer, coords, allow_pickle=False)
+    return Response(
+        buffer.getvalue(),
+        media_type="application/octet-stream",
+        headers={"Content-Disposition": f'attachment; filename="{projection_id}-coords.npy"'},
+    )
+
+
+@router.get("/{projection_id}", response_model=ProjectionPublic)
+def read_projection(projection_id: str, store: StoreDep, redis: RedisDep) -> ProjectionPublic:
+    """Spec, engine, coordinates, item indices and labels of a projection."""
+    return ProjectionPublic.model_validate(
+        _read_projection(store, redis, projection_id, arrays=True)
+    )
