@@ -51,9 +51,16 @@ KEY_MARKER = "lb"
 # memory by the digest they matched, so a request with a known key skips the scrypt step.
 SCRYPT_PARAMS = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
 
-# The scope each HTTP method needs unless the endpoint says otherwise with `requires_scope`.
-SCOPE_BY_METHOD = {"GET": "read", "HEAD": "read", "OPTIONS": "read", "POST": "write",
-                   "PUT": "write", "PATCH": "write", "DELETE": "admin"}
+# The scope each HTTP method needs unless the endpoint sets another with `requires_scope`.
+SCOPE_BY_METHOD = {
+    "GET": "read",
+    "HEAD": "read",
+    "OPTIONS": "read",
+    "POST": "write",
+    "PUT": "write",
+    "PATCH": "write",
+    "DELETE": "admin",
+}
 
 _PUBLIC_ATTR = "__layerbank_public__"
 _SCOPE_ATTR = "__layerbank_scope__"
@@ -94,16 +101,23 @@ class BadRequestResponse(BaseModel):
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: {"model": BadRequestResponse, "description": "The request body is not valid JSON."},
     401: {"model": ErrorResponse, "description": "Missing, invalid or revoked API key."},
-    403: {"model": ErrorResponse, "description": "The key's scope is too low, or a path is "
-          "outside the allowed roots."},
+    403: {
+        "model": ErrorResponse,
+        "description": "The key's scope is too low, or a path is outside the allowed roots.",
+    },
     404: {"model": ErrorResponse, "description": "No such feature set, job, probe or model."},
-    409: {"model": ErrorResponse, "description": "The resource is not complete yet or a job "
-          "still writes it."},
+    409: {
+        "model": ErrorResponse,
+        "description": "The resource is not complete yet or a job still writes it.",
+    },
     413: {"model": ErrorResponse, "description": "The request exceeds a configured limit."},
     422: {"model": ValidationErrorResponse, "description": "Invalid request."},
     429: {"model": ErrorResponse, "description": "The key has its maximum number of jobs."},
-    500: {"model": ErrorResponse, "description": "Internal error; the message names a "
-          "request id to look up in the server log."},
+    500: {
+        "model": ErrorResponse,
+        "description": "Internal error; the message names a "
+        "request id to look up in the server log.",
+    },
     503: {"model": ErrorResponse, "description": "Redis is unavailable."},
 }
 
@@ -123,6 +137,10 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def _digest(key: str, salt: bytes) -> bytes:
     return hashlib.scrypt(key.encode(), salt=salt, **SCRYPT_PARAMS)  # type: ignore[arg-type]
 
@@ -130,8 +148,11 @@ def _digest(key: str, salt: bytes) -> bytes:
 def check_scope(scope: str) -> str:
     """Return ``scope`` if it is one of `SCOPES`, else raise `ApiKeyError`."""
     if scope not in SCOPES:
-        raise ApiKeyError(f"scope {scope!r} is not a scope; choose one of {', '.join(SCOPES)}",
-                          field="scope", value=scope)
+        raise ApiKeyError(
+            f"scope {scope!r} is not a scope; choose one of {', '.join(SCOPES)}",
+            field="scope",
+            value=scope,
+        )
     return scope
 
 
@@ -174,13 +195,22 @@ class KeyStore:
         key_id = secrets.token_hex(6)
         key = f"{KEY_MARKER}_{key_id}_{secrets.token_urlsafe(32)}"
         salt = secrets.token_bytes(16)
-        record = {"name": name, "scope": scope, "salt": salt.hex(),
-                  "digest": _digest(key, salt).hex(), "created": _now(), "last_used": ""}
-        self.redis.hset(self._record_key(key_id), mapping=record)
+        record = {
+            "name": name,
+            "scope": scope,
+            "salt": salt.hex(),
+            "digest": _digest(key, salt).hex(),
+            "created": _now(),
+            "last_used": "",
+        }
+        self.redis.hset(self._record_key(key_id), mapping=record)  # type: ignore[arg-type]
         if not self.redis.hsetnx(f"{KEY_PREFIX}:names", name, key_id):
             self.redis.delete(self._record_key(key_id))
-            raise ApiKeyError(f"an API key named {name!r} already exists; revoke it first or "
-                              "choose another name", field="name", value=name)
+            raise ApiKeyError(
+                f"an API key named {name!r} already exists; revoke it first or choose another name",
+                field="name",
+                value=name,
+            )
         logger.info("API key %r created with scope %s", name, scope)
         return key
 
@@ -188,19 +218,22 @@ class KeyStore:
         """Return every key's name, scope, creation and last-use time, sorted by name."""
         infos = []
         for _name, raw_id in sorted(self.redis.hgetall(f"{KEY_PREFIX}:names").items()):
-            record = self._load(raw_id.decode())
+            record = self._load(_text(raw_id))
             if record is not None:
-                infos.append(self._info(raw_id.decode(), record))
+                infos.append(self._info(_text(raw_id), record))
         return infos
 
     def revoke(self, name: str) -> None:
         """Delete the key ``name`` so that every replica rejects it from the next request on."""
         raw_id = self.redis.hget(f"{KEY_PREFIX}:names", name)
         if raw_id is None:
-            raise ApiKeyError(f"no API key named {name!r}; list keys with `layerbank keys list`",
-                              field="name", value=name)
+            raise ApiKeyError(
+                f"no API key named {name!r}; list keys with `layerbank keys list`",
+                field="name",
+                value=name,
+            )
         pipe = self.redis.pipeline()
-        pipe.delete(self._record_key(raw_id.decode()))
+        pipe.delete(self._record_key(_text(raw_id)))
         pipe.hdel(f"{KEY_PREFIX}:names", name)
         pipe.delete(f"{KEY_PREFIX}:jobs:{name}")
         pipe.execute()
@@ -236,11 +269,16 @@ class KeyStore:
         raw = self.redis.hgetall(self._record_key(key_id))
         if not raw:
             return None
-        return {k.decode(): v.decode() for k, v in raw.items()}
+        return {_text(k): _text(v) for k, v in raw.items()}
 
     def _info(self, key_id: str, record: dict[str, str]) -> ApiKeyInfo:
-        return ApiKeyInfo(name=record["name"], scope=record["scope"], created=record["created"],
-                          last_used=record["last_used"] or None, key_id=key_id)
+        return ApiKeyInfo(
+            name=record["name"],
+            scope=record["scope"],
+            created=record["created"],
+            last_used=record["last_used"] or None,
+            key_id=key_id,
+        )
 
 
 # -- endpoint markers ------------------------------------------------------------------------
@@ -299,15 +337,20 @@ def keys_required(settings: Settings, key_store: KeyStore) -> bool:
     return key_store.count() > 0
 
 
-_bearer = HTTPBearer(auto_error=False, scheme_name="ApiKey",
-                     description="An API key from `layerbank keys create`, sent as "
-                     "`Authorization: Bearer <key>`.")
+_bearer = HTTPBearer(
+    auto_error=False,
+    scheme_name="ApiKey",
+    description="An API key from `layerbank keys create`, sent as `Authorization: Bearer <key>`.",
+)
 
 
 def _unauthorized(message: str, error: str | None = None) -> HTTPException:
     challenge = "Bearer" if error is None else f'Bearer error="{error}"'
-    return HTTPException(status_code=401, headers={"WWW-Authenticate": challenge},
-                         detail={"message": message, "field": "Authorization", "value": None})
+    return HTTPException(
+        status_code=401,
+        headers={"WWW-Authenticate": challenge},
+        detail={"message": message, "field": "Authorization", "value": None},
+    )
 
 
 def authorize(
@@ -331,24 +374,45 @@ def authorize(
         info = key_store.verify(credentials.credentials) if credentials is not None else None
     except RedisError as exc:
         logger.exception("API key check failed: Redis did not answer")
-        raise HTTPException(status_code=503, detail={
-            "message": "API keys cannot be checked because Redis is unavailable; retry later",
-            "field": None, "value": None}) from exc
+        raise HTTPException(
+            status_code=503,
+            detail={
+                "message": "API keys cannot be checked because Redis is unavailable; retry later",
+                "field": None,
+                "value": None,
+            },
+        ) from exc
     if credentials is None:
-        raise _unauthorized("missing API key; send `Authorization: Bearer <key>` with a key "
-                            "from `layerbank keys create`")
+        raise _unauthorized(
+            "missing API key; send `Authorization: Bearer <key>` with a key "
+            "from `layerbank keys create`"
+        )
     if info is None:
         logger.info("%s %s -> 401: invalid API key", request.method, request.url.path)
-        raise _unauthorized("invalid or revoked API key; ask an admin for a key from "
-                            "`layerbank keys create`", error="invalid_token")
+        raise _unauthorized(
+            "invalid or revoked API key; ask an admin for a key from `layerbank keys create`",
+            error="invalid_token",
+        )
 
     needed = required_scope(request.method, endpoint)
     if not scope_allows(info.scope, needed):
-        logger.info("%s %s -> 403: key %r has scope %s, %s needed", request.method,
-                    request.url.path, info.name, info.scope, needed)
-        raise HTTPException(status_code=403, detail={
-            "message": f"this request needs an API key with scope {needed!r}; key {info.name!r} "
-            f"has scope {info.scope!r}", "field": "scope", "value": info.scope})
+        logger.info(
+            "%s %s -> 403: key %r has scope %s, %s needed",
+            request.method,
+            request.url.path,
+            info.name,
+            info.scope,
+            needed,
+        )
+        raise HTTPException(
+            status_code=403,
+            detail={
+                "message": f"this request needs an API key with scope {needed!r}; key "
+                f"{info.name!r} has scope {info.scope!r}",
+                "field": "scope",
+                "value": info.scope,
+            },
+        )
     key_store.touch(info.key_id)
     request.state.api_key = info
     return info
@@ -377,7 +441,7 @@ class JobQuota:
             return 0
         active = 0
         for raw in self.redis.smembers(self._set):
-            job_id = raw.decode()
+            job_id = _text(raw)
             try:
                 status = job_state(self.redis, self.store, job_id)["status"]
             except JobNotFoundError:
@@ -399,7 +463,9 @@ class JobQuota:
             raise JobQuotaError(
                 f"API key {self.key.name!r} already has {active} queued or running jobs and the "
                 f"limit is {self.limit} (LAYERBANK_MAX_JOBS_PER_KEY); wait for one to finish",
-                field="max_jobs_per_key", value=self.limit)
+                field="max_jobs_per_key",
+                value=self.limit,
+            )
 
     def record(self, job_id: str | None) -> None:
         """Count ``job_id`` against the key until it finishes or fails."""
@@ -407,10 +473,12 @@ class JobQuota:
             self.redis.sadd(self._set, job_id)
 
 
-def get_job_quota(request: Request, redis: RedisDep, store: StoreDep,
-                  settings: SettingsDep) -> JobQuota:
-    return JobQuota(redis, store, getattr(request.state, "api_key", None),
-                    settings.max_jobs_per_key)
+def get_job_quota(
+    request: Request, redis: RedisDep, store: StoreDep, settings: SettingsDep
+) -> JobQuota:
+    return JobQuota(
+        redis, store, getattr(request.state, "api_key", None), settings.max_jobs_per_key
+    )
 
 
 JobQuotaDep = Annotated[JobQuota, Depends(get_job_quota)]
@@ -422,12 +490,18 @@ def check_extraction_size(n_layers: int, n_items: int, settings: Settings) -> No
         raise LimitExceededError(
             f"{n_layers} layers requested but one extraction may store at most "
             f"{settings.max_layers_per_extraction} (LAYERBANK_MAX_LAYERS_PER_EXTRACTION); "
-            "request fewer layers", field="layers", value=n_layers)
+            "request fewer layers",
+            field="layers",
+            value=n_layers,
+        )
     if n_items > settings.max_items_per_extraction:
         raise LimitExceededError(
             f"{n_items} items requested but one extraction may store at most "
             f"{settings.max_items_per_extraction} (LAYERBANK_MAX_ITEMS_PER_EXTRACTION); pass "
-            "a smaller limit", field="limit", value=n_items)
+            "a smaller limit",
+            field="limit",
+            value=n_items,
+        )
 
 
 # -- ASGI middleware -----------------------------------------------------------------------------
@@ -437,12 +511,19 @@ class _BodyTooLarge(Exception):
     pass
 
 
-def _json_message(status: int, body: dict[str, Any],
-                  headers: list[tuple[bytes, bytes]] | None = None) -> tuple[Message, Message]:
+def _json_message(
+    status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] | None = None
+) -> tuple[Message, Message]:
     payload = json.dumps(body).encode()
-    start: Message = {"type": "http.response.start", "status": status, "headers": [
-        (b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode()),
-        *(headers or [])]}
+    start: Message = {
+        "type": "http.response.start",
+        "status": status,
+        "headers": [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(payload)).encode()),
+            *(headers or []),
+        ],
+    }
     return start, {"type": "http.response.body", "body": payload}
 
 
@@ -454,10 +535,17 @@ class BodySizeLimitMiddleware:
         self.max_bytes = max_bytes
 
     def _too_large(self) -> tuple[Message, Message]:
-        return _json_message(413, {"detail": {
-            "message": f"request body is larger than the limit of {self.max_bytes} bytes "
-            "(LAYERBANK_MAX_BODY_BYTES); send a smaller body", "field": "body",
-            "value": self.max_bytes}})
+        return _json_message(
+            413,
+            {
+                "detail": {
+                    "message": f"request body is larger than the limit of {self.max_bytes} bytes "
+                    "(LAYERBANK_MAX_BODY_BYTES); send a smaller body",
+                    "field": "body",
+                    "value": self.max_bytes,
+                }
+            },
+        )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -535,11 +623,17 @@ class InternalErrorMiddleware:
             raise
         except Exception:
             request_id = uuid.uuid4().hex[:16]
-            logger.exception("request %s: %s %s failed", request_id, scope.get("method"),
-                             scope.get("path"))
+            logger.exception(
+                "request %s: %s %s failed", request_id, scope.get("method"), scope.get("path")
+            )
             if started:
                 raise
-            body = {"detail": {"message": "internal error, see the server log (request id "
-                               f"{request_id})", "field": None, "value": None}}
+            body = {
+                "detail": {
+                    "message": f"internal error, see the server log (request id {request_id})",
+                    "field": None,
+                    "value": None,
+                }
+            }
             for message in _json_message(500, body, [(b"x-request-id", request_id.encode())]):
                 await send(message)

@@ -68,7 +68,8 @@ def up(
     key_store = KeyStore(Redis.from_url(redis_url))
     if not _is_loopback(host) and (settings.auth == "off" or key_store.count() == 0):
         err.print(f"[red]refusing to bind to {host}: API keys are off or none exist; create one "
-                  "with `layerbank keys create` (REDIS_URL set) or bind to 127.0.0.1[/red]")
+                  "with `layerbank keys create` (REDIS_URL set) or bind to 127.0.0.1[/red]",
+                  soft_wrap=True)
         if redis_server is not None:
             redis_server.stop()
         raise typer.Exit(2)

@@ -10,8 +10,9 @@ from rich.table import Table
 
 from service.auth import SCOPES, ApiKeyError, KeyStore
 
-keys_app = typer.Typer(help="Manage API keys (stored hashed in the Redis at REDIS_URL).",
-                       no_args_is_help=True)
+keys_app = typer.Typer(
+    help="Manage API keys (stored hashed in the Redis at REDIS_URL).", no_args_is_help=True
+)
 console = Console()
 err = Console(stderr=True)
 
@@ -21,7 +22,8 @@ def _key_store() -> KeyStore:
 
     from store.settings import Settings
 
-    return KeyStore(Redis.from_url(Settings().redis_url))
+    # Read the environment now, not a cached copy, so REDIS_URL set just before is honoured.
+    return KeyStore(Redis.from_url(Settings().redis_url))  # type: ignore[call-arg]
 
 
 @keys_app.command("create")
@@ -35,8 +37,10 @@ def create_key(
     except ApiKeyError as exc:
         err.print(f"[red]{exc.message}[/red]")
         raise typer.Exit(1) from None
-    err.print(f"API key {name!r} with scope {scope!r} created. It is shown only now; send it as "
-              "`Authorization: Bearer <key>`:")
+    err.print(
+        f"API key {name!r} with scope {scope!r} created. It is shown only now; send it as "
+        "`Authorization: Bearer <key>`:"
+    )
     console.print(key, markup=False, highlight=False, soft_wrap=True)
 
 

@@ -41,6 +41,15 @@ EXPECTED_SCOPE: dict[tuple[str, str], str] = {
     ("GET", "/v1/probes/{probe_id}/curve.png"): "read",
     ("POST", "/v1/pretrain"): "write",
     ("GET", "/v1/models"): "read",
+    ("GET", "/v1/probes/{probe_id}/confusion.png"): "read",
+    ("POST", "/v1/projections"): "write",
+    ("GET", "/v1/projections"): "read",
+    ("GET", "/v1/projections/{projection_id}"): "read",
+    ("GET", "/v1/projections/{projection_id}.png"): "read",
+    ("GET", "/v1/projections/{projection_id}/scatter.png"): "read",
+    ("GET", "/v1/projections/{projection_id}/coords.npy"): "read",
+    ("GET", "/v1/claims/accuracy-vs-loss"): "read",
+    ("GET", "/v1/claims/accuracy-vs-loss.png"): "read",
     ("GET", "/metrics"): "read",
     ("GET", "/v1/models/{name}/checkpoints"): "read",
     ("GET", "/v1/datasets"): "read",
@@ -84,11 +93,20 @@ def keys(keys_redis: Redis) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def auth_app(settings: Settings, redis_server: Any, keys: dict[str, str],
-             tmp_path_factory: pytest.TempPathFactory) -> FastAPI:
-    return create_app(settings.model_copy(update={
-        "redis_url": _redis_url(redis_server, KEYS_DB),
-        "store": str(tmp_path_factory.mktemp("auth-store"))}))
+def auth_app(
+    settings: Settings,
+    redis_server: Any,
+    keys: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> FastAPI:
+    return create_app(
+        settings.model_copy(
+            update={
+                "redis_url": _redis_url(redis_server, KEYS_DB),
+                "store": str(tmp_path_factory.mktemp("auth-store")),
+            }
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -109,9 +127,14 @@ def _route_table(app: FastAPI) -> list[tuple[str, str]]:
 
 
 def _concrete(path: str) -> str:
-    return (path.replace("{layer}", "0").replace("{featureset_id}", ZERO_ID)
-            .replace("{job_id}", ZERO_ID).replace("{probe_id}", ZERO_ID)
-            .replace("{name}", "no-such-model"))
+    return (
+        path.replace("{layer}", "0")
+        .replace("{featureset_id}", ZERO_ID)
+        .replace("{job_id}", ZERO_ID)
+        .replace("{probe_id}", ZERO_ID)
+        .replace("{projection_id}", ZERO_ID)
+        .replace("{name}", "no-such-model")
+    )
 
 
 def _headers(credential: str, keys: dict[str, str]) -> dict[str, str]:
@@ -136,13 +159,15 @@ def test_auth_matrix(auth_app: FastAPI, auth_client: TestClient, keys: dict[str,
             continue  # reported by test_auth_every_route_has_expected_scope
         for credential in CREDENTIALS:
             body = {} if method == "POST" else None
-            response = auth_client.request(method, _concrete(path), json=body,
-                                           headers=_headers(credential, keys))
+            response = auth_client.request(
+                method, _concrete(path), json=body, headers=_headers(credential, keys)
+            )
             if needed == "public":
                 ok = response.status_code not in (401, 403)
             elif credential in ("none", "bad"):
                 ok = response.status_code == 401 and response.headers.get(
-                    "www-authenticate", "").startswith("Bearer")
+                    "www-authenticate", ""
+                ).startswith("Bearer")
             elif SCOPE_ORDER.index(credential) < SCOPE_ORDER.index(needed):
                 ok = response.status_code == 403 and repr(needed) in response.text
             else:
@@ -152,11 +177,11 @@ def test_auth_matrix(auth_app: FastAPI, auth_client: TestClient, keys: dict[str,
     assert wrong == [], f"(method, path, credential, status) with an unexpected status: {wrong}"
 
 
-def test_auth_forbidden_message_names_scope(auth_client: TestClient,
-                                            keys: dict[str, str]) -> None:
+def test_auth_forbidden_message_names_scope(auth_client: TestClient, keys: dict[str, str]) -> None:
     response = auth_client.delete(f"/v1/featuresets/{ZERO_ID}", headers=_headers("write", keys))
     assert response.json()["detail"]["message"].startswith(
-        "this request needs an API key with scope 'admin'")
+        "this request needs an API key with scope 'admin'"
+    )
 
 
 def test_auth_healthz_hides_store_path(auth_client: TestClient, auth_app: FastAPI) -> None:
@@ -167,7 +192,9 @@ def test_auth_healthz_hides_store_path(auth_client: TestClient, auth_app: FastAP
 def test_auth_key_stored_hashed(keys_redis: Redis, keys: dict[str, str]) -> None:
     dump = b"".join(
         b"".join(k + v for k, v in keys_redis.hgetall(name).items())
-        for name in keys_redis.keys("layerbank:keys:*") if keys_redis.type(name) == b"hash")
+        for name in keys_redis.keys("layerbank:keys:*")
+        if keys_redis.type(name) == b"hash"
+    )
     assert keys["admin"].encode() not in dump
 
 
@@ -186,8 +213,9 @@ def test_auth_key_unknown_scope_rejected(keys_redis: Redis) -> None:
         KeyStore(keys_redis).create("test-owner", "owner")
 
 
-def test_auth_last_used_recorded(auth_client: TestClient, keys_redis: Redis,
-                                 keys: dict[str, str]) -> None:
+def test_auth_last_used_recorded(
+    auth_client: TestClient, keys_redis: Redis, keys: dict[str, str]
+) -> None:
     auth_client.get("/v1/featuresets", headers=_headers("write", keys))
     info = {key.name: key for key in KeyStore(keys_redis).list()}["test-write"]
     assert info.last_used is not None
@@ -204,8 +232,9 @@ def test_auth_revoked_key_rejected(auth_client: TestClient, keys_redis: Redis) -
 
 
 def test_auth_non_bearer_scheme_rejected(auth_client: TestClient, keys: dict[str, str]) -> None:
-    response = auth_client.get("/v1/featuresets",
-                               headers={"Authorization": f"Basic {keys['admin']}"})
+    response = auth_client.get(
+        "/v1/featuresets", headers={"Authorization": f"Basic {keys['admin']}"}
+    )
     assert response.status_code == 401
 
 
@@ -228,41 +257,49 @@ def _status_without_key(settings: Settings, tmp_path: Path, **update: Any) -> in
         return client.get("/v1/featuresets").status_code
 
 
-def test_auth_auto_open_without_keys(settings: Settings, empty_redis_url: str,
-                                     tmp_path: Path) -> None:
+def test_auth_auto_open_without_keys(
+    settings: Settings, empty_redis_url: str, tmp_path: Path
+) -> None:
     status = _status_without_key(settings, tmp_path, redis_url=empty_redis_url, auth="auto")
     assert status == 200
 
 
-def test_auth_auto_requires_key_once_one_exists(settings: Settings, empty_redis_url: str,
-                                                tmp_path: Path) -> None:
+def test_auth_auto_requires_key_once_one_exists(
+    settings: Settings, empty_redis_url: str, tmp_path: Path
+) -> None:
     KeyStore(Redis.from_url(empty_redis_url)).create("first", "read")
     status = _status_without_key(settings, tmp_path, redis_url=empty_redis_url, auth="auto")
     assert status == 401
 
 
-def test_auth_auto_non_loopback_requires_key(settings: Settings, empty_redis_url: str,
-                                             tmp_path: Path) -> None:
-    status = _status_without_key(settings, tmp_path, redis_url=empty_redis_url, auth="auto",
-                                 host="0.0.0.0")
+def test_auth_auto_non_loopback_requires_key(
+    settings: Settings, empty_redis_url: str, tmp_path: Path
+) -> None:
+    status = _status_without_key(
+        settings, tmp_path, redis_url=empty_redis_url, auth="auto", host="0.0.0.0"
+    )
     assert status == 401
 
 
-def test_auth_required_without_keys(settings: Settings, empty_redis_url: str,
-                                    tmp_path: Path) -> None:
+def test_auth_required_without_keys(
+    settings: Settings, empty_redis_url: str, tmp_path: Path
+) -> None:
     status = _status_without_key(settings, tmp_path, redis_url=empty_redis_url, auth="required")
     assert status == 401
 
 
-def test_auth_off_ignores_keys(settings: Settings, redis_server: Any, keys: dict[str, str],
-                               tmp_path: Path) -> None:
-    status = _status_without_key(settings, tmp_path, redis_url=_redis_url(redis_server, KEYS_DB),
-                                 auth="off")
+def test_auth_off_ignores_keys(
+    settings: Settings, redis_server: Any, keys: dict[str, str], tmp_path: Path
+) -> None:
+    status = _status_without_key(
+        settings, tmp_path, redis_url=_redis_url(redis_server, KEYS_DB), auth="off"
+    )
     assert status == 200
 
 
-def test_auth_open_mode_warns_at_startup(settings: Settings, empty_redis_url: str,
-                                         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_auth_open_mode_warns_at_startup(
+    settings: Settings, empty_redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.WARNING, logger="service.app")
     _status_without_key(settings, tmp_path, redis_url=empty_redis_url, auth="auto")
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -272,12 +309,14 @@ def test_auth_open_mode_warns_at_startup(settings: Settings, empty_redis_url: st
 # -- secrets and errors -------------------------------------------------------------------------
 
 
-def test_auth_key_never_logged(settings: Settings, empty_redis_url: str, tmp_path: Path,
-                               caplog: pytest.LogCaptureFixture) -> None:
+def test_auth_key_never_logged(
+    settings: Settings, empty_redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     caplog.set_level(logging.DEBUG)
     key = KeyStore(Redis.from_url(empty_redis_url)).create("logged", "read")
-    app = create_app(settings.model_copy(update={"store": str(tmp_path / "store"),
-                                                 "redis_url": empty_redis_url}))
+    app = create_app(
+        settings.model_copy(update={"store": str(tmp_path / "store"), "redis_url": empty_redis_url})
+    )
     with TestClient(app) as client:
         client.get("/v1/featuresets", headers={"Authorization": f"Bearer {key}"})
         client.delete(f"/v1/featuresets/{ZERO_ID}", headers={"Authorization": f"Bearer {key}"})
@@ -285,11 +324,12 @@ def test_auth_key_never_logged(settings: Settings, empty_redis_url: str, tmp_pat
     assert key not in caplog.text
 
 
-def test_auth_internal_error_hides_traceback(settings: Settings, empty_redis_url: str,
-                                             tmp_path: Path,
-                                             caplog: pytest.LogCaptureFixture) -> None:
-    app = create_app(settings.model_copy(update={"store": str(tmp_path / "store"),
-                                                 "redis_url": empty_redis_url}))
+def test_auth_internal_error_hides_traceback(
+    settings: Settings, empty_redis_url: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    app = create_app(
+        settings.model_copy(update={"store": str(tmp_path / "store"), "redis_url": empty_redis_url})
+    )
 
     def explode() -> None:
         raise RuntimeError(f"broken file {tmp_path}/secret.bin")
@@ -300,7 +340,8 @@ def test_auth_internal_error_hides_traceback(settings: Settings, empty_redis_url
     request_id = response.headers["x-request-id"]
     assert response.status_code == 500
     assert response.json()["detail"]["message"] == (
-        f"internal error, see the server log (request id {request_id})")
+        f"internal error, see the server log (request id {request_id})"
+    )
     assert "Traceback" in caplog.text
     assert request_id in caplog.text
 
@@ -308,8 +349,7 @@ def test_auth_internal_error_hides_traceback(settings: Settings, empty_redis_url
 # -- CLI ----------------------------------------------------------------------------------------
 
 
-def test_cli_keys_create_list_revoke(empty_redis_url: str,
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_keys_create_list_revoke(empty_redis_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from service.cli import app as cli
 
     monkeypatch.setenv("REDIS_URL", empty_redis_url)
@@ -328,8 +368,9 @@ def test_cli_keys_create_list_revoke(empty_redis_url: str,
     assert "ci-bot" not in after.stdout
 
 
-def test_cli_keys_revoke_unknown_fails(empty_redis_url: str,
-                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_keys_revoke_unknown_fails(
+    empty_redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from service.cli import app as cli
 
     monkeypatch.setenv("REDIS_URL", empty_redis_url)
@@ -337,13 +378,26 @@ def test_cli_keys_revoke_unknown_fails(empty_redis_url: str,
     assert result.exit_code == 1
 
 
-def test_cli_up_non_loopback_without_keys_refused(empty_redis_url: str,
-                                                  monkeypatch: pytest.MonkeyPatch,
-                                                  tmp_path: Path) -> None:
+def test_cli_up_non_loopback_without_keys_refused(
+    empty_redis_url: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     from service.cli import app as cli
 
     monkeypatch.setenv("REDIS_URL", empty_redis_url)
-    result = CliRunner().invoke(cli, ["up", "--host", "0.0.0.0", "--port", "1", "--workers", "0",
-                                      "--store", str(tmp_path / "store")])
+    result = CliRunner().invoke(
+        cli,
+        [
+            "up",
+            "--host",
+            "0.0.0.0",
+            "--port",
+            "1",
+            "--workers",
+            "0",
+            "--store",
+            str(tmp_path / "store"),
+        ],
+    )
     assert result.exit_code == 2
-    assert "refusing to bind to 0.0.0.0" in result.output
+    assert result.output.startswith("refusing to bind to 0.0.0.0")
+    assert len(result.output.strip().splitlines()) == 1

@@ -21,8 +21,9 @@ FUZZ_DB = 8
 
 
 @pytest.fixture(scope="module")
-def fuzz_api(settings: Any, redis_server: Any, tmp_path_factory: pytest.TempPathFactory
-             ) -> Iterator[tuple[str, str]]:
+def fuzz_api(
+    settings: Any, redis_server: Any, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, str]]:
     """An API with keys required, on its own store and Redis database; yields (url, admin key)."""
     import uvicorn
 
@@ -34,12 +35,17 @@ def fuzz_api(settings: Any, redis_server: Any, tmp_path_factory: pytest.TempPath
     redis = Redis.from_url(redis_url)
     redis.flushdb()
     admin_key = KeyStore(redis).create("fuzz-admin", "admin")
-    fuzz_settings = settings.model_copy(update={
-        "store": str(tmp_path_factory.mktemp("fuzz-store")), "redis_url": redis_url,
-        "auth": "required"})
+    fuzz_settings = settings.model_copy(
+        update={
+            "store": str(tmp_path_factory.mktemp("fuzz-store")),
+            "redis_url": redis_url,
+            "auth": "required",
+        }
+    )
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(fuzz_settings), host="127.0.0.1",
-                                           port=port, log_level="critical"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(fuzz_settings), host="127.0.0.1", port=port, log_level="critical")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -57,17 +63,35 @@ def test_fuzz_openapi_operations(fuzz_api: tuple[str, str], tmp_path: Path) -> N
     if st is None:
         pytest.fail("schemathesis is not installed in this virtualenv; pip install schemathesis")
     command = [
-        st, "run", str(SPEC), "--url", url,
-        "--header", f"Authorization: Bearer {admin_key}",
-        "--checks", "not_a_server_error,response_schema_conformance,"
+        st,
+        "run",
+        str(SPEC),
+        "--url",
+        url,
+        "--header",
+        f"Authorization: Bearer {admin_key}",
+        "--checks",
+        "not_a_server_error,response_schema_conformance,"
         "status_code_conformance,content_type_conformance",
-        "--phases", "examples,coverage,fuzzing",
-        "--max-examples", "15", "--seed", "1", "--workers", "2",
-        "--generation-database", "none", "--request-timeout", "30",
-        "--no-color", "--output-sanitize", "true",
+        "--phases",
+        "examples,coverage,fuzzing",
+        "--max-examples",
+        "15",
+        "--seed",
+        "1",
+        "--workers",
+        "2",
+        "--generation-database",
+        "none",
+        "--request-timeout",
+        "30",
+        "--no-color",
+        "--output-sanitize",
+        "true",
     ]
     env = {**os.environ, "SCHEMATHESIS_HOOKS": ""}
-    result = subprocess.run(command, capture_output=True, text=True, timeout=150, cwd=tmp_path,
-                            env=env)
+    result = subprocess.run(
+        command, capture_output=True, text=True, timeout=150, cwd=tmp_path, env=env
+    )
     output = result.stdout + result.stderr
     assert result.returncode == 0, output

@@ -31,18 +31,30 @@ def limits_store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def limits(settings: Settings, redis_server: Any, limits_store: Path
-           ) -> Iterator[tuple[TestClient, dict[str, str]]]:
+def limits(
+    settings: Settings, redis_server: Any, limits_store: Path
+) -> Iterator[tuple[TestClient, dict[str, str]]]:
     """A client of an app with small limits, and headers with a write and an admin key."""
     redis = Redis.from_url(_redis_url(redis_server, LIMITS_DB))
     redis.flushdb()
     key_store = KeyStore(redis)
-    headers = {scope: {"Authorization": f"Bearer {key_store.create(f'limits-{scope}', scope)}"}
-               for scope in ("write", "admin")}
-    app = create_app(settings.model_copy(update={
-        "store": str(limits_store), "redis_url": _redis_url(redis_server, LIMITS_DB),
-        "max_body_bytes": 2048, "max_rows_per_fetch": 5, "max_layers_per_extraction": 2,
-        "max_items_per_extraction": 50, "max_jobs_per_key": 1}))
+    headers = {
+        scope: {"Authorization": f"Bearer {key_store.create(f'limits-{scope}', scope)}"}
+        for scope in ("write", "admin")
+    }
+    app = create_app(
+        settings.model_copy(
+            update={
+                "store": str(limits_store),
+                "redis_url": _redis_url(redis_server, LIMITS_DB),
+                "max_body_bytes": 2048,
+                "max_rows_per_fetch": 5,
+                "max_layers_per_extraction": 2,
+                "max_items_per_extraction": 50,
+                "max_jobs_per_key": 1,
+            }
+        )
+    )
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client, headers
     redis.flushdb()
@@ -53,16 +65,22 @@ def limits(settings: Settings, redis_server: Any, limits_store: Path
 def queued_featureset(limits: tuple[TestClient, dict[str, str]]) -> str:
     """A feature set whose extraction job stays queued (it uses the key's one job)."""
     client, headers = limits
-    response = client.post("/v1/extractions", headers=headers["write"], json={
-        "model": "pixels", "dataset": "digits", "split": "train", "limit": 20})
+    response = client.post(
+        "/v1/extractions",
+        headers=headers["write"],
+        json={"model": "pixels", "dataset": "digits", "split": "train", "limit": 20},
+    )
     assert response.status_code == 202
     return str(response.json()["featureset_id"])
 
 
 def test_limits_body_size_by_content_length(limits: tuple[TestClient, dict[str, str]]) -> None:
     client, headers = limits
-    response = client.post("/v1/extractions", headers=headers["write"], json={
-        "model": "m" * 3000, "dataset": "digits", "split": "train"})
+    response = client.post(
+        "/v1/extractions",
+        headers=headers["write"],
+        json={"model": "m" * 3000, "dataset": "digits", "split": "train"},
+    )
     assert response.status_code == 413
     assert "2048 bytes" in response.json()["detail"]["message"]
 
@@ -70,67 +88,92 @@ def test_limits_body_size_by_content_length(limits: tuple[TestClient, dict[str, 
 def test_limits_body_size_chunked(limits: tuple[TestClient, dict[str, str]]) -> None:
     client, headers = limits
     chunks = iter([b'{"model": "', b"m" * 3000, b'"}'])
-    response = client.post("/v1/extractions", content=chunks,
-                           headers={**headers["write"], "Content-Type": "application/json"})
+    response = client.post(
+        "/v1/extractions",
+        content=chunks,
+        headers={**headers["write"], "Content-Type": "application/json"},
+    )
     assert response.status_code == 413
 
 
 def test_limits_items_per_extraction(limits: tuple[TestClient, dict[str, str]]) -> None:
     client, headers = limits
-    response = client.post("/v1/extractions", headers=headers["write"], json={
-        "model": "pixels", "dataset": "digits", "split": "train", "limit": 100})
+    response = client.post(
+        "/v1/extractions",
+        headers=headers["write"],
+        json={"model": "pixels", "dataset": "digits", "split": "train", "limit": 100},
+    )
     assert response.status_code == 413
     assert "at most 50" in response.json()["detail"]["message"]
 
 
-def test_limits_layers_per_extraction(limits: tuple[TestClient, dict[str, str]],
-                                      tiny_model: Path) -> None:
+def test_limits_layers_per_extraction(
+    limits: tuple[TestClient, dict[str, str]], tiny_model: Path
+) -> None:
     client, headers = limits
-    response = client.post("/v1/extractions", headers=headers["write"], json={
-        "model": str(tiny_model), "dataset": "digits", "split": "train", "limit": 10})
+    response = client.post(
+        "/v1/extractions",
+        headers=headers["write"],
+        json={"model": str(tiny_model), "dataset": "digits", "split": "train", "limit": 10},
+    )
     assert response.status_code == 413
     assert "at most 2" in response.json()["detail"]["message"]
 
 
-def test_limits_jobs_per_key(limits: tuple[TestClient, dict[str, str]],
-                             queued_featureset: str) -> None:
+def test_limits_jobs_per_key(
+    limits: tuple[TestClient, dict[str, str]], queued_featureset: str
+) -> None:
     client, headers = limits
-    response = client.post("/v1/extractions", headers=headers["write"], json={
-        "model": "pixels", "dataset": "digits", "split": "train", "limit": 30})
+    response = client.post(
+        "/v1/extractions",
+        headers=headers["write"],
+        json={"model": "pixels", "dataset": "digits", "split": "train", "limit": 30},
+    )
     assert response.status_code == 429
     assert "the limit is 1" in response.json()["detail"]["message"]
 
 
-def test_limits_jobs_per_key_counts_each_key(limits: tuple[TestClient, dict[str, str]],
-                                             queued_featureset: str) -> None:
+def test_limits_jobs_per_key_counts_each_key(
+    limits: tuple[TestClient, dict[str, str]], queued_featureset: str
+) -> None:
     client, headers = limits
-    response = client.post("/v1/extractions", headers=headers["admin"], json={
-        "model": "pixels", "dataset": "digits", "split": "train", "limit": 30})
+    response = client.post(
+        "/v1/extractions",
+        headers=headers["admin"],
+        json={"model": "pixels", "dataset": "digits", "split": "train", "limit": 30},
+    )
     assert response.status_code == 202
 
 
-def test_limits_same_request_returns_job_at_limit(limits: tuple[TestClient, dict[str, str]],
-                                                  queued_featureset: str) -> None:
+def test_limits_same_request_returns_job_at_limit(
+    limits: tuple[TestClient, dict[str, str]], queued_featureset: str
+) -> None:
     client, headers = limits
-    response = client.post("/v1/extractions", headers=headers["write"], json={
-        "model": "pixels", "dataset": "digits", "split": "train", "limit": 20})
+    response = client.post(
+        "/v1/extractions",
+        headers=headers["write"],
+        json={"model": "pixels", "dataset": "digits", "split": "train", "limit": 20},
+    )
     assert response.status_code == 202
     assert response.json()["featureset_id"] == queued_featureset
 
 
-def test_limits_rows_per_fetch(limits: tuple[TestClient, dict[str, str]],
-                               queued_featureset: str) -> None:
+def test_limits_rows_per_fetch(
+    limits: tuple[TestClient, dict[str, str]], queued_featureset: str
+) -> None:
     client, headers = limits
-    response = client.get(f"/v1/featuresets/{queued_featureset}/labels?start=0&stop=20",
-                          headers=headers["write"])
+    response = client.get(
+        f"/v1/featuresets/{queued_featureset}/labels?start=0&stop=20", headers=headers["write"]
+    )
     assert response.status_code == 413
 
 
 # -- admin delete ---------------------------------------------------------------------------------
 
 
-def test_delete_featureset_while_job_queued(limits: tuple[TestClient, dict[str, str]],
-                                           queued_featureset: str) -> None:
+def test_delete_featureset_while_job_queued(
+    limits: tuple[TestClient, dict[str, str]], queued_featureset: str
+) -> None:
     client, headers = limits
     response = client.delete(f"/v1/featuresets/{queued_featureset}", headers=headers["admin"])
     assert response.status_code == 409
@@ -138,21 +181,31 @@ def test_delete_featureset_while_job_queued(limits: tuple[TestClient, dict[str, 
 
 
 def test_delete_featureset_removes_probe_results(
-    settings: Settings, redis_server: Any, limits_store: Path,
-    limits: tuple[TestClient, dict[str, str]], queued_featureset: str,
+    settings: Settings,
+    redis_server: Any,
+    limits_store: Path,
+    limits: tuple[TestClient, dict[str, str]],
+    queued_featureset: str,
 ) -> None:
     # An app on a Redis database without the job record: the feature set has no active job.
     fresh = Redis.from_url(_redis_url(redis_server, FRESH_DB))
     fresh.flushdb()
     store = Store(str(limits_store))
     other = "f" * 24
-    store.write_result("probes", "a" * 24, {"spec": {"train_featureset": queued_featureset,
-                                                     "test_featureset": other}})
-    store.write_result("probes", "b" * 24, {"spec": {"train_featureset": other,
-                                                     "test_featureset": other}})
+    store.write_result(
+        "probes",
+        "a" * 24,
+        {"spec": {"train_featureset": queued_featureset, "test_featureset": other}},
+    )
+    store.write_result(
+        "probes", "b" * 24, {"spec": {"train_featureset": other, "test_featureset": other}}
+    )
     store.write_result("projections", "c" * 24, {"spec": {"featureset": queued_featureset}})
-    app = create_app(settings.model_copy(update={
-        "store": str(limits_store), "redis_url": _redis_url(redis_server, FRESH_DB)}))
+    app = create_app(
+        settings.model_copy(
+            update={"store": str(limits_store), "redis_url": _redis_url(redis_server, FRESH_DB)}
+        )
+    )
     with TestClient(app) as client:
         deleted = client.delete(f"/v1/featuresets/{queued_featureset}")
         after = client.get(f"/v1/featuresets/{queued_featureset}")

@@ -17,8 +17,8 @@ from service.app import create_app
 from store.settings import Settings
 
 REPOSITORY = Path(__file__).resolve().parents[2]
-# A Redis database of the session's private server that only this module uses; it has no keys,
-# so the app runs open and these tests see the path checks, not the key checks.
+# A Redis database of the session's private server that only this module uses. It has no keys,
+# so the app runs open and these tests reach the path checks behind the key check.
 PATHS_DB = 7
 
 
@@ -45,13 +45,22 @@ def roots(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def paths_client(settings: Settings, redis_server: Any, roots: dict[str, Path]
-                 ) -> Iterator[TestClient]:
+def paths_client(
+    settings: Settings, redis_server: Any, roots: dict[str, Path]
+) -> Iterator[TestClient]:
     redis_url = redis_server.url.rsplit("/", 1)[0] + f"/{PATHS_DB}"
     Redis.from_url(redis_url).flushdb()
-    app = create_app(settings.model_copy(update={
-        "store": str(roots["store"]), "redis_url": redis_url, "data_roots": [roots["data"]],
-        "model_roots": [roots["models"]], "allow_hub": False}))
+    app = create_app(
+        settings.model_copy(
+            update={
+                "store": str(roots["store"]),
+                "redis_url": redis_url,
+                "data_roots": [roots["data"]],
+                "model_roots": [roots["models"]],
+                "allow_hub": False,
+            }
+        )
+    )
     with TestClient(app, raise_server_exceptions=False) as client:
         yield client
 
@@ -71,70 +80,91 @@ def _dataset_cases(roots: dict[str, Path]) -> list[str]:
     ]
 
 
-def test_paths_datasets_outside_roots_rejected(paths_client: TestClient,
-                                               roots: dict[str, Path]) -> None:
+def test_paths_datasets_outside_roots_rejected(
+    paths_client: TestClient, roots: dict[str, Path]
+) -> None:
     statuses = {}
     for dataset in _dataset_cases(roots):
-        response = paths_client.post("/v1/extractions", json={
-            "model": "pixels", "dataset": dataset, "split": "train"})
+        response = paths_client.post(
+            "/v1/extractions", json={"model": "pixels", "dataset": dataset, "split": "train"}
+        )
         statuses[dataset] = response.status_code
     assert statuses == {dataset: 403 for dataset in statuses}
 
 
-def test_paths_dataset_message_names_roots(paths_client: TestClient,
-                                           roots: dict[str, Path]) -> None:
-    response = paths_client.post("/v1/extractions", json={
-        "model": "pixels", "dataset": f"npz:{roots['outside'] / 'secret.npz'}", "split": "train"})
+def test_paths_dataset_message_names_roots(
+    paths_client: TestClient, roots: dict[str, Path]
+) -> None:
+    response = paths_client.post(
+        "/v1/extractions",
+        json={
+            "model": "pixels",
+            "dataset": f"npz:{roots['outside'] / 'secret.npz'}",
+            "split": "train",
+        },
+    )
     assert str(roots["data"].resolve()) in response.json()["detail"]["message"]
 
 
-def test_paths_models_outside_roots_rejected(paths_client: TestClient,
-                                             roots: dict[str, Path]) -> None:
+def test_paths_models_outside_roots_rejected(
+    paths_client: TestClient, roots: dict[str, Path]
+) -> None:
     models, outside = roots["models"], roots["outside"]
     statuses = {}
-    for model in (str(outside / "model"), f"{models}/../outside/model", str(models / "linkmodel"),
-                  "/etc"):
-        response = paths_client.post("/v1/extractions", json={
-            "model": model, "dataset": "digits", "split": "train"})
+    for model in (
+        str(outside / "model"),
+        f"{models}/../outside/model",
+        str(models / "linkmodel"),
+        "/etc",
+    ):
+        response = paths_client.post(
+            "/v1/extractions", json={"model": model, "dataset": "digits", "split": "train"}
+        )
         statuses[model] = response.status_code
     assert statuses == {model: 403 for model in statuses}
 
 
-def test_paths_model_message_names_roots(paths_client: TestClient,
-                                         roots: dict[str, Path]) -> None:
-    response = paths_client.post("/v1/extractions", json={
-        "model": str(roots["outside"] / "model"), "dataset": "digits", "split": "train"})
+def test_paths_model_message_names_roots(paths_client: TestClient, roots: dict[str, Path]) -> None:
+    response = paths_client.post(
+        "/v1/extractions",
+        json={"model": str(roots["outside"] / "model"), "dataset": "digits", "split": "train"},
+    )
     assert str(roots["models"]) in response.json()["detail"]["message"]
 
 
 def test_paths_store_model_name_traversal_rejected(paths_client: TestClient) -> None:
-    response = paths_client.post("/v1/extractions", json={
-        "model": "store:../outside/model", "dataset": "digits", "split": "train"})
+    response = paths_client.post(
+        "/v1/extractions",
+        json={"model": "store:../outside/model", "dataset": "digits", "split": "train"},
+    )
     assert response.status_code == 422
 
 
-@pytest.mark.parametrize("path", [
-    "/v1/featuresets/..",
-    "/v1/featuresets/..%2F..%2Fetc",
-    "/v1/featuresets/%2E%2E",
-    "/v1/featuresets/" + "a" * 25,
-    "/v1/featuresets/" + "0" * 4096,
-    "/v1/featuresets/ABCDEF0123456789ABCDEF01",
-    "/v1/featuresets/..%2F..%2Fetc/labels",
-    "/v1/jobs/..%2F..",
-    "/v1/jobs/" + "f" * 300,
-    "/v1/probes/..%5C..",
-    "/v1/probes/" + "0" * 23 + "%00",
-])
-def test_paths_invalid_ids_rejected(paths_client: TestClient, roots: dict[str, Path],
-                                    path: str) -> None:
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v1/featuresets/..",
+        "/v1/featuresets/..%2F..%2Fetc",
+        "/v1/featuresets/%2E%2E",
+        "/v1/featuresets/" + "a" * 25,
+        "/v1/featuresets/" + "0" * 4096,
+        "/v1/featuresets/ABCDEF0123456789ABCDEF01",
+        "/v1/featuresets/..%2F..%2Fetc/labels",
+        "/v1/jobs/..%2F..",
+        "/v1/jobs/" + "f" * 300,
+        "/v1/probes/..%5C..",
+        "/v1/probes/" + "0" * 23 + "%00",
+    ],
+)
+def test_paths_invalid_ids_rejected(
+    paths_client: TestClient, roots: dict[str, Path], path: str
+) -> None:
     response = paths_client.get(path)
     assert response.status_code in (404, 422)
     assert str(roots["store"]) not in response.text
 
 
-def test_paths_invalid_id_delete_rejected(paths_client: TestClient,
-                                          roots: dict[str, Path]) -> None:
+def test_paths_invalid_id_delete_rejected(paths_client: TestClient, roots: dict[str, Path]) -> None:
     response = paths_client.delete("/v1/featuresets/..%2F..%2Fstore")
     assert response.status_code in (404, 422)
     assert roots["store"].is_dir()
@@ -163,21 +193,31 @@ def test_models_safetensors_preferred_over_pickle(tiny_model: Path, tmp_path: Pa
     assert (checkpoint / "model.safetensors").is_file()
     # Not a pickle at all: loading it would raise, so a successful load read the safetensors.
     (checkpoint / "pytorch_model.bin").write_bytes(b"not a pickle")
-    ref = resolve_model(str(checkpoint), models_dir=None, allowed_roots=[tmp_path],
-                        allow_hub=False)
+    ref = resolve_model(str(checkpoint), models_dir=None, allowed_roots=[tmp_path], allow_hub=False)
     model = load_model(ref, device="cpu")
     assert model is not None
 
 
-def test_models_allow_list_rejects_other_models(settings: Settings, redis_server: Any,
-                                                roots: dict[str, Path]) -> None:
+def test_models_allow_list_rejects_other_models(
+    settings: Settings, redis_server: Any, roots: dict[str, Path]
+) -> None:
     redis_url = redis_server.url.rsplit("/", 1)[0] + f"/{PATHS_DB}"
-    app = create_app(settings.model_copy(update={
-        "store": str(roots["store"]), "redis_url": redis_url, "model_roots": [roots["models"]],
-        "model_allow_list": ["store:approved"], "allow_hub": False}))
+    app = create_app(
+        settings.model_copy(
+            update={
+                "store": str(roots["store"]),
+                "redis_url": redis_url,
+                "model_roots": [roots["models"]],
+                "model_allow_list": ["store:approved"],
+                "allow_hub": False,
+            }
+        )
+    )
     with TestClient(app) as client:
-        response = client.post("/v1/extractions", json={
-            "model": "openai/imagegpt-small", "dataset": "digits", "split": "train"})
+        response = client.post(
+            "/v1/extractions",
+            json={"model": "openai/imagegpt-small", "dataset": "digits", "split": "train"},
+        )
     assert response.status_code == 422
     assert "allow-list" in response.json()["detail"]["message"]
 
