@@ -1,0 +1,76 @@
+"""API entry point for containers: ``python -m service.serve``.
+
+Builds the app from the environment (``LAYERBANK_*``, ``REDIS_URL``) and serves it with uvicorn
+on ``LAYERBANK_HOST``:``LAYERBANK_PORT``. Unlike ``layerbank up`` it starts no Redis and no
+workers: in a deployment those are separate services.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+
+from store.settings import Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+
+def is_loopback(host: str) -> bool:
+    """Return whether ``host`` is a loopback address (or ``localhost``)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(settings: Settings) -> None:
+    """Raise SystemExit when the API would listen beyond loopback with API keys turned off.
+
+    With ``LAYERBANK_AUTH`` "auto" or "required" the app itself demands keys from callers on a
+    non-loopback address; "off" is only safe on loopback.
+    """
+    if is_loopback(settings.host) or settings.auth != "off":
+        return
+    raise SystemExit(
+        f"refusing to bind the API to LAYERBANK_HOST={settings.host!r} with LAYERBANK_AUTH="
+        f"{settings.auth!r}: set LAYERBANK_AUTH=required and create keys with "
+        "`layerbank keys create`, or bind to 127.0.0.1"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Serve the API until interrupted."""
+    import uvicorn
+
+    from service.app import create_app
+
+    parser = argparse.ArgumentParser(prog="python -m service.serve", description=__doc__)
+    parser.add_argument("--log-level", default="INFO", help="logging level")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+
+    settings = get_settings()
+    check_bind(settings)
+    logger.info(
+        "API on %s:%d, store %s, queue %s",
+        settings.host,
+        settings.port,
+        settings.store,
+        settings.queue,
+    )
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=args.log_level.lower(),
+        proxy_headers=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
