@@ -61,7 +61,8 @@ def _publish_metrics(increments: dict[str, float], latest: dict[str, float]) -> 
         pipe.execute()
     except RedisError:
         # The job's result matters more than its metrics: log and carry on.
-        logger.exception("job %s: metrics not published", job.id)
+        logger.exception("job %s (rq %s): metrics not published",
+                         job.meta.get("layerbank_job", "-"), job.id)
 
 
 def recorded_errors(func: F) -> F:

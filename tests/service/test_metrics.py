@@ -68,7 +68,12 @@ def scrapes(client: Any, tiny_model: Path) -> dict[str, Any]:
     probe = client.probe(featureset_id, featureset_id, kind="logistic", params={"C": [1.0]})
     state = wait_job(client, probe["job_id"])
     assert state is not None and state["status"] == "finished", state
-    return {"before": before, "after": scrape(client), "job_id": answer["job_id"]}
+    return {
+        "before": before,
+        "after": scrape(client),
+        "job_id": answer["job_id"],
+        "featureset_id": featureset_id,
+    }
 
 
 def test_metrics_counts_blocks_written(scrapes: dict[str, Any]) -> None:
@@ -108,6 +113,23 @@ def test_metrics_latency_by_route_template(scrapes: dict[str, Any]) -> None:
     assert polls >= 1
     routes = {dict(labels).get("route") for name, labels in after if name.startswith(LATENCY)}
     assert not any(scrapes["job_id"] in str(route) for route in routes)
+
+
+def test_worker_logs_name_job_and_featureset(
+    scrapes: dict[str, Any], stack_dirs: dict[str, Path]
+) -> None:
+    lines = [
+        line
+        for path in sorted(stack_dirs["logs"].glob("worker-*.log"))
+        for line in path.read_text().splitlines()
+        if f"job {scrapes['job_id']} (rq " in line
+    ]
+    featureset_id = scrapes["featureset_id"]
+    # Each of the 4 block jobs and the finalize job logs a start and an end line.
+    assert sum(" started" in line for line in lines) == 5
+    assert sum(" finished in " in line for line in lines) == 5
+    assert all(featureset_id in line for line in lines)
+    assert any(f"extract_block('{featureset_id}', 3)" in line for line in lines)
 
 
 def test_metrics_content_type_negotiated(client: Any) -> None:
