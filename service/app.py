@@ -27,7 +27,7 @@ from service.dashboard import install_dashboard
 from service.jobs import JobNotFoundError
 from service.metrics import install_metrics
 from service.routes import catalog, extractions, featuresets, health, jobs, models, probes
-from service.routes import claims, projections
+from service.routes import claims, fsck, projections
 from store import InvalidIdError, NotFoundError, NotReadyError, Store, StoreError
 from store.settings import Settings, get_settings
 from workers.errors import DatasetError, ModelError, PathNotAllowedError, WorkersError
@@ -109,6 +109,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(catalog.router)
     app.include_router(projections.router)
     app.include_router(claims.router)
+    app.include_router(fsck.router)
     install_dashboard(app)
     install_metrics(app)
     return app

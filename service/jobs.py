@@ -169,6 +169,13 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
         status = "failed"
         error = {"message": "some rq jobs of this job expired or were lost (Redis restarted?); "
                  f"resume it with POST /v1/jobs/{job_id}/resume", "field": None, "value": None}
+    elif kind == "extraction" and statuses and all(s == JobStatus.FINISHED for s in statuses):
+        # Every rq job ended, yet blocks are missing: fsck with repair cleared damaged blocks.
+        status = "failed"
+        error = {"message": f"{progress_public['total'] - progress_public['done']} blocks of "
+                 f"feature set {record['target']!r} are missing after every rq job of this job "
+                 f"finished; resume it with POST /v1/jobs/{job_id}/resume", "field": None,
+                 "value": None}
     elif any(s in (JobStatus.STARTED,) for s in statuses) or any(
         s == JobStatus.FINISHED for s in statuses
     ):

@@ -22,6 +22,7 @@ Only `FeatureSet.mark_complete` sets "complete", after checking every block flag
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import logging
 import math
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from store.errors import LayoutError, NotReadyError, StoreError
 from store.spec import FeatureSetSpec
@@ -211,12 +213,23 @@ class FeatureSet:
                 field="features",
                 value=block,
             )
-        self.features[:, start:stop, :] = features.astype(self.features.dtype, copy=False)
-        if self.token_features is not None and token_features is not None:
-            stored = token_features.astype(self.token_features.dtype, copy=False)
-            self.token_features[:, start:stop] = stored
-        # The flag goes last: a worker killed before this line leaves the block marked missing.
-        self.blocks_done_array[block] = True
+        try:
+            self.features[:, start:stop, :] = features.astype(self.features.dtype, copy=False)
+            if self.token_features is not None and token_features is not None:
+                stored = token_features.astype(self.token_features.dtype, copy=False)
+                self.token_features[:, start:stop] = stored
+            # The flag goes last: a worker killed before this line leaves the block marked missing.
+            self.blocks_done_array[block] = True
+        except OSError as exc:
+            if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            raise StoreError(
+                f"no space left on the disk of store {self.store.root!r} while writing block "
+                f"{block} of feature set {self.id!r} ({exc.strerror}); free space or enlarge the "
+                "volume, then resume the job",
+                field="store",
+                value=self.store.root,
+            ) from exc
         logger.debug("feature set %s: block %d rows %d..%d written", self.id, block, start, stop)
 
     def _check_token_block(self, block: int, token_features: np.ndarray | None) -> None:
@@ -383,7 +396,8 @@ def create_featureset(
         shards=(n_layers, rows, dim),
         dtype=spec.dtype,
         fill_value=np.nan,
-        compressors=None,
+        # A checksum per chunk makes flipped or truncated bytes fail to decode (see store.fsck).
+        compressors=[Crc32cCodec()],
         dimension_names=("layer", "item", "dim"),
     )
     if n_token_layers and n_tokens:
@@ -394,7 +408,8 @@ def create_featureset(
             chunks=(1, rows, n_tokens, dim),
             dtype=spec.dtype,
             fill_value=np.nan,
-            compressors=None,
+            # A checksum per chunk makes flipped or truncated bytes fail to decode (see store.fsck).
+        compressors=[Crc32cCodec()],
             dimension_names=("token_layer", "item", "position", "dim"),
         )
     zarr.create_array(

@@ -34,6 +34,7 @@ EXPECTED_SCOPE: dict[tuple[str, str], str] = {
     ("DELETE", "/v1/featuresets/{featureset_id}"): "admin",
     ("GET", "/v1/featuresets/{featureset_id}/layers/{layer}"): "read",
     ("GET", "/v1/featuresets/{featureset_id}/labels"): "read",
+    ("GET", "/v1/featuresets/{featureset_id}/fsck"): "read",
     ("POST", "/v1/probes"): "write",
     ("GET", "/v1/probes"): "read",
     ("GET", "/v1/probes/{probe_id}"): "read",

@@ -1,0 +1,249 @@
+"""Consistency check of a feature set on disk: decode every chunk, compare data with the flags.
+
+`check_featureset` reads every shard and chunk of every array of a feature set block by block,
+so a truncated, garbled or deleted object is reported with the block it belongs to instead of
+failing a reader later. The features are stored with a CRC-32C checksum per chunk, so flipped
+bytes fail to decode. With ``repair=True`` it clears the done flag of every damaged block and
+deletes the damaged objects, so resuming the feature set's job writes those blocks again.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+from store.errors import LayoutError
+from store.featureset import STATUS_PENDING, FeatureSet
+
+if TYPE_CHECKING:
+    from store.root import Store
+
+logger = logging.getLogger(__name__)
+
+# zarr's LocalStore writes each object to "<name>.<uuid hex>.partial" and renames it; a writer
+# killed between the two steps leaves the temporary file behind.
+PARTIAL_SUFFIX = ".partial"
+# Arrays whose rows are written by block jobs; a damaged block of these is rewritten by resume.
+BLOCK_ARRAYS = ("features", "token_features")
+# Arrays written once when the feature set is created; resume cannot rewrite them.
+CREATION_ARRAYS = ("labels", "item_ids")
+
+
+def check_featureset(store: Store, featureset_id: str, *, repair: bool = False) -> dict[str, Any]:
+    """Check that every object of a feature set decodes and every done block holds finite data.
+
+    Parameters
+    ----------
+    store
+        The store that contains the feature set.
+    featureset_id
+        Id of the feature set; `NotFoundError` if it does not exist.
+    repair
+        Clear the done flag of each block whose data is damaged, delete its damaged objects
+        and ``*.partial`` files, and set the status back to "pending", so that resuming the
+        job rewrites those blocks. Run it only while no job writes the feature set.
+
+    Returns
+    -------
+    dict
+        ``ok`` (no damage found), ``status``, ``missing_blocks`` (blocks not written yet),
+        ``corrupt_blocks``, ``corrupt_chunks`` (store keys relative to the feature set),
+        ``partial_files``, ``problems`` (one sentence each), ``repaired`` (actions taken).
+    """
+    try:
+        featureset = store.featureset(featureset_id)
+    except LayoutError as exc:
+        return _layout_report(featureset_id, exc)
+    report: dict[str, Any] = {
+        "featureset_id": featureset_id,
+        "ok": True,
+        "status": featureset.attrs.get("status", STATUS_PENDING),
+        "n_blocks": featureset.n_blocks,
+        "missing_blocks": [],
+        "corrupt_blocks": [],
+        "corrupt_chunks": [],
+        "partial_files": [],
+        "problems": [],
+        "repaired": [],
+    }
+    checker = _Checker(featureset, report)
+    checker.check_flags()
+    for block in range(featureset.n_blocks):
+        checker.check_block(block)
+    report["partial_files"] = _partial_files(store, featureset.path)
+    for name in report["partial_files"]:
+        report["problems"].append(
+            f"temporary file {name!r} was left by a writer that stopped mid-write; the object "
+            "it was replacing is unchanged, and fsck with repair deletes the file"
+        )
+    if report["status"] == "complete" and report["missing_blocks"]:
+        report["problems"].append(
+            f"status is 'complete' but blocks {report['missing_blocks']} are not flagged done; "
+            "run fsck with repair, then resume the job"
+        )
+    report["corrupt_blocks"] = sorted(set(report["corrupt_blocks"]))
+    report["ok"] = not report["problems"]
+    if repair and not report["ok"]:
+        _repair(store, featureset, report)
+    logger.info(
+        "feature set %s: fsck %s, %d missing blocks, %d corrupt chunks, %d partial files",
+        featureset_id,
+        "ok" if report["ok"] else "found problems",
+        len(report["missing_blocks"]),
+        len(report["corrupt_chunks"]),
+        len(report["partial_files"]),
+    )
+    return report
+
+
+def _layout_report(featureset_id: str, exc: LayoutError) -> dict[str, Any]:
+    """Return the report of a feature set whose group lacks one of its arrays."""
+    return {
+        "featureset_id": featureset_id,
+        "ok": False,
+        "status": None,
+        "n_blocks": None,
+        "missing_blocks": [],
+        "corrupt_blocks": [],
+        "corrupt_chunks": [],
+        "partial_files": [],
+        "problems": [f"{exc.message.split(';')[0]}; delete the feature set and extract it again"],
+        "repaired": [],
+    }
+
+
+class _Checker:
+    """Reads one feature set block by block and records what fails in ``report``."""
+
+    def __init__(self, featureset: FeatureSet, report: dict[str, Any]) -> None:
+        self.featureset = featureset
+        self.report = report
+        self.done = np.zeros(featureset.n_blocks, dtype=bool)
+        self.arrays: dict[str, Any] = {
+            "features": featureset.features,
+            "labels": featureset.labels_array,
+            "item_ids": featureset.item_ids_array,
+        }
+        if featureset.token_features is not None:
+            self.arrays["token_features"] = featureset.token_features
+
+    def check_flags(self) -> None:
+        """Read the done flags chunk by chunk; an unreadable flag counts as not done."""
+        flags: Any = self.featureset.blocks_done_array
+        for block in range(self.featureset.n_blocks):
+            try:
+                self.done[block] = bool(flags[block])
+            except Exception as exc:  # any decode failure means the object is damaged
+                self._corrupt("blocks_done", flags, (block,), block, exc)
+        self.report["missing_blocks"] = [int(b) for b in np.flatnonzero(~self.done)]
+
+    def check_block(self, block: int) -> None:
+        start, stop = self.featureset.block_range(block)
+        for name, array in self.arrays.items():
+            for coords, selection in _block_chunks(array, block, start, stop):
+                try:
+                    values = np.asarray(array[selection])
+                except Exception as exc:  # any decode failure means the object is damaged
+                    self._corrupt(name, array, coords, block, exc)
+                    continue
+                if name in BLOCK_ARRAYS and self.done[block] and not np.isfinite(values).all():
+                    self._not_finite(name, array, coords, block)
+
+    def _corrupt(
+        self, name: str, array: zarr.Array, coords: tuple[int, ...], block: int, exc: Exception
+    ) -> None:
+        key = _chunk_key(name, array, coords)
+        self.report["corrupt_chunks"].append(key)
+        self.report["corrupt_blocks"].append(block)
+        self.report["problems"].append(
+            f"{key} of block {block} cannot be decoded ({type(exc).__name__}: {exc}); "
+            f"{_advice(name)}"
+        )
+
+    def _not_finite(
+        self, name: str, array: zarr.Array, coords: tuple[int, ...], block: int
+    ) -> None:
+        key = _chunk_key(name, array, coords)
+        self.report["corrupt_chunks"].append(key)
+        self.report["corrupt_blocks"].append(block)
+        exists = sync(self.featureset.store.zarr_store.exists(f"{self.featureset.path}/{key}"))
+        reason = "its object is missing" if not exists else "it contains NaN or infinity"
+        self.report["problems"].append(
+            f"block {block} is flagged done but {key} is not finite because {reason}; "
+            f"{_advice(name)}"
+        )
+
+
+def _block_chunks(
+    array: zarr.Array, block: int, start: int, stop: int
+) -> list[tuple[tuple[int, ...], tuple[Any, ...]]]:
+    """Return (chunk-grid coordinates, selection) of every stored object holding rows of ``block``.
+
+    Rows are axis 1 of ``features`` and ``token_features`` and axis 0 of the 1-D arrays. A
+    sharded array stores one object per shard, any other array one per chunk.
+    """
+    if array.ndim == 1:
+        return [((block,), (slice(start, stop),))]
+    grid = array.shards or array.chunks
+    per_object = grid[0]
+    objects = []
+    for first in range(0, array.shape[0], per_object):
+        coords = (first // per_object, block, *([0] * (array.ndim - 2)))
+        objects.append((coords, (slice(first, first + per_object), slice(start, stop))))
+    return objects
+
+
+def _chunk_key(name: str, array: zarr.Array, coords: tuple[int, ...]) -> str:
+    return f"{name}/{array.metadata.encode_chunk_key(coords)}"
+
+
+def _advice(name: str) -> str:
+    if name in CREATION_ARRAYS:
+        return "resume cannot rewrite it, so delete the feature set and extract it again"
+    return "run fsck with repair, then resume the job to rewrite the block"
+
+
+def _partial_files(store: Store, path: str) -> list[str]:
+    """Return the ``*.partial`` files under the feature set, relative to it (local roots only)."""
+    if store.local_root is None:
+        # NOTE: object stores write whole objects, so only local roots can hold partial files.
+        return []
+    directory = Path(store.local_root) / path
+    return sorted(
+        str(file.relative_to(directory))
+        for file in directory.rglob(f"*{PARTIAL_SUFFIX}")
+        if file.is_file()
+    )
+
+
+def _repair(store: Store, featureset: FeatureSet, report: dict[str, Any]) -> None:
+    """Clear the flags of damaged blocks, delete damaged objects and partial files."""
+    zarr_store = store.zarr_store
+    for key in report["corrupt_chunks"]:
+        if key.split("/", 1)[0] in (*BLOCK_ARRAYS, "blocks_done"):
+            # zarr reads an existing shard before overwriting it, so a damaged shard would make
+            # the rewrite fail: delete it and let the block job write a fresh one.
+            sync(zarr_store.delete(f"{featureset.path}/{key}"))
+            report["repaired"].append(f"deleted {key}")
+    for block in report["corrupt_blocks"]:
+        featureset.blocks_done_array[block] = False
+        report["repaired"].append(f"cleared the done flag of block {block}")
+    if store.local_root is not None:
+        for name in report["partial_files"]:
+            (Path(store.local_root) / featureset.path / name).unlink(missing_ok=True)
+            report["repaired"].append(f"deleted {name}")
+    if report["corrupt_blocks"] or report["missing_blocks"]:
+        group = zarr.open_group(zarr_store, path=featureset.path, mode="r+")
+        if group.attrs.get("status") != STATUS_PENDING:
+            group.attrs.update({"status": STATUS_PENDING, "completed": None})
+            report["repaired"].append("set status to 'pending'")
+        store.forget(featureset.id)
+    report["missing_blocks"] = sorted(set(report["missing_blocks"]) | set(report["corrupt_blocks"]))
+    logger.warning(
+        "feature set %s: fsck repaired: %s", featureset.id, "; ".join(report["repaired"])
+    )

@@ -1,0 +1,396 @@
+"""Bad input to the API, one table row per case: each gets a 4xx whose detail names the field,
+never a 5xx, and leaves the store as it was."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.client import Client
+from tests.conftest import wait_job
+
+MISSING_ID = "0" * 24
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad request and the answer expected for it."""
+
+    name: str
+    method: str
+    path: str
+    body: Any = None
+    status: tuple[int, ...] = (422,)
+    field: str | None = None
+    raw: bytes | None = None
+    headers: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+def _png(path: Path, array: np.ndarray, mode: str | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array, mode=mode).save(path)
+
+
+def _image_folder(root: Path, name: str, writer: Any) -> str:
+    """Write an image folder of two classes, three images each; ``writer`` writes one file."""
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        for index in range(3):
+            writer(root / name / label / f"{index}.png", rng)
+    return f"imagefolder:{root / name}"
+
+
+@pytest.fixture(scope="module")
+def data(stack_dirs: dict[str, Path]) -> dict[str, str]:
+    """Dataset references of malformed files under the session's data root."""
+    root = stack_dirs["data"] / "bad-input"
+    rng = np.random.default_rng(0)
+    refs: dict[str, str] = {}
+
+    def npz(name: str, **arrays: Any) -> None:
+        path = root / f"{name}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.savez(path, **arrays)
+        refs[name] = f"npz:{path}"
+
+    labels = np.arange(6) % 2
+    npz("six_channels", images=rng.integers(0, 255, (6, 8, 8, 6), dtype=np.uint8), labels=labels)
+    npz("strips", images=rng.integers(0, 255, (6, 1, 1000, 3), dtype=np.uint8), labels=labels)
+    nan = rng.random((6, 8, 8, 3)).astype(np.float32)
+    nan[2, 3, 3, 0] = np.nan
+    npz("nan_pixels", images=nan, labels=labels)
+    infinite = rng.random((6, 8, 8, 3)).astype(np.float32)
+    infinite[1, 0, 0, 2] = np.inf
+    npz("inf_pixels", images=infinite, labels=labels)
+    npz("empty", images=np.zeros((0, 8, 8, 3), np.uint8), labels=np.zeros(0, np.int64))
+    npz("no_labels", images=rng.integers(0, 255, (6, 8, 8, 3), dtype=np.uint8))
+    npz(
+        "one_class",
+        images=rng.integers(0, 255, (6, 8, 8, 3), dtype=np.uint8),
+        labels=np.zeros(6, np.int64),
+    )
+    npz(
+        "label_count",
+        images=rng.integers(0, 255, (6, 8, 8, 3), dtype=np.uint8),
+        labels=np.arange(4),
+    )
+    bad_file = root / "not_npz.npz"
+    bad_file.write_bytes(b"this is not a zip archive")
+    refs["not_npz"] = f"npz:{bad_file}"
+
+    def corrupt(path: Path, generator: np.random.Generator) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+
+    def truncated(path: Path, generator: np.random.Generator) -> None:
+        _png(path, generator.integers(0, 255, (8, 8, 3), dtype=np.uint8))
+        path.write_bytes(path.read_bytes()[:40])
+
+    def rgba(path: Path, generator: np.random.Generator) -> None:
+        _png(path, generator.integers(0, 255, (8, 8, 4), dtype=np.uint8), "RGBA")
+
+    def sixteen_bit(path: Path, generator: np.random.Generator) -> None:
+        _png(path, generator.integers(0, 65535, (8, 8), dtype=np.uint16))
+
+    refs["corrupt_png"] = _image_folder(root, "corrupt", corrupt)
+    refs["truncated_png"] = _image_folder(root, "truncated", truncated)
+    refs["rgba_png"] = _image_folder(root, "rgba", rgba)
+    refs["sixteen_bit_png"] = _image_folder(root, "sixteen", sixteen_bit)
+    unsupported = stack_dirs["models"] / "bad-input-bert"
+    unsupported.mkdir(parents=True, exist_ok=True)
+    (unsupported / "config.json").write_text(json.dumps({"model_type": "bert_generation_x"}))
+    refs["unsupported_model"] = str(unsupported)
+    return refs
+
+
+@pytest.fixture(scope="module")
+def featuresets(client: Client, tiny_model: Path, data: dict[str, str]) -> dict[str, str]:
+    """Small complete feature sets the probe and projection cases refer to."""
+    requests = {
+        "pixels_train": ("pixels", "digits", "train", {"limit": 40}),
+        "pixels_test": ("pixels", "digits", "test", {"limit": 20}),
+        "tiny_test": (str(tiny_model), "digits", "test", {"limit": 20}),
+        "tiny_two_layers": (str(tiny_model), "digits", "train", {"limit": 40, "layers": [0, 1]}),
+    }
+    ids = {}
+    for name, (model, dataset, split, options) in requests.items():
+        answer = client.extract(model, dataset, split, **options)
+        state = wait_job(client, answer["job_id"], timeout=120)
+        assert state is None or state["status"] == "finished", state
+        ids[name] = answer["featureset_id"]
+    return ids
+
+
+def _extraction(**fields: Any) -> dict[str, Any]:
+    return {"model": "pixels", "dataset": "digits", "split": "train", "limit": 20, **fields}
+
+
+def _cases(data: dict[str, str], fs: dict[str, str], tiny: str, max_body: int) -> list[Case]:
+    post_x, post_p, post_proj = "/v1/extractions", "/v1/probes", "/v1/projections"
+
+    def probe(**fields: Any) -> dict[str, Any]:
+        return {
+            "train_featureset": fs["pixels_train"],
+            "test_featureset": fs["pixels_test"],
+            "kind": "logistic",
+            **fields,
+        }
+
+    return [
+        Case("unknown model", "POST", post_x, _extraction(model="no-such-model"), field="model"),
+        Case(
+            "model without hidden states",
+            "POST",
+            post_x,
+            _extraction(model=data["unsupported_model"]),
+            field="model",
+        ),
+        Case(
+            "layer out of range",
+            "POST",
+            post_x,
+            _extraction(model=tiny, layers=[0, 7]),
+            field="layers",
+        ),
+        Case(
+            "negative layer", "POST", post_x, _extraction(model=tiny, layers=[-1]), field="layers"
+        ),
+        Case("negative batch size", "POST", post_x, _extraction(batch_size=-4), field="batch_size"),
+        Case("huge batch size", "POST", post_x, _extraction(batch_size=10**9), field="batch_size"),
+        Case(
+            "unknown dataset", "POST", post_x, _extraction(dataset="no-such-set"), field="dataset"
+        ),
+        Case("unknown split", "POST", post_x, _extraction(split="validation"), field="split"),
+        Case(
+            "split missing", "POST", post_x, {"model": "pixels", "dataset": "digits"}, field="split"
+        ),
+        Case(
+            "empty dataset",
+            "POST",
+            post_x,
+            _extraction(dataset=data["empty"], split="all", limit=None),
+            field="dataset",
+        ),
+        Case(
+            "labels missing",
+            "POST",
+            post_x,
+            _extraction(dataset=data["no_labels"], split="all", limit=None),
+            field="dataset",
+        ),
+        Case(
+            "one class only",
+            "POST",
+            post_x,
+            _extraction(dataset=data["one_class"], split="all", limit=None),
+            field="dataset",
+        ),
+        Case(
+            "label count differs",
+            "POST",
+            post_x,
+            _extraction(dataset=data["label_count"], split="all", limit=None),
+            field="dataset",
+        ),
+        Case(
+            "not an npz file",
+            "POST",
+            post_x,
+            _extraction(dataset=data["not_npz"], split="all", limit=None),
+            field="dataset",
+        ),
+        Case(
+            "corrupt image file",
+            "POST",
+            post_x,
+            _extraction(dataset=data["corrupt_png"], split="all", limit=None),
+            field="dataset",
+        ),
+        Case(
+            "truncated png",
+            "POST",
+            post_x,
+            _extraction(dataset=data["truncated_png"], split="all", limit=None),
+            field="dataset",
+        ),
+        Case(
+            "six-channel arrays",
+            "POST",
+            post_x,
+            _extraction(dataset=data["six_channels"], split="all", limit=None),
+            field="dataset",
+        ),
+        Case(
+            "nan pixel values",
+            "POST",
+            post_x,
+            _extraction(dataset=data["nan_pixels"], split="all", limit=None),
+            field="dataset",
+        ),
+        Case(
+            "infinite pixel values",
+            "POST",
+            post_x,
+            _extraction(dataset=data["inf_pixels"], split="all", limit=None),
+            field="dataset",
+        ),
+        Case("unknown pooling", "POST", post_x, _extraction(pooling="max"), field="pooling"),
+        Case("layers wrong type", "POST", post_x, _extraction(layers="first"), field="layers"),
+        Case("limit wrong type", "POST", post_x, _extraction(limit="ten"), field="limit"),
+        Case("model wrong type", "POST", post_x, _extraction(model=["pixels"]), field="model"),
+        Case(
+            "dataset path escape",
+            "POST",
+            post_x,
+            _extraction(dataset="npz:../../etc/passwd.npz", split="all"),
+            status=(403, 422),
+            field="dataset",
+        ),
+        Case(
+            "malformed json",
+            "POST",
+            post_x,
+            raw=b'{"model": "pixels",',
+            headers={"content-type": "application/json"},
+            field="body",
+        ),
+        Case("json array body", "POST", post_x, [1, 2, 3], field="body"),
+        Case(
+            "oversized body",
+            "POST",
+            post_x,
+            raw=b'{"model": "' + b"x" * (max_body + 10) + b'"}',
+            headers={"content-type": "application/json"},
+            status=(413,),
+            field="body",
+        ),
+        Case(
+            "train and test differ in model",
+            "POST",
+            post_p,
+            probe(test_featureset=fs["tiny_test"]),
+            field="test_featureset",
+        ),
+        Case(
+            "train and test differ in layer count",
+            "POST",
+            post_p,
+            probe(train_featureset=fs["tiny_two_layers"], test_featureset=fs["tiny_test"]),
+            field="test_featureset",
+        ),
+        Case("probe layer not stored", "POST", post_p, probe(layers=[3]), field="layer"),
+        Case("probe unknown kind", "POST", post_p, probe(kind="forest"), field="kind"),
+        Case(
+            "knn k above train size",
+            "POST",
+            post_p,
+            probe(kind="knn", params={"k": [500]}),
+            field="k",
+        ),
+        Case(
+            "probe unknown feature set",
+            "POST",
+            post_p,
+            probe(train_featureset=MISSING_ID),
+            status=(404,),
+            field="featureset_id",
+        ),
+        Case(
+            "tsne on 3 points",
+            "POST",
+            post_proj,
+            {"featureset": fs["pixels_test"], "layer": 0, "method": "tsne", "n_points": 3},
+            field="n_points",
+        ),
+        Case(
+            "projection of missing layer",
+            "POST",
+            post_proj,
+            {"featureset": fs["pixels_test"], "layer": 5, "method": "pca"},
+            field="layer",
+        ),
+        Case("featureset id with dots", "GET", "/v1/featuresets/..", status=(404, 422)),
+        Case("featureset id with slash", "GET", "/v1/featuresets/..%2F..%2Fetc", status=(404, 422)),
+        Case("job id with dots", "GET", "/v1/jobs/a..b", field="job_id"),
+        Case(
+            "layer fetch with dotted id",
+            "GET",
+            "/v1/featuresets/a..b/layers/0",
+            field="featureset_id",
+        ),
+        Case(
+            "layer fetch negative start",
+            "GET",
+            f"/v1/featuresets/{fs['pixels_test']}/layers/0?start=-1",
+            field="start",
+        ),
+        Case(
+            "layer fetch stop past end",
+            "GET",
+            f"/v1/featuresets/{fs['pixels_test']}/layers/0?start=0&stop=999",
+            field="stop",
+        ),
+        Case("fsck with dotted id", "GET", "/v1/featuresets/a..b/fsck", field="featureset_id"),
+    ]
+
+
+def _fields(detail: Any) -> list[str]:
+    """Return the field names a 4xx detail mentions: a domain error or FastAPI's list."""
+    if isinstance(detail, dict):
+        return [str(detail.get("field"))]
+    if isinstance(detail, list):
+        return [str(part) for item in detail for part in item.get("loc", [])]
+    return []
+
+
+def _snapshot(client: Client) -> tuple[list[str], list[str]]:
+    featuresets = sorted(fs["featureset_id"] for fs in client.featuresets())
+    probes = sorted(p["probe_id"] for p in client.request("GET", "/v1/probes").json()["data"])
+    return featuresets, probes
+
+
+def test_bad_input_table_is_4xx(
+    client: Client,
+    api_url: str,
+    settings: Any,
+    tiny_model: Path,
+    data: dict[str, str],
+    featuresets: dict[str, str],
+) -> None:
+    cases = _cases(data, featuresets, str(tiny_model), settings.max_body_bytes)
+    assert len(cases) >= 30
+    before = _snapshot(client)
+    failures = []
+    with httpx.Client(base_url=api_url, timeout=60) as http:
+        for case in cases:
+            if case.raw is not None:
+                response = http.request(
+                    case.method, case.path, content=case.raw, headers=case.headers
+                )
+            else:
+                response = http.request(case.method, case.path, json=case.body)
+            body = response.json() if "json" in response.headers.get("content-type", "") else {}
+            detail = body.get("detail")
+            if response.status_code not in case.status:
+                failures.append(f"{case.name}: HTTP {response.status_code} {detail!r}")
+            elif case.field is not None and case.field not in _fields(detail):
+                failures.append(f"{case.name}: field {case.field!r} not in {detail!r}")
+    assert failures == []
+    assert _snapshot(client) == before
+
+
+@pytest.mark.parametrize("name", ["rgba_png", "sixteen_bit_png"])
+def test_bad_input_odd_images_accepted(client: Client, data: dict[str, str], name: str) -> None:
+    answer = client.extract("pixels", data[name], "all")
+    state = wait_job(client, answer["job_id"], timeout=60)
+    assert state is not None and state["status"] == "finished", state
+    # Pixels of normalised (n, 8, 8, 3) uint8 images.
+    assert client.layer_array(answer["featureset_id"], 0).shape == (6, 192)
