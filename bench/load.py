@@ -1,0 +1,175 @@
+"""Load test of the read path: concurrent clients fetch rows and layers while an extraction runs.
+
+Starts a private stack on 127.0.0.1 (redis-server, one rq worker, the API in its own process,
+a temporary store), extracts a complete feature set to read, then starts a second extraction with
+a tiny ImageGPT at batch size 1 so a worker writes blocks during the whole run. ``--clients``
+asyncio tasks then loop for ``--seconds``: each request is a single row as JSON
+(``?start=i&stop=i+1&format=json``) or, one time in ``--layer-every``, the whole layer as .npy.
+Reports requests/s, p50 and p99 latency per kind and the number of errors (any non-200).
+
+Example::
+
+    python bench/load.py --clients 50 --seconds 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+
+def _percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) * 1000 if values else float("nan")
+
+
+async def _client(
+    http: httpx.AsyncClient,
+    featureset_id: str,
+    n_items: int,
+    layer_every: int,
+    seed: int,
+    deadline: float,
+    latencies: dict[str, list[float]],
+    errors: list[str],
+) -> None:
+    rng = np.random.default_rng(seed)
+    count = 0
+    while time.perf_counter() < deadline:
+        count += 1
+        if count % layer_every == 0:
+            kind, params = "layer", {}
+        else:
+            row = int(rng.integers(0, n_items))
+            kind, params = "row", {"start": row, "stop": row + 1, "format": "json"}
+        started = time.perf_counter()
+        try:
+            response = await http.get(f"/v1/featuresets/{featureset_id}/layers/0", params=params)
+            ok = response.status_code == 200
+            if not ok:
+                errors.append(f"{kind}: HTTP {response.status_code}")
+        except httpx.HTTPError as exc:
+            ok = False
+            errors.append(f"{kind}: {type(exc).__name__}")
+        if ok:
+            latencies[kind].append(time.perf_counter() - started)
+
+
+async def _load(
+    url: str, featureset_id: str, n_items: int, args: argparse.Namespace
+) -> tuple[dict[str, list[float]], list[str], float]:
+    latencies: dict[str, list[float]] = {"row": [], "layer": []}
+    errors: list[str] = []
+    limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
+    async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
+        started = time.perf_counter()
+        deadline = started + args.seconds
+        await asyncio.gather(
+            *(
+                _client(
+                    http,
+                    featureset_id,
+                    n_items,
+                    args.layer_every,
+                    seed,
+                    deadline,
+                    latencies,
+                    errors,
+                )
+                for seed in range(args.clients)
+            )
+        )
+        elapsed = time.perf_counter() - started
+    return latencies, errors, elapsed
+
+
+def _serve(env: dict[str, str], log_file: Path) -> tuple[str, subprocess.Popen[bytes]]:
+    """Start ``python -m service.serve`` in its own process, so clients and API share no GIL."""
+    from service.launcher import free_port, wait_for_http
+
+    port = free_port()
+    with log_file.open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.serve", "--log-level", "WARNING"],
+            env={**os.environ, **env, "LAYERBANK_HOST": "127.0.0.1", "LAYERBANK_PORT": str(port)},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    wait_for_http(f"{url}/healthz", timeout=60)
+    return url, process
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--clients", type=int, default=50, help="concurrent clients")
+    parser.add_argument("--seconds", type=float, default=20.0, help="duration of the load")
+    parser.add_argument(
+        "--layer-every",
+        type=int,
+        default=20,
+        help="one request in this many fetches the whole layer",
+    )
+    args = parser.parse_args()
+
+    from service.client import Client
+    from service.launcher import RedisServer, free_port, start_worker, stop_process
+    from tests.factories import tiny_imagegpt
+
+    root = Path(tempfile.mkdtemp(prefix="layerbank-load-"))
+    (root / "models").mkdir()
+    model = tiny_imagegpt(root / "models" / "tiny-igpt")
+    redis = RedisServer(free_port(), root / "redis", prefer="path").start()
+    env = {
+        "LAYERBANK_STORE": str(root / "store"),
+        "REDIS_URL": redis.url,
+        "LAYERBANK_DEVICE": "cpu",
+        "LAYERBANK_MODEL_ROOTS": str(root / "models"),
+        "LAYERBANK_QUEUE": "layerbank-load",
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "OMP_NUM_THREADS": "1",
+    }
+    worker = start_worker(redis.url, env={**os.environ, **env}, log_file=root / "worker.log")
+    url, api = _serve(env, root / "api.log")
+    try:
+        with Client(url, timeout=120) as client:
+            target = client.extract("pixels", "digits", "train")
+            client.wait(target["job_id"], timeout=300)
+            summary = client.featureset(target["featureset_id"])
+            background = client.extract(str(model), "digits", "train", batch_size=1, block_rows=64)
+            latencies, errors, elapsed = asyncio.run(
+                _load(url, target["featureset_id"], summary["n_items"], args)
+            )
+            writing = client.job(background["job_id"])
+    finally:
+        stop_process(api)
+        stop_process(worker)
+        redis.stop()
+
+    total = sum(len(v) for v in latencies.values()) + len(errors)
+    print(
+        f"{args.clients} clients, {elapsed:.1f} s, feature set of {summary['n_items']} rows x "
+        f"{summary['dim']} dim; background extraction {writing['status']} "
+        f"({writing['progress']['done']}/{writing['progress']['total']} blocks at the end)"
+    )
+    print(f"requests: {total} ({total / elapsed:.1f}/s), errors: {len(errors)}")
+    for kind, values in latencies.items():
+        print(
+            f"{kind:>5}: {len(values)} ok, p50 {_percentile(values, 50):.1f} ms, "
+            f"p99 {_percentile(values, 99):.1f} ms"
+        )
+    if errors:
+        print("first errors:", sorted(set(errors))[:5])
+
+
+if __name__ == "__main__":
+    main()
