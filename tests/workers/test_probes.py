@@ -1,0 +1,481 @@
+"""Probe engines on real data: scikit-learn's 8x8 handwritten digits.
+
+Three "layers" of features are real transformations of the pixels, so their quality differs:
+layer 0 = pixels / 16, layer 1 = a seeded random projection + tanh, layer 2 = pixels + heavy
+seeded noise. A stratified seeded split keeps 500 digits for test.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import zarr
+from sklearn.datasets import load_digits
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import StandardScaler
+
+from workers.errors import ProbeError
+from workers.probes import PROBE_KINDS, fit_probes
+from workers.probes.logistic import LogisticSettings, _BatchedLogistic
+from workers.probes.metrics import bootstrap_accuracy_ci
+
+N_TEST = 500
+LAYERS = [0, 1, 2]
+RESULT_FIXTURES = ["sklearn_results", "torch_results", "knn_results", "mlp_results"]
+
+Digits = dict[str, Any]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_torch_thread() -> Iterator[None]:
+    """Run torch on one thread here, and restore the setting afterwards.
+
+    On a 2-core machine shared with redis, rq workers and other test processes, MKL's
+    threaded dot products in L-BFGS wait for a descheduled second thread: the torch logistic
+    fixture took minutes instead of seconds. One thread keeps the suite fast; the results
+    do not depend on the thread count.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits() -> Digits:
+    """Features of shape (3, n, dim) for train and test, labels, and the digit names."""
+    data = load_digits()
+    pixels = data.data.astype(np.float32) / 16.0  # (1797, 64)
+    rng = np.random.default_rng(0)
+    projection = rng.standard_normal((64, 64)).astype(np.float32) / 4.0
+    layers = np.stack(
+        [
+            pixels,
+            np.tanh(pixels @ projection),
+            pixels + rng.normal(0.0, 1.0, pixels.shape).astype(np.float32),
+        ]
+    )
+    train_idx, test_idx = train_test_split(
+        np.arange(len(data.target)), test_size=N_TEST, stratify=data.target, random_state=0
+    )
+    return {
+        "train": layers[:, train_idx],
+        "test": layers[:, test_idx],
+        "y_train": data.target[train_idx],
+        "y_test": data.target[test_idx],
+        "names": [str(n) for n in data.target_names],
+    }
+
+
+def probe(digits: Digits, kind: str, params: dict[str, Any], **kwargs: Any) -> list[dict]:
+    args = {"layers": LAYERS, "params": params, "seed": 0, **kwargs}
+    return fit_probes(
+        kind, digits["train"], digits["y_train"], digits["test"], digits["y_test"], **args
+    )
+
+
+@pytest.fixture(scope="module")
+def sklearn_results(digits: Digits) -> list[dict]:
+    return probe(digits, "logistic", {}, class_names=digits["names"])
+
+
+@pytest.fixture(scope="module")
+def torch_results(digits: Digits) -> list[dict]:
+    return probe(digits, "logistic", {"engine": "torch"})
+
+
+@pytest.fixture(scope="module")
+def knn_results(digits: Digits) -> list[dict]:
+    return probe(digits, "knn", {})
+
+
+@pytest.fixture(scope="module")
+def mlp_results(digits: Digits) -> list[dict]:
+    return probe(digits, "mlp", {"hidden": 64, "max_epochs": 60, "patience": 10})
+
+
+# --- logistic ---------------------------------------------------------------------------------
+
+
+def test_logistic_engines_agree_within_half_a_point(
+    sklearn_results: list[dict], torch_results: list[dict]
+) -> None:
+    for ref, batched in zip(sklearn_results, torch_results, strict=True):
+        assert batched["layer"] == ref["layer"]
+        assert abs(batched["test_accuracy"] - ref["test_accuracy"]) <= 0.005, (ref, batched)
+
+
+def test_logistic_engines_report_their_name(
+    sklearn_results: list[dict], torch_results: list[dict]
+) -> None:
+    assert {r["engine"] for r in sklearn_results} == {"sklearn"}
+    assert {r["engine"] for r in torch_results} == {"torch"}
+
+
+def test_logistic_layers_differ_in_quality(sklearn_results: list[dict]) -> None:
+    raw, projected, noisy = (r["test_accuracy"] for r in sklearn_results)
+    assert raw > 0.9
+    assert projected > 0.9
+    assert noisy < raw - 0.2
+
+
+def test_logistic_sklearn_converges_with_default_settings(sklearn_results: list[dict]) -> None:
+    for result in sklearn_results:
+        assert result["converged"] is True
+        assert result["warnings"] == []
+        assert 0 < result["n_iter"] < result["params"]["max_iter"]
+
+
+def test_logistic_torch_converges_with_default_settings(torch_results: list[dict]) -> None:
+    for result in torch_results:
+        assert result["converged"] is True
+        assert result["warnings"] == []
+        assert all(g["converged"] for g in result["grid"])
+
+
+def test_logistic_chooses_c_from_the_grid_by_validation(sklearn_results: list[dict]) -> None:
+    for result in sklearn_results:
+        grid = result["grid"]
+        assert [g["C"] for g in grid] == [0.01, 0.1, 1.0, 10.0, 100.0]
+        best = max(g["val_accuracy"] for g in grid)
+        assert result["val_accuracy"] == best
+        first_best = next(g["C"] for g in grid if g["val_accuracy"] == best)
+        assert result["params"]["C"] == first_best
+
+
+def test_logistic_single_c_is_used_as_given(digits: Digits) -> None:
+    (result,) = probe(digits, "logistic", {"C": 0.5}, layers=[0])
+    assert result["params"]["C"] == 0.5
+    assert [g["C"] for g in result["grid"]] == [0.5]
+
+
+def test_logistic_sklearn_records_nonconvergence_as_warning(digits: Digits) -> None:
+    (result,) = probe(digits, "logistic", {"C": 100.0, "max_iter": 3}, layers=[0])
+    assert result["converged"] is False
+    assert result["n_iter"] == 3
+    assert any("max_iter=3" in w for w in result["warnings"])
+
+
+def test_logistic_torch_records_nonconvergence_as_warning(digits: Digits) -> None:
+    (result,) = probe(
+        digits, "logistic", {"engine": "torch", "C": 100.0, "max_iter": 3}, layers=[0]
+    )
+    assert result["converged"] is False
+    assert result["n_iter"] == 3
+    assert any("raise max_iter" in w for w in result["warnings"])
+
+
+@pytest.mark.parametrize("n_classes", [10, 2])
+def test_torch_objective_matches_sklearn_solution(digits: Digits, n_classes: int) -> None:
+    """Same objective, same optimum: the penalty scaling and the binary case match sklearn."""
+    keep = digits["y_train"] < n_classes if n_classes > 2 else np.isin(digits["y_train"], [3, 8])
+    x = StandardScaler().fit_transform(digits["train"][2][keep].astype(np.float64))
+    y = np.unique(digits["y_train"][keep], return_inverse=True)[1]
+    reference = LogisticRegression(C=0.1, tol=1e-10, max_iter=10_000).fit(x, y)
+
+    batched = _BatchedLogistic(
+        torch.from_numpy(x)[None],
+        torch.from_numpy(y),
+        torch.tensor([[0.1]], dtype=torch.float64),
+        n_classes,
+    )
+    # With C=0.1 the penalty makes the objective 0.01-strongly convex, so a gradient below
+    # 1e-6 puts every weight within 1e-4 of the optimum; a wrong penalty scale would not be.
+    settings = LogisticSettings("torch", [0.1], 2000, 1e-6, "float64", None, 20)
+    run = batched.minimise(settings)
+    weight = batched.weight.detach()[0, 0].numpy()  # (dim, n_classes or 1)
+
+    assert run.converged.all()
+    np.testing.assert_allclose(weight.T, reference.coef_, atol=1e-3)
+    np.testing.assert_allclose(batched.bias.detach()[0, 0].numpy(), reference.intercept_, atol=1e-3)
+
+
+# --- kNN and MLP ------------------------------------------------------------------------------
+
+
+def test_knn_beats_chance_by_a_wide_margin(knn_results: list[dict]) -> None:
+    raw, projected, noisy = (r["test_accuracy"] for r in knn_results)
+    assert raw > 0.8
+    assert projected > 0.8
+    assert noisy > 0.2
+
+
+def test_knn_reports_k_grid_and_leave_one_out_train_accuracy(knn_results: list[dict]) -> None:
+    result = knn_results[0]
+    assert [g["k"] for g in result["grid"]] == [1, 5, 10, 20, 50, 100, 200]
+    assert result["params"]["k"] in {1, 5, 10, 20, 50, 100, 200}
+    assert result["train_accuracy"] < 1.0  # an item never votes for itself
+    assert result["converged"] is True
+    assert result["n_iter"] is None
+
+
+def test_knn_drops_k_above_the_fit_part_with_a_warning(digits: Digits) -> None:
+    small = {**digits, "train": digits["train"][:, :150], "y_train": digits["y_train"][:150]}
+    (result,) = probe(small, "knn", {}, layers=[0])
+    assert [g["k"] for g in result["grid"]] == [1, 5, 10, 20, 50, 100]
+    assert any("[200]" in w for w in result["warnings"])
+
+
+def test_mlp_beats_chance(mlp_results: list[dict]) -> None:
+    raw, projected, noisy = (r["test_accuracy"] for r in mlp_results)
+    assert raw > 0.8
+    assert projected > 0.8
+    assert noisy > 0.2
+
+
+def test_mlp_keeps_the_best_validation_epoch(mlp_results: list[dict]) -> None:
+    for result in mlp_results:
+        curve = [g["val_accuracy"] for g in result["grid"]]
+        assert result["n_iter"] == len(curve)
+        assert result["val_accuracy"] == max(curve)
+        assert curve[result["params"]["epoch"] - 1] == max(curve)
+
+
+def test_mlp_is_deterministic_for_a_seed_on_cpu(digits: Digits, mlp_results: list[dict]) -> None:
+    again = probe(digits, "mlp", {"hidden": 64, "max_epochs": 60, "patience": 10})
+    for first, second in zip(mlp_results, again, strict=True):
+        assert {**first, "fit_seconds": 0} == {**second, "fit_seconds": 0}
+
+
+def test_mlp_leaves_the_global_torch_seed_alone(digits: Digits) -> None:
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    probe(digits, "mlp", {"hidden": 16, "max_epochs": 2}, layers=[0])
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_mlp_records_unfinished_training_as_warning(digits: Digits) -> None:
+    (result,) = probe(digits, "mlp", {"hidden": 16, "max_epochs": 3, "patience": 5}, layers=[0])
+    assert result["converged"] is False
+    assert any("raise max_epochs" in w for w in result["warnings"])
+
+
+# --- metrics and the result contract ----------------------------------------------------------
+
+
+def _plain(value: Any) -> bool:
+    """Whether ``value`` is built from plain python JSON types only (no numpy scalars)."""
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _plain(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_plain(v) for v in value)
+    return value is None or type(value) in (bool, int, float, str)
+
+
+@pytest.mark.parametrize("fixture", RESULT_FIXTURES)
+def test_results_are_plain_json(fixture: str, request: pytest.FixtureRequest) -> None:
+    results = request.getfixturevalue(fixture)
+    assert [r["layer"] for r in results] == LAYERS
+    for result in results:
+        assert _plain(result)
+        json.dumps(result, allow_nan=False)
+
+
+@pytest.mark.parametrize("fixture", RESULT_FIXTURES)
+def test_results_have_the_documented_keys(fixture: str, request: pytest.FixtureRequest) -> None:
+    keys = {
+        "kind",
+        "layer",
+        "train_accuracy",
+        "val_accuracy",
+        "test_accuracy",
+        "test_accuracy_ci95",
+        "macro_f1",
+        "per_class_accuracy",
+        "confusion_matrix",
+        "params",
+        "grid",
+        "converged",
+        "n_iter",
+        "fit_seconds",
+        "warnings",
+        "engine",
+    }
+    for result in request.getfixturevalue(fixture):
+        assert keys <= result.keys()
+
+
+def test_metrics_shapes(sklearn_results: list[dict]) -> None:
+    for result in sklearn_results:
+        cm = np.array(result["confusion_matrix"])
+        assert cm.shape == (10, 10)
+        assert cm.sum() == N_TEST
+        assert len(result["per_class_accuracy"]) == 10
+        assert math.isclose(np.trace(cm) / N_TEST, result["test_accuracy"])
+        lo, hi = result["test_accuracy_ci95"]
+        assert lo <= result["test_accuracy"] <= hi
+        assert 0.0 < result["macro_f1"] <= 1.0
+
+
+def test_metrics_per_class_accuracy_is_recall(sklearn_results: list[dict]) -> None:
+    cm = np.array(sklearn_results[0]["confusion_matrix"])
+    np.testing.assert_allclose(sklearn_results[0]["per_class_accuracy"], np.diag(cm) / cm.sum(1))
+
+
+def test_metrics_class_names_follow_the_classes(sklearn_results: list[dict]) -> None:
+    assert sklearn_results[0]["classes"] == list(range(10))
+    assert sklearn_results[0]["class_names"] == [str(d) for d in range(10)]
+
+
+def test_bootstrap_ci_is_seeded() -> None:
+    correct = np.random.default_rng(1).random(500) < 0.8
+    assert bootstrap_accuracy_ci(correct, seed=3) == bootstrap_accuracy_ci(correct, seed=3)
+    assert bootstrap_accuracy_ci(correct, seed=3) != bootstrap_accuracy_ci(correct, seed=4)
+
+
+def test_progress_is_reported_per_layer(digits: Digits) -> None:
+    calls: list[tuple[int, int]] = []
+    probe(digits, "knn", {"k": 5}, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+
+
+def test_torch_engine_reports_progress_per_batch(digits: Digits) -> None:
+    calls: list[tuple[int, int]] = []
+    probe(
+        digits,
+        "logistic",
+        {"engine": "torch", "C": 1.0, "layer_batch": 2},
+        progress=lambda done, total: calls.append((done, total)),
+    )
+    assert calls == [(2, 3), (3, 3)]
+
+
+def test_zarr_float16_features_are_read_per_layer(digits: Digits, tmp_path: Any) -> None:
+    stored = {}
+    for split in ("train", "test"):
+        array = zarr.create_array(
+            tmp_path / f"{split}.zarr",
+            shape=digits[split].shape,
+            dtype="float16",
+            chunks=(1, 256, 64),
+        )
+        array[:] = digits[split].astype(np.float16)
+        stored[split] = array
+    results = fit_probes(
+        "knn",
+        stored["train"],
+        digits["y_train"],
+        stored["test"],
+        digits["y_test"],
+        layers=[2, 0],
+        params={"k": 5},
+    )
+    assert [r["layer"] for r in results] == [2, 0]
+    assert results[1]["test_accuracy"] > 0.9
+
+
+# --- bad requests -----------------------------------------------------------------------------
+
+
+def probe_error(
+    digits: Digits, kind: str = "logistic", params: dict | None = None, **kwargs: Any
+) -> ProbeError:
+    with pytest.raises(ProbeError) as info:
+        probe(digits, kind, params or {}, **kwargs)
+    return info.value
+
+
+def test_error_unknown_kind(digits: Digits) -> None:
+    error = probe_error(digits, "svm")
+    assert error.field == "kind"
+    assert "'svm'" in str(error)
+    assert all(kind in str(error) for kind in PROBE_KINDS)
+
+
+def test_error_unknown_param(digits: Digits) -> None:
+    error = probe_error(digits, "knn", {"kk": 5})
+    assert error.field == "kk"
+    assert "'kk'" in str(error)
+
+
+def test_error_empty_c_grid(digits: Digits) -> None:
+    error = probe_error(digits, "logistic", {"C": []})
+    assert error.field == "C"
+    assert "empty" in str(error)
+
+
+def test_error_empty_k_grid(digits: Digits) -> None:
+    error = probe_error(digits, "knn", {"k": []})
+    assert error.field == "k"
+    assert "empty" in str(error)
+
+
+def test_error_c_not_positive(digits: Digits) -> None:
+    error = probe_error(digits, "logistic", {"C": [1.0, 0.0]})
+    assert error.field == "C"
+    assert error.value == 0.0
+    assert "C=0.0" in str(error)
+
+
+def test_error_k_larger_than_train_set(digits: Digits) -> None:
+    error = probe_error(digits, "knn", {"k": 5000})
+    assert error.field == "k"
+    assert error.value == 5000
+    assert "k=5000" in str(error)
+    assert "1297" in str(error)
+
+
+def test_error_fewer_than_two_classes(digits: Digits) -> None:
+    same = {**digits, "y_train": np.zeros_like(digits["y_train"]), "y_test": np.zeros(N_TEST, int)}
+    error = probe_error(same)
+    assert error.field == "y_train"
+    assert "at least 2" in str(error)
+
+
+def test_error_nan_features_mean_an_incomplete_feature_set(digits: Digits) -> None:
+    train = digits["train"].copy()
+    train[1, 7, 3] = np.nan
+    error = probe_error({**digits, "train": train}, layers=[1])
+    assert error.field == "train"
+    assert error.value == 1
+    assert "layer 1" in str(error)
+    assert "incomplete" in str(error)
+
+
+def test_error_mismatched_dims(digits: Digits) -> None:
+    error = probe_error({**digits, "test": digits["test"][:, :, :32]})
+    assert error.field == "test"
+    assert error.value == (3, N_TEST, 32)
+    assert "(3, 500, 32)" in str(error)
+
+
+def test_error_test_labels_not_in_train(digits: Digits) -> None:
+    y_test = digits["y_test"].copy()
+    y_test[0] = 11
+    error = probe_error({**digits, "y_test": y_test})
+    assert error.field == "y_test"
+    assert error.value == [11]
+    assert "[11]" in str(error)
+
+
+def test_error_layer_out_of_range(digits: Digits) -> None:
+    error = probe_error(digits, layers=[0, 3])
+    assert error.field == "layers"
+    assert error.value == 3
+    assert "0..2" in str(error)
+
+
+def test_error_unknown_engine(digits: Digits) -> None:
+    error = probe_error(digits, "logistic", {"engine": "jax"})
+    assert error.field == "engine"
+    assert "'jax'" in str(error)
+
+
+def test_error_val_fraction_out_of_range(digits: Digits) -> None:
+    error = probe_error(digits, "knn", {"val_fraction": 1.5})
+    assert error.field == "val_fraction"
+    assert "1.5" in str(error)
+
+
+def test_error_unavailable_device(digits: Digits) -> None:
+    error = probe_error(digits, "knn", device="cuda:7")
+    assert error.field == "device"
+    assert "'cuda:7'" in str(error)

@@ -1,0 +1,147 @@
+"""Reading probe hyper-parameters from the request's ``params`` mapping.
+
+Every reader validates one entry and raises :class:`~workers.errors.ProbeError` naming the
+parameter and the offending value, so a bad request fails before any layer is read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+from workers.errors import ProbeError
+
+COMMON_PARAMS = frozenset({"engine", "val_fraction"})
+
+
+def check_known(params: Mapping[str, Any], kind: str, allowed: Collection[str]) -> None:
+    """Reject parameter names that the probe kind does not use (typos fail loudly)."""
+    known = set(allowed) | COMMON_PARAMS
+    for name in params:
+        if name not in known:
+            raise ProbeError(
+                f"unknown parameter {name!r} for a {kind} probe; "
+                f"use one of {', '.join(sorted(known))}",
+                field=name,
+                value=params[name],
+            )
+
+
+def _is_number(value: Any) -> bool:
+    # bool is an int subclass; True as a learning rate is a caller's mistake, not 1.0.
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_float(
+    params: Mapping[str, Any],
+    name: str,
+    default: float,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
+    """Read a finite number within ``[low, high]`` (either end open on request)."""
+    value = params.get(name, default)
+    _check_float(name, value, low, high, low_open, high_open)
+    return float(value)
+
+
+def _check_float(
+    name: str,
+    value: Any,
+    low: float | None,
+    high: float | None,
+    low_open: bool,
+    high_open: bool,
+) -> None:
+    if not _is_number(value):
+        raise ProbeError(f"{name} must be a finite number, got {value!r}", field=name, value=value)
+    below = low is not None and (value <= low if low_open else value < low)
+    above = high is not None and (value >= high if high_open else value > high)
+    if below or above:
+        lo = "-inf" if low is None else f"{low:g}"
+        hi = "inf" if high is None else f"{high:g}"
+        closing = ")" if high_open or high is None else "]"
+        interval = f"{'(' if low_open else '['}{lo}, {hi}{closing}"
+        raise ProbeError(
+            f"{name}={value!r} is out of range; pass a value in {interval}",
+            field=name,
+            value=value,
+        )
+
+
+def read_int(
+    params: Mapping[str, Any],
+    name: str,
+    default: int,
+    *,
+    low: int = 1,
+    high: int | None = None,
+) -> int:
+    """Read an integer within ``[low, high]``."""
+    value = params.get(name, default)
+    _check_int(name, value, low, high)
+    return int(value)
+
+
+def _check_int(name: str, value: Any, low: int, high: int | None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProbeError(f"{name} must be an integer, got {value!r}", field=name, value=value)
+    if value < low or (high is not None and value > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ProbeError(
+            f"{name}={value!r} is out of range; pass an integer {bound}",
+            field=name,
+            value=value,
+        )
+
+
+def read_choice(params: Mapping[str, Any], name: str, default: str, choices: Sequence[str]) -> str:
+    """Read one of a fixed set of strings."""
+    value = params.get(name, default)
+    if value not in choices:
+        raise ProbeError(
+            f"{name}={value!r} is not supported; use one of {', '.join(map(repr, choices))}",
+            field=name,
+            value=value,
+        )
+    return str(value)
+
+
+def read_grid(
+    params: Mapping[str, Any],
+    name: str,
+    default: Sequence[float],
+    *,
+    integer: bool = False,
+    low: float = 0.0,
+    low_open: bool = True,
+) -> tuple[list[Any], bool]:
+    """Read a hyper-parameter grid: a single number or a non-empty list of numbers.
+
+    Returns
+    -------
+    grid
+        The distinct values in increasing order.
+    explicit
+        Whether the caller passed the grid (``False`` when the default was used).
+    """
+    explicit = name in params
+    value = params.get(name, list(default))
+    values = list(value) if isinstance(value, list | tuple) else [value]
+    if not values:
+        raise ProbeError(
+            f"{name} grid is empty; pass a number or a non-empty list of numbers",
+            field=name,
+            value=value,
+        )
+    for item in values:
+        if integer:
+            _check_int(name, item, int(low) + (1 if low_open else 0), None)
+        else:
+            _check_float(name, item, low, None, low_open, False)
+    cast = int if integer else float
+    return sorted({cast(v) for v in values}), explicit
