@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis import Redis
 from redis.exceptions import RedisError
@@ -26,8 +28,18 @@ from service.auth import (
 from service.dashboard import install_dashboard
 from service.jobs import JobNotFoundError
 from service.metrics import install_metrics
-from service.routes import catalog, extractions, featuresets, health, jobs, models, probes
-from service.routes import claims, fsck, projections
+from service.routes import (
+    catalog,
+    claims,
+    extractions,
+    featuresets,
+    fsck,
+    health,
+    jobs,
+    models,
+    probes,
+    projections,
+)
 from store import InvalidIdError, NotFoundError, NotReadyError, Store, StoreError
 from store.settings import Settings, get_settings
 from workers.errors import DatasetError, ModelError, PathNotAllowedError, WorkersError
@@ -67,6 +79,56 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse(error_body(exc), status_code=code)
 
 
+def _json_value(value: Any, limit: int = 200) -> Any:
+    """Return ``value`` as something JSON can carry: finite numbers and short strings as is."""
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, str):
+        return value if len(value) <= limit else value[:limit] + "..."
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _first(location: Any) -> str | None:
+    return str(location[0]) if location else None
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """Report request validation errors in the same shape as domain errors, first one first."""
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for error in exc.errors():
+        location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query",
+                                                                               "path")]
+        if error.get("type") == "json_invalid":
+            reason = (error.get("ctx") or {}).get("error", "")
+            problems.append({"field": "body", "message": f"invalid JSON: {reason}; send a JSON "
+                             "object", "type": "json_invalid", "value": None})
+            continue
+        # The top-level request field: deeper parts of a location are union tags such as
+        # "list[int]" or list indices, kept in "location" for the curious.
+        problems.append({
+            "field": location[0] if location else _first(error.get("loc", ())),
+            "location": ".".join(location),
+            "message": str(error.get("msg", "invalid value")),
+            "type": str(error.get("type", "")),
+            "value": None if error.get("type") == "missing" else _json_value(error.get("input")),
+        })
+    first = problems[0] if problems else {"field": None, "message": "invalid request",
+                                          "value": None}
+    message = f"{first['field'] or 'request'}: {first['message']}"
+    if first["value"] is not None:
+        message += f" (got {first['value']!r})"
+    if len(problems) > 1:
+        message += f"; {len(problems) - 1} more problem(s) under errors"
+    logger.info("%s %s -> 422: %s", request.method, request.url.path, message)
+    detail = {"message": message, "field": first["field"], "value": first["value"],
+              "errors": problems}
+    return JSONResponse({"detail": detail}, status_code=422)
+
+
 @asynccontextmanager
 async def _warn_if_open(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
@@ -103,6 +165,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(StoreError, _domain_error)
     app.add_exception_handler(WorkersError, _domain_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
     for router in (extractions.router, jobs.router, featuresets.router, probes.router,
                    models.router, health.router):
         app.include_router(router)

@@ -47,9 +47,8 @@ def up(
     from service.auth import KeyStore, keys_required
     from service.launcher import (
         RedisServer,
+        WorkerSupervisor,
         free_port,
-        start_worker,
-        stop_process,
         terminate_on_sigterm,
     )
     from store.settings import Settings
@@ -76,8 +75,7 @@ def up(
     env = {"LAYERBANK_STORE": str(store_path), "REDIS_URL": redis_url}
     log_dir = store_path.parent / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    processes = [start_worker(redis_url, env=env, log_file=log_dir / f"worker-{i}.log")
-                 for i in range(workers)]
+    supervisor = WorkerSupervisor(workers, redis_url, env=env, log_dir=log_dir)
     console.print(f"layerbank up: API http://{host}:{port}  store {store_path}  redis "
                   f"{redis_url}  workers {workers} (logs in {log_dir})")
     if not keys_required(settings, key_store):
@@ -86,8 +84,7 @@ def up(
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     finally:
-        for process in processes:
-            stop_process(process)
+        supervisor.stop()
         if redis_server is not None:
             redis_server.stop()
 
@@ -111,7 +108,9 @@ def demo(
     steps: Annotated[int, typer.Option(min=1, help="pretraining steps")] = 1000,
 ) -> None:
     """Pretrain a small ImageGPT on digits, extract every layer, probe, print and plot."""
-    from service.client import Client
+    import httpx
+
+    from service.client import Client, ClientError
     from service.demo import run_demo
     from service.launcher import stop_process, terminate_on_sigterm, wait_for_http
 
@@ -119,20 +118,36 @@ def demo(
     stack = None
     client = Client(url, timeout=120)
     try:
-        client.health()
-    except Exception:
+        health: dict[str, object] | None = client.health()
+    except httpx.TransportError:
+        health = None  # nothing listens there: start the embedded stack
+    except ClientError:
+        health = {}
+    if health is not None and not {"status", "redis", "workers"} <= set(health):
+        err.print(f"{url} answers, but not as a layerbank API; pass --url with a free port")
+        raise typer.Exit(1)
+    if health is None:
         port = url.rsplit(":", 1)[-1].strip("/")
         console.print(f"no API at {url}: starting the embedded stack (layerbank up)")
-        stack = subprocess.Popen([sys.executable, "-m", "service.cli", "up", "--port", port],
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        output.mkdir(parents=True, exist_ok=True)
+        stack_log = output / "stack.log"
+        with stack_log.open("ab") as log:
+            stack = subprocess.Popen(
+                [sys.executable, "-m", "service.cli", "up", "--port", port],
+                stdout=log, stderr=subprocess.STDOUT)
         try:
             wait_for_http(f"{url}/healthz", timeout=90)
+            if stack.poll() is not None:
+                raise TimeoutError("layerbank up exited")
         except TimeoutError:
             stop_process(stack)
-            err.print("the embedded stack did not start; run `layerbank up` to see why")
+            err.print(f"the embedded stack did not start; its output is in {stack_log}")
             raise typer.Exit(1) from None
     try:
         run_demo(client, output, steps=steps, console=console)
+    except ClientError as exc:
+        err.print(f"demo failed: {exc}")
+        raise typer.Exit(1) from None
     finally:
         client.close()
         stop_process(stack)

@@ -31,6 +31,13 @@ class ClientError(Exception):
 class JobFailedError(ClientError):
     """Raised by `Client.wait` when the job ends in status "failed"."""
 
+    def __init__(self, job_id: str, detail: Any) -> None:
+        self.status_code = 200
+        self.detail = detail
+        self.job_id = job_id
+        message = detail.get("message") if isinstance(detail, dict) else detail
+        Exception.__init__(self, f"job {job_id} failed: {message}")
+
 
 class Client:
     """Typed methods mirroring the API. Retries 503 answers and connection errors a few times."""
@@ -106,7 +113,7 @@ class Client:
             if on_progress is not None:
                 on_progress(state)
             if state["status"] == "failed":
-                raise JobFailedError(200, state.get("error") or {"message": "job failed"})
+                raise JobFailedError(job_id, state.get("error") or {"message": "job failed"})
             if state["status"] == "finished":
                 return state
             if time.monotonic() > deadline:

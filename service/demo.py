@@ -38,7 +38,9 @@ def run_demo(client: Client, output: Path, *, steps: int = 1000,
     started = time.perf_counter()
 
     console.rule("1. pretrain a small ImageGPT on digits/train (next-pixel, start token)")
-    created = client.pretrain(DEMO_MODEL, **{**DEMO_PRETRAIN, "steps": steps})
+    # A run with other settings gets its own name, so it never clashes with the default model.
+    name = DEMO_MODEL if steps == DEMO_PRETRAIN["steps"] else f"{DEMO_MODEL}-{steps}steps"
+    created = client.pretrain(name, **{**DEMO_PRETRAIN, "steps": steps})
     if created["status"] == "complete":
         console.print(f"  {created['model']} already in the store: reused")
     client.wait(created["job_id"], on_progress=_progress_printer(console, "pretrain"))

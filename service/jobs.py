@@ -224,3 +224,44 @@ def _last_line(job: Job) -> str:
     text = latest.exc_string if latest is not None and latest.exc_string else "job failed"
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "job failed"
+
+
+def result_status(redis: Redis, store: Store, target: str, stored_status: str | None
+                  ) -> tuple[str, str | None, dict[str, Any] | None]:
+    """Return (status, job id, error) of a probe or projection result.
+
+    The stored status says "complete" once the result is written; until then the status of the
+    job that computes it ("queued", "running" or "failed") is reported, with its error, so a
+    client never waits on a result whose job has failed.
+    """
+    job_id = active_job_id(redis, target)
+    if stored_status == "complete":
+        return "complete", job_id, None
+    if job_id is None:
+        return "failed", None, {"message": "no job computes this result (its record was lost); "
+                                "send the same POST again", "field": None, "value": None}
+    try:
+        state = job_state(redis, store, job_id)
+    except JobNotFoundError:
+        return "failed", job_id, {"message": "the job record of this result was lost; send the "
+                                  "same POST again", "field": None, "value": None}
+    return state["status"], job_id, state["error"]
+
+
+def not_complete_message(kind: str, result_id: str, status: str, job_id: str | None,
+                         error: dict[str, Any] | None) -> str:
+    """Return the 409 message for a result that is not complete: failed or still computing."""
+    if status == "failed":
+        reason = (error or {}).get("message") or "unknown error"
+        return (f"{kind} {result_id!r} failed: {reason}; fix the request and send it again "
+                "(the same POST queues it once more)")
+    return f"{kind} {result_id!r} is not complete yet ({status}); wait for job {job_id}"
+
+
+def running_params(redis: Redis, job_id: str) -> Any:
+    """Return the last argument of a single-job record's rq job (the parameters it runs with)."""
+    record = load_job(redis, job_id)
+    jobs = _fetch(redis, record["rq_ids"][-1:])
+    if not jobs or jobs[0] is None or not jobs[0].args:
+        return None
+    return jobs[0].args[-1]

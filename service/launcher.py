@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,3 +163,41 @@ def wait_for_http(url: str, timeout: float = 30.0) -> None:
             pass
         time.sleep(0.1)
     raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+
+
+class WorkerSupervisor:
+    """Keep ``count`` worker processes alive: a worker that exits or is killed is started again.
+
+    A block whose worker died is queued again by rq once the worker's heartbeat expires, so a
+    replacement worker finishes the job without a manual resume.
+    """
+
+    def __init__(self, count: int, redis_url: str, *, env: dict[str, str], log_dir: Path,
+                 interval: float = 2.0) -> None:
+        self.redis_url = redis_url
+        self.env = env
+        self.log_dir = log_dir
+        self.interval = interval
+        self.processes = [self._start(i) for i in range(count)]
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="worker-supervisor", daemon=True)
+        self._thread.start()
+
+    def _start(self, index: int) -> subprocess.Popen[bytes]:
+        return start_worker(self.redis_url, env=self.env,
+                            log_file=self.log_dir / f"worker-{index}.log")
+
+    def _watch(self) -> None:
+        while not self._stopping.wait(self.interval):
+            for index, process in enumerate(self.processes):
+                code = process.poll()
+                if code is not None and not self._stopping.is_set():
+                    logger.warning("worker process %d exited with code %s; starting a new one",
+                                   process.pid, code)
+                    self.processes[index] = self._start(index)
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._thread.join(timeout=self.interval * 2)
+        for process in self.processes:
+            stop_process(process)

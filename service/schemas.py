@@ -127,6 +127,7 @@ class ProbePublic(BaseModel):
     rows: list[dict[str, Any]]
     best: dict[str, Any]
     job_id: str | None = None
+    error: ErrorPublic | None = None
 
 
 class ProbesPublic(BaseModel):
@@ -227,6 +228,7 @@ class ProjectionPublic(BaseModel):
     item_indices: list[int] | None = Field(None, description="Rows of the feature set.")
     labels: list[int] | None = None
     job_id: str | None = None
+    error: ErrorPublic | None = None
 
 
 class ProjectionsPublic(BaseModel):

@@ -355,8 +355,10 @@ def _resolve_hub(ref: str) -> ModelRef:
 
     try:
         revision = HfApi().model_info(ref).sha or "main"
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
-        # Offline machines can still use a populated hub cache.
+    except Exception as exc:
+        # The hub client raises HTTP, DNS and connection errors of several libraries; any of
+        # them means the hub is not usable now. Offline machines can still use the hub cache.
+        logger.warning("hub lookup of %r failed: %s: %s", ref, type(exc).__name__, exc)
         revision = _cached_revision(ref)
         if revision is None:
             raise ModelError(f"hub id {ref!r}: not reachable and not in the local hub cache "
@@ -368,7 +370,8 @@ def _resolve_hub(ref: str) -> ModelRef:
             processor = _read_json(Path(processor_file), ref)
         except (HfHubHTTPError, LocalEntryNotFoundError, OSError):
             processor = {}
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:
+    except Exception as exc:
+        logger.warning("hub download of %r config failed: %s: %s", ref, type(exc).__name__, exc)
         raise ModelError(f"hub id {ref!r}: config.json could not be read ({type(exc).__name__})",
                          field="model", value=ref) from exc
     return ModelRef(ref, _family(config, ref), "hub", ref, revision, config, processor)

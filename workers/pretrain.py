@@ -163,6 +163,9 @@ def pretrain_imagegpt(
             if step in checkpoint_steps:
                 save_checkpoint(step, val_loss)
             model.train()
+        elif progress is not None and step % max(1, params.steps // 100) == 0:
+            # Between evaluations, report the step and training loss only (cheap).
+            progress(step, params.steps, {"step": step, "train_loss": float(loss)})
 
     model.eval()
     record = {

@@ -38,12 +38,20 @@ def create_extraction(body: ExtractionCreate, response: Response, settings: Sett
     split = load_split(body.dataset, body.split, limit=body.limit, seed=body.seed,
                        image_column=body.image_column, label_column=body.label_column,
                        allowed_roots=settings.data_roots)
+    limit, seed = body.limit, body.seed
+    if limit is not None:
+        whole = load_split(body.dataset, body.split, image_column=body.image_column,
+                           label_column=body.label_column, allowed_roots=settings.data_roots)
+        if whole.fingerprint == split.fingerprint:
+            limit = None  # the limit covers the whole split: same feature set as no limit
+    if limit is None:
+        seed = 0  # the seed only picks the subset, so it must not change the id otherwise
     check_extraction_size(len(layers), len(split.labels), settings)
     token_layers = _check_token_layers(ref, body.token_layers)
     spec = FeatureSetSpec(
         model=ref.ref, model_revision=ref.revision, model_family=ref.family, processor=processor,
         dataset=body.dataset, dataset_fingerprint=split.fingerprint, split=body.split,
-        limit=body.limit, seed=body.seed, image_column=body.image_column,
+        limit=limit, seed=seed, image_column=body.image_column,
         label_column=body.label_column, layers=layers, pooling=pooling, dtype=body.dtype,
         token_layers=token_layers,
     )

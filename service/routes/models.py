@@ -9,7 +9,7 @@ from fastapi import APIRouter, Response, status
 
 from service.auth import JobQuotaDep
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
-from service.jobs import active_job_id, enqueue_single, job_state, target_lock
+from service.jobs import active_job_id, enqueue_single, job_state, running_params, target_lock
 from service.schemas import (
     CheckpointPublic,
     CheckpointsPublic,
@@ -56,6 +56,10 @@ def create_pretraining(body: PretrainCreate, response: Response, settings: Setti
         existing = active_job_id(redis, target)
         if existing is not None and job_state(redis, store, existing)["status"] in (
                 "queued", "running"):
+            if running_params(redis, existing) != params:
+                raise ModelError(
+                    f"store:{name} is being pretrained with different settings; choose another "
+                    "name or wait for that job and use its model", field="name", value=name)
             return PretrainPublic(model=f"store:{name}", job_id=existing, status="running",
                                   created=False)
         quota.check()

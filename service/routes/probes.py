@@ -9,7 +9,14 @@ from fastapi import APIRouter, Query, Response, status
 
 from service.auth import JobQuotaDep
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
-from service.jobs import active_job_id, enqueue_single, job_state, target_lock
+from service.jobs import (
+    active_job_id,
+    enqueue_single,
+    job_state,
+    not_complete_message,
+    result_status,
+    target_lock,
+)
 from service.plots import confusion_png, layer_curve_png
 from service.schemas import CurvePublic, ProbeCreate, ProbeCreated, ProbePublic, ProbesPublic
 from store import NotFoundError, NotReadyError, ProbeSpec, Store, StoreError, check_id
@@ -79,7 +86,10 @@ def _probe_spec(body: ProbeCreate, store: Store) -> ProbeSpec:
         raise StoreError("layers is empty; pass \"all\" or a list of stored layers",
                          field="layers", value=body.layers)
     for layer in layers:
-        train.layer_position(layer)
+        try:
+            train.layer_position(layer)
+        except StoreError as exc:
+            raise StoreError(exc.message, field="layers", value=layer) from exc
     kinds = [body.kind] if isinstance(body.kind, str) else list(body.kind)
     for kind in kinds:
         if kind not in PROBE_KINDS:
@@ -123,13 +133,15 @@ def _read_probe(store: Store, redis: Any, probe_id: str) -> dict[str, Any]:
     stored = store.read_result("probes", probe_id)
     if stored is None:
         raise NotFoundError(f"probe {probe_id!r} not found", field="probe_id", value=probe_id)
+    status, job_id, error = result_status(redis, store, probe_id, stored.get("status"))
     return {
         "probe_id": probe_id,
-        "status": stored.get("status", "pending"),
+        "status": status,
         "spec": stored["spec"],
         "rows": stored.get("rows", []),
         "best": stored.get("best", {}),
-        "job_id": active_job_id(redis, probe_id),
+        "job_id": job_id,
+        "error": error,
     }
 
 
@@ -150,8 +162,10 @@ def read_probe(probe_id: str, store: StoreDep, redis: RedisDep) -> ProbePublic:
 def _complete_probe(store: Store, redis: Any, probe_id: str) -> dict[str, Any]:
     probe = _read_probe(store, redis, probe_id)
     if probe["status"] != "complete":
-        raise NotReadyError(f"probe {probe_id!r} is not complete yet; wait for job "
-                            f"{probe['job_id']}", field="probe_id", value=probe_id)
+        raise NotReadyError(
+            not_complete_message("probe", probe_id, probe["status"], probe["job_id"],
+                                 probe["error"]),
+            field="probe_id", value=probe_id)
     return probe
 
 

@@ -11,7 +11,14 @@ from fastapi import APIRouter, Response, status
 
 from service.auth import JobQuotaDep
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
-from service.jobs import active_job_id, enqueue_single, job_state, target_lock
+from service.jobs import (
+    active_job_id,
+    enqueue_single,
+    job_state,
+    not_complete_message,
+    result_status,
+    target_lock,
+)
 from service.plots import scatter_png
 from service.schemas import (
     ProjectionCreate,
@@ -114,14 +121,16 @@ def _read_projection(
             field="projection_id",
             value=projection_id,
         )
+    status, job_id, error = result_status(redis, store, projection_id, stored.get("status"))
     result: dict[str, Any] = {
         "projection_id": projection_id,
-        "status": stored.get("status", "pending"),
+        "status": status,
         "spec": stored["spec"],
         "n_points": stored.get("n_points"),
         "info": stored.get("info", {}),
         "class_names": stored.get("class_names", []),
-        "job_id": active_job_id(redis, projection_id),
+        "job_id": job_id,
+        "error": error,
     }
     if arrays and result["status"] == "complete":
         group = store.result_group("projections", projection_id, mode="r")
@@ -137,8 +146,8 @@ def _complete_arrays(
     projection = _read_projection(store, redis, projection_id, arrays=False)
     if projection["status"] != "complete":
         raise NotReadyError(
-            f"projection {projection_id!r} is not complete yet; wait for job "
-            f"{projection['job_id']}",
+            not_complete_message("projection", projection_id, projection["status"],
+                                 projection["job_id"], projection["error"]),
             field="projection_id",
             value=projection_id,
         )

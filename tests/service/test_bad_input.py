@@ -286,7 +286,7 @@ def _cases(data: dict[str, str], fs: dict[str, str], tiny: str, max_body: int) -
             probe(train_featureset=fs["tiny_two_layers"], test_featureset=fs["tiny_test"]),
             field="test_featureset",
         ),
-        Case("probe layer not stored", "POST", post_p, probe(layers=[3]), field="layer"),
+        Case("probe layer not stored", "POST", post_p, probe(layers=[3]), field="layers"),
         Case("probe unknown kind", "POST", post_p, probe(kind="forest"), field="kind"),
         Case(
             "knn k above train size",

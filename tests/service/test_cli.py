@@ -151,7 +151,7 @@ def test_extract_unknown_pooling_names_field(api_url: str, tiny_model: Path) -> 
     result = run_cli(api_url, "extract", str(tiny_model), "digits", "test", "--pooling", "max")
     assert result.exit_code == 1
     assert len(result.stderr.strip().splitlines()) == 1
-    assert "invalid request: pooling:" in result.stderr
+    assert "HTTP 422: pooling: Input should be" in result.stderr
 
 
 def test_probe_wait_json_includes_result(cli_probe: dict[str, Any]) -> None:

@@ -218,3 +218,60 @@ def test_api_process_never_imports_torch(settings: Any) -> None:
     result = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
+
+
+def test_probe_failed_job_reports_failed(client: Any, digits_featuresets: dict[str, str]) -> None:
+    answer = client.probe(digits_featuresets["train"], digits_featuresets["test"],
+                          kind="logistic", params={"C": "big"})
+    state = wait_job(client, answer["job_id"])
+    assert state is not None
+    assert state["status"] == "failed"
+    result = client.probe_result(answer["probe_id"])
+    assert result["status"] == "failed"
+    assert "C" in result["error"]["message"]
+    with pytest.raises(ClientError) as info:
+        client.curve(answer["probe_id"])
+    assert info.value.status_code == 409
+    assert "failed" in info.value.detail["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ('{"model": "pixels", "dataset": "digits", "split": "train", "limit": NaN}', "limit"),
+        ('{"model": "pixels", "dataset": "digits", "split": "train", "layer": 3}', "layer"),
+        ('{"model": "pixels", "dataset": "digits"}', "split"),
+        ('{"model": "pixels", "dataset": "digits", "split": "train", "layers": "last"}',
+         "layers"),
+        ('{"model": "pixels", "dataset": "digits", "split": "train", "batch_size": -1}',
+         "batch_size"),
+        ('{"model": "pixels", "dataset"', "body"),
+    ],
+)
+def test_validation_error_has_domain_shape(client: Any, body: str, field: str) -> None:
+    response = client._http.post("/v1/extractions", content=body,
+                                 headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert detail["field"] == field
+    assert field in detail["message"]
+
+
+def test_extraction_limit_covering_split_reuses_featureset(client: Any) -> None:
+    whole = client.extract("pixels", "digits", "test")
+    wait_job(client, whole["job_id"])
+    limited = client.extract("pixels", "digits", "test", limit=100000, seed=3)
+    assert limited["featureset_id"] == whole["featureset_id"]
+    assert limited["created"] is False
+
+
+def test_pretrain_same_name_other_settings_rejected(client: Any) -> None:
+    first = client.pretrain("tiny-clash", n_layer=1, n_embd=16, n_head=2, n_colors=8, steps=40,
+                            batch_size=16)
+    with pytest.raises(ClientError) as info:
+        client.pretrain("tiny-clash", n_layer=1, n_embd=16, n_head=2, n_colors=8, steps=41,
+                        batch_size=16)
+    assert info.value.status_code == 422
+    assert info.value.detail["field"] == "name"
+    state = wait_job(client, first["job_id"])
+    assert state is not None and state["status"] == "finished", state
