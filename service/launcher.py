@@ -175,7 +175,11 @@ class WorkerSupervisor:
     def __init__(self, count: int, redis_url: str, *, env: dict[str, str], log_dir: Path,
                  interval: float = 2.0) -> None:
         self.redis_url = redis_url
-        self.env = env
+        # Each worker's torch gets its share of the cores: more threads than cores make every
+        # worker many times slower (busy-waiting thread pools), not faster.
+        self.env = dict(env)
+        if "OMP_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in env:
+            self.env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, count)))
         self.log_dir = log_dir
         self.interval = interval
         self.processes = [self._start(i) for i in range(count)]
