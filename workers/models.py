@@ -71,6 +71,88 @@ def load_model(ref: ModelRef, *, device: str = "cpu", input_policy: str | None =
     return model
 
 
+# Batch sizes chosen when a request gives none. The CPU rule is conservative on purpose: a worker
+# shares the machine's memory with the API, Redis and other workers, and beyond a few dozen
+# images a larger batch does not make a CPU forward pass faster.
+MAX_CPU_BATCH = 64
+MAX_CUDA_BATCH = 1024
+# Fraction of the free memory one forward pass may use for activations.
+CPU_MEMORY_FRACTION = 0.125
+CUDA_MEMORY_FRACTION = 0.5
+# Live (seq, dim) float32 tensors of one image during a transformer block: residual stream,
+# normed copy, q/k/v, attention output, and the 4 x dim MLP hidden layer with its activation.
+_LIVE_STATES_PER_BLOCK = 16
+
+
+def activation_bytes_per_image(model: PooledModel) -> int:
+    """Estimate the peak activation memory of one image in one forward pass, in bytes.
+
+    ImageGPT pools each layer as it is produced, so it holds one block's temporaries.
+    Other transformers return every hidden state at once, so they hold those as well.
+    The pixels baseline holds one float32 copy of the image.
+    """
+    config = getattr(getattr(model, "model", None), "config", None)
+    if config is None:
+        height, width = getattr(model, "size", (224, 224))
+        return int(height * width * 3 * 4)
+    vision = getattr(config, "vision_config", config)
+    dim = int(getattr(vision, "n_embd", None) or getattr(vision, "hidden_size", 768))
+    n_layer = int(getattr(vision, "n_layer", None) or getattr(vision, "num_hidden_layers", 12))
+    if isinstance(model, ImageGPTAdapter):
+        seq = int(getattr(config, "n_positions", 1024))
+        return _LIVE_STATES_PER_BLOCK * seq * dim * 4
+    image_size = getattr(vision, "image_size", 224)
+    patch_size = getattr(vision, "patch_size", 16)
+    side = int(image_size if isinstance(image_size, int) else image_size[0])
+    patch = int(patch_size if isinstance(patch_size, int) else patch_size[0])
+    seq = (side // patch) ** 2 + 1
+    return (_LIVE_STATES_PER_BLOCK + n_layer + 1) * seq * dim * 4
+
+
+def available_memory_bytes(device: str) -> int:
+    """Return the free memory of ``device`` in bytes: CUDA's free memory, else available RAM."""
+    torch_device = torch.device(device)
+    if torch_device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(torch_device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
+
+
+def batch_size_for_memory(per_image_bytes: int, free_bytes: int, *, device_type: str) -> int:
+    """Return the largest power-of-two batch whose activations fit the device's memory budget.
+
+    The budget is `CUDA_MEMORY_FRACTION` of the free memory on CUDA and
+    `CPU_MEMORY_FRACTION` of the available RAM on the CPU. The batch is capped at
+    `MAX_CUDA_BATCH` or `MAX_CPU_BATCH`, and is at least 1 even when one image exceeds the
+    budget.
+    """
+    if per_image_bytes < 1:
+        raise ValueError(f"per_image_bytes must be positive, got {per_image_bytes!r}")
+    fraction, cap = (
+        (CUDA_MEMORY_FRACTION, MAX_CUDA_BATCH)
+        if device_type == "cuda"
+        else (CPU_MEMORY_FRACTION, MAX_CPU_BATCH)
+    )
+    fits = int(free_bytes * fraction) // per_image_bytes
+    if fits < 1:
+        return 1
+    return min(cap, 1 << (fits.bit_length() - 1))
+
+
+def default_batch_size(model: PooledModel, device: str) -> int:
+    """Choose the batch size of ``model`` on ``device`` from its free memory."""
+    per_image = activation_bytes_per_image(model)
+    free = available_memory_bytes(device)
+    batch = batch_size_for_memory(per_image, free, device_type=torch.device(device).type)
+    logger.info(
+        "model %s on %s: batch size %d chosen (%.1f MiB activations per image, %.0f MiB free)",
+        model.ref.ref, device, batch, per_image / 2**20, free / 2**20,
+    )
+    return batch
+
+
 def _from_pretrained_kwargs(ref: ModelRef) -> dict[str, object]:
     # trust_remote_code is never enabled: only classes that ship with transformers are built.
     kwargs: dict[str, object] = {"trust_remote_code": False}
