@@ -25,6 +25,9 @@ import datetime as dt
 import errno
 import logging
 import math
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -47,6 +50,10 @@ STATUS_COMPLETE = "complete"
 TARGET_CHUNK_BYTES = 2 * 1024 * 1024
 MIN_BLOCK_ROWS = 64
 MAX_BLOCK_ROWS = 8192
+# Decoded (layer, block) chunks of a complete feature set kept in memory per handle, so a
+# single-row read does not decode its whole chunk again. Complete feature sets never change;
+# a repair drops the handle (`Store.forget`) and its cache with it.
+READ_CACHE_BYTES = 64 * 1024 * 1024
 # Bytes of token-level features one block may hold, across its token layers: a worker keeps a
 # whole block in memory before writing it.
 TARGET_TOKEN_BLOCK_BYTES = 64 * 1024 * 1024
@@ -102,6 +109,9 @@ class FeatureSet:
             group["token_features"] if "token_features" in group else None  # type: ignore[assignment]
         )
         self._attrs: dict[str, Any] = dict(group.attrs)
+        self._chunks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._chunk_bytes = 0
+        self._chunk_lock = threading.Lock()
 
     # -- metadata ---------------------------------------------------------------------------
 
@@ -287,11 +297,58 @@ class FeatureSet:
             )
 
     def read_layer(self, layer: int, start: int | None = None, stop: int | None = None) -> np.ndarray:
-        """Return rows [start, stop) of hidden-state index ``layer``, array of shape (rows, dim)."""
+        """Return rows [start, stop) of hidden-state index ``layer``, array of shape (rows, dim).
+
+        A range inside one block is served from an in-memory cache of decoded blocks, because
+        zarr decodes a whole (1, block_rows, dim) chunk to return any row of it.
+        """
         self.require_complete()
         position = self.layer_position(layer)
         start, stop = self.check_rows(start, stop)
+        block = start // self.block_rows
+        block_start = block * self.block_rows
+        if start < stop <= block_start + self.block_rows and stop - start < self.block_rows:
+            chunk = self._cached_chunk(position, block)  # (block rows, dim)
+            return chunk[start - block_start : stop - block_start].copy()
         return np.asarray(self.features[position, start:stop, :])
+
+    def iter_layer(
+        self, layer: int, start: int | None = None, stop: int | None = None
+    ) -> Iterator[np.ndarray]:
+        """Yield rows [start, stop) of ``layer`` as consecutive arrays of shape (rows, dim).
+
+        Each array covers at most one block, so a whole layer is read one chunk at a time and
+        memory holds one block whatever the layer's size. The checks run before the first
+        array is yielded, when the generator is first advanced.
+        """
+        self.require_complete()
+        position = self.layer_position(layer)
+        start, stop = self.check_rows(start, stop)
+        rows = self.block_rows
+        while start < stop:
+            piece_stop = min((start // rows + 1) * rows, stop)  # the end of start's block
+            yield np.asarray(self.features[position, start:piece_stop, :])
+            start = piece_stop
+
+    def _cached_chunk(self, position: int, block: int) -> np.ndarray:
+        """Return the decoded rows of ``block`` at layer ``position``, shape (rows, dim)."""
+        key = (position, block)
+        with self._chunk_lock:
+            chunk = self._chunks.get(key)
+            if chunk is not None:
+                self._chunks.move_to_end(key)
+                return chunk
+        start, stop = self.block_range(block)
+        chunk = np.asarray(self.features[position, start:stop, :])
+        chunk.flags.writeable = False
+        with self._chunk_lock:
+            if key not in self._chunks:
+                self._chunks[key] = chunk
+                self._chunk_bytes += chunk.nbytes
+            while self._chunk_bytes > READ_CACHE_BYTES and len(self._chunks) > 1:
+                _, evicted = self._chunks.popitem(last=False)
+                self._chunk_bytes -= evicted.nbytes
+        return chunk
 
     def read_labels(self, start: int | None = None, stop: int | None = None) -> np.ndarray:
         start, stop = self.check_rows(start, stop)

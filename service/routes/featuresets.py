@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import io
 import logging
+from collections.abc import Iterator
 from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi.responses import StreamingResponse
 
 from service.auth import requires_scope
 from service.deps import RedisDep, SettingsDep, StoreDep
 from service.jobs import active_job_id, job_state, target_lock
 from service.schemas import FeatureSetPublic, FeatureSetsPublic
-from store import NotReadyError, Store, check_id
+from store import FeatureSet, NotReadyError, Store, check_id
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ def read_layer(featureset_id: str, layer: int, store: StoreDep, settings: Settin
     featureset.layer_position(layer)
     first, last = featureset.check_rows(start, stop)
     _check_row_limit(last - first, format, settings.max_rows_per_fetch, settings.max_json_rows)
+    if format == "npy" and last - first > featureset.block_rows:
+        return _layer_stream(featureset, layer, first, last)
     array = featureset.read_layer(layer, first, last)
     return _array_response(array, format, {"featureset_id": featureset_id, "layer": layer,
                                            "start": first, "stop": last})
@@ -138,6 +142,31 @@ def _check_row_limit(rows: int, format: str, max_rows: int, max_json_rows: int) 
                     f"as {format} at once; {hint} with start/stop", "field": "stop",
                     "value": rows},
         )
+
+
+def _layer_stream(featureset: FeatureSet, layer: int, first: int, last: int) -> Response:
+    """Stream rows [first, last) of a layer as .npy, one block at a time.
+
+    The .npy header is built from the shape and dtype, so the body is never held whole in
+    memory and Content-Length is known before the first byte.
+    """
+    dtype = np.dtype(featureset.features.dtype)
+    dim = int(featureset.features.shape[2])
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(
+        header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                 "shape": (last - first, dim)})
+    length = header.tell() + (last - first) * dim * dtype.itemsize
+
+    def body() -> Iterator[bytes]:
+        yield header.getvalue()
+        # NOTE: a chunk that fails to decode here ends the response early: the status line has
+        # been sent, so the client sees a body shorter than Content-Length.
+        for piece in featureset.iter_layer(layer, first, last):  # (rows, dim) per block
+            yield np.ascontiguousarray(piece).tobytes()
+
+    return StreamingResponse(body(), media_type="application/octet-stream",
+                             headers={"Content-Length": str(length)})
 
 
 def _array_response(array: np.ndarray, format: str, meta: dict[str, object]) -> Response:
