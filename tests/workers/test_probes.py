@@ -112,6 +112,20 @@ def test_logistic_engines_agree_within_half_a_point(
         assert abs(batched["test_accuracy"] - ref["test_accuracy"]) <= 0.005, (ref, batched)
 
 
+def test_logistic_torch_regularisation_path_agrees(
+    digits: Digits, sklearn_results: list[dict]
+) -> None:
+    path = probe(digits, "logistic", {"engine": "torch", "c_batch": 2})
+    for ref, result in zip(sklearn_results, path, strict=True):
+        assert abs(result["test_accuracy"] - ref["test_accuracy"]) <= 0.005, (ref, result)
+        assert result["params"]["C"] == ref["params"]["C"]
+        assert result["converged"] is True
+    # runs of two values of C: (0.01, 0.1), (1, 10), (100)
+    iterations = [g["n_iter"] for g in path[0]["grid"]]
+    assert iterations[0] == iterations[1]
+    assert iterations[2] == iterations[3]
+
+
 def test_logistic_engines_report_their_name(
     sklearn_results: list[dict], torch_results: list[dict]
 ) -> None:
@@ -186,8 +200,9 @@ def test_torch_objective_matches_sklearn_solution(digits: Digits, n_classes: int
         torch.tensor([[0.1]], dtype=torch.float64),
         n_classes,
     )
-    # With C=0.1 the penalty makes the objective 0.01-strongly convex, so a gradient below
-    # 1e-6 puts every weight within 1e-4 of the optimum; a wrong penalty scale would not be.
+    # The penalty makes the objective at least 1/(C n) ~ 0.008-strongly convex here, so a
+    # gradient below 1e-6 puts every weight within about 1e-4 of the optimum. A penalty off by
+    # a factor of 2 would move the weights by far more than the 1e-3 tolerance.
     settings = LogisticSettings("torch", [0.1], 2000, 1e-6, "float64", None, 20)
     run = batched.minimise(settings)
     weight = batched.weight.detach()[0, 0].numpy()  # (dim, n_classes or 1)
@@ -207,7 +222,7 @@ def test_knn_beats_chance_by_a_wide_margin(knn_results: list[dict]) -> None:
     assert noisy > 0.2
 
 
-def test_knn_reports_k_grid_and_leave_one_out_train_accuracy(knn_results: list[dict]) -> None:
+def test_knn_reports_grid_and_loo_accuracy(knn_results: list[dict]) -> None:
     result = knn_results[0]
     assert [g["k"] for g in result["grid"]] == [1, 5, 10, 20, 50, 100, 200]
     assert result["params"]["k"] in {1, 5, 10, 20, 50, 100, 200}
@@ -216,7 +231,7 @@ def test_knn_reports_k_grid_and_leave_one_out_train_accuracy(knn_results: list[d
     assert result["n_iter"] is None
 
 
-def test_knn_drops_k_above_the_fit_part_with_a_warning(digits: Digits) -> None:
+def test_knn_drops_oversized_k_with_warning(digits: Digits) -> None:
     small = {**digits, "train": digits["train"][:, :150], "y_train": digits["y_train"][:150]}
     (result,) = probe(small, "knn", {}, layers=[0])
     assert [g["k"] for g in result["grid"]] == [1, 5, 10, 20, 50, 100]
@@ -238,7 +253,7 @@ def test_mlp_keeps_the_best_validation_epoch(mlp_results: list[dict]) -> None:
         assert curve[result["params"]["epoch"] - 1] == max(curve)
 
 
-def test_mlp_is_deterministic_for_a_seed_on_cpu(digits: Digits, mlp_results: list[dict]) -> None:
+def test_mlp_deterministic_on_cpu(digits: Digits, mlp_results: list[dict]) -> None:
     again = probe(digits, "mlp", {"hidden": 64, "max_epochs": 60, "patience": 10})
     for first, second in zip(mlp_results, again, strict=True):
         assert {**first, "fit_seconds": 0} == {**second, "fit_seconds": 0}
@@ -430,7 +445,7 @@ def test_error_fewer_than_two_classes(digits: Digits) -> None:
     assert "at least 2" in str(error)
 
 
-def test_error_nan_features_mean_an_incomplete_feature_set(digits: Digits) -> None:
+def test_error_nan_features_incomplete(digits: Digits) -> None:
     train = digits["train"].copy()
     train[1, 7, 3] = np.nan
     error = probe_error({**digits, "train": train}, layers=[1])

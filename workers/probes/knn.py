@@ -149,7 +149,7 @@ def _nearest(
     chunk_size: int | None,
     exclude: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The k most similar reference rows of each query row, most similar first.
+    """Find the k most similar reference rows of each query row, most similar first.
 
     Parameters
     ----------

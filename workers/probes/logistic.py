@@ -10,11 +10,25 @@ which is scikit-learn's ``LogisticRegression(C=C)`` objective scaled by ``1 / (C
   layer by layer and value by value.
 - ``"torch"``: one full-batch L-BFGS run over the summed objective of every layer of a batch
   and every value of the C grid at once, with weights of shape (n_layers, n_C, dim, n_classes).
-  The problems are independent, so the gradient of the sum is the stack of their gradients and
-  its max-norm meets ``tol`` only when every problem does; convergence is checked per problem.
+  The problems are independent, so the gradient of the sum is the stack of their gradients.
+  Its max-norm meets ``tol`` only when every problem does, and convergence is checked per
+  problem.
 
 Both engines choose C on the validation part (fitted on the fit part, standardised with its
-statistics), then refit on the whole train set with the chosen C.
+statistics), then refit on the whole train set with the chosen C. In the torch engine
+``fit_seconds`` is the layer's share of its batch, and ``n_iter`` counts the iterations of the
+shared run.
+
+The torch engine computes in float64 by default (float32 stalls short of the default ``tol``)
+and agrees with the reference within 0.1 accuracy points on digits and on the synthetic
+benchmark. On a CPU it is slower than the single-threaded reference: the shared line search
+needs several times the iterations of the hardest single problem, and every iteration
+evaluates every problem still running (measured in docs/benchmarks-probe.md).
+``c_batch=1`` (one value of C per run, warm-started along the grid) makes it about three
+times faster on a CPU.
+
+NOTE: on a CPU shared with other busy processes, torch's threaded BLAS calls inside L-BFGS wait
+for descheduled threads; fewer torch threads (``torch.set_num_threads``) then run faster.
 """
 
 from __future__ import annotations
@@ -46,7 +60,7 @@ DEFAULT_MAX_ITER = {"sklearn": 5000, "torch": 1000}
 # 4 items as tol shrinks, and the two engines then choose different values of C. At 1e-5
 # both engines land on the same choices.
 DEFAULT_TOL = 1e-5
-PARAMS = ("C", "max_iter", "tol", "dtype", "layer_batch", "history_size")
+PARAMS = ("C", "max_iter", "tol", "dtype", "layer_batch", "history_size", "c_batch")
 # Bytes of features and activations that one torch batch of layers may hold on the CPU.
 CPU_BATCH_BYTES = 2 * 2**30
 DEFAULT_HISTORY = 20
@@ -63,6 +77,7 @@ class LogisticSettings:
     dtype: str  # torch engine only
     layer_batch: int | None  # torch engine only; None sizes batches to the memory budget
     history_size: int  # torch engine only
+    c_batch: int | None = None  # torch engine only; values of C per L-BFGS run, None = all
 
 
 def read_settings(params: dict[str, Any]) -> LogisticSettings:
@@ -79,7 +94,10 @@ def read_settings(params: dict[str, Any]) -> LogisticSettings:
     if layer_batch is not None:
         layer_batch = read_int(params, "layer_batch", 1)
     history = read_int(params, "history_size", DEFAULT_HISTORY)
-    return LogisticSettings(engine, c_grid, max_iter, tol, dtype, layer_batch, history)
+    c_batch = params.get("c_batch")
+    if c_batch is not None:
+        c_batch = read_int(params, "c_batch", 1)
+    return LogisticSettings(engine, c_grid, max_iter, tol, dtype, layer_batch, history, c_batch)
 
 
 def fit_logistic(task: ProbeTask, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -190,11 +208,11 @@ def _layer_batch(
     """Layers per L-BFGS run so that features and logits stay within a memory budget."""
     n_train, n_test = len(task.y_train), len(task.y_test)
     itemsize = torch.finfo(dtype).bits // 8
-    # raw + standardised train features, test features, ~4 logits-sized buffers, and the
-    # L-BFGS history (two weight-sized vectors per remembered step)
+    # raw, standardised and subset copies of train features, test features, ~4 logits-sized
+    # buffers, and the L-BFGS history (two weight-sized vectors per remembered step)
     n_weights = len(s.c_grid) * (task.dim + 1) * task.n_classes
     per_layer = itemsize * (
-        (2 * n_train + n_test) * task.dim
+        (3 * n_train + n_test) * task.dim
         + 4 * n_train * len(s.c_grid) * task.n_classes
         + 2 * s.history_size * n_weights
     )
@@ -220,14 +238,12 @@ def _fit_torch_batch(
     y_train = torch.from_numpy(task.y_train).to(device)
     fit_idx = torch.from_numpy(task.fit_part).to(device)
     val_idx = torch.from_numpy(task.val_part).to(device)
-    n_layers, n_c = len(layers), len(s.c_grid)
+    n_layers = len(layers)
 
     # Validation: every layer x every C, standardised with the fit part's statistics.
     x_fit, x_val = _standardise(x_train[:, fit_idx], x_train[:, val_idx])
-    c_grid = torch.tensor(s.c_grid, dtype=dtype, device=device).expand(n_layers, n_c)
-    val_fit = _BatchedLogistic(x_fit, y_train[fit_idx], c_grid, task.n_classes)
+    val_fit, val_run, val_iter = _fit_grid(x_fit, y_train[fit_idx], s, task.n_classes)
     del x_fit
-    val_run = val_fit.minimise(s)
     val_pred = val_fit.predict(x_val)  # (n_layers, n_C, n_val)
     val_acc = (val_pred == y_train[val_idx]).double().mean(dim=2).cpu().numpy()
     del x_val, val_pred
@@ -269,7 +285,7 @@ def _fit_torch_batch(
                 "C": c,
                 "val_accuracy": float(val_acc[i, j]),
                 "converged": bool(val_run.converged[i, j]),
-                "n_iter": val_run.n_iter,
+                "n_iter": val_iter[j],
             }
             for j, c in enumerate(s.c_grid)
         ]
@@ -296,6 +312,38 @@ def _fit_torch_batch(
         )
         logger.info("logistic probe (torch): layer %d done (C=%g)", layer, s.c_grid[best[i]])
     return results
+
+
+def _fit_grid(
+    x: torch.Tensor, y: torch.Tensor, s: LogisticSettings, n_classes: int
+) -> tuple[_BatchedLogistic, _Run, list[int]]:
+    """Fit every layer of ``x`` (n_layers, n_items, dim) with every value of the C grid.
+
+    By default all values of C share one L-BFGS run. With ``c_batch`` the grid goes in
+    increasing runs of that many values, each warm-started from the largest C fitted so far
+    (a regularisation path): fewer problems per evaluation and a better start, at the price
+    of more runs.
+
+    Returns the fitted problems, their convergence (``n_iter`` is that of the longest run)
+    and the L-BFGS iterations of the run that fitted each value of C.
+    """
+    n_layers, n_c = len(x), len(s.c_grid)
+    size = s.c_batch or n_c
+    grid = torch.tensor(s.c_grid, dtype=x.dtype, device=x.device)
+    fit = _BatchedLogistic(x, y, grid.expand(n_layers, n_c), n_classes)
+    converged, norms, n_iter = [], [], []
+    for first in range(0, n_c, size):
+        part = _BatchedLogistic(x, y, grid[first : first + size].expand(n_layers, -1), n_classes)
+        if first:
+            # (n_layers, 1, dim, k) broadcast over the run's values of C
+            part.init_from(fit.weight[:, first - 1 : first], fit.bias[:, first - 1 : first])
+        run = part.minimise(s)
+        fit.init_from_columns(first, part)
+        converged.append(run.converged)
+        norms.append(run.grad_norm)
+        n_iter += [run.n_iter] * run.converged.shape[1]
+    combined = _Run(np.concatenate(converged, 1), np.concatenate(norms, 1), max(n_iter))
+    return fit, combined, n_iter
 
 
 def _advice(run: _Run, s: LogisticSettings) -> str:
@@ -347,8 +395,15 @@ class _BatchedLogistic:
         self.bias = torch.zeros(n_layers, c.shape[1], k, dtype=x.dtype, device=x.device)
 
     def init_from(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
+        """Start from these weights (broadcast to (n_layers, n_C, dim, k)) and biases."""
         self.weight.copy_(weight)
         self.bias.copy_(bias)
+
+    def init_from_columns(self, first: int, part: _BatchedLogistic) -> None:
+        """Copy the solutions of ``part`` into the values of C from index ``first`` on."""
+        n = part.weight.shape[1]
+        self.weight[:, first : first + n] = part.weight
+        self.bias[:, first : first + n] = part.bias
 
     def logits(
         self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
@@ -376,11 +431,11 @@ class _BatchedLogistic:
         """Run L-BFGS on the summed objective until every problem meets ``tol`` or max_iter.
 
         The run goes in rounds of ``ROUND_ITER`` iterations. Once every problem of a layer or
-        of a value of C meets ``tol`` at the end of a round, the problems that meet it are
-        frozen there (as scikit-learn stops a single fit) and the solver restarts on the rest,
-        dropping the layers and values of C that hold no problem left. Without this, easy
-        problems (small C) keep being evaluated, and keep steering the shared line search,
-        until the hardest one converges.
+        of a value of C meets ``tol`` at the end of a round, every problem that meets it is
+        frozen there, as scikit-learn stops a single fit. The solver then restarts on the rest
+        and drops the layers and values of C that have no problem left. Without this, easy
+        problems (small C) would be evaluated, and would steer the shared line search, until
+        the hardest one converges.
         """
         n_layers, n_c = self.penalty.shape
         active = torch.ones(n_layers, n_c, dtype=torch.bool, device=self.x.device)
@@ -406,9 +461,10 @@ class _BatchedLogistic:
         s: LogisticSettings,
         budget: int,
     ) -> tuple[int, torch.Tensor, bool]:
-        """Minimise the problems ``mask`` of the block (rows, cols) until all problems of one
-        layer or one value of C meet ``tol``, the solver stalls, or ``budget`` iterations are
-        spent; store the weights.
+        """Minimise the problems ``mask`` of the block (rows, cols) and store their weights.
+
+        The run stops when all problems of one layer or one value of C meet ``tol``, when the
+        solver stalls, or after ``budget`` iterations.
 
         Returns the iterations run, the gradient max-norms of the block's problems (shape
         (len(rows), len(cols))) and whether the solver stalled.

@@ -1,7 +1,7 @@
 """MLP probes: one hidden layer, AdamW, early stopping on validation accuracy.
 
-The network trains on the fit part of train (standardised with its statistics); after each
-epoch it is scored on the validation part, and the weights of the best epoch are kept and
+The network trains on the fit part of train, standardised with its statistics. After each
+epoch it is scored on the validation part. The weights of the best epoch are kept and
 evaluated on test. Training stops once ``patience`` epochs pass without a new best.
 
 Every random draw comes from ``seed``: the initial weights and dropout masks from the global

@@ -84,7 +84,7 @@ class ProbeTask:
         fit_seconds: float,
         warnings: list[str],
     ) -> dict[str, Any]:
-        """The JSON-ready result of one layer, with the test metrics computed here."""
+        """Build the JSON-ready result of one layer and compute its test metrics."""
         metrics = classification_metrics(self.y_test, test_pred, self.n_classes, seed=self.seed)
         return {
             "kind": self.kind,
@@ -113,7 +113,7 @@ def _read(features: LayerArray, layer: int, name: str) -> np.ndarray:
     if np.isnan(values).any():
         rows = int(np.isnan(values).any(axis=1).sum())
         raise ProbeError(
-            f"{name} features of layer {layer} hold NaN in {rows} of {len(values)} rows; "
+            f"{name} features of layer {layer} contain NaN in {rows} of {len(values)} rows; "
             "the feature set is probably incomplete (extraction unfinished or a block lost); "
             "wait for the extraction to finish or resume it",
             field=name,
@@ -121,7 +121,7 @@ def _read(features: LayerArray, layer: int, name: str) -> np.ndarray:
         )
     if np.isinf(values).any():
         raise ProbeError(
-            f"{name} features of layer {layer} hold infinite values; "
+            f"{name} features of layer {layer} contain infinite values; "
             "re-extract the feature set with float32 storage",
             field=name,
             value=layer,
@@ -174,14 +174,15 @@ def prepare_task(
     classes = np.unique(y_tr)
     if len(classes) < 2:
         raise ProbeError(
-            f"y_train holds {len(classes)} class(es) {classes.tolist()}; a probe needs at least 2",
+            f"y_train contains {len(classes)} class(es) {classes.tolist()}; a probe needs at least "
+            "2, so pass labels of two or more classes",
             field="y_train",
             value=classes.tolist(),
         )
     unseen = np.setdiff1d(np.unique(y_te), classes)
     if len(unseen):
         raise ProbeError(
-            f"y_test holds labels {unseen.tolist()} that never occur in y_train; "
+            f"y_test contains labels {unseen.tolist()} that are missing from y_train; "
             "probe on a train set that covers every test class",
             field="y_test",
             value=unseen.tolist(),

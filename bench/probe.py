@@ -1,0 +1,216 @@
+"""Benchmark: scikit-learn logistic probes layer by layer vs the batched torch engine.
+
+Run by hand, never in CI::
+
+    .venv/bin/python bench/probe.py --items 5000 --dim 128 --layers 8 --c-batch all 1 --threads 1
+
+Both engines run through :func:`workers.probes.fit_probes` on the same synthetic features
+with the same C grid, validation split and seed, so the wall times include the whole
+protocol (C chosen on validation, refit on all of train, test metrics).
+
+The features are structured like a model's layers: Gaussian class means shared by all
+layers, a low-rank nuisance component that differs per layer, and isotropic noise whose level
+dips in the middle layers. The per-layer accuracy curve therefore peaks in the middle, as
+linear probes of iGPT do.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import time
+from typing import Any
+
+import numpy as np
+import torch
+from threadpoolctl import threadpool_limits
+
+from workers.probes import fit_probes
+
+DEFAULT_C_GRID = [float(c) for c in np.logspace(-3, 2, 8)]
+
+
+def make_features(
+    n_items: int, dim: int, n_layers: int, n_classes: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Features of shape (n_layers, n_items, dim) float32 and labels of shape (n_items,)."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, n_classes, size=n_items)
+    means = rng.standard_normal((n_classes, dim)).astype(np.float32)  # shared class structure
+    rank = 16
+    features = np.empty((n_layers, n_items, dim), dtype=np.float32)
+    for layer in range(n_layers):
+        # Noise is lowest in the middle layer: relative depth -1..1, squared.
+        depth = 2.0 * layer / max(1, n_layers - 1) - 1.0
+        # Class means are ~sqrt(2 dim) apart, so noise scales with sqrt(dim) to keep the
+        # accuracy in a realistic range at any width.
+        noise = np.sqrt(dim) * (0.2 + 0.3 * depth**2)
+        mixing = rng.standard_normal((rank, dim)).astype(np.float32) * 2.0
+        nuisance = rng.standard_normal((n_items, rank)).astype(np.float32) @ mixing
+        features[layer] = means[labels] + nuisance
+        features[layer] += noise * rng.standard_normal((n_items, dim), dtype=np.float32)
+    return features, labels
+
+
+def run_engine(
+    name: str,
+    params: dict[str, Any],
+    data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Fit every layer with one engine and return its timings and per-layer results."""
+    train, y_train, test, y_test = data
+    start, cpu_start = time.perf_counter(), time.process_time()
+    results = fit_probes(
+        "logistic",
+        train,
+        y_train,
+        test,
+        y_test,
+        layers=list(range(args.layers)),
+        params={"C": args.c_grid, **({"tol": args.tol} if args.tol else {}), **params},
+        seed=args.seed,
+        device=args.device,
+    )
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    load = os.getloadavg()[0]
+    print(f"{name}: {wall:.1f} s wall, {cpu:.1f} s CPU, load average after {load:.1f}")
+    return {"name": name, "params": params, "wall": wall, "cpu": cpu, "results": results}
+
+
+def torch_variants(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    variants = []
+    for c_batch in args.c_batch:
+        params: dict[str, Any] = {"engine": "torch"}
+        if c_batch != "all":
+            params["c_batch"] = int(c_batch)
+        if args.dtype:
+            params["dtype"] = args.dtype
+        if args.layer_batch:
+            params["layer_batch"] = args.layer_batch
+        if args.max_iter:
+            params["max_iter"] = args.max_iter
+        variants.append((f"torch c_batch={c_batch}", params))
+    return variants
+
+
+def report(runs: list[dict[str, Any]], n_layers: int) -> list[dict[str, Any]]:
+    """Print the per-layer table and one summary line per torch variant."""
+    ref = runs[0]
+    header = f"{'layer':>5} {'sklearn':>8} {'C':>8}"
+    for run in runs[1:]:
+        header += f" | {run['name']:>20} {'C':>8} {'diff':>6}"
+    print("\n" + header)
+    for i in range(n_layers):
+        a = ref["results"][i]
+        line = f"{a['layer']:>5} {a['test_accuracy']:>8.4f} {a['params']['C']:>8.3g}"
+        for run in runs[1:]:
+            b = run["results"][i]
+            diff = 100.0 * (b["test_accuracy"] - a["test_accuracy"])
+            line += f" | {b['test_accuracy']:>20.4f} {b['params']['C']:>8.3g} {diff:>+6.2f}"
+        print(line)
+
+    summaries = []
+    print(
+        f"\nsklearn: {ref['wall']:.1f} s wall, {ref['cpu']:.1f} s CPU, converged "
+        f"{sum(r['converged'] for r in ref['results'])}/{n_layers} layers"
+    )
+    for run in runs[1:]:
+        pairs = list(zip(ref["results"], run["results"], strict=True))
+        summary = {
+            "name": run["name"],
+            "wall_seconds": run["wall"],
+            "cpu_seconds": run["cpu"],
+            "sklearn_over_torch": ref["wall"] / run["wall"],
+            "max_abs_diff_points": max(
+                100.0 * abs(a["test_accuracy"] - b["test_accuracy"]) for a, b in pairs
+            ),
+            "same_C_layers": sum(a["params"]["C"] == b["params"]["C"] for a, b in pairs),
+            "converged_layers": sum(b["converged"] for _, b in pairs),
+            "validation_iterations": max(g["n_iter"] for _, b in pairs for g in b["grid"]),
+            "refit_iterations": max(b["n_iter"] for _, b in pairs),
+        }
+        summaries.append(summary)
+        print(
+            f"{run['name']}: {run['wall']:.1f} s wall, {run['cpu']:.1f} s CPU; sklearn / torch "
+            f"= {summary['sklearn_over_torch']:.2f}; max |diff| "
+            f"{summary['max_abs_diff_points']:.2f} points; same C on "
+            f"{summary['same_C_layers']}/{n_layers} layers; converged "
+            f"{summary['converged_layers']}/{n_layers}; L-BFGS iterations: validation "
+            f"{summary['validation_iterations']}, refit {summary['refit_iterations']}"
+        )
+    return summaries
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--items", type=int, default=50000, help="train items")
+    parser.add_argument("--test-items", type=int, default=None, help="default: items / 5")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--layers", type=int, default=25)
+    parser.add_argument("--classes", type=int, default=10)
+    parser.add_argument("--c-grid", type=float, nargs="+", default=DEFAULT_C_GRID)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--c-batch",
+        nargs="+",
+        default=["all"],
+        help="torch variants to run: 'all' (every C in one L-BFGS run) and/or a number of C "
+        "values per run, e.g. --c-batch all 1",
+    )
+    parser.add_argument("--dtype", choices=["float32", "float64"], default=None)
+    parser.add_argument("--layer-batch", type=int, default=None)
+    parser.add_argument(
+        "--max-iter", type=int, default=None, help="default: each engine's own (5000 / 1000)"
+    )
+    parser.add_argument(
+        "--tol", type=float, default=None, help="gradient tolerance of both engines"
+    )
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="threads of torch and numpy/scipy alike"
+    )
+    parser.add_argument("--json", default=None, help="also write the figures to this file")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        # Both engines alike: torch's own pool, and numpy/scipy BLAS and OpenMP for sklearn.
+        torch.set_num_threads(args.threads)
+        threadpool_limits(args.threads)
+
+    n_test = args.test_items or max(1, args.items // 5)
+    start = time.perf_counter()
+    features, labels = make_features(
+        args.items + n_test, args.dim, args.layers, args.classes, args.seed
+    )
+    data = (
+        features[:, : args.items],
+        labels[: args.items],
+        features[:, args.items :],
+        labels[args.items :],
+    )
+    print(
+        f"data: {args.layers} layers x {args.items} train / {n_test} test items x {args.dim} "
+        f"dims, {args.classes} classes, C grid of {len(args.c_grid)} "
+        f"({time.perf_counter() - start:.1f} s to generate)"
+    )
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} "
+        f"threads, torch {torch.__version__}, device {args.device}; "
+        f"load average before: {os.getloadavg()[0]:.1f}"
+    )
+
+    runs = [run_engine("sklearn", {"engine": "sklearn"}, data, args)]
+    for name, params in torch_variants(args):
+        runs.append(run_engine(name, params, data, args))
+    summaries = report(runs, args.layers)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "summaries": summaries, "runs": runs}, f)
+
+
+if __name__ == "__main__":
+    main()
