@@ -21,6 +21,7 @@ from service.plots import confusion_png, layer_curve_png
 from service.schemas import CurvePublic, ProbeCreate, ProbeCreated, ProbePublic, ProbesPublic
 from store import NotFoundError, NotReadyError, ProbeSpec, Store, StoreError, check_id
 from store.spec import PROBE_KINDS
+from workers.probes.settings import check_params
 
 router = APIRouter(prefix="/v1/probes", tags=["probes"])
 
@@ -98,20 +99,11 @@ def _probe_spec(body: ProbeCreate, store: Store) -> ProbeSpec:
     if not kinds or len(set(kinds)) != len(kinds):
         raise StoreError("kind must name each probe kind once", field="kind", value=body.kind)
     params = _params_by_kind(body.params, kinds)
-    if "knn" in params:
-        _check_knn_k(params["knn"].get("k"), train.n_items)
+    for kind, kind_params in params.items():
+        # The engines' own readers, without torch: a bad parameter fails before queueing.
+        check_params(kind, kind_params, train.n_items)
     return ProbeSpec(train_featureset=train.id, test_featureset=test.id,
                      layers=sorted(set(layers)), kinds=kinds, params=params, seed=body.seed)
-
-
-def _check_knn_k(k: Any, n_train: int) -> None:
-    """Reject a kNN ``k`` above the train set's size before a job is queued for it."""
-    values = k if isinstance(k, list) else [k]
-    too_large = [v for v in values if isinstance(v, int) and not isinstance(v, bool)
-                 and v > n_train]
-    if too_large:
-        raise StoreError(f"k={max(too_large)} is larger than the train set ({n_train} items); "
-                         f"pass k <= {n_train}", field="k", value=k)
 
 
 def _params_by_kind(params: dict[str, Any], kinds: list[str]) -> dict[str, dict[str, Any]]:

@@ -221,14 +221,16 @@ def test_api_process_never_imports_torch(settings: Any) -> None:
 
 
 def test_probe_failed_job_reports_failed(client: Any, digits_featuresets: dict[str, str]) -> None:
+    # Every k of the grid fits the train set (the API accepts it) but not the part left for
+    # fitting after the validation split, which only the job sees.
     answer = client.probe(digits_featuresets["train"], digits_featuresets["test"],
-                          kind="logistic", params={"C": "big"})
+                          kind="knn", params={"k": [1297]})
     state = wait_job(client, answer["job_id"])
     assert state is not None
     assert state["status"] == "failed"
     result = client.probe_result(answer["probe_id"])
     assert result["status"] == "failed"
-    assert "C" in result["error"]["message"]
+    assert "k" in result["error"]["message"]
     with pytest.raises(ClientError) as info:
         client.curve(answer["probe_id"])
     assert info.value.status_code == 409
@@ -275,3 +277,23 @@ def test_pretrain_same_name_other_settings_rejected(client: Any) -> None:
     assert info.value.detail["field"] == "name"
     state = wait_job(client, first["job_id"])
     assert state is not None and state["status"] == "finished", state
+
+
+@pytest.mark.parametrize(
+    ("kind", "params", "field"),
+    [
+        ("logistic", {"C": "big"}, "C"),
+        ("logistic", {"C": [0.1, -1]}, "C"),
+        ("logistic", {"max_itr": 10}, "max_itr"),
+        ("knn", {"k": [5000]}, "k"),
+        ("mlp", {"dropout": 1.5}, "dropout"),
+    ],
+)
+def test_probe_bad_params_rejected_before_queueing(client: Any, digits_featuresets: dict[str, str],
+                                                   kind: str, params: dict[str, Any],
+                                                   field: str) -> None:
+    with pytest.raises(ClientError) as info:
+        client.probe(digits_featuresets["train"], digits_featuresets["test"], kind=kind,
+                     params=params)
+    assert info.value.status_code == 422
+    assert info.value.detail["field"] == field

@@ -29,10 +29,6 @@ from typing import Any
 import numpy as np
 
 from workers.errors import ProbeError
-from workers.probes.device import resolve_device
-from workers.probes.knn import fit_knn
-from workers.probes.logistic import fit_logistic
-from workers.probes.mlp import fit_mlp
 from workers.probes.task import LayerArray, ProbeTask, prepare_task
 
 __all__ = ["PROBE_KINDS", "fit_probes"]
@@ -41,11 +37,14 @@ logger = logging.getLogger(__name__)
 
 PROBE_KINDS = ("logistic", "knn", "mlp")
 
-_ENGINES: dict[str, Callable[[ProbeTask, dict[str, Any]], list[dict[str, Any]]]] = {
-    "logistic": fit_logistic,
-    "knn": fit_knn,
-    "mlp": fit_mlp,
-}
+def _engine(kind: str) -> Callable[[ProbeTask, dict[str, Any]], list[dict[str, Any]]]:
+    # Imported here: the engines import torch, and the API imports this package for
+    # workers.probes.settings without ever loading torch.
+    from workers.probes.knn import fit_knn
+    from workers.probes.logistic import fit_logistic
+    from workers.probes.mlp import fit_mlp
+
+    return {"logistic": fit_logistic, "knn": fit_knn, "mlp": fit_mlp}[kind]
 
 
 def fit_probes(
@@ -118,6 +117,8 @@ def fit_probes(
             field="params",
             value=params,
         )
+    from workers.probes.device import resolve_device
+
     resolve_device(device)
     task = prepare_task(
         kind,
@@ -142,6 +143,6 @@ def fit_probes(
         len(task.y_test),
         task.n_classes,
     )
-    results = _ENGINES[kind](task, dict(params))
+    results = _engine(kind)(task, dict(params))
     logger.info("%s probe: finished in %.1f s", kind, time.perf_counter() - start)
     return results

@@ -11,75 +11,21 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from workers.errors import ProbeError
 from workers.probes.device import resolve_device
 from workers.probes.metrics import accuracy
-from workers.probes.params import check_known, read_choice, read_float, read_grid, read_int
+from workers.probes.settings import read_knn_settings as read_settings
 from workers.probes.task import ProbeTask
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_K_GRID = (1, 5, 10, 20, 50, 100, 200)
-DEFAULT_TEMPERATURE = 0.07
-DEFAULT_TRAIN_EVAL_ITEMS = 5000
-PARAMS = ("k", "temperature", "chunk_size", "train_eval_items")
 # Elements of one similarity block (float32): 2**26 is 256 MiB.
 SIMILARITY_BLOCK = 2**26
-
-
-@dataclass(frozen=True)
-class KnnSettings:
-    """Validated hyper-parameters of a kNN probe."""
-
-    k_grid: list[int]  # values the validation part can score, increasing
-    temperature: float
-    chunk_size: int | None  # query rows per similarity block; None sizes it to the budget
-    train_eval_items: int
-    notes: list[str]  # warnings shared by every layer (grid values dropped)
-
-
-def read_settings(params: dict[str, Any], task: ProbeTask) -> KnnSettings:
-    """Validate ``params`` of a kNN probe against the sizes of ``task``."""
-    check_known(params, "knn", PARAMS)
-    read_choice(params, "engine", "torch", ("torch",))
-    k_grid, explicit = read_grid(params, "k", DEFAULT_K_GRID, integer=True)
-    temperature = read_float(params, "temperature", DEFAULT_TEMPERATURE, low=0.0, low_open=True)
-    chunk_size = params.get("chunk_size")
-    if chunk_size is not None:
-        chunk_size = read_int(params, "chunk_size", 1)
-    train_eval_items = read_int(params, "train_eval_items", DEFAULT_TRAIN_EVAL_ITEMS)
-
-    n_train, n_fit = len(task.y_train), len(task.fit_part)
-    if explicit and k_grid[-1] > n_train:
-        raise ProbeError(
-            f"k={k_grid[-1]} is larger than the train set ({n_train} items); pass k <= {n_train}",
-            field="k",
-            value=k_grid[-1],
-        )
-    notes = []
-    dropped = [k for k in k_grid if k > n_fit]
-    if dropped:
-        notes.append(
-            f"k values {dropped} exceed the {n_fit} items of the fit part used for "
-            "validation and were left out of the grid"
-        )
-    k_grid = [k for k in k_grid if k <= n_fit]
-    if not k_grid:
-        raise ProbeError(
-            f"every k in {dropped} exceeds the {n_fit} items left for fitting after the "
-            "validation split; pass a smaller k or a smaller val_fraction",
-            field="k",
-            value=dropped,
-        )
-    return KnnSettings(k_grid, temperature, chunk_size, train_eval_items, notes)
-
 
 def fit_knn(task: ProbeTask, params: dict[str, Any]) -> list[dict[str, Any]]:
     """Fit kNN probes on every layer of ``task``; one result dict per layer.

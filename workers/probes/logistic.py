@@ -47,58 +47,16 @@ from sklearn.preprocessing import StandardScaler
 
 from workers.probes.device import resolve_device
 from workers.probes.metrics import accuracy
-from workers.probes.params import check_known, read_choice, read_float, read_grid, read_int
+from workers.probes.settings import (
+    LogisticSettings,
+)
+from workers.probes.settings import read_logistic_settings as read_settings
 from workers.probes.task import ProbeTask
 
 logger = logging.getLogger(__name__)
 
-ENGINES = ("sklearn", "torch")
-DEFAULT_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
-DEFAULT_MAX_ITER = {"sklearn": 5000, "torch": 1000}
-# Max-norm of the gradient (scikit-learn's lbfgs "gtol"). scikit-learn's default 1e-4 stops
-# large-C fits far from the optimum: on digits their validation accuracy still moves by up to
-# 4 items as tol shrinks, and the two engines then choose different values of C. At 1e-5
-# both engines land on the same choices.
-DEFAULT_TOL = 1e-5
-PARAMS = ("C", "max_iter", "tol", "dtype", "layer_batch", "history_size", "c_batch")
 # Bytes of features and activations that one torch batch of layers may hold on the CPU.
 CPU_BATCH_BYTES = 2 * 2**30
-DEFAULT_HISTORY = 20
-
-
-@dataclass(frozen=True)
-class LogisticSettings:
-    """Validated hyper-parameters of a logistic probe."""
-
-    engine: str
-    c_grid: list[float]
-    max_iter: int
-    tol: float
-    dtype: str  # torch engine only
-    layer_batch: int | None  # torch engine only; None sizes batches to the memory budget
-    history_size: int  # torch engine only
-    c_batch: int | None = None  # torch engine only; values of C per L-BFGS run, None = all
-
-
-def read_settings(params: dict[str, Any]) -> LogisticSettings:
-    """Validate ``params`` of a logistic probe (see :func:`workers.probes.fit_probes`)."""
-    check_known(params, "logistic", PARAMS)
-    engine = read_choice(params, "engine", "sklearn", ENGINES)
-    c_grid, _ = read_grid(params, "C", DEFAULT_C_GRID)
-    max_iter = read_int(params, "max_iter", DEFAULT_MAX_ITER[engine])
-    tol = read_float(params, "tol", DEFAULT_TOL, low=0.0, low_open=True)
-    # float64 by default on every device: in float32 the summed objective stalls near a
-    # gradient max-norm of 2e-5 (digits), short of the default tol.
-    dtype = read_choice(params, "dtype", "float64", ("float32", "float64"))
-    layer_batch = params.get("layer_batch")
-    if layer_batch is not None:
-        layer_batch = read_int(params, "layer_batch", 1)
-    history = read_int(params, "history_size", DEFAULT_HISTORY)
-    c_batch = params.get("c_batch")
-    if c_batch is not None:
-        c_batch = read_int(params, "c_batch", 1)
-    return LogisticSettings(engine, c_grid, max_iter, tol, dtype, layer_batch, history, c_batch)
-
 
 def fit_logistic(task: ProbeTask, params: dict[str, Any]) -> list[dict[str, Any]]:
     """Fit logistic probes on every layer of ``task``; one result dict per layer."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -23,54 +22,14 @@ from torch import nn
 
 from workers.probes.device import resolve_device
 from workers.probes.metrics import accuracy
-from workers.probes.params import check_known, read_choice, read_float, read_int
+from workers.probes.settings import MlpSettings
+from workers.probes.settings import read_mlp_settings as read_settings
 from workers.probes.task import ProbeTask
 
 logger = logging.getLogger(__name__)
 
-PARAMS = ("hidden", "dropout", "lr", "weight_decay", "max_epochs", "patience", "batch_size")
 # Rows per forward pass when scoring, to bound activation memory.
 EVAL_ROWS = 8192
-
-
-@dataclass(frozen=True)
-class MlpSettings:
-    """Validated hyper-parameters of an MLP probe."""
-
-    hidden: int
-    dropout: float
-    lr: float
-    weight_decay: float
-    max_epochs: int
-    patience: int
-    batch_size: int
-
-    def as_params(self) -> dict[str, Any]:
-        return {
-            "hidden": self.hidden,
-            "dropout": self.dropout,
-            "lr": self.lr,
-            "weight_decay": self.weight_decay,
-            "max_epochs": self.max_epochs,
-            "patience": self.patience,
-            "batch_size": self.batch_size,
-        }
-
-
-def read_settings(params: dict[str, Any]) -> MlpSettings:
-    """Validate ``params`` of an MLP probe (see :func:`workers.probes.fit_probes`)."""
-    check_known(params, "mlp", PARAMS)
-    read_choice(params, "engine", "torch", ("torch",))
-    return MlpSettings(
-        hidden=read_int(params, "hidden", 256),
-        dropout=read_float(params, "dropout", 0.2, low=0.0, high=1.0, high_open=True),
-        lr=read_float(params, "lr", 1e-3, low=0.0, low_open=True),
-        weight_decay=read_float(params, "weight_decay", 1e-2, low=0.0),
-        max_epochs=read_int(params, "max_epochs", 200),
-        patience=read_int(params, "patience", 20),
-        batch_size=read_int(params, "batch_size", 256),
-    )
-
 
 def fit_mlp(task: ProbeTask, params: dict[str, Any]) -> list[dict[str, Any]]:
     """Fit MLP probes on every layer of ``task``; one result dict per layer.

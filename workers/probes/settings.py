@@ -1,0 +1,190 @@
+"""Hyper-parameters of each probe kind: names, defaults and validation, without torch.
+
+The engines read their settings here, and the API calls :func:`check_params` with the same
+readers, so a bad parameter is rejected before a job is queued.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from workers.errors import ProbeError
+from workers.probes.params import check_known, read_choice, read_float, read_grid, read_int
+
+
+class TrainSizes(Protocol):
+    """What the kNN settings need to know about the train set: its labels and its fit part."""
+
+    y_train: np.ndarray
+    fit_part: np.ndarray
+
+
+# -- logistic --------------------------------------------------------------------------------------
+
+ENGINES = ("sklearn", "torch")
+DEFAULT_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+DEFAULT_MAX_ITER = {"sklearn": 5000, "torch": 1000}
+# Max-norm of the gradient (scikit-learn's lbfgs "gtol"). scikit-learn's default 1e-4 stops
+# large-C fits far from the optimum: on digits their validation accuracy still moves by up to
+# 4 items as tol shrinks, and the two engines then choose different values of C. At 1e-5
+# both engines land on the same choices.
+DEFAULT_TOL = 1e-5
+LOGISTIC_PARAMS = ("C", "max_iter", "tol", "dtype", "layer_batch", "history_size", "c_batch")
+DEFAULT_HISTORY = 20
+
+
+@dataclass(frozen=True)
+class LogisticSettings:
+    """Validated hyper-parameters of a logistic probe."""
+
+    engine: str
+    c_grid: list[float]
+    max_iter: int
+    tol: float
+    dtype: str  # torch engine only
+    layer_batch: int | None  # torch engine only; None sizes batches to the memory budget
+    history_size: int  # torch engine only
+    c_batch: int | None = None  # torch engine only; values of C per L-BFGS run, None = all
+
+
+def read_logistic_settings(params: dict[str, Any]) -> LogisticSettings:
+    """Validate ``params`` of a logistic probe (see :func:`workers.probes.fit_probes`)."""
+    check_known(params, "logistic", LOGISTIC_PARAMS)
+    engine = read_choice(params, "engine", "sklearn", ENGINES)
+    c_grid, _ = read_grid(params, "C", DEFAULT_C_GRID)
+    max_iter = read_int(params, "max_iter", DEFAULT_MAX_ITER[engine])
+    tol = read_float(params, "tol", DEFAULT_TOL, low=0.0, low_open=True)
+    # float64 by default on every device: in float32 the summed objective stalls near a
+    # gradient max-norm of 2e-5 (digits), short of the default tol.
+    dtype = read_choice(params, "dtype", "float64", ("float32", "float64"))
+    layer_batch = params.get("layer_batch")
+    if layer_batch is not None:
+        layer_batch = read_int(params, "layer_batch", 1)
+    history = read_int(params, "history_size", DEFAULT_HISTORY)
+    c_batch = params.get("c_batch")
+    if c_batch is not None:
+        c_batch = read_int(params, "c_batch", 1)
+    return LogisticSettings(engine, c_grid, max_iter, tol, dtype, layer_batch, history, c_batch)
+
+
+# -- knn -------------------------------------------------------------------------------------------
+
+DEFAULT_K_GRID = (1, 5, 10, 20, 50, 100, 200)
+DEFAULT_TEMPERATURE = 0.07
+DEFAULT_TRAIN_EVAL_ITEMS = 5000
+KNN_PARAMS = ("k", "temperature", "chunk_size", "train_eval_items")
+
+
+@dataclass(frozen=True)
+class KnnSettings:
+    """Validated hyper-parameters of a kNN probe."""
+
+    k_grid: list[int]  # values the validation part can score, increasing
+    temperature: float
+    chunk_size: int | None  # query rows per similarity block; None sizes it to the budget
+    train_eval_items: int
+    notes: list[str]  # warnings shared by every layer (grid values dropped)
+
+
+def read_knn_settings(params: dict[str, Any], task: TrainSizes) -> KnnSettings:
+    """Validate ``params`` of a kNN probe against the sizes of ``task``."""
+    check_known(params, "knn", KNN_PARAMS)
+    read_choice(params, "engine", "torch", ("torch",))
+    k_grid, explicit = read_grid(params, "k", DEFAULT_K_GRID, integer=True)
+    temperature = read_float(params, "temperature", DEFAULT_TEMPERATURE, low=0.0, low_open=True)
+    chunk_size = params.get("chunk_size")
+    if chunk_size is not None:
+        chunk_size = read_int(params, "chunk_size", 1)
+    train_eval_items = read_int(params, "train_eval_items", DEFAULT_TRAIN_EVAL_ITEMS)
+
+    n_train, n_fit = len(task.y_train), len(task.fit_part)
+    if explicit and k_grid[-1] > n_train:
+        raise ProbeError(
+            f"k={k_grid[-1]} is larger than the train set ({n_train} items); pass k <= {n_train}",
+            field="k",
+            value=k_grid[-1],
+        )
+    notes = []
+    dropped = [k for k in k_grid if k > n_fit]
+    if dropped:
+        notes.append(
+            f"k values {dropped} exceed the {n_fit} items of the fit part used for "
+            "validation and were left out of the grid"
+        )
+    k_grid = [k for k in k_grid if k <= n_fit]
+    if not k_grid:
+        raise ProbeError(
+            f"every k in {dropped} exceeds the {n_fit} items left for fitting after the "
+            "validation split; pass a smaller k or a smaller val_fraction",
+            field="k",
+            value=dropped,
+        )
+    return KnnSettings(k_grid, temperature, chunk_size, train_eval_items, notes)
+
+
+# -- mlp -------------------------------------------------------------------------------------------
+
+MLP_PARAMS = ("hidden", "dropout", "lr", "weight_decay", "max_epochs", "patience", "batch_size")
+
+
+@dataclass(frozen=True)
+class MlpSettings:
+    """Validated hyper-parameters of an MLP probe."""
+
+    hidden: int
+    dropout: float
+    lr: float
+    weight_decay: float
+    max_epochs: int
+    patience: int
+    batch_size: int
+
+    def as_params(self) -> dict[str, Any]:
+        return {
+            "hidden": self.hidden,
+            "dropout": self.dropout,
+            "lr": self.lr,
+            "weight_decay": self.weight_decay,
+            "max_epochs": self.max_epochs,
+            "patience": self.patience,
+            "batch_size": self.batch_size,
+        }
+
+
+def read_mlp_settings(params: dict[str, Any]) -> MlpSettings:
+    """Validate ``params`` of an MLP probe (see :func:`workers.probes.fit_probes`)."""
+    check_known(params, "mlp", MLP_PARAMS)
+    read_choice(params, "engine", "torch", ("torch",))
+    return MlpSettings(
+        hidden=read_int(params, "hidden", 256),
+        dropout=read_float(params, "dropout", 0.2, low=0.0, high=1.0, high_open=True),
+        lr=read_float(params, "lr", 1e-3, low=0.0, low_open=True),
+        weight_decay=read_float(params, "weight_decay", 1e-2, low=0.0),
+        max_epochs=read_int(params, "max_epochs", 200),
+        patience=read_int(params, "patience", 20),
+        batch_size=read_int(params, "batch_size", 256),
+    )
+
+
+@dataclass(frozen=True)
+class _Sizes:
+    y_train: np.ndarray
+    fit_part: np.ndarray
+
+
+def check_params(kind: str, params: dict[str, Any], n_train: int) -> None:
+    """Validate ``params`` of a ``kind`` probe on a train set of ``n_train`` items.
+
+    Raises `ProbeError` naming the parameter. Checks that need the validation split (a k grid
+    left empty by it) happen again in the job.
+    """
+    if kind == "logistic":
+        read_logistic_settings(params)
+    elif kind == "knn":
+        sizes = _Sizes(np.empty(n_train), np.empty(n_train))
+        read_knn_settings(params, sizes)
+    elif kind == "mlp":
+        read_mlp_settings(params)
