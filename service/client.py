@@ -151,3 +151,17 @@ class Client:
     def fsck(self, featureset_id: str) -> dict[str, Any]:
         """Run the consistency check of a feature set and return its report."""
         return self._json("GET", f"/v1/featuresets/{featureset_id}/fsck")  # type: ignore[no-any-return]
+
+    def projection(self, featureset_id: str, layer: int, *, method: str = "tsne",
+                   n_points: int = 1000, seed: int = 0) -> dict[str, Any]:
+        """Request a 2-D projection of one layer; returns the projection id and job id."""
+        body = {"featureset": featureset_id, "layer": layer, "method": method,
+                "n_points": n_points, "seed": seed}
+        return self._json("POST", "/v1/projections", json=body)  # type: ignore[no-any-return]
+
+    def projection_result(self, projection_id: str) -> dict[str, Any]:
+        """Return a projection with its coordinates (n_points, 2), item indices and labels."""
+        return self._json("GET", f"/v1/projections/{projection_id}")  # type: ignore[no-any-return]
+
+    def projection_png(self, projection_id: str) -> bytes:
+        return self.request("GET", f"/v1/projections/{projection_id}.png").content

@@ -89,6 +89,15 @@ def run_demo(client: Client, output: Path, *, steps: int = 1000,
     curve_path.write_bytes(client.curve_png(probes[model]["probe_id"],
                                             baseline=baseline["test_accuracy"]))
     console.print(f"layer curve written to {curve_path}")
+
+    console.rule(f"4. t-SNE of layer {best['layer']} on the test split")
+    projection = client.projection(featuresets[(model, "test")], best["layer"], method="tsne",
+                                   n_points=500, seed=0)
+    client.wait(projection["job_id"] if projection["status"] != "complete" else None,
+                on_progress=_progress_printer(console, "t-SNE"))
+    tsne_path = output / "tsne.png"
+    tsne_path.write_bytes(client.projection_png(projection["projection_id"]))
+    console.print(f"t-SNE scatter written to {tsne_path}")
     console.print(f"demo finished in {time.perf_counter() - started:.0f}s")
     return {"rows": rows, "baseline": baseline, "best": best, "featuresets": featuresets,
             "probes": {k: v["probe_id"] for k, v in probes.items()}}
