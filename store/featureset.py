@@ -51,8 +51,8 @@ TARGET_CHUNK_BYTES = 2 * 1024 * 1024
 MIN_BLOCK_ROWS = 64
 MAX_BLOCK_ROWS = 8192
 # Decoded (layer, block) chunks of a complete feature set kept in memory per handle, so a
-# single-row read does not decode its whole chunk again. Complete feature sets never change;
-# a repair drops the handle (`Store.forget`) and its cache with it.
+# single-row read does not decode its whole chunk again. Complete feature sets never change,
+# and a repair drops the handle (`Store.forget`) with its cache.
 READ_CACHE_BYTES = 64 * 1024 * 1024
 # Bytes of token-level features one block may hold, across its token layers: a worker keeps a
 # whole block in memory before writing it.
