@@ -100,32 +100,48 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     problems = []
     for error in exc.errors():
-        location = [str(part) for part in error.get("loc", ()) if part not in ("body", "query",
-                                                                               "path")]
+        location = [
+            str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path")
+        ]
         if error.get("type") == "json_invalid":
             reason = (error.get("ctx") or {}).get("error", "")
-            problems.append({"field": "body", "message": f"invalid JSON: {reason}; send a JSON "
-                             "object", "type": "json_invalid", "value": None})
+            problems.append(
+                {
+                    "field": "body",
+                    "message": f"invalid JSON: {reason}; send a JSON object",
+                    "type": "json_invalid",
+                    "value": None,
+                }
+            )
             continue
         # The top-level request field: deeper parts of a location are union tags such as
         # "list[int]" or list indices, kept in "location" for the curious.
-        problems.append({
-            "field": location[0] if location else _first(error.get("loc", ())),
-            "location": ".".join(location),
-            "message": str(error.get("msg", "invalid value")),
-            "type": str(error.get("type", "")),
-            "value": None if error.get("type") == "missing" else _json_value(error.get("input")),
-        })
-    first = problems[0] if problems else {"field": None, "message": "invalid request",
-                                          "value": None}
+        problems.append(
+            {
+                "field": location[0] if location else _first(error.get("loc", ())),
+                "location": ".".join(location),
+                "message": str(error.get("msg", "invalid value")),
+                "type": str(error.get("type", "")),
+                "value": None
+                if error.get("type") == "missing"
+                else _json_value(error.get("input")),
+            }
+        )
+    first = (
+        problems[0] if problems else {"field": None, "message": "invalid request", "value": None}
+    )
     message = f"{first['field'] or 'request'}: {first['message']}"
     if first["value"] is not None:
         message += f" (got {first['value']!r})"
     if len(problems) > 1:
         message += f"; {len(problems) - 1} more problem(s) under errors"
     logger.info("%s %s -> 422: %s", request.method, request.url.path, message)
-    detail = {"message": message, "field": first["field"], "value": first["value"],
-              "errors": problems}
+    detail = {
+        "message": message,
+        "field": first["field"],
+        "value": first["value"],
+        "errors": problems,
+    }
     return JSONResponse({"detail": detail}, status_code=422)
 
 
@@ -138,9 +154,13 @@ async def _warn_if_open(app: FastAPI) -> AsyncIterator[None]:
         logger.exception("could not count API keys in Redis at start-up")
         open_mode = settings.auth == "off"
     if open_mode:
-        logger.warning("API keys are NOT checked (LAYERBANK_AUTH=%s, no keys, host %s): anyone "
-                       "who can reach the port can read, write and delete; create a key with "
-                       "`layerbank keys create` to require keys", settings.auth, settings.host)
+        logger.warning(
+            "API keys are NOT checked (LAYERBANK_AUTH=%s, no keys, host %s): anyone "
+            "who can reach the port can read, write and delete; create a key with "
+            "`layerbank keys create` to require keys",
+            settings.auth,
+            settings.host,
+        )
     yield
 
 
@@ -166,8 +186,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StoreError, _domain_error)
     app.add_exception_handler(WorkersError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
-    for router in (extractions.router, jobs.router, featuresets.router, probes.router,
-                   models.router, health.router):
+    for router in (
+        extractions.router,
+        jobs.router,
+        featuresets.router,
+        probes.router,
+        models.router,
+        health.router,
+    ):
         app.include_router(router)
     app.include_router(catalog.router)
     app.include_router(projections.router)

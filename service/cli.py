@@ -16,8 +16,11 @@ from rich.console import Console
 from service.cli_commands import register as register_api_commands
 from service.cli_keys import keys_app
 
-app = typer.Typer(help="layerbank: a feature store and probing service for vision transformers.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="layerbank: a feature store and probing service for vision transformers.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 console = Console()
 err = Console(stderr=True)
 
@@ -35,8 +38,9 @@ def _is_loopback(host: str) -> bool:
 def up(
     host: Annotated[str, typer.Option(help="address the API binds to")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="API port")] = 8000,
-    store: Annotated[str, typer.Option(envvar="LAYERBANK_STORE", help="store root")] =
-    "./data/store",
+    store: Annotated[
+        str, typer.Option(envvar="LAYERBANK_STORE", help="store root")
+    ] = "./data/store",
     workers: Annotated[int, typer.Option(min=0, help="worker processes to start")] = 1,
 ) -> None:
     """Start the embedded stack: a private Redis, workers and the API."""
@@ -53,8 +57,9 @@ def up(
     )
     from store.settings import Settings
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: "
-                        "%(message)s")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
     terminate_on_sigterm()
     redis_server = None
@@ -66,9 +71,11 @@ def up(
     settings = Settings(store=str(store_path), redis_url=redis_url, host=host, port=port)
     key_store = KeyStore(Redis.from_url(redis_url))
     if not _is_loopback(host) and (settings.auth == "off" or key_store.count() == 0):
-        err.print(f"[red]refusing to bind to {host}: API keys are off or none exist; create one "
-                  "with `layerbank keys create` (REDIS_URL set) or bind to 127.0.0.1[/red]",
-                  soft_wrap=True)
+        err.print(
+            f"[red]refusing to bind to {host}: API keys are off or none exist; create one "
+            "with `layerbank keys create` (REDIS_URL set) or bind to 127.0.0.1[/red]",
+            soft_wrap=True,
+        )
         if redis_server is not None:
             redis_server.stop()
         raise typer.Exit(2)
@@ -76,11 +83,15 @@ def up(
     log_dir = store_path.parent / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     supervisor = WorkerSupervisor(workers, redis_url, env=env, log_dir=log_dir)
-    console.print(f"layerbank up: API http://{host}:{port}  store {store_path}  redis "
-                  f"{redis_url}  workers {workers} (logs in {log_dir})")
+    console.print(
+        f"layerbank up: API http://{host}:{port}  store {store_path}  redis "
+        f"{redis_url}  workers {workers} (logs in {log_dir})"
+    )
     if not keys_required(settings, key_store):
-        console.print("[yellow]open mode: no API keys are checked; anyone who can reach "
-                      f"{host}:{port} on this machine can use the API[/yellow]")
+        console.print(
+            "[yellow]open mode: no API keys are checked; anyone who can reach "
+            f"{host}:{port} on this machine can use the API[/yellow]"
+        )
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     finally:
@@ -101,10 +112,10 @@ def worker(
 
 @app.command()
 def demo(
-    url: Annotated[str, typer.Option(help="API to use; started locally if not running")] =
-    "http://127.0.0.1:8000",
-    output: Annotated[Path, typer.Option(help="directory for the curve PNG")] =
-    Path("demo-output"),
+    url: Annotated[
+        str, typer.Option(help="API to use; started locally if not running")
+    ] = "http://127.0.0.1:8000",
+    output: Annotated[Path, typer.Option(help="directory for the curve PNG")] = Path("demo-output"),
     steps: Annotated[int, typer.Option(min=1, help="pretraining steps")] = 1000,
 ) -> None:
     """Pretrain a small ImageGPT on digits, extract every layer, probe, print and plot."""
@@ -134,7 +145,9 @@ def demo(
         with stack_log.open("ab") as log:
             stack = subprocess.Popen(
                 [sys.executable, "-m", "service.cli", "up", "--port", port],
-                stdout=log, stderr=subprocess.STDOUT)
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         try:
             wait_for_http(f"{url}/healthz", timeout=90)
             if stack.poll() is not None:

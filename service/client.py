@@ -42,8 +42,14 @@ class JobFailedError(ClientError):
 class Client:
     """Typed methods mirroring the API. Retries 503 answers and connection errors a few times."""
 
-    def __init__(self, base_url: str = "http://127.0.0.1:8000", *, api_key: str | None = None,
-                 timeout: float = 60.0, retries: int = 3) -> None:
+    def __init__(
+        self,
+        base_url: str = "http://127.0.0.1:8000",
+        *,
+        api_key: str | None = None,
+        timeout: float = 60.0,
+        retries: int = 3,
+    ) -> None:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
         self.retries = retries
@@ -93,17 +99,35 @@ class Client:
         body = {"model": model, "dataset": dataset, "split": split, **options}
         return self._json("POST", "/v1/extractions", json=body)  # type: ignore[no-any-return]
 
-    def probe(self, train_featureset: str, test_featureset: str, *, kind: str | list[str] =
-              "logistic", layers: str | list[int] = "all", **options: Any) -> dict[str, Any]:
-        body = {"train_featureset": train_featureset, "test_featureset": test_featureset,
-                "kind": kind, "layers": layers, **options}
+    def probe(
+        self,
+        train_featureset: str,
+        test_featureset: str,
+        *,
+        kind: str | list[str] = "logistic",
+        layers: str | list[int] = "all",
+        **options: Any,
+    ) -> dict[str, Any]:
+        body = {
+            "train_featureset": train_featureset,
+            "test_featureset": test_featureset,
+            "kind": kind,
+            "layers": layers,
+            **options,
+        }
         return self._json("POST", "/v1/probes", json=body)  # type: ignore[no-any-return]
 
     def job(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/jobs/{job_id}")  # type: ignore[no-any-return]
 
-    def wait(self, job_id: str | None, *, timeout: float = 3600.0, poll: float = 0.5,
-             on_progress: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any] | None:
+    def wait(
+        self,
+        job_id: str | None,
+        *,
+        timeout: float = 3600.0,
+        poll: float = 0.5,
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any] | None:
         """Poll a job until it finishes; raise `JobFailedError` if it fails."""
         if job_id is None:
             return None
@@ -126,12 +150,14 @@ class Client:
     def featuresets(self) -> list[dict[str, Any]]:
         return self._json("GET", "/v1/featuresets")["data"]  # type: ignore[no-any-return]
 
-    def layer_array(self, featureset_id: str, layer: int, *, start: int | None = None,
-                    stop: int | None = None) -> np.ndarray:
+    def layer_array(
+        self, featureset_id: str, layer: int, *, start: int | None = None, stop: int | None = None
+    ) -> np.ndarray:
         """Return one layer as a numpy array of shape (rows, dim)."""
         params = {k: v for k, v in (("start", start), ("stop", stop)) if v is not None}
-        response = self.request("GET", f"/v1/featuresets/{featureset_id}/layers/{layer}",
-                                params=params)
+        response = self.request(
+            "GET", f"/v1/featuresets/{featureset_id}/layers/{layer}", params=params
+        )
         return np.load(io.BytesIO(response.content), allow_pickle=False)
 
     def labels(self, featureset_id: str) -> np.ndarray:
@@ -152,11 +178,23 @@ class Client:
         """Run the consistency check of a feature set and return its report."""
         return self._json("GET", f"/v1/featuresets/{featureset_id}/fsck")  # type: ignore[no-any-return]
 
-    def projection(self, featureset_id: str, layer: int, *, method: str = "tsne",
-                   n_points: int = 1000, seed: int = 0) -> dict[str, Any]:
+    def projection(
+        self,
+        featureset_id: str,
+        layer: int,
+        *,
+        method: str = "tsne",
+        n_points: int = 1000,
+        seed: int = 0,
+    ) -> dict[str, Any]:
         """Request a 2-D projection of one layer; returns the projection id and job id."""
-        body = {"featureset": featureset_id, "layer": layer, "method": method,
-                "n_points": n_points, "seed": seed}
+        body = {
+            "featureset": featureset_id,
+            "layer": layer,
+            "method": method,
+            "n_points": n_points,
+            "seed": seed,
+        }
         return self._json("POST", "/v1/projections", json=body)  # type: ignore[no-any-return]
 
     def projection_result(self, projection_id: str) -> dict[str, Any]:

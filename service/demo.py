@@ -12,8 +12,17 @@ from rich.table import Table
 from service.client import Client
 
 DEMO_MODEL = "digits-igpt"
-DEMO_PRETRAIN = {"dataset": "digits", "split": "train", "n_layer": 4, "n_embd": 64, "n_head": 4,
-                 "n_colors": 16, "steps": 1000, "batch_size": 64, "learning_rate": 1e-3}
+DEMO_PRETRAIN = {
+    "dataset": "digits",
+    "split": "train",
+    "n_layer": 4,
+    "n_embd": 64,
+    "n_head": 4,
+    "n_colors": 16,
+    "steps": 1000,
+    "batch_size": 64,
+    "learning_rate": 1e-3,
+}
 DEMO_PROBE_PARAMS = {"C": [0.01, 0.1, 1, 10, 100]}
 
 
@@ -30,8 +39,9 @@ def _progress_printer(console: Console, label: str) -> Any:
     return show
 
 
-def run_demo(client: Client, output: Path, *, steps: int = 1000,
-             console: Console | None = None) -> dict[str, Any]:
+def run_demo(
+    client: Client, output: Path, *, steps: int = 1000, console: Console | None = None
+) -> dict[str, Any]:
     """Run the whole main job on scikit-learn's digits and return the probe rows and baseline."""
     console = console or Console()
     output.mkdir(parents=True, exist_ok=True)
@@ -53,17 +63,25 @@ def run_demo(client: Client, output: Path, *, steps: int = 1000,
             answer = client.extract(name, "digits", split, layers="all", pooling="mean")
             reused = "reused" if answer["status"] == "complete" else "queued"
             console.print(f"  {name} {split}: feature set {answer['featureset_id']} ({reused})")
-            client.wait(answer["job_id"] if answer["status"] != "complete" else None,
-                        on_progress=_progress_printer(console, f"{name}/{split}"))
+            client.wait(
+                answer["job_id"] if answer["status"] != "complete" else None,
+                on_progress=_progress_printer(console, f"{name}/{split}"),
+            )
             featuresets[(name, split)] = answer["featureset_id"]
 
     console.rule("3. logistic probe on every layer (standardised, C chosen on validation)")
     probes: dict[str, dict[str, Any]] = {}
     for name in (model, "pixels"):
-        answer = client.probe(featuresets[(name, "train")], featuresets[(name, "test")],
-                              kind="logistic", params=DEMO_PROBE_PARAMS)
-        client.wait(answer["job_id"] if answer["status"] != "complete" else None,
-                    on_progress=_progress_printer(console, f"probe {name}"))
+        answer = client.probe(
+            featuresets[(name, "train")],
+            featuresets[(name, "test")],
+            kind="logistic",
+            params=DEMO_PROBE_PARAMS,
+        )
+        client.wait(
+            answer["job_id"] if answer["status"] != "complete" else None,
+            on_progress=_progress_printer(console, f"probe {name}"),
+        )
         probes[name] = client.probe_result(answer["probe_id"])
 
     rows = sorted(probes[model]["rows"], key=lambda r: r["layer"])
@@ -81,30 +99,48 @@ def run_demo(client: Client, output: Path, *, steps: int = 1000,
         f"best layer by validation accuracy: {best['layer']} "
         f"(test {100 * best['test_accuracy']:.1f}%); raw-pixel baseline "
         f"{100 * baseline['test_accuracy']:.1f}%; layer 0 (embeddings) "
-        f"{100 * rows[0]['test_accuracy']:.1f}%")
+        f"{100 * rows[0]['test_accuracy']:.1f}%"
+    )
     if best["test_accuracy"] < baseline["test_accuracy"]:
-        console.print("this tiny model's features stay below raw pixels on digits; the curve "
-                      "shows what pretraining adds over the embeddings, not a win over pixels")
+        console.print(
+            "this tiny model's features stay below raw pixels on digits; the curve "
+            "shows what pretraining adds over the embeddings, not a win over pixels"
+        )
     curve_path = output / "curve.png"
-    curve_path.write_bytes(client.curve_png(probes[model]["probe_id"],
-                                            baseline=baseline["test_accuracy"]))
+    curve_path.write_bytes(
+        client.curve_png(probes[model]["probe_id"], baseline=baseline["test_accuracy"])
+    )
     console.print(f"layer curve written to {curve_path}")
 
     console.rule(f"4. t-SNE of layer {best['layer']} on the test split")
-    projection = client.projection(featuresets[(model, "test")], best["layer"], method="tsne",
-                                   n_points=500, seed=0)
-    client.wait(projection["job_id"] if projection["status"] != "complete" else None,
-                on_progress=_progress_printer(console, "t-SNE"))
+    projection = client.projection(
+        featuresets[(model, "test")], best["layer"], method="tsne", n_points=500, seed=0
+    )
+    client.wait(
+        projection["job_id"] if projection["status"] != "complete" else None,
+        on_progress=_progress_printer(console, "t-SNE"),
+    )
     tsne_path = output / "tsne.png"
     tsne_path.write_bytes(client.projection_png(projection["projection_id"]))
     console.print(f"t-SNE scatter written to {tsne_path}")
     console.print(f"demo finished in {time.perf_counter() - started:.0f}s")
-    return {"rows": rows, "baseline": baseline, "best": best, "featuresets": featuresets,
-            "probes": {k: v["probe_id"] for k, v in probes.items()}}
+    return {
+        "rows": rows,
+        "baseline": baseline,
+        "best": best,
+        "featuresets": featuresets,
+        "probes": {k: v["probe_id"] for k, v in probes.items()},
+    }
 
 
 def _cells(label: str, row: dict[str, Any]) -> list[str]:
     low, high = row.get("test_accuracy_ci95") or (float("nan"), float("nan"))
-    return [label, f"{100 * row['train_accuracy']:.1f}", f"{100 * row['val_accuracy']:.1f}",
-            f"{100 * row['test_accuracy']:.1f}", f"{100 * low:.1f}-{100 * high:.1f}",
-            f"{row['params'].get('C')}", "yes" if row["converged"] else "NO"]
+    return [
+        label,
+        f"{100 * row['train_accuracy']:.1f}",
+        f"{100 * row['val_accuracy']:.1f}",
+        f"{100 * row['test_accuracy']:.1f}",
+        f"{100 * low:.1f}-{100 * high:.1f}",
+        f"{row['params'].get('C')}",
+        "yes" if row["converged"] else "NO",
+    ]

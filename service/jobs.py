@@ -1,4 +1,4 @@
-"""Job records in Redis: one layerbank job groups the rq jobs of one extraction, probe or pretraining.
+"""Job records in Redis, each grouping the rq jobs of one extraction, probe or pretraining.
 
 A record is the hash ``layerbank:job:<job_id>`` with its kind, its target (feature set, probe or
 model) and the ids of its rq jobs. Status is derived on every read from rq and the store, so an
@@ -51,8 +51,11 @@ def target_lock(redis: Redis, target: str, timeout: float = 60.0) -> Iterator[No
     """Hold a Redis lock on ``target`` so concurrent API replicas create one job per target."""
     lock = redis.lock(_key("lock", target), timeout=timeout, blocking_timeout=timeout)
     if not lock.acquire():
-        raise StoreError(f"timed out waiting for the lock on {target!r}; retry the request",
-                         field="target", value=target)
+        raise StoreError(
+            f"timed out waiting for the lock on {target!r}; retry the request",
+            field="target",
+            value=target,
+        )
     try:
         yield
     finally:
@@ -83,42 +86,73 @@ def save_job(redis: Redis, job_id: str, *, kind: str, target: str, rq_ids: list[
 def load_job(redis: Redis, job_id: str) -> dict[str, Any]:
     raw = redis.hgetall(_key("job", job_id))
     if not raw:
-        raise JobNotFoundError(f"job {job_id!r} not found; job ids are returned by the POST "
-                               "that started the work", field="job_id", value=job_id)
+        raise JobNotFoundError(
+            f"job {job_id!r} not found; job ids are returned by the POST that started the work",
+            field="job_id",
+            value=job_id,
+        )
     record = {k.decode(): v.decode() for k, v in raw.items()}
     record["rq_ids"] = json.loads(record["rq_ids"])
     record["job_id"] = job_id
     return record
 
 
-def enqueue_extraction(queue: Queue, featureset: FeatureSet, *, timeout: int,
-                       job_id: str | None = None) -> str:
+def enqueue_extraction(
+    queue: Queue, featureset: FeatureSet, *, timeout: int, job_id: str | None = None
+) -> str:
     """Enqueue one rq job per missing block plus a finalize job; return the layerbank job id."""
     job_id = job_id or new_job_id()
     missing = featureset.missing_blocks()
-    common = {"result_ttl": RESULT_TTL, "failure_ttl": FAILURE_TTL, "meta": {"layerbank_job": job_id}}
-    blocks = queue.enqueue_many([
-        Queue.prepare_data("workers.jobs.extract_block", (featureset.id, block), timeout=timeout,
-                           description=f"extract {featureset.id} block {block}",
-                           retry=Retry(max=BLOCK_RETRIES), **common)
-        for block in missing
-    ])
-    finalize = queue.enqueue_call(
-        "workers.jobs.finalize_featureset", args=(featureset.id,), timeout=300,
-        depends_on=blocks or None, description=f"finalize {featureset.id}", **common,
+    common = {
+        "result_ttl": RESULT_TTL,
+        "failure_ttl": FAILURE_TTL,
+        "meta": {"layerbank_job": job_id},
+    }
+    blocks = queue.enqueue_many(
+        [
+            Queue.prepare_data(
+                "workers.jobs.extract_block",
+                (featureset.id, block),
+                timeout=timeout,
+                description=f"extract {featureset.id} block {block}",
+                retry=Retry(max=BLOCK_RETRIES),
+                **common,
+            )
+            for block in missing
+        ]
     )
-    save_job(queue.connection, job_id, kind="extraction", target=featureset.id,
-             rq_ids=[job.id for job in blocks] + [finalize.id])
+    finalize = queue.enqueue_call(
+        "workers.jobs.finalize_featureset",
+        args=(featureset.id,),
+        timeout=300,
+        depends_on=blocks or None,
+        description=f"finalize {featureset.id}",
+        **common,
+    )
+    save_job(
+        queue.connection,
+        job_id,
+        kind="extraction",
+        target=featureset.id,
+        rq_ids=[job.id for job in blocks] + [finalize.id],
+    )
     logger.info("job %s: feature set %s, %d blocks enqueued", job_id, featureset.id, len(missing))
     return job_id
 
 
-def enqueue_single(queue: Queue, func: str, args: tuple[Any, ...], *, kind: str, target: str,
-                   timeout: int) -> str:
+def enqueue_single(
+    queue: Queue, func: str, args: tuple[Any, ...], *, kind: str, target: str, timeout: int
+) -> str:
     job_id = new_job_id()
-    job = queue.enqueue_call(func, args=args, timeout=timeout, result_ttl=RESULT_TTL,
-                             failure_ttl=FAILURE_TTL, meta={"layerbank_job": job_id},
-                             description=f"{kind} {target}")
+    job = queue.enqueue_call(
+        func,
+        args=args,
+        timeout=timeout,
+        result_ttl=RESULT_TTL,
+        failure_ttl=FAILURE_TTL,
+        meta={"layerbank_job": job_id},
+        description=f"{kind} {target}",
+    )
     save_job(queue.connection, job_id, kind=kind, target=target, rq_ids=[job.id])
     logger.info("job %s: %s %s enqueued", job_id, kind, target)
     return job_id
@@ -134,8 +168,11 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
     error = None
     for job in rq_jobs:
         if job is not None and job.get_status(refresh=False) == JobStatus.FAILED:
-            error = job.meta.get("error") or {"message": _last_line(job), "field": None,
-                                              "value": None}
+            error = job.meta.get("error") or {
+                "message": _last_line(job),
+                "field": None,
+                "value": None,
+            }
             break
 
     kind = record["kind"]
@@ -156,8 +193,10 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
         last = rq_jobs[-1] if rq_jobs else None
         meta_progress = (last.meta.get("progress") if last else None) or {}
         done = statuses[-1] == JobStatus.FINISHED if statuses else False
-        progress_public = {"done": int(meta_progress.get("done", 1 if done else 0)),
-                           "total": int(meta_progress.get("total", 1))}
+        progress_public = {
+            "done": int(meta_progress.get("done", 1 if done else 0)),
+            "total": int(meta_progress.get("total", 1)),
+        }
         if done and last is not None:
             result = last.return_value(refresh=False)
 
@@ -167,15 +206,22 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
         status = "failed"
     elif any(s is None for s in statuses):
         status = "failed"
-        error = {"message": "some rq jobs of this job expired or were lost (Redis restarted?); "
-                 f"resume it with POST /v1/jobs/{job_id}/resume", "field": None, "value": None}
+        error = {
+            "message": "some rq jobs of this job expired or were lost (Redis restarted?); "
+            f"resume it with POST /v1/jobs/{job_id}/resume",
+            "field": None,
+            "value": None,
+        }
     elif kind == "extraction" and statuses and all(s == JobStatus.FINISHED for s in statuses):
         # Every rq job ended, yet blocks are missing: fsck with repair cleared damaged blocks.
         status = "failed"
-        error = {"message": f"{progress_public['total'] - progress_public['done']} blocks of "
-                 f"feature set {record['target']!r} are missing after every rq job of this job "
-                 f"finished; resume it with POST /v1/jobs/{job_id}/resume", "field": None,
-                 "value": None}
+        error = {
+            "message": f"{progress_public['total'] - progress_public['done']} blocks of "
+            f"feature set {record['target']!r} are missing after every rq job of this job "
+            f"finished; resume it with POST /v1/jobs/{job_id}/resume",
+            "field": None,
+            "value": None,
+        }
     elif any(s in (JobStatus.STARTED,) for s in statuses) or any(
         s == JobStatus.FINISHED for s in statuses
     ):
@@ -201,8 +247,11 @@ def _release_abandoned(redis: Redis, rq_jobs: list[Job | None]) -> bool:
     about every ten minutes; cleaning on read makes the job's status correct when it is read.
     Returns whether an expired job was found, so the statuses of ``rq_jobs`` may have changed.
     """
-    origins = {job.origin for job in rq_jobs
-               if job is not None and job.get_status(refresh=False) == JobStatus.STARTED}
+    origins = {
+        job.origin
+        for job in rq_jobs
+        if job is not None and job.get_status(refresh=False) == JobStatus.STARTED
+    }
     released = False
     for origin in sorted(origins):
         registry = StartedJobRegistry(origin, connection=redis)
@@ -226,8 +275,9 @@ def _last_line(job: Job) -> str:
     return lines[-1] if lines else "job failed"
 
 
-def result_status(redis: Redis, store: Store, target: str, stored_status: str | None
-                  ) -> tuple[str, str | None, dict[str, Any] | None]:
+def result_status(
+    redis: Redis, store: Store, target: str, stored_status: str | None
+) -> tuple[str, str | None, dict[str, Any] | None]:
     """Return (status, job id, error) of a probe or projection result.
 
     The stored status says "complete" once the result is written; until then the status of the
@@ -238,23 +288,41 @@ def result_status(redis: Redis, store: Store, target: str, stored_status: str | 
     if stored_status == "complete":
         return "complete", job_id, None
     if job_id is None:
-        return "failed", None, {"message": "no job computes this result (its record was lost); "
-                                "send the same POST again", "field": None, "value": None}
+        return (
+            "failed",
+            None,
+            {
+                "message": "no job computes this result (its record was lost); "
+                "send the same POST again",
+                "field": None,
+                "value": None,
+            },
+        )
     try:
         state = job_state(redis, store, job_id)
     except JobNotFoundError:
-        return "failed", job_id, {"message": "the job record of this result was lost; send the "
-                                  "same POST again", "field": None, "value": None}
+        return (
+            "failed",
+            job_id,
+            {
+                "message": "the job record of this result was lost; send the same POST again",
+                "field": None,
+                "value": None,
+            },
+        )
     return state["status"], job_id, state["error"]
 
 
-def not_complete_message(kind: str, result_id: str, status: str, job_id: str | None,
-                         error: dict[str, Any] | None) -> str:
+def not_complete_message(
+    kind: str, result_id: str, status: str, job_id: str | None, error: dict[str, Any] | None
+) -> str:
     """Return the 409 message for a result that is not complete: failed or still computing."""
     if status == "failed":
         reason = (error or {}).get("message") or "unknown error"
-        return (f"{kind} {result_id!r} failed: {reason}; fix the request and send it again "
-                "(the same POST queues it once more)")
+        return (
+            f"{kind} {result_id!r} failed: {reason}; fix the request and send it again "
+            "(the same POST queues it once more)"
+        )
     return f"{kind} {result_id!r} is not complete yet ({status}); wait for job {job_id}"
 
 

@@ -89,14 +89,30 @@ class RedisServer:
         self.directory = self.directory.resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         command = [
-            redis_binary(self.prefer), "--port", str(self.port), "--bind", "127.0.0.1",
-            "--protected-mode", "yes", "--dir", str(self.directory), "--daemonize", "no",
-            "--appendonly", "yes" if self.persistent else "no",
-            "--save", "60 1" if self.persistent else "",
-            "--logfile", str(self.directory / "redis.log"),
+            redis_binary(self.prefer),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--protected-mode",
+            "yes",
+            "--dir",
+            str(self.directory),
+            "--daemonize",
+            "no",
+            "--appendonly",
+            "yes" if self.persistent else "no",
+            "--save",
+            "60 1" if self.persistent else "",
+            "--logfile",
+            str(self.directory / "redis.log"),
         ]
-        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent)
+        self.process = subprocess.Popen(
+            command,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            preexec_fn=_die_with_parent,
+        )
         deadline = time.monotonic() + timeout
         client = Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
         while time.monotonic() < deadline:
@@ -109,8 +125,10 @@ class RedisServer:
             except RedisError:
                 time.sleep(0.05)
         self.stop()
-        raise RuntimeError(f"redis-server did not start on 127.0.0.1:{self.port}; see "
-                           f"{self.directory / 'redis.log'}")
+        raise RuntimeError(
+            f"redis-server did not start on 127.0.0.1:{self.port}; see "
+            f"{self.directory / 'redis.log'}"
+        )
 
     def stop(self) -> None:
         stop_process(self.process)
@@ -129,8 +147,14 @@ def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 10.0)
         process.wait(timeout=timeout)
 
 
-def start_worker(redis_url: str, *, env: dict[str, str] | None = None, burst: bool = False,
-                 log_file: Path | None = None, name: str | None = None) -> subprocess.Popen[bytes]:
+def start_worker(
+    redis_url: str,
+    *,
+    env: dict[str, str] | None = None,
+    burst: bool = False,
+    log_file: Path | None = None,
+    name: str | None = None,
+) -> subprocess.Popen[bytes]:
     """Start ``python -m workers.main`` as a child process."""
     command = [sys.executable, "-m", "workers.main", "--redis-url", redis_url]
     if burst:
@@ -140,12 +164,21 @@ def start_worker(redis_url: str, *, env: dict[str, str] | None = None, burst: bo
     if log_file is not None:
         # The child keeps its own copy of the descriptor; the parent closes its handle.
         with log_file.open("ab") as output:
-            process = subprocess.Popen(command, env={**os.environ, **(env or {})}, stdout=output,
-                                       stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+            process = subprocess.Popen(
+                command,
+                env={**os.environ, **(env or {})},
+                stdout=output,
+                stderr=subprocess.STDOUT,
+                preexec_fn=_die_with_parent,
+            )
     else:
-        process = subprocess.Popen(command, env={**os.environ, **(env or {})},
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-                                   preexec_fn=_die_with_parent)
+        process = subprocess.Popen(
+            command,
+            env={**os.environ, **(env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.STDOUT,
+            preexec_fn=_die_with_parent,
+        )
     logger.info("worker process %d started", process.pid)
     return process
 
@@ -172,8 +205,15 @@ class WorkerSupervisor:
     replacement worker finishes the job without a manual resume.
     """
 
-    def __init__(self, count: int, redis_url: str, *, env: dict[str, str], log_dir: Path,
-                 interval: float = 2.0) -> None:
+    def __init__(
+        self,
+        count: int,
+        redis_url: str,
+        *,
+        env: dict[str, str],
+        log_dir: Path,
+        interval: float = 2.0,
+    ) -> None:
         self.redis_url = redis_url
         # Each worker's torch gets its share of the cores: more threads than cores make every
         # worker many times slower (busy-waiting thread pools), not faster.
@@ -188,16 +228,20 @@ class WorkerSupervisor:
         self._thread.start()
 
     def _start(self, index: int) -> subprocess.Popen[bytes]:
-        return start_worker(self.redis_url, env=self.env,
-                            log_file=self.log_dir / f"worker-{index}.log")
+        return start_worker(
+            self.redis_url, env=self.env, log_file=self.log_dir / f"worker-{index}.log"
+        )
 
     def _watch(self) -> None:
         while not self._stopping.wait(self.interval):
             for index, process in enumerate(self.processes):
                 code = process.poll()
                 if code is not None and not self._stopping.is_set():
-                    logger.warning("worker process %d exited with code %s; starting a new one",
-                                   process.pid, code)
+                    logger.warning(
+                        "worker process %d exited with code %s; starting a new one",
+                        process.pid,
+                        code,
+                    )
                     self.processes[index] = self._start(index)
 
     def stop(self) -> None:

@@ -13,10 +13,15 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
-def layer_curve_png(rows_by_kind: dict[str, list[dict[str, Any]]], *, title: str,
-                    baseline: float | None = None, baseline_label: str = "raw pixels",
-                    reference: list[tuple[int, float]] | None = None,
-                    reference_label: str = "reference") -> bytes:
+def layer_curve_png(
+    rows_by_kind: dict[str, list[dict[str, Any]]],
+    *,
+    title: str,
+    baseline: float | None = None,
+    baseline_label: str = "raw pixels",
+    reference: list[tuple[int, float]] | None = None,
+    reference_label: str = "reference",
+) -> bytes:
     """Draw test accuracy per layer for each probe kind, best layer (by validation) marked.
 
     ``reference`` holds (layer, accuracy in [0, 1]) points from elsewhere, e.g. a published
@@ -26,23 +31,52 @@ def layer_curve_png(rows_by_kind: dict[str, list[dict[str, Any]]], *, title: str
     for kind, rows in rows_by_kind.items():
         rows = sorted(rows, key=lambda r: r["layer"])
         layers = [r["layer"] for r in rows]
-        line, = axes.plot(layers, [100 * r["test_accuracy"] for r in rows], marker="o",
-                          label=f"{kind} (test)")
+        (line,) = axes.plot(
+            layers, [100 * r["test_accuracy"] for r in rows], marker="o", label=f"{kind} (test)"
+        )
         best = max(rows, key=lambda r: r["val_accuracy"])
-        axes.scatter([best["layer"]], [100 * best["test_accuracy"]], s=160, facecolors="none",
-                     edgecolors=line.get_color(), linewidths=2, zorder=3)
-        axes.annotate(f"best by val: layer {best['layer']}\n{100 * best['test_accuracy']:.1f}%",
-                      (best["layer"], 100 * best["test_accuracy"]), textcoords="offset points",
-                      xytext=(8, -28), fontsize=8, color=line.get_color())
+        axes.scatter(
+            [best["layer"]],
+            [100 * best["test_accuracy"]],
+            s=160,
+            facecolors="none",
+            edgecolors=line.get_color(),
+            linewidths=2,
+            zorder=3,
+        )
+        axes.annotate(
+            f"best by val: layer {best['layer']}\n{100 * best['test_accuracy']:.1f}%",
+            (best["layer"], 100 * best["test_accuracy"]),
+            textcoords="offset points",
+            xytext=(8, -28),
+            fontsize=8,
+            color=line.get_color(),
+        )
     if baseline is not None:
-        axes.axhline(100 * baseline, color="grey", linestyle="--",
-                     label=f"{baseline_label} {100 * baseline:.1f}%")
+        axes.axhline(
+            100 * baseline,
+            color="grey",
+            linestyle="--",
+            label=f"{baseline_label} {100 * baseline:.1f}%",
+        )
     if reference:
-        axes.scatter([layer for layer, _ in reference], [100 * acc for _, acc in reference],
-                     marker="*", s=140, color="black", zorder=4, label=reference_label)
+        axes.scatter(
+            [layer for layer, _ in reference],
+            [100 * acc for _, acc in reference],
+            marker="*",
+            s=140,
+            color="black",
+            zorder=4,
+            label=reference_label,
+        )
         for layer, acc in reference:
-            axes.annotate(f"{100 * acc:.1f}%", (layer, 100 * acc), textcoords="offset points",
-                          xytext=(6, 6), fontsize=8)
+            axes.annotate(
+                f"{100 * acc:.1f}%",
+                (layer, 100 * acc),
+                textcoords="offset points",
+                xytext=(6, 6),
+                fontsize=8,
+            )
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_xlabel("layer (hidden-state index; 0 = embeddings)")
     axes.set_ylabel("test accuracy (%)")
@@ -64,8 +98,9 @@ def _png(figure: Any) -> bytes:
     return buffer.getvalue()
 
 
-def scatter_png(coords: np.ndarray, labels: np.ndarray, *, class_names: list[str], title: str,
-                axis_label: str) -> bytes:
+def scatter_png(
+    coords: np.ndarray, labels: np.ndarray, *, class_names: list[str], title: str, axis_label: str
+) -> bytes:
     """Draw 2-D points coloured by class with a legend of class names.
 
     Parameters
@@ -84,13 +119,24 @@ def scatter_png(coords: np.ndarray, labels: np.ndarray, *, class_names: list[str
     for index, label in enumerate(classes):
         members = labels == label
         name = class_names[label] if 0 <= label < len(class_names) else str(label)
-        axes.scatter(coords[members, 0], coords[members, 1], s=10, alpha=0.8,
-                     color=colours(index % colours.N), label=f"{name} ({int(members.sum())})")
+        axes.scatter(
+            coords[members, 0],
+            coords[members, 1],
+            s=10,
+            alpha=0.8,
+            color=colours(index % colours.N),
+            label=f"{name} ({int(members.sum())})",
+        )
     axes.set_xlabel(f"{axis_label} 1")
     axes.set_ylabel(f"{axis_label} 2")
     axes.set_title(title)
-    axes.legend(title="class (points)", fontsize=8, markerscale=2, loc="center left",
-                bbox_to_anchor=(1.01, 0.5))
+    axes.legend(
+        title="class (points)",
+        fontsize=8,
+        markerscale=2,
+        loc="center left",
+        bbox_to_anchor=(1.01, 0.5),
+    )
     return _png(figure)
 
 
@@ -111,10 +157,18 @@ def confusion_png(matrix: np.ndarray, *, class_names: list[str], title: str) -> 
         for row in range(n):
             for column in range(n):
                 colour = "white" if fractions[row, column] > 0.6 else "black"
-                axes.text(column, row, str(int(matrix[row, column])), ha="center",
-                          va="center", fontsize=8, color=colour)
-    axes.set_xticks(range(n), class_names, rotation=45 if n > 10 else 0, ha="right"
-                    if n > 10 else "center")
+                axes.text(
+                    column,
+                    row,
+                    str(int(matrix[row, column])),
+                    ha="center",
+                    va="center",
+                    fontsize=8,
+                    color=colour,
+                )
+    axes.set_xticks(
+        range(n), class_names, rotation=45 if n > 10 else 0, ha="right" if n > 10 else "center"
+    )
     axes.set_yticks(range(n), class_names)
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class")
@@ -134,14 +188,28 @@ def accuracy_vs_loss_png(points: list[dict[str, Any]], *, title: str) -> bytes:
     accuracy = [100 * p["test_accuracy"] for p in points]
     errors = None
     if all(p.get("test_accuracy_ci95") for p in points):
-        errors = np.array([[100 * (p["test_accuracy"] - p["test_accuracy_ci95"][0]),
-                            100 * (p["test_accuracy_ci95"][1] - p["test_accuracy"])]
-                           for p in points]).T  # (2, n_points)
-    axes.errorbar(loss, accuracy, yerr=errors, marker="o", capsize=3, linestyle="-",
-                  label="checkpoints in training order")
+        errors = np.array(
+            [
+                [
+                    100 * (p["test_accuracy"] - p["test_accuracy_ci95"][0]),
+                    100 * (p["test_accuracy_ci95"][1] - p["test_accuracy"]),
+                ]
+                for p in points
+            ]
+        ).T  # (2, n_points)
+    axes.errorbar(
+        loss,
+        accuracy,
+        yerr=errors,
+        marker="o",
+        capsize=3,
+        linestyle="-",
+        label="checkpoints in training order",
+    )
     for point, x, y in zip(points, loss, accuracy, strict=True):
-        axes.annotate(f"step {point['step']}", (x, y), textcoords="offset points",
-                      xytext=(6, 4), fontsize=8)
+        axes.annotate(
+            f"step {point['step']}", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8
+        )
     # Lower loss to the right, so "better generative model" reads left to right.
     axes.invert_xaxis()
     axes.set_xlabel("validation loss (bits per token; lower is better)")

@@ -14,29 +14,41 @@ class ExtractionCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(..., min_length=1, max_length=512,
-                       examples=["store:digits-igpt", "openai/imagegpt-small", "pixels"])
+    model: str = Field(
+        ...,
+        min_length=1,
+        max_length=512,
+        examples=["store:digits-igpt", "openai/imagegpt-small", "pixels"],
+    )
     dataset: str = Field(..., min_length=1, max_length=1024, examples=["digits"])
     split: str = Field(..., min_length=1, max_length=64, examples=["train"])
     layers: Literal["all"] | list[int] = "all"
     pooling: Literal["mean", "cls", "last_token", "mean_ln_f"] = "mean"
     input_policy: Literal["sos", "plain"] | None = Field(
-        None, description="ImageGPT only: sos prepends the start token and drops the last pixel; "
-        "plain uses no start token. Default: the policy the checkpoint was trained with, else plain.")
+        None,
+        description="ImageGPT only: sos prepends the start token and drops the last pixel; "
+        "plain uses no start token. Default: the policy the checkpoint was trained with, else "
+        "plain.",
+    )
     dtype: Literal["float32", "float16"] = "float32"
     token_layers: list[int] = Field(
-        default_factory=list, max_length=1024,
+        default_factory=list,
+        max_length=1024,
         description="Hidden-state indices whose unpooled (per-token) states are stored too, as "
-        "token_features (n_token_layers, n_items, seq, dim); list each layer explicitly.")
+        "token_features (n_token_layers, n_items, seq, dim); list each layer explicitly.",
+    )
     batch_size: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE)
-    block_rows: int | None = Field(None, ge=1, le=1_000_000,
-                                   description="Rows per block (one rq job each).")
+    block_rows: int | None = Field(
+        None, ge=1, le=1_000_000, description="Rows per block (one rq job each)."
+    )
     limit: int | None = Field(None, ge=1, description="Stratified subset size.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the stratified subset.")
-    image_column: str | None = Field(None, max_length=128,
-                                     description="Hugging Face datasets: the image column.")
-    label_column: str | None = Field(None, max_length=128,
-                                     description="Hugging Face datasets: the label column.")
+    image_column: str | None = Field(
+        None, max_length=128, description="Hugging Face datasets: the image column."
+    )
+    label_column: str | None = Field(
+        None, max_length=128, description="Hugging Face datasets: the label column."
+    )
 
 
 class ExtractionPublic(BaseModel):
@@ -45,7 +57,8 @@ class ExtractionPublic(BaseModel):
     status: str
     created: bool = Field(description="False when an identical request already had a feature set.")
     estimated_bytes: int | None = Field(
-        None, description="Bytes the stored arrays take: pooled plus token-level features.")
+        None, description="Bytes the stored arrays take: pooled plus token-level features."
+    )
     token_bytes: int | None = Field(None, description="Bytes of the token-level features alone.")
 
 
@@ -104,8 +117,9 @@ class ProbeCreate(BaseModel):
     train_featureset: str
     test_featureset: str
     layers: Literal["all"] | list[int] = "all"
-    kind: str | list[str] = Field("logistic",
-                                  description="logistic, knn, mlp, adapter, or a list of them.")
+    kind: str | list[str] = Field(
+        "logistic", description="logistic, knn, mlp, adapter, or a list of them."
+    )
     params: dict[str, Any] = Field(
         default_factory=dict,
         description="Hyper-parameters; either flat (applied to the only kind) or keyed by kind.",
@@ -159,8 +173,11 @@ class PretrainCreate(BaseModel):
     seed: int = Field(0, ge=0, le=2**31 - 1)
     eval_every: int = Field(100, ge=1, description="Steps between validation-loss evaluations.")
     checkpoint_every: int | None = Field(
-        None, ge=1, description="Save a checkpoint (store:<name>@step<N>) at step 0 and every "
-        "this many steps, each with its validation loss; none when unset.")
+        None,
+        ge=1,
+        description="Save a checkpoint (store:<name>@step<N>) at step 0 and every "
+        "this many steps, each with its validation loss; none when unset.",
+    )
 
 
 class PretrainPublic(BaseModel):
@@ -205,8 +222,12 @@ class ProjectionCreate(BaseModel):
     featureset: str
     layer: int = Field(..., ge=0)
     method: Literal["tsne", "pca", "umap"] = "tsne"
-    n_points: int = Field(1000, ge=1, le=100_000, description="Stratified subsample size; "
-                          "all items when the feature set has fewer.")
+    n_points: int = Field(
+        1000,
+        ge=1,
+        le=100_000,
+        description="Stratified subsample size; all items when the feature set has fewer.",
+    )
     seed: int = Field(0, ge=0, le=2**31 - 1)
 
 
@@ -251,8 +272,10 @@ class ClaimPointPublic(BaseModel):
 class ClaimPublic(BaseModel):
     points: list[ClaimPointPublic]
     spearman: float | None = Field(
-        None, description="Rank correlation of validation bits per token and test accuracy; "
-        "negative when lower loss goes with higher accuracy. None with fewer than 3 points.")
+        None,
+        description="Rank correlation of validation bits per token and test accuracy; "
+        "negative when lower loss goes with higher accuracy. None with fewer than 3 points.",
+    )
 
 
 class DatasetPublic(BaseModel):
@@ -285,4 +308,5 @@ class DatasetsPublic(BaseModel):
     count: int
     token_caches: list[TokenCachePublic] = Field(
         default_factory=list,
-        description="Dataset fingerprints whose ImageGPT palette tokens are cached in the store.")
+        description="Dataset fingerprints whose ImageGPT palette tokens are cached in the store.",
+    )

@@ -34,8 +34,14 @@ class NotFoundError(StoreError):
 class NotReadyError(StoreError):
     """Raised when a feature set or result is read before it is complete."""
 
-    def __init__(self, message: str, *, field: str | None = None, value: object = None,
-                 progress: dict[str, int] | None = None) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        field: str | None = None,
+        value: object = None,
+        progress: dict[str, int] | None = None,
+    ) -> None:
         super().__init__(message, field=field, value=value)
         self.progress = progress or {}
 

@@ -119,7 +119,9 @@ class FeatureSet:
     def attrs(self) -> dict[str, Any]:
         if self._attrs.get("status") != STATUS_COMPLETE:
             # Pending groups change status when finalised; complete ones never change again.
-            self._attrs = dict(zarr.open_group(self.store.zarr_store, path=self.path, mode="r").attrs)
+            self._attrs = dict(
+                zarr.open_group(self.store.zarr_store, path=self.path, mode="r").attrs
+            )
         return self._attrs
 
     @property
@@ -154,7 +156,8 @@ class FeatureSet:
         """Return the [start, stop) rows of ``block``."""
         if not 0 <= block < self.n_blocks:
             raise StoreError(
-                f"block {block} is out of range for feature set {self.id!r} (0..{self.n_blocks - 1})",
+                f"block {block} is out of range for feature set {self.id!r} "
+                f"(0..{self.n_blocks - 1})",
                 field="block",
                 value=block,
             )
@@ -245,9 +248,12 @@ class FeatureSet:
     def _check_token_block(self, block: int, token_features: np.ndarray | None) -> None:
         if self.token_features is None:
             if token_features is not None:
-                raise StoreError(f"feature set {self.id!r} stores no token-level features, but "
-                                 f"block {block} came with some", field="token_features",
-                                 value=block)
+                raise StoreError(
+                    f"feature set {self.id!r} stores no token-level features, but "
+                    f"block {block} came with some",
+                    field="token_features",
+                    value=block,
+                )
             return
         start, stop = self.block_range(block)
         n_token_layers, _, seq, dim = self.token_features.shape
@@ -296,7 +302,9 @@ class FeatureSet:
                 progress=progress.as_dict(),
             )
 
-    def read_layer(self, layer: int, start: int | None = None, stop: int | None = None) -> np.ndarray:
+    def read_layer(
+        self, layer: int, start: int | None = None, stop: int | None = None
+    ) -> np.ndarray:
         """Return rows [start, stop) of hidden-state index ``layer``, array of shape (rows, dim).
 
         A range inside one block is served from an in-memory cache of decoded blocks, because
@@ -367,7 +375,8 @@ class FeatureSet:
             )
         if not start <= stop <= n:
             raise StoreError(
-                f"stop {stop} is out of range ({start}..{n}); feature set {self.id!r} has {n} items",
+                f"stop {stop} is out of range ({start}..{n}); feature set {self.id!r} "
+                f"has {n} items",
                 field="stop",
                 value=stop,
             )
@@ -432,8 +441,11 @@ def create_featureset(
     n_layers = len(spec.layers)
     n_token_layers = len(spec.token_layers)
     if n_token_layers and not n_tokens:
-        raise StoreError("token_layers need the sequence length of the model (n_tokens)",
-                         field="token_layers", value=spec.token_layers)
+        raise StoreError(
+            "token_layers need the sequence length of the model (n_tokens)",
+            field="token_layers",
+            value=spec.token_layers,
+        )
     rows = block_rows or default_block_rows(n_items, dim, spec.dtype)
     if n_token_layers and n_tokens and block_rows is None:
         token_row_bytes = n_token_layers * n_tokens * dim * np.dtype(spec.dtype).itemsize
@@ -466,20 +478,31 @@ def create_featureset(
             dtype=spec.dtype,
             fill_value=np.nan,
             # A checksum per chunk makes flipped or truncated bytes fail to decode (see store.fsck).
-        compressors=[Crc32cCodec()],
+            compressors=[Crc32cCodec()],
             dimension_names=("token_layer", "item", "position", "dim"),
         )
     zarr.create_array(
-        store.zarr_store, name=f"{path}/labels", data=labels.astype(np.int64), chunks=(rows,),
+        store.zarr_store,
+        name=f"{path}/labels",
+        data=labels.astype(np.int64),
+        chunks=(rows,),
         dimension_names=("item",),
     )
     zarr.create_array(
-        store.zarr_store, name=f"{path}/item_ids", data=item_ids.astype(np.int64), chunks=(rows,),
+        store.zarr_store,
+        name=f"{path}/item_ids",
+        data=item_ids.astype(np.int64),
+        chunks=(rows,),
         dimension_names=("item",),
     )
     zarr.create_array(
-        store.zarr_store, name=f"{path}/blocks_done", shape=(n_blocks,), chunks=(1,), dtype=bool,
-        fill_value=False, dimension_names=("block",),
+        store.zarr_store,
+        name=f"{path}/blocks_done",
+        shape=(n_blocks,),
+        chunks=(1,),
+        dtype=bool,
+        fill_value=False,
+        dimension_names=("block",),
     )
     group.attrs.update(
         {
@@ -496,7 +519,11 @@ def create_featureset(
     )
     logger.info(
         "feature set %s: created, %d layers x %d items x %d dim in %d blocks",
-        featureset_id, n_layers, n_items, dim, n_blocks,
+        featureset_id,
+        n_layers,
+        n_items,
+        dim,
+        n_blocks,
     )
     return FeatureSet(store, featureset_id, group)
 

@@ -4,18 +4,18 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import NoDecode
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     """Every setting, with its environment variable (prefix ``LAYERBANK_`` unless noted)."""
 
-    model_config = SettingsConfigDict(env_prefix="LAYERBANK_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="LAYERBANK_", extra="ignore", populate_by_name=True
+    )
 
     store: str = Field("./data/store", description="Store root: a directory or an fsspec URL.")
     redis_url: str = Field(
@@ -50,8 +50,9 @@ class Settings(BaseSettings):
     max_rows_per_fetch: int = Field(1_000_000, description="Rows one layer fetch may return.")
     max_json_rows: int = Field(1000, description="Rows a JSON layer fetch may return.")
     max_token_bytes: int = Field(
-        2 * 1024**3, ge=0, description="Bytes of token-level (unpooled) features one extraction "
-        "may store.",
+        2 * 1024**3,
+        ge=0,
+        description="Bytes of token-level (unpooled) features one extraction may store.",
     )
     auth: Literal["auto", "required", "off"] = Field(
         "auto",

@@ -29,8 +29,12 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def stack_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("stack")
-    dirs = {"store": root / "store", "models": root / "models", "data": root / "data",
-            "logs": root / "logs"}
+    dirs = {
+        "store": root / "store",
+        "models": root / "models",
+        "data": root / "data",
+        "logs": root / "logs",
+    }
     for path in dirs.values():
         path.mkdir(parents=True, exist_ok=True)
     return dirs
@@ -57,9 +61,12 @@ def settings(stack_env: dict[str, str]) -> Any:
     from store.settings import Settings
 
     return Settings(
-        store=stack_env["LAYERBANK_STORE"], redis_url=stack_env["REDIS_URL"], device="cpu",
+        store=stack_env["LAYERBANK_STORE"],
+        redis_url=stack_env["REDIS_URL"],
+        device="cpu",
         model_roots=[Path(stack_env["LAYERBANK_MODEL_ROOTS"])],
-        data_roots=[Path(stack_env["LAYERBANK_DATA_ROOTS"])], queue=stack_env["LAYERBANK_QUEUE"],
+        data_roots=[Path(stack_env["LAYERBANK_DATA_ROOTS"])],
+        queue=stack_env["LAYERBANK_QUEUE"],
     )
 
 
@@ -69,8 +76,12 @@ def workers(stack_env: dict[str, str], stack_dirs: dict[str, Path]) -> Iterator[
     from service.launcher import start_worker, stop_process
 
     processes = [
-        start_worker(stack_env["REDIS_URL"], env=stack_env,
-                     log_file=stack_dirs["logs"] / f"worker-{i}.log", name=f"test-worker-{i}")
+        start_worker(
+            stack_env["REDIS_URL"],
+            env=stack_env,
+            log_file=stack_dirs["logs"] / f"worker-{i}.log",
+            name=f"test-worker-{i}",
+        )
         for i in range(2)
     ]
     yield processes
@@ -87,8 +98,9 @@ def api_url(settings: Any) -> Iterator[str]:
     from service.launcher import free_port, wait_for_http
 
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port,
-                                           log_level="warning"))
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_level="warning")
+    )
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"

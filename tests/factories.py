@@ -7,9 +7,17 @@ from pathlib import Path
 import numpy as np
 
 
-def tiny_imagegpt(path: Path, *, n_layer: int = 2, n_embd: int = 32, n_head: int = 2,
-                  n_colors: int = 16, size: int = 8, seed: int = 0,
-                  input_policy: str | None = None) -> Path:
+def tiny_imagegpt(
+    path: Path,
+    *,
+    n_layer: int = 2,
+    n_embd: int = 32,
+    n_head: int = 2,
+    n_colors: int = 16,
+    size: int = 8,
+    seed: int = 0,
+    input_policy: str | None = None,
+) -> Path:
     """Save a randomly initialised ImageGPT with a palette fitted on digits pixels to ``path``."""
     import torch
     from transformers import ImageGPTConfig, ImageGPTImageProcessor, ImageGPTModel
@@ -18,14 +26,20 @@ def tiny_imagegpt(path: Path, *, n_layer: int = 2, n_embd: int = 32, n_head: int
     from workers.pretrain import fit_palette
 
     torch.manual_seed(seed)
-    config = ImageGPTConfig(vocab_size=n_colors + 1, n_positions=size * size, n_embd=n_embd,
-                            n_layer=n_layer, n_head=n_head)
+    config = ImageGPTConfig(
+        vocab_size=n_colors + 1,
+        n_positions=size * size,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+    )
     model = ImageGPTModel(config).eval()
     palette = fit_palette(load_split("digits", "train").images, n_colors, seed)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
-    ImageGPTImageProcessor(clusters=palette.tolist(), do_resize=True,
-                           size={"height": size, "width": size}).save_pretrained(path)
+    ImageGPTImageProcessor(
+        clusters=palette.tolist(), do_resize=True, size={"height": size, "width": size}
+    ).save_pretrained(path)
     if input_policy is not None:
         import json
 

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class BlockResult:
     """What one block job did."""
@@ -69,8 +70,12 @@ def load_featureset_split(featureset: FeatureSet, settings: Settings) -> Dataset
     """Load the dataset split of a feature set and check that its content did not change."""
     spec = featureset.spec
     split = load_split(
-        spec.dataset, spec.split, limit=spec.limit, seed=spec.seed,
-        image_column=spec.image_column, label_column=spec.label_column,
+        spec.dataset,
+        spec.split,
+        limit=spec.limit,
+        seed=spec.seed,
+        image_column=spec.image_column,
+        label_column=spec.label_column,
         allowed_roots=settings.data_roots,
     )
     if split.fingerprint != spec.dataset_fingerprint:
@@ -99,8 +104,12 @@ def _palette_tokens(
         return model.tokens(images).cpu().numpy()  # (rows, seq)
 
     return cached_tokens(
-        store, split.images, dataset_fingerprint=split.fingerprint,
-        palette_sha256=processor["palette_sha256"], size=model.size, quantize=quantize,
+        store,
+        split.images,
+        dataset_fingerprint=split.fingerprint,
+        palette_sha256=processor["palette_sha256"],
+        size=model.size,
+        quantize=quantize,
         description={"dataset": dataset, "split": split_name},
     )
 
@@ -224,9 +233,16 @@ def extract_blocks(
         logger.info(
             "feature set %s: block %d/%d written, %d rows in %.2fs (%.1f items/s); "
             "loader wait %.3fs (%.1f%%), writer queue wait %.3fs, write %.3fs",
-            featureset_id, block + 1, featureset.n_blocks, rows, total,
-            rows / max(total, 1e-9), loader_wait, 100 * loader_wait / max(total, 1e-9),
-            submit_wait, seconds,
+            featureset_id,
+            block + 1,
+            featureset.n_blocks,
+            rows,
+            total,
+            rows / max(total, 1e-9),
+            loader_wait,
+            100 * loader_wait / max(total, 1e-9),
+            submit_wait,
+            seconds,
         )
 
     loader = Prefetcher(batches(), depth=2, name=f"prefetch-{featureset_id[:8]}")
@@ -252,8 +268,9 @@ def extract_blocks(
             pooled, tokens = _forward(model, item.inputs, spec, palette_tokens is not None)
             features[:, rows] = pooled.cpu().numpy()  # (n_layers, batch, dim)
             if token_features is not None and tokens is not None:
-                _check_token_count(tokens, token_features, spec.model, featureset_id,
-                                   spec.token_layers)
+                _check_token_count(
+                    tokens, token_features, spec.model, featureset_id, spec.token_layers
+                )
                 token_features[:, rows] = tokens.cpu().numpy()  # (n_token_layers, batch, seq, dim)
             if on_batch is not None:
                 on_batch(rows.stop, n_rows)
@@ -273,9 +290,14 @@ def extract_blocks(
     logger.info(
         "feature set %s: %d blocks in %.2fs, loader wait %.3fs (%.1f%%), writer queue wait "
         "%.3fs, writer idle %.3fs, write %.3fs",
-        featureset_id, len(todo), seconds, loader.wait_seconds,
-        100 * loader.wait_seconds / max(seconds, 1e-9), writer.stats.submit_wait,
-        writer.stats.idle, writer.stats.write,
+        featureset_id,
+        len(todo),
+        seconds,
+        loader.wait_seconds,
+        100 * loader.wait_seconds / max(seconds, 1e-9),
+        writer.stats.submit_wait,
+        writer.stats.idle,
+        writer.stats.write,
     )
     return [results[block] for block in blocks]
 
@@ -307,7 +329,10 @@ def _forward(
 
 
 def _check_token_count(
-    tokens: torch.Tensor, token_features: np.ndarray, model: str, featureset_id: str,
+    tokens: torch.Tensor,
+    token_features: np.ndarray,
+    model: str,
+    featureset_id: str,
     token_layers: Sequence[int],
 ) -> None:
     if tokens.shape[2] != token_features.shape[2]:

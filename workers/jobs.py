@@ -61,8 +61,9 @@ def _publish_metrics(increments: dict[str, float], latest: dict[str, float]) -> 
         pipe.execute()
     except RedisError:
         # The job's result matters more than its metrics: log and carry on.
-        logger.exception("job %s (rq %s): metrics not published",
-                         job.meta.get("layerbank_job", "-"), job.id)
+        logger.exception(
+            "job %s (rq %s): metrics not published", job.meta.get("layerbank_job", "-"), job.id
+        )
 
 
 def recorded_errors(func: F) -> F:
@@ -73,24 +74,39 @@ def recorded_errors(func: F) -> F:
         job = get_current_job()
         # Every line names the layerbank job, the rq job and the target (feature set and block,
         # probe or model), so one grep over the worker logs follows a job across machines.
-        ids = (job.meta.get("layerbank_job", "-") if job else "-", job.id if job else "-",
-               func.__name__, ", ".join(repr(arg) for arg in args))
+        ids = (
+            job.meta.get("layerbank_job", "-") if job else "-",
+            job.id if job else "-",
+            func.__name__,
+            ", ".join(repr(arg) for arg in args),
+        )
         logger.info("job %s (rq %s): %s(%s) started", *ids)
         started = time.perf_counter()
         try:
             result = func(*args, **kwargs)
         except (WorkersError, StoreError) as exc:
             logger.exception("job %s (rq %s): %s(%s) failed", *ids)
-            _set_meta(error={"message": exc.message, "field": exc.field,
-                             "value": _jsonable(exc.value), "type": type(exc).__name__})
+            _set_meta(
+                error={
+                    "message": exc.message,
+                    "field": exc.field,
+                    "value": _jsonable(exc.value),
+                    "type": type(exc).__name__,
+                }
+            )
             raise
         except Exception as exc:
             logger.exception("job %s (rq %s): %s(%s) failed", *ids)
-            _set_meta(error={"message": f"{type(exc).__name__}: {exc}", "field": None,
-                             "value": None, "type": type(exc).__name__})
+            _set_meta(
+                error={
+                    "message": f"{type(exc).__name__}: {exc}",
+                    "field": None,
+                    "value": None,
+                    "type": type(exc).__name__,
+                }
+            )
             raise
-        logger.info("job %s (rq %s): %s(%s) finished in %.2fs", *ids,
-                    time.perf_counter() - started)
+        logger.info("job %s (rq %s): %s(%s) finished in %.2fs", *ids, time.perf_counter() - started)
         return result
 
     return wrapper  # type: ignore[return-value]
@@ -115,8 +131,11 @@ def extract_block(featureset_id: str, block: int) -> dict[str, Any]:
     result = run(_store(settings), featureset_id, block, settings=settings, on_batch=on_batch)
     if not result.skipped:
         _publish_metrics(
-            {"blocks_written": 1, "images_extracted": result.rows,
-             "extraction_seconds": result.seconds},
+            {
+                "blocks_written": 1,
+                "images_extracted": result.rows,
+                "extraction_seconds": result.seconds,
+            },
             {"last_block_images_per_second": result.rows / max(result.seconds, 1e-9)},
         )
     return result.as_dict()
@@ -167,6 +186,7 @@ def run_probe(probe_id: str) -> dict[str, Any]:
     train_features = _features(train, positions)
     test_features = _features(test, positions)
     for kind_index, kind in enumerate(spec["kinds"]):
+
         def progress(done: int, _total: int, offset: int = kind_index * len(positions)) -> None:
             _set_meta(progress={"done": offset + done, "total": total})
 
@@ -174,9 +194,16 @@ def run_probe(probe_id: str) -> dict[str, Any]:
             kind_rows = _fit_adapters(store, settings, train, test, spec, progress)
         else:
             kind_rows = fit_probes(
-                kind, train_features, y_train, test_features, y_test,
-                layers=list(range(len(positions))), params=dict(spec["params"].get(kind, {})),
-                seed=spec["seed"], class_names=class_names, device=settings.resolved_device(),
+                kind,
+                train_features,
+                y_train,
+                test_features,
+                y_test,
+                layers=list(range(len(positions))),
+                params=dict(spec["params"].get(kind, {})),
+                seed=spec["seed"],
+                class_names=class_names,
+                device=settings.resolved_device(),
                 progress=progress,
             )
         for row, layer in zip(kind_rows, spec["layers"], strict=True):
@@ -185,20 +212,31 @@ def run_probe(probe_id: str) -> dict[str, Any]:
 
     best = _best_rows(rows)
     fit_seconds = time.perf_counter() - started
-    store.write_result("probes", probe_id, {
-        "status": "complete",
-        "rows": rows,
-        "best": best,
-        "fit_seconds": round(fit_seconds, 3),
-    })
-    _publish_metrics({"probe_fits": 1, "probe_fit_seconds": fit_seconds},
-                     {"last_probe_fit_seconds": fit_seconds})
+    store.write_result(
+        "probes",
+        probe_id,
+        {
+            "status": "complete",
+            "rows": rows,
+            "best": best,
+            "fit_seconds": round(fit_seconds, 3),
+        },
+    )
+    _publish_metrics(
+        {"probe_fits": 1, "probe_fit_seconds": fit_seconds}, {"last_probe_fit_seconds": fit_seconds}
+    )
     logger.info("probe %s: %d rows stored in %.1fs", probe_id, len(rows), fit_seconds)
     return {"probe_id": probe_id, "rows": len(rows)}
 
 
-def _fit_adapters(store: Store, settings: Settings, train: Any, test: Any, spec: dict[str, Any],
-                  progress: Callable[[int, int], None]) -> list[dict[str, Any]]:
+def _fit_adapters(
+    store: Store,
+    settings: Settings,
+    train: Any,
+    test: Any,
+    spec: dict[str, Any],
+    progress: Callable[[int, int], None],
+) -> list[dict[str, Any]]:
     """Train adapter probes from the images and model behind two feature sets, layer by layer."""
     from workers.adapters import fit_adapter
     from workers.extract import load_featureset_split, resolve_for_featureset
@@ -207,23 +245,45 @@ def _fit_adapters(store: Store, settings: Settings, train: Any, test: Any, spec:
 
     ref = resolve_for_featureset(train, settings, store)
     if ref.family != "imagegpt":
-        raise ProbeError(f"adapter probes need an ImageGPT model, but {ref.ref!r} is a "
-                         f"{ref.family} model; use kind logistic, knn or mlp for it",
-                         field="kind", value="adapter")
-    model = cast(ImageGPTAdapter, load_model(
-        ref, device=settings.resolved_device(),
-        input_policy=train.spec.processor.get("input_policy")))
+        raise ProbeError(
+            f"adapter probes need an ImageGPT model, but {ref.ref!r} is a "
+            f"{ref.family} model; use kind logistic, knn or mlp for it",
+            field="kind",
+            value="adapter",
+        )
+    model = cast(
+        ImageGPTAdapter,
+        load_model(
+            ref,
+            device=settings.resolved_device(),
+            input_policy=train.spec.processor.get("input_policy"),
+        ),
+    )
     # Rows of a feature set are the split's items in order, so labels and inputs line up.
-    inputs = [build_input_ids(model.tokens(load_featureset_split(featureset, settings).images),
-                              policy=model.input_policy, sos_token=model.sos_token)
-              for featureset in (train, test)]  # (n_items, seq) each
+    inputs = [
+        build_input_ids(
+            model.tokens(load_featureset_split(featureset, settings).images),
+            policy=model.input_policy,
+            sos_token=model.sos_token,
+        )
+        for featureset in (train, test)
+    ]  # (n_items, seq) each
     rows = []
     for index, layer in enumerate(spec["layers"]):
-        rows.append(fit_adapter(
-            model.model, inputs[0], train.read_labels(), inputs[1], test.read_labels(),
-            layer=layer, pooling=train.spec.pooling, params=spec["params"].get("adapter", {}),
-            seed=spec["seed"], class_names=train.attrs.get("class_names") or None,
-        ))
+        rows.append(
+            fit_adapter(
+                model.model,
+                inputs[0],
+                train.read_labels(),
+                inputs[1],
+                test.read_labels(),
+                layer=layer,
+                pooling=train.spec.pooling,
+                params=spec["params"].get("adapter", {}),
+                seed=spec["seed"],
+                class_names=train.attrs.get("class_names") or None,
+            )
+        )
         progress(index + 1, len(spec["layers"]))
     return rows
 
@@ -264,9 +324,14 @@ def pretrain(name: str, params: dict[str, Any]) -> dict[str, Any]:
         _set_meta(progress={"done": step, "total": steps, **record})
 
     record = pretrain_imagegpt(
-        PretrainParams.model_validate(params), store.models_dir() / name,
-        device=settings.resolved_device(), data_roots=settings.data_roots,
+        PretrainParams.model_validate(params),
+        store.models_dir() / name,
+        device=settings.resolved_device(),
+        data_roots=settings.data_roots,
         progress=progress,
     )
-    return {"model": f"store:{name}", "final_val_loss": record["final_val_loss"],
-            "seconds": record["seconds"]}
+    return {
+        "model": f"store:{name}",
+        "final_val_loss": record["final_val_loss"],
+        "seconds": record["seconds"],
+    }

@@ -20,14 +20,24 @@ from workers.heartbeat import DEFAULT_HEARTBEAT_INTERVAL, HeartbeatWorker
 logger = logging.getLogger(__name__)
 
 
-def run_worker(redis_url: str, queue: str, *, burst: bool = False, name: str | None = None,
-               log_level: str = "INFO",
-               heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL) -> None:
+def run_worker(
+    redis_url: str,
+    queue: str,
+    *,
+    burst: bool = False,
+    name: str | None = None,
+    log_level: str = "INFO",
+    heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+) -> None:
     """Process jobs from ``queue`` until stopped (or until it is empty, with ``burst``)."""
     connection = Redis.from_url(redis_url)
     worker_name = name or f"layerbank-{socket.gethostname()}-{os.getpid()}"
-    worker = HeartbeatWorker([Queue(queue, connection=connection)], connection=connection,
-                             name=worker_name, heartbeat_interval=heartbeat_interval)
+    worker = HeartbeatWorker(
+        [Queue(queue, connection=connection)],
+        connection=connection,
+        name=worker_name,
+        heartbeat_interval=heartbeat_interval,
+    )
     logger.info("worker %s up on queue %s", worker_name, queue)
     try:
         worker.work(burst=burst, logging_level=log_level, with_scheduler=False)
@@ -44,10 +54,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--name", default=None, help="worker name shown in rq")
     parser.add_argument("--log-level", default="INFO", help="logging level")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    run_worker(args.redis_url, args.queue, burst=args.burst, name=args.name,
-               log_level=args.log_level, heartbeat_interval=settings.heartbeat_interval)
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    run_worker(
+        args.redis_url,
+        args.queue,
+        burst=args.burst,
+        name=args.name,
+        log_level=args.log_level,
+        heartbeat_interval=settings.heartbeat_interval,
+    )
 
 
 if __name__ == "__main__":

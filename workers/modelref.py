@@ -178,7 +178,8 @@ class ModelRef:
             return list(range(last + 1))
         if isinstance(layers, str) or not layers:
             raise ModelError(
-                f"layers {layers!r} is invalid; pass \"all\" or a non-empty list of indices 0..{last}",
+                f'layers {layers!r} is invalid; pass "all" or a non-empty list of indices '
+                f"0..{last}",
                 field="layers",
                 value=layers,
             )
@@ -187,7 +188,7 @@ class ModelRef:
             if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= last:
                 raise ModelError(
                     f"layer {layer!r} is out of range for {self.ref} (0..{last}); pass a value "
-                    "in that range or \"all\"",
+                    'in that range or "all"',
                     field="layers",
                     value=layer,
                 )
@@ -216,12 +217,19 @@ def resolve_model(
         If given, only these references (and ``pixels``) are accepted.
     """
     if not isinstance(ref, str) or not ref.strip():
-        raise ModelError("model is empty; pass a hub id, a local directory, store:<name> or "
-                         "pixels", field="model", value=ref)
+        raise ModelError(
+            "model is empty; pass a hub id, a local directory, store:<name> or pixels",
+            field="model",
+            value=ref,
+        )
     ref = ref.strip()
     if any(ord(char) < 32 or ord(char) == 127 for char in ref):
-        raise ModelError(f"model {ref!r} contains control characters; pass a hub id, a local "
-                         "directory, store:<name> or pixels", field="model", value=ref)
+        raise ModelError(
+            f"model {ref!r} contains control characters; pass a hub id, a local "
+            "directory, store:<name> or pixels",
+            field="model",
+            value=ref,
+        )
     if allow_list is not None and ref != PIXELS and ref not in allow_list:
         raise ModelError(
             f"model {ref!r} is not in the allow-list of this service; allowed: "
@@ -235,15 +243,19 @@ def resolve_model(
     if ref.startswith("store:"):
         name = ref.removeprefix("store:")
         if models_dir is None or not name or "/" in name or ".." in name:
-            raise ModelError(f"model {ref!r} is not a valid store model name", field="model",
-                             value=ref)
+            raise ModelError(
+                f"model {ref!r} is not a valid store model name", field="model", value=ref
+            )
         name, _, step = name.partition("@step")
         if step:
             return _resolve_checkpoint(ref, models_dir / name, step)
         path = models_dir / name
         if not (path / "config.json").is_file():
-            available = sorted(p.name for p in models_dir.iterdir() if p.is_dir()) if (
-                models_dir.is_dir()) else []
+            available = (
+                sorted(p.name for p in models_dir.iterdir() if p.is_dir())
+                if (models_dir.is_dir())
+                else []
+            )
             raise ModelError(
                 f"model {ref!r} not found in the store's models ({', '.join(available) or 'none'}"
                 "); pretrain it with POST /v1/pretrain first",
@@ -258,7 +270,8 @@ def resolve_model(
         path = Path(ref).expanduser()
         resolved = path.resolve()
         if allowed_roots is not None and not any(
-            resolved == root.resolve() or root.resolve() in resolved.parents for root in allowed_roots
+            resolved == root.resolve() or root.resolve() in resolved.parents
+            for root in allowed_roots
         ):
             raise PathNotAllowedError(
                 f"model path {ref!r} is outside the allowed model roots "
@@ -310,8 +323,18 @@ def _describe_store_candidate(ref: str, models_dir: Path | None) -> str:
 def _resolve_checkpoint(ref: str, model_dir: Path, step: str) -> ModelRef:
     """Resolve ``store:<name>@step<N>``: a checkpoint saved during pretraining."""
     checkpoints = model_dir / "checkpoints"
-    available = sorted((p.name.removeprefix("step-") for p in checkpoints.iterdir()
-                        if p.name.startswith("step-")), key=int) if checkpoints.is_dir() else []
+    available = (
+        sorted(
+            (
+                p.name.removeprefix("step-")
+                for p in checkpoints.iterdir()
+                if p.name.startswith("step-")
+            ),
+            key=int,
+        )
+        if checkpoints.is_dir()
+        else []
+    )
     path = checkpoints / f"step-{int(step)}" if step.isdigit() else None
     if path is None or not (path / "config.json").is_file():
         raise ModelError(
@@ -336,8 +359,9 @@ def _resolve_directory(ref: str, path: Path, *, source: str) -> ModelRef:
             value=ref,
         )
     family = _family(config, ref)
-    return ModelRef(ref, family, source, str(path), _hash_directory(path), config, processor,
-                    training)
+    return ModelRef(
+        ref, family, source, str(path), _hash_directory(path), config, processor, training
+    )
 
 
 def _resolve_hub(ref: str) -> ModelRef:
@@ -361,8 +385,12 @@ def _resolve_hub(ref: str) -> ModelRef:
         logger.warning("hub lookup of %r failed: %s: %s", ref, type(exc).__name__, exc)
         revision = _cached_revision(ref)
         if revision is None:
-            raise ModelError(f"hub id {ref!r}: not reachable and not in the local hub cache "
-                             f"({type(exc).__name__})", field="model", value=ref) from exc
+            raise ModelError(
+                f"hub id {ref!r}: not reachable and not in the local hub cache "
+                f"({type(exc).__name__})",
+                field="model",
+                value=ref,
+            ) from exc
     try:
         config = _read_json(Path(hf_hub_download(ref, "config.json", revision=revision)), ref)
         try:
@@ -372,8 +400,11 @@ def _resolve_hub(ref: str) -> ModelRef:
             processor = {}
     except Exception as exc:
         logger.warning("hub download of %r config failed: %s: %s", ref, type(exc).__name__, exc)
-        raise ModelError(f"hub id {ref!r}: config.json could not be read ({type(exc).__name__})",
-                         field="model", value=ref) from exc
+        raise ModelError(
+            f"hub id {ref!r}: config.json could not be read ({type(exc).__name__})",
+            field="model",
+            value=ref,
+        ) from exc
     return ModelRef(ref, _family(config, ref), "hub", ref, revision, config, processor)
 
 
@@ -406,11 +437,13 @@ def _read_json(path: Path, ref: str) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
-        raise ModelError(f"model {ref!r}: {path.name} is unreadable ({exc})", field="model",
-                         value=ref) from exc
+        raise ModelError(
+            f"model {ref!r}: {path.name} is unreadable ({exc})", field="model", value=ref
+        ) from exc
     if not isinstance(data, dict):
-        raise ModelError(f"model {ref!r}: {path.name} is not a JSON object", field="model",
-                         value=ref)
+        raise ModelError(
+            f"model {ref!r}: {path.name} is not a JSON object", field="model", value=ref
+        )
     return data
 
 
@@ -469,15 +502,19 @@ def processor_spec(ref: ModelRef, input_policy: str | None) -> dict[str, Any]:
         policy = input_policy or ref.default_input_policy
         if policy not in INPUT_POLICIES:
             raise ModelError(
-                f"input_policy {policy!r} is invalid; choose \"sos\" (prepend the start token and "
-                "drop the last pixel, as iGPT was trained) or \"plain\" (no start token)",
+                f'input_policy {policy!r} is invalid; choose "sos" (prepend the start token and '
+                'drop the last pixel, as iGPT was trained) or "plain" (no start token)',
                 field="input_policy",
                 value=policy,
             )
         clusters = ref.processor.get("clusters")
         if not clusters:
-            raise ModelError(f"model {ref.ref!r} has no colour palette (clusters) in its "
-                             "preprocessor_config.json", field="model", value=ref.ref)
+            raise ModelError(
+                f"model {ref.ref!r} has no colour palette (clusters) in its "
+                "preprocessor_config.json",
+                field="model",
+                value=ref.ref,
+            )
         size = ref.processor.get("size", {"height": 32, "width": 32})
         return {
             "palette_sha256": hashlib.sha256(json.dumps(clusters).encode()).hexdigest(),
@@ -486,8 +523,12 @@ def processor_spec(ref: ModelRef, input_policy: str | None) -> dict[str, Any]:
             "input_policy": policy,
         }
     if input_policy is not None:
-        raise ModelError(f"input_policy applies to ImageGPT models only, not {ref.family}",
-                         field="input_policy", value=input_policy)
+        raise ModelError(
+            f"input_policy applies to ImageGPT models only, not {ref.family}",
+            field="input_policy",
+            value=input_policy,
+        )
     keep = {k: v for k, v in ref.processor.items() if not k.startswith("_")}
-    return {"processor_sha256": hashlib.sha256(json.dumps(keep, sort_keys=True).encode())
-            .hexdigest()}
+    return {
+        "processor_sha256": hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
+    }

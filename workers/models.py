@@ -50,7 +50,9 @@ class PooledModel(Protocol):
         ...
 
 
-def load_model(ref: ModelRef, *, device: str = "cpu", input_policy: str | None = None) -> PooledModel:
+def load_model(
+    ref: ModelRef, *, device: str = "cpu", input_policy: str | None = None
+) -> PooledModel:
     """Return the loaded model of ``ref``, reusing the one this process already holds."""
     key = (ref.location, ref.revision, f"{device}:{input_policy}")
     with _cache_lock:
@@ -148,7 +150,11 @@ def default_batch_size(model: PooledModel, device: str) -> int:
     batch = batch_size_for_memory(per_image, free, device_type=torch.device(device).type)
     logger.info(
         "model %s on %s: batch size %d chosen (%.1f MiB activations per image, %.0f MiB free)",
-        model.ref.ref, device, batch, per_image / 2**20, free / 2**20,
+        model.ref.ref,
+        device,
+        batch,
+        per_image / 2**20,
+        free / 2**20,
     )
     return batch
 
@@ -187,8 +193,11 @@ class PixelsModel:
         self, images: np.ndarray, layers: Sequence[int], pooling: str, token_layers: Sequence[int]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if token_layers:
-            raise ModelError("token_layers is not available for the pixels baseline",
-                             field="token_layers", value=list(token_layers))
+            raise ModelError(
+                "token_layers is not available for the pixels baseline",
+                field="token_layers",
+                value=list(token_layers),
+            )
         return self.pooled(images, layers, pooling), None
 
 
@@ -204,11 +213,13 @@ class ImageGPTAdapter:
         self.device = torch.device(device)
         self.input_policy = input_policy or ref.default_input_policy
         try:
-            model = ImageGPTModel.from_pretrained(ref.location, **_from_pretrained_kwargs(ref),
-                                                  **_safetensors_kwargs(ref))
+            model = ImageGPTModel.from_pretrained(
+                ref.location, **_from_pretrained_kwargs(ref), **_safetensors_kwargs(ref)
+            )
         except (OSError, ValueError) as exc:
-            raise ModelError(f"model {ref.ref!r} could not be loaded: {exc}", field="model",
-                             value=ref.ref) from exc
+            raise ModelError(
+                f"model {ref.ref!r} could not be loaded: {exc}", field="model", value=ref.ref
+            ) from exc
         self.model = model.to(self.device).eval()
         # The palette is the processor config's "clusters" (512 colours for the OpenAI
         # checkpoints), in [-1, 1]; the start token's id is the palette size.
@@ -238,8 +249,11 @@ class ImageGPTAdapter:
         """
         from workers.imagegpt import build_input_ids, pooled_hidden_states
 
-        input_ids = build_input_ids(palette_tokens.to(self.device, torch.int64),
-                                    policy=self.input_policy, sos_token=self.sos_token)
+        input_ids = build_input_ids(
+            palette_tokens.to(self.device, torch.int64),
+            policy=self.input_policy,
+            sos_token=self.sos_token,
+        )
         autocast = self.device.type == "cuda"
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
             pooled = pooled_hidden_states(self.model, input_ids, layers, pooling)
@@ -254,8 +268,11 @@ class ImageGPTAdapter:
         """
         from workers.imagegpt import build_input_ids
 
-        input_ids = build_input_ids(palette_tokens.to(self.device, torch.int64),
-                                    policy=self.input_policy, sos_token=self.sos_token)
+        input_ids = build_input_ids(
+            palette_tokens.to(self.device, torch.int64),
+            policy=self.input_policy,
+            sos_token=self.sos_token,
+        )
         states = self.model(input_ids=input_ids, output_hidden_states=True).hidden_states
         return torch.stack([states[layer] for layer in layers]).float()
 
@@ -302,14 +319,18 @@ class HiddenStatesAdapter:
             self.model = self.model.to(self.device).eval()
             self.processor = AutoImageProcessor.from_pretrained(ref.location, **kwargs)
         except (OSError, ValueError) as exc:
-            raise ModelError(f"model {ref.ref!r} could not be loaded: {exc}", field="model",
-                             value=ref.ref) from exc
+            raise ModelError(
+                f"model {ref.ref!r} could not be loaded: {exc}", field="model", value=ref.ref
+            ) from exc
         norm_name = FAMILIES[ref.family]["final_norm"]
         norm = getattr(self.model, norm_name, None)
         if norm is None:
-            raise ModelError(f"model {ref.ref!r} ({type(self.model).__name__}) has no final layer "
-                             f"norm {norm_name!r}; its transformers version is not supported",
-                             field="model", value=ref.ref)
+            raise ModelError(
+                f"model {ref.ref!r} ({type(self.model).__name__}) has no final layer "
+                f"norm {norm_name!r}; its transformers version is not supported",
+                field="model",
+                value=ref.ref,
+            )
         self.final_norm: torch.nn.Module = norm
 
     @torch.no_grad()
@@ -354,5 +375,8 @@ def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
     height, width = size
     return np.stack(
-        [np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR)) for image in images]
+        [
+            np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+            for image in images
+        ]
     )

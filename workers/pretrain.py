@@ -119,8 +119,9 @@ def pretrain_imagegpt(
         attn_pdrop=params.dropout,
     )
     model = ImageGPTForCausalImageModeling(config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=params.learning_rate,
-                                  weight_decay=params.weight_decay)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=params.learning_rate, weight_decay=params.weight_decay
+    )
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(params))
     generator = torch.Generator().manual_seed(params.seed)
     train_inputs, train_targets = inputs[train_index], tokens[train_index]
@@ -129,12 +130,23 @@ def pretrain_imagegpt(
     checkpoint_steps = _checkpoint_steps(params)
 
     def save_checkpoint(step: int, val_loss: float) -> None:
-        checkpoint = {"objective": "next_pixel", "input_policy": "sos",
-                      "params": params.model_dump(), "dataset_fingerprint": split.fingerprint,
-                      "checkpoint": {"step": step}, "val_loss": val_loss,
-                      "val_bits_per_token": val_loss / math.log(2)}
-        _save(model, palette, (height, width), checkpoint,
-              checkpoints_dir / f"step-{step}", ImageGPTImageProcessor)
+        checkpoint = {
+            "objective": "next_pixel",
+            "input_policy": "sos",
+            "params": params.model_dump(),
+            "dataset_fingerprint": split.fingerprint,
+            "checkpoint": {"step": step},
+            "val_loss": val_loss,
+            "val_bits_per_token": val_loss / math.log(2),
+        }
+        _save(
+            model,
+            palette,
+            (height, width),
+            checkpoint,
+            checkpoints_dir / f"step-{step}",
+            ImageGPTImageProcessor,
+        )
 
     if 0 in checkpoint_steps:
         save_checkpoint(0, _evaluate(model, inputs[val_index], tokens[val_index], device))
@@ -153,11 +165,20 @@ def pretrain_imagegpt(
         schedule.step()
         if step % params.eval_every == 0 or step == params.steps or step in checkpoint_steps:
             val_loss = _evaluate(model, inputs[val_index], tokens[val_index], device)
-            record = {"step": step, "train_loss": float(loss), "val_loss": val_loss,
-                      "val_bits_per_token": val_loss / math.log(2)}
+            record = {
+                "step": step,
+                "train_loss": float(loss),
+                "val_loss": val_loss,
+                "val_bits_per_token": val_loss / math.log(2),
+            }
             history.append(record)
-            logger.info("pretrain: step %d/%d train loss %.4f val loss %.4f", step, params.steps,
-                        float(loss), val_loss)
+            logger.info(
+                "pretrain: step %d/%d train loss %.4f val loss %.4f",
+                step,
+                params.steps,
+                float(loss),
+                val_loss,
+            )
             if progress is not None:
                 progress(step, params.steps, record)
             if step in checkpoint_steps:
@@ -181,8 +202,15 @@ def pretrain_imagegpt(
         "seconds": round(time.perf_counter() - started, 2),
         "device": device,
     }
-    _save(model.cpu(), palette, (height, width), record, output_dir,
-          ImageGPTImageProcessor, checkpoints=checkpoints_dir if checkpoint_steps else None)
+    _save(
+        model.cpu(),
+        palette,
+        (height, width),
+        record,
+        output_dir,
+        ImageGPTImageProcessor,
+        checkpoints=checkpoints_dir if checkpoint_steps else None,
+    )
     return record
 
 
@@ -203,29 +231,40 @@ def _warmup_cosine(params: PretrainParams) -> Callable[[int], float]:
 
 
 @torch.no_grad()
-def _evaluate(model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
-              device: str) -> float:
+def _evaluate(
+    model: torch.nn.Module, inputs: torch.Tensor, targets: torch.Tensor, device: str
+) -> float:
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(inputs), 256):
         logits = model(input_ids=inputs[start : start + 256].to(device)).logits
         batch_targets = targets[start : start + 256].to(device)
-        total += float(torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), batch_targets.reshape(-1), reduction="sum"))
+        total += float(
+            torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), batch_targets.reshape(-1), reduction="sum"
+            )
+        )
         count += batch_targets.numel()
     return total / count
 
 
-def _save(model: torch.nn.Module, palette: np.ndarray, size: tuple[int, int],
-          record: dict[str, Any], output_dir: Path, processor_cls: Any,
-          checkpoints: Path | None = None) -> None:
+def _save(
+    model: torch.nn.Module,
+    palette: np.ndarray,
+    size: tuple[int, int],
+    record: dict[str, Any],
+    output_dir: Path,
+    processor_cls: Any,
+    checkpoints: Path | None = None,
+) -> None:
     """Write a checkpoint directory atomically; ``checkpoints`` is moved into it, if given."""
     temporary = output_dir.parent / f".{output_dir.name}.{uuid.uuid4().hex}.partial"
     temporary.mkdir(parents=True)
     try:
         model.save_pretrained(temporary, safe_serialization=True)
-        processor = processor_cls(clusters=palette.tolist(), do_resize=True,
-                                  size={"height": size[0], "width": size[1]})
+        processor = processor_cls(
+            clusters=palette.tolist(), do_resize=True, size={"height": size[0], "width": size[1]}
+        )
         processor.save_pretrained(temporary)
         (temporary / "layerbank.json").write_text(json.dumps(record, indent=2))
         if checkpoints is not None:

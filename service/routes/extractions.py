@@ -21,9 +21,15 @@ router = APIRouter(prefix="/v1/extractions", tags=["extractions"])
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=ExtractionPublic)
-def create_extraction(body: ExtractionCreate, response: Response, settings: SettingsDep,
-                      store: StoreDep, redis: RedisDep, queue: QueueDep,
-                      quota: JobQuotaDep) -> ExtractionPublic:
+def create_extraction(
+    body: ExtractionCreate,
+    response: Response,
+    settings: SettingsDep,
+    store: StoreDep,
+    redis: RedisDep,
+    queue: QueueDep,
+    quota: JobQuotaDep,
+) -> ExtractionPublic:
     """Start extracting pooled hidden states, or return the feature set of an identical request."""
     ref = resolve_model(
         body.model,
@@ -35,13 +41,24 @@ def create_extraction(body: ExtractionCreate, response: Response, settings: Sett
     layers = ref.check_layers(body.layers)
     pooling = check_pooling(ref, body.pooling)
     processor = processor_spec(ref, body.input_policy)
-    split = load_split(body.dataset, body.split, limit=body.limit, seed=body.seed,
-                       image_column=body.image_column, label_column=body.label_column,
-                       allowed_roots=settings.data_roots)
+    split = load_split(
+        body.dataset,
+        body.split,
+        limit=body.limit,
+        seed=body.seed,
+        image_column=body.image_column,
+        label_column=body.label_column,
+        allowed_roots=settings.data_roots,
+    )
     limit, seed = body.limit, body.seed
     if limit is not None:
-        whole = load_split(body.dataset, body.split, image_column=body.image_column,
-                           label_column=body.label_column, allowed_roots=settings.data_roots)
+        whole = load_split(
+            body.dataset,
+            body.split,
+            image_column=body.image_column,
+            label_column=body.label_column,
+            allowed_roots=settings.data_roots,
+        )
         if whole.fingerprint == split.fingerprint:
             limit = None  # the limit covers the whole split: same feature set as no limit
     if limit is None:
@@ -49,10 +66,20 @@ def create_extraction(body: ExtractionCreate, response: Response, settings: Sett
     check_extraction_size(len(layers), len(split.labels), settings)
     token_layers = _check_token_layers(ref, body.token_layers)
     spec = FeatureSetSpec(
-        model=ref.ref, model_revision=ref.revision, model_family=ref.family, processor=processor,
-        dataset=body.dataset, dataset_fingerprint=split.fingerprint, split=body.split,
-        limit=limit, seed=seed, image_column=body.image_column,
-        label_column=body.label_column, layers=layers, pooling=pooling, dtype=body.dtype,
+        model=ref.ref,
+        model_revision=ref.revision,
+        model_family=ref.family,
+        processor=processor,
+        dataset=body.dataset,
+        dataset_fingerprint=split.fingerprint,
+        split=body.split,
+        limit=limit,
+        seed=seed,
+        image_column=body.image_column,
+        label_column=body.label_column,
+        layers=layers,
+        pooling=pooling,
+        dtype=body.dtype,
         token_layers=token_layers,
     )
     featureset_id = spec.featureset_id()
@@ -68,20 +95,36 @@ def create_extraction(body: ExtractionCreate, response: Response, settings: Sett
         existing_job = active_job_id(redis, featureset_id)
         if featureset is not None and featureset.is_complete:
             response.status_code = status.HTTP_200_OK
-            return ExtractionPublic(featureset_id=featureset_id, job_id=existing_job,
-                                    status="complete", created=False, **sizes)
+            return ExtractionPublic(
+                featureset_id=featureset_id,
+                job_id=existing_job,
+                status="complete",
+                created=False,
+                **sizes,
+            )
         if featureset is not None and existing_job is not None:
             state = job_state(redis, store, existing_job)
             if state["status"] in ("queued", "running"):
-                return ExtractionPublic(featureset_id=featureset_id, job_id=existing_job,
-                                        status=state["status"], created=False, **sizes)
+                return ExtractionPublic(
+                    featureset_id=featureset_id,
+                    job_id=existing_job,
+                    status=state["status"],
+                    created=False,
+                    **sizes,
+                )
         quota.check()
         created = featureset is None
         if featureset is None:
             featureset = create_featureset(
-                store, spec, layer_map=ref.layer_map(layers, pooling), dim=dim,
-                labels=split.labels, item_ids=split.item_ids, class_names=split.class_names,
-                block_rows=body.block_rows, n_tokens=ref.n_tokens if token_layers else None,
+                store,
+                spec,
+                layer_map=ref.layer_map(layers, pooling),
+                dim=dim,
+                labels=split.labels,
+                item_ids=split.item_ids,
+                class_names=split.class_names,
+                block_rows=body.block_rows,
+                n_tokens=ref.n_tokens if token_layers else None,
             )
             if body.batch_size is not None:
                 store.write_result("featuresets", featureset_id, {"batch_size": body.batch_size})
@@ -89,10 +132,17 @@ def create_extraction(body: ExtractionCreate, response: Response, settings: Sett
         # A failed or lost earlier job is resumed: only missing blocks are queued again.
         job_id = enqueue_extraction(queue, featureset, timeout=settings.block_timeout)
         quota.record(job_id)
-    logger.info("extraction %s: job %s for %s on %s/%s", featureset_id, job_id, ref.ref,
-                body.dataset, body.split)
-    return ExtractionPublic(featureset_id=featureset_id, job_id=job_id, status="queued",
-                            created=created, **sizes)
+    logger.info(
+        "extraction %s: job %s for %s on %s/%s",
+        featureset_id,
+        job_id,
+        ref.ref,
+        body.dataset,
+        body.split,
+    )
+    return ExtractionPublic(
+        featureset_id=featureset_id, job_id=job_id, status="queued", created=created, **sizes
+    )
 
 
 def _check_token_layers(ref: ModelRef, token_layers: list[int]) -> list[int]:
@@ -100,13 +150,24 @@ def _check_token_layers(ref: ModelRef, token_layers: list[int]) -> list[int]:
     if not token_layers:
         return []
     if ref.n_tokens is None:
-        raise ModelError(f"token_layers is not available for {ref.ref!r}, which has no tokens; "
-                         "drop token_layers", field="token_layers", value=token_layers)
+        raise ModelError(
+            f"token_layers is not available for {ref.ref!r}, which has no tokens; "
+            "drop token_layers",
+            field="token_layers",
+            value=token_layers,
+        )
     return ref.check_layers(token_layers)
 
 
-def _check_token_bytes(token_bytes: int, settings: Settings, token_layers: list[int],
-                       n_items: int, ref: ModelRef, dim: int, itemsize: int) -> None:
+def _check_token_bytes(
+    token_bytes: int,
+    settings: Settings,
+    token_layers: list[int],
+    n_items: int,
+    ref: ModelRef,
+    dim: int,
+    itemsize: int,
+) -> None:
     """Raise `LimitExceededError` (413) if token features exceed LAYERBANK_MAX_TOKEN_BYTES."""
     if token_bytes <= settings.max_token_bytes:
         return

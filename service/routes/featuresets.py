@@ -28,8 +28,10 @@ RowQuery = Annotated[int | None, Query(ge=0, description="first row (default 0)"
 @router.get("", response_model=FeatureSetsPublic)
 def list_featuresets(store: StoreDep) -> FeatureSetsPublic:
     """All feature sets in the store with their status."""
-    data = [FeatureSetPublic.model_validate(store.featureset(i).summary())
-            for i in store.featureset_ids()]
+    data = [
+        FeatureSetPublic.model_validate(store.featureset(i).summary())
+        for i in store.featureset_ids()
+    ]
     return FeatureSetsPublic(data=data, count=len(data))
 
 
@@ -42,12 +44,22 @@ def read_featureset(featureset_id: str, store: StoreDep) -> FeatureSetPublic:
 
 @router.get(
     "/{featureset_id}/layers/{layer}",
-    responses={200: {"content": {"application/octet-stream": {}, "application/json": {}},
-                     "description": "array of shape (rows, dim) as .npy, or JSON rows"}},
+    responses={
+        200: {
+            "content": {"application/octet-stream": {}, "application/json": {}},
+            "description": "array of shape (rows, dim) as .npy, or JSON rows",
+        }
+    },
 )
-def read_layer(featureset_id: str, layer: int, store: StoreDep, settings: SettingsDep,
-               start: RowQuery = None, stop: RowQuery = None,
-               format: FormatQuery = "npy") -> Response:
+def read_layer(
+    featureset_id: str,
+    layer: int,
+    store: StoreDep,
+    settings: SettingsDep,
+    start: RowQuery = None,
+    stop: RowQuery = None,
+    format: FormatQuery = "npy",
+) -> Response:
     """One layer's (rows, dim) array as .npy, or as JSON for small slices."""
     check_id(featureset_id, field="featureset_id")
     featureset = store.featureset(featureset_id)
@@ -58,30 +70,42 @@ def read_layer(featureset_id: str, layer: int, store: StoreDep, settings: Settin
     if format == "npy" and last - first > featureset.block_rows:
         return _layer_stream(featureset, layer, first, last)
     array = featureset.read_layer(layer, first, last)
-    return _array_response(array, format, {"featureset_id": featureset_id, "layer": layer,
-                                           "start": first, "stop": last})
+    return _array_response(
+        array,
+        format,
+        {"featureset_id": featureset_id, "layer": layer, "start": first, "stop": last},
+    )
 
 
 @router.get(
     "/{featureset_id}/labels",
-    responses={200: {"content": {"application/octet-stream": {}, "application/json": {}},
-                     "description": "array of shape (rows,) as .npy, or JSON rows"}},
+    responses={
+        200: {
+            "content": {"application/octet-stream": {}, "application/json": {}},
+            "description": "array of shape (rows,) as .npy, or JSON rows",
+        }
+    },
 )
-def read_labels(featureset_id: str, store: StoreDep, settings: SettingsDep,
-                start: RowQuery = None, stop: RowQuery = None,
-                format: FormatQuery = "npy") -> Response:
+def read_labels(
+    featureset_id: str,
+    store: StoreDep,
+    settings: SettingsDep,
+    start: RowQuery = None,
+    stop: RowQuery = None,
+    format: FormatQuery = "npy",
+) -> Response:
     """Integer labels of the items, as .npy or JSON."""
     check_id(featureset_id, field="featureset_id")
     featureset = store.featureset(featureset_id)
     first, last = featureset.check_rows(start, stop)
     _check_row_limit(last - first, format, settings.max_rows_per_fetch, settings.max_json_rows)
     array = featureset.read_labels(first, last)
-    return _array_response(array, format, {"featureset_id": featureset_id, "start": first,
-                                           "stop": last})
+    return _array_response(
+        array, format, {"featureset_id": featureset_id, "start": first, "stop": last}
+    )
 
 
-@router.delete("/{featureset_id}", status_code=status.HTTP_204_NO_CONTENT,
-               response_class=Response)
+@router.delete("/{featureset_id}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response)
 @requires_scope("admin")
 def delete_featureset(featureset_id: str, store: StoreDep, redis: RedisDep) -> Response:
     """Delete a feature set with the probe results and projections computed from it (admin)."""
@@ -89,19 +113,22 @@ def delete_featureset(featureset_id: str, store: StoreDep, redis: RedisDep) -> R
     with target_lock(redis, featureset_id):
         store.featureset(featureset_id)
         job_id = active_job_id(redis, featureset_id)
-        if job_id is not None and job_state(redis, store, job_id)["status"] in ("queued",
-                                                                               "running"):
+        if job_id is not None and job_state(redis, store, job_id)["status"] in (
+            "queued",
+            "running",
+        ):
             raise NotReadyError(
                 f"feature set {featureset_id!r} is still being written by job {job_id!r}; wait "
-                "for the job to finish or fail, then delete it", field="featureset_id",
-                value=featureset_id)
+                "for the job to finish or fail, then delete it",
+                field="featureset_id",
+                value=featureset_id,
+            )
         dependents = _dependent_results(store, featureset_id)
         for kind, result_id in dependents:
             _delete_group(store, f"{kind}/{result_id}")
         _delete_group(store, f"featuresets/{featureset_id}")
         store.forget(featureset_id)
-    logger.info("feature set %s deleted with %d dependent results", featureset_id,
-                len(dependents))
+    logger.info("feature set %s deleted with %d dependent results", featureset_id, len(dependents))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
 
 
@@ -138,9 +165,12 @@ def _check_row_limit(rows: int, format: str, max_rows: int, max_json_rows: int) 
         hint = "use format=npy or a smaller range" if format == "json" else "fetch in ranges"
         raise HTTPException(
             status_code=413,
-            detail={"message": f"{rows} rows requested but at most {limit} rows may be fetched "
-                    f"as {format} at once; {hint} with start/stop", "field": "stop",
-                    "value": rows},
+            detail={
+                "message": f"{rows} rows requested but at most {limit} rows may be fetched "
+                f"as {format} at once; {hint} with start/stop",
+                "field": "stop",
+                "value": rows,
+            },
         )
 
 
@@ -154,8 +184,13 @@ def _layer_stream(featureset: FeatureSet, layer: int, first: int, last: int) -> 
     dim = int(featureset.features.shape[2])
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(
-        header, {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
-                 "shape": (last - first, dim)})
+        header,
+        {
+            "descr": np.lib.format.dtype_to_descr(dtype),
+            "fortran_order": False,
+            "shape": (last - first, dim),
+        },
+    )
     length = header.tell() + (last - first) * dim * dtype.itemsize
 
     def body() -> Iterator[bytes]:
@@ -165,19 +200,24 @@ def _layer_stream(featureset: FeatureSet, layer: int, first: int, last: int) -> 
         for piece in featureset.iter_layer(layer, first, last):  # (rows, dim) per block
             yield np.ascontiguousarray(piece).tobytes()
 
-    return StreamingResponse(body(), media_type="application/octet-stream",
-                             headers={"Content-Length": str(length)})
+    return StreamingResponse(
+        body(), media_type="application/octet-stream", headers={"Content-Length": str(length)}
+    )
 
 
 def _array_response(array: np.ndarray, format: str, meta: dict[str, object]) -> Response:
     if format == "json":
         import json
 
-        body = json.dumps({**meta, "shape": list(array.shape), "dtype": str(array.dtype),
-                           "data": array.tolist()})
+        body = json.dumps(
+            {**meta, "shape": list(array.shape), "dtype": str(array.dtype), "data": array.tolist()}
+        )
         return Response(body, media_type="application/json")
     buffer = io.BytesIO()
     np.save(buffer, array, allow_pickle=False)
     payload = buffer.getvalue()
-    return Response(payload, media_type="application/octet-stream",
-                    headers={"Content-Length": str(len(payload))})
+    return Response(
+        payload,
+        media_type="application/octet-stream",
+        headers={"Content-Length": str(len(payload))},
+    )

@@ -23,5 +23,9 @@ def healthz(redis: RedisDep, queue: QueueDep) -> dict[str, object]:
         redis_ok = True
     except RedisError:
         workers, queued, redis_ok = 0, 0, False
-    return {"status": "ok" if redis_ok else "degraded", "redis": redis_ok, "workers": workers,
-            "queued_jobs": queued}
+    return {
+        "status": "ok" if redis_ok else "degraded",
+        "redis": redis_ok,
+        "workers": workers,
+        "queued_jobs": queued,
+    }

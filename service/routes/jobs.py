@@ -21,8 +21,14 @@ def read_job(job_id: str, store: StoreDep, redis: RedisDep) -> JobPublic:
 
 
 @router.post("/{job_id}/resume", response_model=JobPublic, status_code=202)
-def resume_job(job_id: str, settings: SettingsDep, store: StoreDep, redis: RedisDep,
-               queue: QueueDep, quota: JobQuotaDep) -> JobPublic:
+def resume_job(
+    job_id: str,
+    settings: SettingsDep,
+    store: StoreDep,
+    redis: RedisDep,
+    queue: QueueDep,
+    quota: JobQuotaDep,
+) -> JobPublic:
     """Queue the missing blocks of an extraction again; finished jobs are returned unchanged."""
     check_id(job_id, field="job_id")
     record = load_job(redis, job_id)

@@ -27,14 +27,24 @@ router = APIRouter(prefix="/v1", tags=["models"])
 
 
 @router.post("/pretrain", status_code=status.HTTP_202_ACCEPTED, response_model=PretrainPublic)
-def create_pretraining(body: PretrainCreate, response: Response, settings: SettingsDep,
-                       store: StoreDep, redis: RedisDep, queue: QueueDep,
-                       quota: JobQuotaDep) -> PretrainPublic:
+def create_pretraining(
+    body: PretrainCreate,
+    response: Response,
+    settings: SettingsDep,
+    store: StoreDep,
+    redis: RedisDep,
+    queue: QueueDep,
+    quota: JobQuotaDep,
+) -> PretrainPublic:
     """Pretrain a small ImageGPT (next-pixel objective) on a stored dataset as store:<name>."""
     name = check_name(body.name, field="name")
     if body.n_embd % body.n_head:
-        raise StoreError(f"n_embd {body.n_embd} is not divisible by n_head {body.n_head}; "
-                         "pick n_head that divides n_embd", field="n_head", value=body.n_head)
+        raise StoreError(
+            f"n_embd {body.n_embd} is not divisible by n_head {body.n_head}; "
+            "pick n_head that divides n_embd",
+            field="n_head",
+            value=body.n_head,
+        )
     # Fails early with a 4xx for unknown datasets or splits; the worker loads it again.
     split = load_split(body.dataset, body.split, allowed_roots=settings.data_roots)
     params = body.model_dump(exclude={"name"})
@@ -45,26 +55,45 @@ def create_pretraining(body: PretrainCreate, response: Response, settings: Setti
         if record_path.is_file():
             record = json.loads(record_path.read_text())
             same = {k: v for k, v in record["params"].items() if k in params} == params and (
-                record.get("dataset_fingerprint") == split.fingerprint)
+                record.get("dataset_fingerprint") == split.fingerprint
+            )
             if not same:
                 raise ModelError(
                     f"store:{name} already exists with different settings; choose another name",
-                    field="name", value=name)
+                    field="name",
+                    value=name,
+                )
             response.status_code = status.HTTP_200_OK
-            return PretrainPublic(model=f"store:{name}", job_id=active_job_id(redis, target),
-                                  status="complete", created=False)
+            return PretrainPublic(
+                model=f"store:{name}",
+                job_id=active_job_id(redis, target),
+                status="complete",
+                created=False,
+            )
         existing = active_job_id(redis, target)
         if existing is not None and job_state(redis, store, existing)["status"] in (
-                "queued", "running"):
+            "queued",
+            "running",
+        ):
             if running_params(redis, existing) != params:
                 raise ModelError(
                     f"store:{name} is being pretrained with different settings; choose another "
-                    "name or wait for that job and use its model", field="name", value=name)
-            return PretrainPublic(model=f"store:{name}", job_id=existing, status="running",
-                                  created=False)
+                    "name or wait for that job and use its model",
+                    field="name",
+                    value=name,
+                )
+            return PretrainPublic(
+                model=f"store:{name}", job_id=existing, status="running", created=False
+            )
         quota.check()
-        job_id = enqueue_single(queue, "workers.jobs.pretrain", (name, params), kind="pretrain",
-                                target=target, timeout=settings.pretrain_timeout)
+        job_id = enqueue_single(
+            queue,
+            "workers.jobs.pretrain",
+            (name, params),
+            kind="pretrain",
+            target=target,
+            timeout=settings.pretrain_timeout,
+        )
         quota.record(job_id)
     return PretrainPublic(model=f"store:{name}", job_id=job_id, status="queued", created=True)
 
@@ -72,29 +101,57 @@ def create_pretraining(body: PretrainCreate, response: Response, settings: Setti
 @router.get("/models", response_model=ModelsPublic)
 def list_models(store: StoreDep, settings: SettingsDep) -> ModelsPublic:
     """Models the service pretrained, plus the built-in raw-pixel baseline."""
-    data = [ModelPublic(model="pixels", family="pixels", source="builtin", revision="pixels-v1",
-                        n_hidden_states=1, dim=0)]
+    data = [
+        ModelPublic(
+            model="pixels",
+            family="pixels",
+            source="builtin",
+            revision="pixels-v1",
+            n_hidden_states=1,
+            dim=0,
+        )
+    ]
     models_dir = store.models_dir() if store.local_root else None
     if models_dir is not None:
-        for path in sorted(p for p in models_dir.iterdir() if p.is_dir() and
-                           not p.name.startswith(".")):
+        for path in sorted(
+            p for p in models_dir.iterdir() if p.is_dir() and not p.name.startswith(".")
+        ):
             try:
                 ref = resolve_model(f"store:{path.name}", models_dir=models_dir, allow_hub=False)
             except ModelError:
                 continue
-            data.append(ModelPublic(model=ref.ref, family=ref.family, source=ref.source,
-                                    revision=ref.revision, n_hidden_states=ref.n_hidden_states,
-                                    dim=ref.dim, training={k: v for k, v in ref.training.items()
-                                                           if k != "history"}))
+            data.append(
+                ModelPublic(
+                    model=ref.ref,
+                    family=ref.family,
+                    source=ref.source,
+                    revision=ref.revision,
+                    n_hidden_states=ref.n_hidden_states,
+                    dim=ref.dim,
+                    training={k: v for k, v in ref.training.items() if k != "history"},
+                )
+            )
     for path in _local_checkpoints(settings.model_roots or []):
         try:
-            ref = resolve_model(str(path), models_dir=None, allowed_roots=settings.model_roots,
-                                allow_hub=False, allow_list=settings.model_allow_list)
+            ref = resolve_model(
+                str(path),
+                models_dir=None,
+                allowed_roots=settings.model_roots,
+                allow_hub=False,
+                allow_list=settings.model_allow_list,
+            )
         except WorkersError:
             continue
-        data.append(ModelPublic(model=ref.ref, family=ref.family, source=ref.source,
-                                revision=ref.revision, n_hidden_states=ref.n_hidden_states,
-                                dim=ref.dim))
+        data.append(
+            ModelPublic(
+                model=ref.ref,
+                family=ref.family,
+                source=ref.source,
+                revision=ref.revision,
+                n_hidden_states=ref.n_hidden_states,
+                dim=ref.dim,
+            )
+        )
     return ModelsPublic(data=data, count=len(data))
 
 
@@ -113,8 +170,11 @@ def list_checkpoints(name: str, store: StoreDep) -> CheckpointsPublic:
     check_name(name, field="name")
     model_dir = store.models_dir() / name
     if not (model_dir / "config.json").is_file():
-        raise NotFoundError(f"model store:{name} not found; list models with GET /v1/models",
-                            field="name", value=name)
+        raise NotFoundError(
+            f"model store:{name} not found; list models with GET /v1/models",
+            field="name",
+            value=name,
+        )
     data = []
     checkpoints = model_dir / "checkpoints"
     for path in checkpoints.iterdir() if checkpoints.is_dir() else []:
@@ -123,8 +183,13 @@ def list_checkpoints(name: str, store: StoreDep) -> CheckpointsPublic:
             continue
         record = json.loads(record_path.read_text())
         step = int(record["checkpoint"]["step"])
-        data.append(CheckpointPublic(model=f"store:{name}@step{step}", step=step,
-                                     val_loss=record["val_loss"],
-                                     val_bits_per_token=record["val_bits_per_token"]))
+        data.append(
+            CheckpointPublic(
+                model=f"store:{name}@step{step}",
+                step=step,
+                val_loss=record["val_loss"],
+                val_bits_per_token=record["val_bits_per_token"],
+            )
+        )
     data.sort(key=lambda checkpoint: checkpoint.step)
     return CheckpointsPublic(data=data, count=len(data))

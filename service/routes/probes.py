@@ -30,8 +30,15 @@ MATCHING_FIELDS = ("model", "model_revision", "processor", "layers", "pooling")
 
 
 @router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=ProbeCreated)
-def create_probe(body: ProbeCreate, response: Response, settings: SettingsDep, store: StoreDep,
-                 redis: RedisDep, queue: QueueDep, quota: JobQuotaDep) -> ProbeCreated:
+def create_probe(
+    body: ProbeCreate,
+    response: Response,
+    settings: SettingsDep,
+    store: StoreDep,
+    redis: RedisDep,
+    queue: QueueDep,
+    quota: JobQuotaDep,
+) -> ProbeCreated:
     """Fit probes of one or more kinds on every requested layer, as one job."""
     spec = _probe_spec(body, store)
     probe_id = spec.probe_id()
@@ -40,18 +47,35 @@ def create_probe(body: ProbeCreate, response: Response, settings: SettingsDep, s
         existing_job = active_job_id(redis, probe_id)
         if stored is not None and stored.get("status") == "complete":
             response.status_code = status.HTTP_200_OK
-            return ProbeCreated(probe_id=probe_id, job_id=existing_job, status="complete",
-                                created=False)
+            return ProbeCreated(
+                probe_id=probe_id, job_id=existing_job, status="complete", created=False
+            )
         if existing_job is not None:
             state = job_state(redis, store, existing_job)
             if state["status"] in ("queued", "running"):
-                return ProbeCreated(probe_id=probe_id, job_id=existing_job,
-                                    status=state["status"], created=False)
+                return ProbeCreated(
+                    probe_id=probe_id, job_id=existing_job, status=state["status"], created=False
+                )
         quota.check()
-        store.write_result("probes", probe_id, {"probe_id": probe_id, "spec": spec.model_dump(),
-                                                "status": "pending", "rows": [], "best": {}})
-        job_id = enqueue_single(queue, "workers.jobs.run_probe", (probe_id,), kind="probe",
-                                target=probe_id, timeout=settings.probe_timeout)
+        store.write_result(
+            "probes",
+            probe_id,
+            {
+                "probe_id": probe_id,
+                "spec": spec.model_dump(),
+                "status": "pending",
+                "rows": [],
+                "best": {},
+            },
+        )
+        job_id = enqueue_single(
+            queue,
+            "workers.jobs.run_probe",
+            (probe_id,),
+            kind="probe",
+            target=probe_id,
+            timeout=settings.probe_timeout,
+        )
         quota.record(job_id)
     return ProbeCreated(probe_id=probe_id, job_id=job_id, status="queued", created=stored is None)
 
@@ -67,7 +91,9 @@ def _probe_spec(body: ProbeCreate, store: Store) -> ProbeSpec:
             raise NotReadyError(
                 f"{field} {featureset.id!r} is not complete yet ({progress.blocks_done}/"
                 f"{progress.blocks_total} blocks written); probe it when its job has finished",
-                field=field, value=featureset.id, progress=progress.as_dict(),
+                field=field,
+                value=featureset.id,
+                progress=progress.as_dict(),
             )
     train_spec, test_spec = train.spec.model_dump(), test.spec.model_dump()
     for name in MATCHING_FIELDS:
@@ -75,17 +101,24 @@ def _probe_spec(body: ProbeCreate, store: Store) -> ProbeSpec:
             raise StoreError(
                 f"train and test feature sets differ in {name} ({train_spec[name]!r} vs "
                 f"{test_spec[name]!r}); extract both splits with the same model and settings",
-                field="test_featureset", value=body.test_featureset,
+                field="test_featureset",
+                value=body.test_featureset,
             )
     if train.features.shape[2] != test.features.shape[2]:
         raise StoreError(
             f"train and test feature sets differ in dim ({train.features.shape[2]} vs "
-            f"{test.features.shape[2]})", field="test_featureset", value=body.test_featureset)
+            f"{test.features.shape[2]})",
+            field="test_featureset",
+            value=body.test_featureset,
+        )
 
     layers = train.layers if body.layers == "all" else body.layers
     if not layers:
-        raise StoreError("layers is empty; pass \"all\" or a list of stored layers",
-                         field="layers", value=body.layers)
+        raise StoreError(
+            'layers is empty; pass "all" or a list of stored layers',
+            field="layers",
+            value=body.layers,
+        )
     for layer in layers:
         try:
             train.layer_position(layer)
@@ -94,29 +127,44 @@ def _probe_spec(body: ProbeCreate, store: Store) -> ProbeSpec:
     kinds = [body.kind] if isinstance(body.kind, str) else list(body.kind)
     for kind in kinds:
         if kind not in PROBE_KINDS:
-            raise StoreError(f"kind {kind!r} is not a probe kind; choose from "
-                             f"{', '.join(PROBE_KINDS)}", field="kind", value=kind)
+            raise StoreError(
+                f"kind {kind!r} is not a probe kind; choose from {', '.join(PROBE_KINDS)}",
+                field="kind",
+                value=kind,
+            )
     if not kinds or len(set(kinds)) != len(kinds):
         raise StoreError("kind must name each probe kind once", field="kind", value=body.kind)
     params = _params_by_kind(body.params, kinds)
     for kind, kind_params in params.items():
         # The engines' own readers, without torch: a bad parameter fails before queueing.
         check_params(kind, kind_params, train.n_items)
-    return ProbeSpec(train_featureset=train.id, test_featureset=test.id,
-                     layers=sorted(set(layers)), kinds=kinds, params=params, seed=body.seed)
+    return ProbeSpec(
+        train_featureset=train.id,
+        test_featureset=test.id,
+        layers=sorted(set(layers)),
+        kinds=kinds,
+        params=params,
+        seed=body.seed,
+    )
 
 
 def _params_by_kind(params: dict[str, Any], kinds: list[str]) -> dict[str, dict[str, Any]]:
     if params and all(key in PROBE_KINDS for key in params):
         unknown = [key for key in params if key not in kinds]
         if unknown:
-            raise StoreError(f"params are given for {unknown!r}, which is not in kind {kinds!r}",
-                             field="params", value=unknown)
+            raise StoreError(
+                f"params are given for {unknown!r}, which is not in kind {kinds!r}",
+                field="params",
+                value=unknown,
+            )
         return {kind: dict(params.get(kind, {})) for kind in kinds}
     if params and len(kinds) > 1:
-        raise StoreError("with several kinds, key params by kind, e.g. "
-                         "{\"logistic\": {\"C\": [1]}, \"knn\": {\"k\": [10]}}",
-                         field="params", value=params)
+        raise StoreError(
+            "with several kinds, key params by kind, e.g. "
+            '{"logistic": {"C": [1]}, "knn": {"k": [10]}}',
+            field="params",
+            value=params,
+        )
     return {kind: dict(params) for kind in kinds}
 
 
@@ -140,8 +188,9 @@ def _read_probe(store: Store, redis: Any, probe_id: str) -> dict[str, Any]:
 @router.get("", response_model=ProbesPublic)
 def list_probes(store: StoreDep, redis: RedisDep) -> ProbesPublic:
     """All probe results in the store."""
-    data = [ProbePublic.model_validate(_read_probe(store, redis, i))
-            for i in store.result_ids("probes")]
+    data = [
+        ProbePublic.model_validate(_read_probe(store, redis, i)) for i in store.result_ids("probes")
+    ]
     return ProbesPublic(data=data, count=len(data))
 
 
@@ -155,9 +204,12 @@ def _complete_probe(store: Store, redis: Any, probe_id: str) -> dict[str, Any]:
     probe = _read_probe(store, redis, probe_id)
     if probe["status"] != "complete":
         raise NotReadyError(
-            not_complete_message("probe", probe_id, probe["status"], probe["job_id"],
-                                 probe["error"]),
-            field="probe_id", value=probe_id)
+            not_complete_message(
+                "probe", probe_id, probe["status"], probe["job_id"], probe["error"]
+            ),
+            field="probe_id",
+            value=probe_id,
+        )
     return probe
 
 
@@ -168,20 +220,41 @@ def read_curve(probe_id: str, store: StoreDep, redis: RedisDep) -> CurvePublic:
     kinds: dict[str, list[dict[str, Any]]] = {}
     for row in probe["rows"]:
         kinds.setdefault(row["kind"], []).append(
-            {k: row.get(k) for k in ("layer", "train_accuracy", "val_accuracy", "test_accuracy",
-                                     "test_accuracy_ci95", "params", "converged")})
+            {
+                k: row.get(k)
+                for k in (
+                    "layer",
+                    "train_accuracy",
+                    "val_accuracy",
+                    "test_accuracy",
+                    "test_accuracy_ci95",
+                    "params",
+                    "converged",
+                )
+            }
+        )
     return CurvePublic(probe_id=probe_id, kinds=kinds, best=probe["best"])
 
 
-@router.get("/{probe_id}/curve.png", responses={200: {"content": {"image/png": {}}}},
-            response_class=Response)
+@router.get(
+    "/{probe_id}/curve.png",
+    responses={200: {"content": {"image/png": {}}}},
+    response_class=Response,
+)
 def read_curve_png(
-    probe_id: str, store: StoreDep, redis: RedisDep,
-    baseline: Annotated[float | None, Query(ge=0, le=1, description="reference accuracy line")]
-    = None,
-    reference: Annotated[str | None, Query(
-        max_length=2000, description="reference points layer:accuracy, comma-separated, e.g. "
-        "13:0.782,16:0.786")] = None,
+    probe_id: str,
+    store: StoreDep,
+    redis: RedisDep,
+    baseline: Annotated[
+        float | None, Query(ge=0, le=1, description="reference accuracy line")
+    ] = None,
+    reference: Annotated[
+        str | None,
+        Query(
+            max_length=2000,
+            description="reference points layer:accuracy, comma-separated, e.g. 13:0.782,16:0.786",
+        ),
+    ] = None,
 ) -> Response:
     """Layer-accuracy curve as a PNG, best layer by validation accuracy marked."""
     probe = _complete_probe(store, redis, probe_id)
@@ -190,8 +263,9 @@ def read_curve_png(
         rows_by_kind.setdefault(row["kind"], []).append(row)
     train = store.featureset(probe["spec"]["train_featureset"]).spec
     title = f"{train.model} on {train.dataset}: probe accuracy per layer ({train.pooling} pooling)"
-    png = layer_curve_png(rows_by_kind, title=title, baseline=baseline,
-                          reference=_reference_points(reference))
+    png = layer_curve_png(
+        rows_by_kind, title=title, baseline=baseline, reference=_reference_points(reference)
+    )
     return Response(png, media_type="image/png")
 
 
@@ -207,17 +281,25 @@ def _reference_points(text: str | None) -> list[tuple[int, float]]:
         except ValueError:
             point = (-1, -1.0)
         if point[0] < 0 or not 0.0 <= point[1] <= 1.0:
-            raise StoreError(f"reference point {part.strip()!r} is invalid; pass layer:accuracy "
-                             "pairs with accuracy in [0, 1], e.g. 13:0.782,16:0.786",
-                             field="reference", value=text)
+            raise StoreError(
+                f"reference point {part.strip()!r} is invalid; pass layer:accuracy "
+                "pairs with accuracy in [0, 1], e.g. 13:0.782,16:0.786",
+                field="reference",
+                value=text,
+            )
         points.append(point)
     return points
 
 
-@router.get("/{probe_id}/confusion.png", responses={200: {"content": {"image/png": {}}}},
-            response_class=Response)
+@router.get(
+    "/{probe_id}/confusion.png",
+    responses={200: {"content": {"image/png": {}}}},
+    response_class=Response,
+)
 def read_confusion_png(
-    probe_id: str, store: StoreDep, redis: RedisDep,
+    probe_id: str,
+    store: StoreDep,
+    redis: RedisDep,
     layer: Annotated[int, Query(ge=0, description="hidden-state index")],
     kind: Annotated[str, Query(description="probe kind")] = "logistic",
 ) -> Response:
@@ -226,12 +308,18 @@ def read_confusion_png(
     rows = [row for row in probe["rows"] if row["kind"] == kind and row["layer"] == layer]
     if not rows:
         fitted = sorted({(row["kind"], row["layer"]) for row in probe["rows"]})
-        raise NotFoundError(f"probe {probe_id!r} has no {kind} row for layer {layer}; fitted "
-                            f"(kind, layer) pairs: {fitted}", field="layer", value=layer)
+        raise NotFoundError(
+            f"probe {probe_id!r} has no {kind} row for layer {layer}; fitted "
+            f"(kind, layer) pairs: {fitted}",
+            field="layer",
+            value=layer,
+        )
     row = rows[0]
     names = row.get("class_names") or [str(c) for c in row["classes"]]
     train = store.featureset(probe["spec"]["train_featureset"]).spec
-    title = (f"{train.model} on {train.dataset}: {kind} probe, layer {layer}\n"
-             f"test accuracy {100 * row['test_accuracy']:.1f}% ({row['n_test']} items)")
+    title = (
+        f"{train.model} on {train.dataset}: {kind} probe, layer {layer}\n"
+        f"test accuracy {100 * row['test_accuracy']:.1f}% ({row['n_test']} items)"
+    )
     png = confusion_png(np.asarray(row["confusion_matrix"]), class_names=names, title=title)
     return Response(png, media_type="image/png")

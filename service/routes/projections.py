@@ -146,8 +146,13 @@ def _complete_arrays(
     projection = _read_projection(store, redis, projection_id, arrays=False)
     if projection["status"] != "complete":
         raise NotReadyError(
-            not_complete_message("projection", projection_id, projection["status"],
-                                 projection["job_id"], projection["error"]),
+            not_complete_message(
+                "projection",
+                projection_id,
+                projection["status"],
+                projection["job_id"],
+                projection["error"],
+            ),
             field="projection_id",
             value=projection_id,
         )

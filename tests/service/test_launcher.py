@@ -20,8 +20,9 @@ from service.launcher import WorkerSupervisor, free_port
 
 def test_supervisor_restarts_killed_worker(stack_env: dict[str, str], tmp_path: Path) -> None:
     env = {**stack_env, "LAYERBANK_QUEUE": "layerbank-supervisor-test"}
-    supervisor = WorkerSupervisor(1, stack_env["REDIS_URL"], env=env, log_dir=tmp_path,
-                                  interval=0.2)
+    supervisor = WorkerSupervisor(
+        1, stack_env["REDIS_URL"], env=env, log_dir=tmp_path, interval=0.2
+    )
     try:
         first = supervisor.processes[0]
         os.kill(first.pid, signal.SIGKILL)
@@ -40,8 +41,9 @@ def test_supervisor_restarts_killed_worker(stack_env: dict[str, str], tmp_path: 
 def foreign_server() -> Iterator[str]:
     """A plain HTTP file server: something that answers but is not layerbank."""
     port = free_port()
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", port),
-                                             http.server.SimpleHTTPRequestHandler)
+    server = http.server.ThreadingHTTPServer(
+        ("127.0.0.1", port), http.server.SimpleHTTPRequestHandler
+    )
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{port}"
@@ -51,7 +53,19 @@ def foreign_server() -> Iterator[str]:
 
 def test_demo_rejects_foreign_server(foreign_server: str, tmp_path: Path) -> None:
     result: Any = subprocess.run(
-        [sys.executable, "-m", "service.cli", "demo", "--url", foreign_server, "--output",
-         str(tmp_path)], capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "demo",
+            "--url",
+            foreign_server,
+            "--output",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1
     assert "not as a layerbank API" in result.stderr

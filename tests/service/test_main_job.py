@@ -21,16 +21,24 @@ def digits_featuresets(client: Any, tiny_model: Path) -> dict[str, str]:
     """Train and test feature sets of the tiny model on digits, several blocks each."""
     ids = {}
     for split in ("train", "test"):
-        answer = client.extract(str(tiny_model), "digits", split, layers="all", pooling="mean",
-                                block_rows=256, batch_size=64)
+        answer = client.extract(
+            str(tiny_model),
+            "digits",
+            split,
+            layers="all",
+            pooling="mean",
+            block_rows=256,
+            batch_size=64,
+        )
         state = wait_job(client, answer["job_id"])
         assert state is not None and state["status"] == "finished", state
         ids[split] = answer["featureset_id"]
     return ids
 
 
-def test_extraction_layer_matches_direct_forward(client: Any, tiny_model: Path,
-                                                 digits_featuresets: dict[str, str]) -> None:
+def test_extraction_layer_matches_direct_forward(
+    client: Any, tiny_model: Path, digits_featuresets: dict[str, str]
+) -> None:
     from workers.datasets import load_split
 
     featureset_id = digits_featuresets["train"]
@@ -43,8 +51,9 @@ def test_extraction_layer_matches_direct_forward(client: Any, tiny_model: Path,
         np.testing.assert_allclose(array[:40], expected[layer], rtol=1e-4, atol=1e-5)
 
 
-def test_extraction_featureset_describes_layers(client: Any, digits_featuresets: dict[str, str]
-                                                ) -> None:
+def test_extraction_featureset_describes_layers(
+    client: Any, digits_featuresets: dict[str, str]
+) -> None:
     summary = client.featureset(digits_featuresets["train"])
     assert summary["status"] == "complete"
     assert summary["shape"] == [3, 1297, 32]
@@ -54,10 +63,18 @@ def test_extraction_featureset_describes_layers(client: Any, digits_featuresets:
     assert "ln_f" in descriptions[2]
 
 
-def test_extraction_same_request_twice_one_featureset(client: Any, tiny_model: Path,
-                                                      digits_featuresets: dict[str, str]) -> None:
-    again = client.extract(str(tiny_model), "digits", "train", layers="all", pooling="mean",
-                           block_rows=256, batch_size=64)
+def test_extraction_same_request_twice_one_featureset(
+    client: Any, tiny_model: Path, digits_featuresets: dict[str, str]
+) -> None:
+    again = client.extract(
+        str(tiny_model),
+        "digits",
+        "train",
+        layers="all",
+        pooling="mean",
+        block_rows=256,
+        batch_size=64,
+    )
     assert again["featureset_id"] == digits_featuresets["train"]
     assert again["created"] is False
     assert again["status"] == "complete"
@@ -66,8 +83,9 @@ def test_extraction_same_request_twice_one_featureset(client: Any, tiny_model: P
 
 
 def test_extraction_job_reports_progress(client: Any, tiny_model: Path) -> None:
-    answer = client.extract(str(tiny_model), "digits", "test", layers=[1], pooling="last_token",
-                            block_rows=100)
+    answer = client.extract(
+        str(tiny_model), "digits", "test", layers=[1], pooling="last_token", block_rows=100
+    )
     state = wait_job(client, answer["job_id"])
     assert state is not None
     assert state["status"] == "finished"
@@ -76,8 +94,11 @@ def test_extraction_job_reports_progress(client: Any, tiny_model: Path) -> None:
 
 def test_layer_fetch_json_slice_and_labels(client: Any, digits_featuresets: dict[str, str]) -> None:
     featureset_id = digits_featuresets["test"]
-    response = client.request("GET", f"/v1/featuresets/{featureset_id}/layers/1",
-                              params={"start": 10, "stop": 13, "format": "json"})
+    response = client.request(
+        "GET",
+        f"/v1/featuresets/{featureset_id}/layers/1",
+        params={"start": 10, "stop": 13, "format": "json"},
+    )
     body = response.json()
     assert body["shape"] == [3, 32]
     full = client.layer_array(featureset_id, 1)
@@ -87,18 +108,24 @@ def test_layer_fetch_json_slice_and_labels(client: Any, digits_featuresets: dict
     assert sorted(np.unique(labels).tolist()) == list(range(10))
 
 
-def test_layer_fetch_npy_has_content_length(client: Any, digits_featuresets: dict[str, str]
-                                            ) -> None:
+def test_layer_fetch_npy_has_content_length(
+    client: Any, digits_featuresets: dict[str, str]
+) -> None:
     response = client.request("GET", f"/v1/featuresets/{digits_featuresets['test']}/layers/0")
     assert response.headers["content-type"] == "application/octet-stream"
     assert int(response.headers["content-length"]) == len(response.content)
     assert np.load(io.BytesIO(response.content)).shape == (500, 32)
 
 
-def test_probe_logistic_beats_chance_and_converges(client: Any,
-                                                   digits_featuresets: dict[str, str]) -> None:
-    answer = client.probe(digits_featuresets["train"], digits_featuresets["test"],
-                          kind="logistic", params={"C": [0.1, 1, 10]})
+def test_probe_logistic_beats_chance_and_converges(
+    client: Any, digits_featuresets: dict[str, str]
+) -> None:
+    answer = client.probe(
+        digits_featuresets["train"],
+        digits_featuresets["test"],
+        kind="logistic",
+        params={"C": [0.1, 1, 10]},
+    )
     state = wait_job(client, answer["job_id"])
     assert state is not None and state["status"] == "finished", state
     result = client.probe_result(answer["probe_id"])
@@ -116,23 +143,27 @@ def test_probe_logistic_beats_chance_and_converges(client: Any,
 @pytest.mark.parametrize(
     ("body", "status", "field"),
     [
-        ({"model": "no-such-org/no-such-model", "dataset": "digits", "split": "train"}, 422,
-         "model"),
+        (
+            {"model": "no-such-org/no-such-model", "dataset": "digits", "split": "train"},
+            422,
+            "model",
+        ),
         ({"model": "pixels", "dataset": "no-such-dataset", "split": "train"}, 422, "dataset"),
         ({"model": "pixels", "dataset": "digits", "split": "validation"}, 422, "split"),
-        ({"model": "pixels", "dataset": "digits", "split": "train", "layers": [3]}, 422,
-         "layers"),
+        ({"model": "pixels", "dataset": "digits", "split": "train", "layers": [3]}, 422, "layers"),
         ({"model": "/etc", "dataset": "digits", "split": "train"}, 403, "model"),
     ],
 )
-def test_extraction_bad_request_names_field(client: Any, body: dict[str, Any], status: int,
-                                            field: str) -> None:
+def test_extraction_bad_request_names_field(
+    client: Any, body: dict[str, Any], status: int, field: str
+) -> None:
     with pytest.raises(ClientError) as info:
         client.extract(**body)
     assert info.value.status_code == status
     assert info.value.detail["field"] == field
     assert repr(body.get(field, body.get("layers")))[:10] in info.value.detail["message"] or (
-        field in ("split", "layers"))
+        field in ("split", "layers")
+    )
 
 
 def test_extraction_layer_out_of_range_message(client: Any, tiny_model: Path) -> None:
@@ -143,8 +174,9 @@ def test_extraction_layer_out_of_range_message(client: Any, tiny_model: Path) ->
     assert "(0..2)" in info.value.detail["message"]
 
 
-def test_probe_mismatched_featuresets_rejected(client: Any, digits_featuresets: dict[str, str]
-                                               ) -> None:
+def test_probe_mismatched_featuresets_rejected(
+    client: Any, digits_featuresets: dict[str, str]
+) -> None:
     pixels = client.extract("pixels", "digits", "test")
     wait_job(client, pixels["job_id"])
     with pytest.raises(ClientError) as info:
@@ -153,21 +185,41 @@ def test_probe_mismatched_featuresets_rejected(client: Any, digits_featuresets: 
     assert info.value.detail["field"] == "test_featureset"
 
 
-def test_probe_on_unfinished_featureset_is_409(client: Any, settings: Any,
-                                               digits_featuresets: dict[str, str]) -> None:
+def test_probe_on_unfinished_featureset_is_409(
+    client: Any, settings: Any, digits_featuresets: dict[str, str]
+) -> None:
     from store import FeatureSetSpec, Store, create_featureset
 
     store = Store(settings.store)
-    spec = FeatureSetSpec(model="pending-model", model_revision="r", model_family="imagegpt",
-                          dataset="digits", dataset_fingerprint="f", split="train", layers=[0],
-                          pooling="mean")
-    pending = create_featureset(store, spec, layer_map=[], dim=4, labels=np.zeros(10, np.int64),
-                                item_ids=np.arange(10), class_names=[], block_rows=5)
+    spec = FeatureSetSpec(
+        model="pending-model",
+        model_revision="r",
+        model_family="imagegpt",
+        dataset="digits",
+        dataset_fingerprint="f",
+        split="train",
+        layers=[0],
+        pooling="mean",
+    )
+    pending = create_featureset(
+        store,
+        spec,
+        layer_map=[],
+        dim=4,
+        labels=np.zeros(10, np.int64),
+        item_ids=np.arange(10),
+        class_names=[],
+        block_rows=5,
+    )
     with pytest.raises(ClientError) as info:
         client.probe(pending.id, digits_featuresets["test"])
     assert info.value.status_code == 409
-    assert info.value.detail["progress"] == {"blocks_done": 0, "blocks_total": 2,
-                                             "items_done": 0, "items_total": 10}
+    assert info.value.detail["progress"] == {
+        "blocks_done": 0,
+        "blocks_total": 2,
+        "items_done": 0,
+        "items_total": 10,
+    }
     with pytest.raises(ClientError) as layer_info:
         client.layer_array(pending.id, 0)
     assert layer_info.value.status_code == 409
@@ -181,12 +233,14 @@ def test_ids_with_path_separators_rejected(client: Any) -> None:
 
 
 def test_pretrain_then_extract_store_model(client: Any) -> None:
-    created = client.pretrain("tiny-pretrained", n_layer=1, n_embd=16, n_head=2, n_colors=8,
-                              steps=3, batch_size=16)
+    created = client.pretrain(
+        "tiny-pretrained", n_layer=1, n_embd=16, n_head=2, n_colors=8, steps=3, batch_size=16
+    )
     state = wait_job(client, created["job_id"])
     assert state is not None and state["status"] == "finished", state
-    again = client.pretrain("tiny-pretrained", n_layer=1, n_embd=16, n_head=2, n_colors=8,
-                            steps=3, batch_size=16)
+    again = client.pretrain(
+        "tiny-pretrained", n_layer=1, n_embd=16, n_head=2, n_colors=8, steps=3, batch_size=16
+    )
     assert again["status"] == "complete"
     models = {m["model"]: m for m in client._json("GET", "/v1/models")["data"]}
     assert models["store:tiny-pretrained"]["n_hidden_states"] == 2
@@ -211,20 +265,30 @@ def test_api_process_never_imports_torch(settings: Any) -> None:
         "assert r.status_code in (200, 202), r.text\n"
         "assert 'torch' not in sys.modules, 'torch imported'\n"
     )
-    env = {"LAYERBANK_STORE": settings.store, "REDIS_URL": settings.redis_url,
-           "LAYERBANK_QUEUE": "layerbank-no-torch-check", "HF_HUB_OFFLINE": "1"}
+    env = {
+        "LAYERBANK_STORE": settings.store,
+        "REDIS_URL": settings.redis_url,
+        "LAYERBANK_QUEUE": "layerbank-no-torch-check",
+        "HF_HUB_OFFLINE": "1",
+    }
     import os
 
-    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, **env},
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
 
 def test_probe_failed_job_reports_failed(client: Any, digits_featuresets: dict[str, str]) -> None:
     # Every k of the grid fits the train set (the API accepts it) but not the part left for
     # fitting after the validation split, which only the job sees.
-    answer = client.probe(digits_featuresets["train"], digits_featuresets["test"],
-                          kind="knn", params={"k": [1297]})
+    answer = client.probe(
+        digits_featuresets["train"], digits_featuresets["test"], kind="knn", params={"k": [1297]}
+    )
     state = wait_job(client, answer["job_id"])
     assert state is not None
     assert state["status"] == "failed"
@@ -243,16 +307,18 @@ def test_probe_failed_job_reports_failed(client: Any, digits_featuresets: dict[s
         ('{"model": "pixels", "dataset": "digits", "split": "train", "limit": NaN}', "limit"),
         ('{"model": "pixels", "dataset": "digits", "split": "train", "layer": 3}', "layer"),
         ('{"model": "pixels", "dataset": "digits"}', "split"),
-        ('{"model": "pixels", "dataset": "digits", "split": "train", "layers": "last"}',
-         "layers"),
-        ('{"model": "pixels", "dataset": "digits", "split": "train", "batch_size": -1}',
-         "batch_size"),
+        ('{"model": "pixels", "dataset": "digits", "split": "train", "layers": "last"}', "layers"),
+        (
+            '{"model": "pixels", "dataset": "digits", "split": "train", "batch_size": -1}',
+            "batch_size",
+        ),
         ('{"model": "pixels", "dataset"', "body"),
     ],
 )
 def test_validation_error_has_domain_shape(client: Any, body: str, field: str) -> None:
-    response = client._http.post("/v1/extractions", content=body,
-                                 headers={"content-type": "application/json"})
+    response = client._http.post(
+        "/v1/extractions", content=body, headers={"content-type": "application/json"}
+    )
     assert response.status_code == 422
     detail = response.json()["detail"]
     assert detail["field"] == field
@@ -268,11 +334,13 @@ def test_extraction_limit_covering_split_reuses_featureset(client: Any) -> None:
 
 
 def test_pretrain_same_name_other_settings_rejected(client: Any) -> None:
-    first = client.pretrain("tiny-clash", n_layer=1, n_embd=16, n_head=2, n_colors=8, steps=40,
-                            batch_size=16)
+    first = client.pretrain(
+        "tiny-clash", n_layer=1, n_embd=16, n_head=2, n_colors=8, steps=40, batch_size=16
+    )
     with pytest.raises(ClientError) as info:
-        client.pretrain("tiny-clash", n_layer=1, n_embd=16, n_head=2, n_colors=8, steps=41,
-                        batch_size=16)
+        client.pretrain(
+            "tiny-clash", n_layer=1, n_embd=16, n_head=2, n_colors=8, steps=41, batch_size=16
+        )
     assert info.value.status_code == 422
     assert info.value.detail["field"] == "name"
     state = wait_job(client, first["job_id"])
@@ -289,11 +357,12 @@ def test_pretrain_same_name_other_settings_rejected(client: Any) -> None:
         ("mlp", {"dropout": 1.5}, "dropout"),
     ],
 )
-def test_probe_bad_params_rejected_before_queueing(client: Any, digits_featuresets: dict[str, str],
-                                                   kind: str, params: dict[str, Any],
-                                                   field: str) -> None:
+def test_probe_bad_params_rejected_before_queueing(
+    client: Any, digits_featuresets: dict[str, str], kind: str, params: dict[str, Any], field: str
+) -> None:
     with pytest.raises(ClientError) as info:
-        client.probe(digits_featuresets["train"], digits_featuresets["test"], kind=kind,
-                     params=params)
+        client.probe(
+            digits_featuresets["train"], digits_featuresets["test"], kind=kind, params=params
+        )
     assert info.value.status_code == 422
     assert info.value.detail["field"] == field

@@ -18,7 +18,14 @@ def test_openapi_yaml_matches_app() -> None:
 
 def test_openapi_lists_main_routes() -> None:
     paths = openapi_document()["paths"]
-    for path in ("/v1/extractions", "/v1/jobs/{job_id}", "/v1/featuresets/{featureset_id}",
-                 "/v1/featuresets/{featureset_id}/layers/{layer}", "/v1/probes",
-                 "/v1/probes/{probe_id}/curve.png", "/v1/pretrain", "/healthz"):
+    for path in (
+        "/v1/extractions",
+        "/v1/jobs/{job_id}",
+        "/v1/featuresets/{featureset_id}",
+        "/v1/featuresets/{featureset_id}/layers/{layer}",
+        "/v1/probes",
+        "/v1/probes/{probe_id}/curve.png",
+        "/v1/pretrain",
+        "/healthz",
+    ):
         assert path in paths

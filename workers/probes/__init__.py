@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 PROBE_KINDS = ("logistic", "knn", "mlp")
 
+
 def _engine(kind: str) -> Callable[[ProbeTask, dict[str, Any]], list[dict[str, Any]]]:
     # Imported here: the engines import torch, and the API imports this package for
     # workers.probes.settings without ever loading torch.

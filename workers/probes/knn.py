@@ -27,6 +27,7 @@ logger = logging.getLogger(__name__)
 # Elements of one similarity block (float32): 2**26 is 256 MiB.
 SIMILARITY_BLOCK = 2**26
 
+
 def fit_knn(task: ProbeTask, params: dict[str, Any]) -> list[dict[str, Any]]:
     """Fit kNN probes on every layer of ``task``; one result dict per layer.
 

@@ -58,6 +58,7 @@ logger = logging.getLogger(__name__)
 # Bytes of features and activations that one torch batch of layers may hold on the CPU.
 CPU_BATCH_BYTES = 2 * 2**30
 
+
 def fit_logistic(task: ProbeTask, params: dict[str, Any]) -> list[dict[str, Any]]:
     """Fit logistic probes on every layer of ``task``; one result dict per layer."""
     settings = read_settings(params)

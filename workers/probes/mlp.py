@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 # Rows per forward pass when scoring, to bound activation memory.
 EVAL_ROWS = 8192
 
+
 def fit_mlp(task: ProbeTask, params: dict[str, Any]) -> list[dict[str, Any]]:
     """Fit MLP probes on every layer of ``task``; one result dict per layer.
 
