@@ -13,7 +13,8 @@ import logging
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from redis import Redis
 from rq import Queue, Retry
@@ -333,3 +334,56 @@ def running_params(redis: Redis, job_id: str) -> Any:
     if not jobs or jobs[0] is None or not jobs[0].args:
         return None
     return jobs[0].args[-1]
+
+
+class Quota(Protocol):
+    """A per-key job limit: ``check`` raises when the key is at its limit."""
+
+    def check(self) -> None: ...
+
+    def record(self, job_id: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Submission:
+    """Outcome of a POST that computes a stored result: a new job, a running one, or none."""
+
+    job_id: str | None
+    status: str  # "complete", "queued" or "running"
+    created: bool
+
+
+def submit_result_job(
+    store: Store,
+    queue: Queue,
+    quota: Quota,
+    *,
+    group: str,
+    result_id: str,
+    attrs: dict[str, Any],
+    func: str,
+    kind: str,
+    timeout: int,
+) -> Submission:
+    """Queue the job computing ``<group>/<result_id>`` unless it is complete or being computed.
+
+    Under a Redis lock on the result id, so concurrent identical requests on any API replica
+    queue one job. A failed or lost earlier job is replaced by a new one.
+    """
+    redis = queue.connection
+    with target_lock(redis, result_id):
+        stored = store.read_result(group, result_id)
+        existing_job = active_job_id(redis, result_id)
+        if stored is not None and stored.get("status") == "complete":
+            return Submission(existing_job, "complete", created=False)
+        if existing_job is not None:
+            state = job_state(redis, store, existing_job)
+            if state["status"] in ("queued", "running"):
+                return Submission(existing_job, state["status"], created=False)
+        quota.check()
+        store.write_result(group, result_id, attrs)
+        job_id = enqueue_single(
+            queue, func, (result_id,), kind=kind, target=result_id, timeout=timeout
+        )
+        quota.record(job_id)
+    return Submission(job_id, "queued", created=stored is None)

@@ -9,14 +9,7 @@ from fastapi import APIRouter, Query, Response, status
 
 from service.auth import JobQuotaDep
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
-from service.jobs import (
-    active_job_id,
-    enqueue_single,
-    job_state,
-    not_complete_message,
-    result_status,
-    target_lock,
-)
+from service.jobs import not_complete_message, result_status, submit_result_job
 from service.plots import confusion_png, layer_curve_png
 from service.schemas import CurvePublic, ProbeCreate, ProbeCreated, ProbePublic, ProbesPublic
 from store import NotFoundError, NotReadyError, ProbeSpec, Store, StoreError, check_id
@@ -35,49 +28,37 @@ def create_probe(
     response: Response,
     settings: SettingsDep,
     store: StoreDep,
-    redis: RedisDep,
     queue: QueueDep,
     quota: JobQuotaDep,
 ) -> ProbeCreated:
     """Fit probes of one or more kinds on every requested layer, as one job."""
     spec = _probe_spec(body, store)
     probe_id = spec.probe_id()
-    with target_lock(redis, probe_id):
-        stored = store.read_result("probes", probe_id)
-        existing_job = active_job_id(redis, probe_id)
-        if stored is not None and stored.get("status") == "complete":
-            response.status_code = status.HTTP_200_OK
-            return ProbeCreated(
-                probe_id=probe_id, job_id=existing_job, status="complete", created=False
-            )
-        if existing_job is not None:
-            state = job_state(redis, store, existing_job)
-            if state["status"] in ("queued", "running"):
-                return ProbeCreated(
-                    probe_id=probe_id, job_id=existing_job, status=state["status"], created=False
-                )
-        quota.check()
-        store.write_result(
-            "probes",
-            probe_id,
-            {
-                "probe_id": probe_id,
-                "spec": spec.model_dump(),
-                "status": "pending",
-                "rows": [],
-                "best": {},
-            },
-        )
-        job_id = enqueue_single(
-            queue,
-            "workers.jobs.run_probe",
-            (probe_id,),
-            kind="probe",
-            target=probe_id,
-            timeout=settings.probe_timeout,
-        )
-        quota.record(job_id)
-    return ProbeCreated(probe_id=probe_id, job_id=job_id, status="queued", created=stored is None)
+    submission = submit_result_job(
+        store,
+        queue,
+        quota,
+        group="probes",
+        result_id=probe_id,
+        attrs={
+            "probe_id": probe_id,
+            "spec": spec.model_dump(),
+            "status": "pending",
+            "rows": [],
+            "best": {},
+        },
+        func="workers.jobs.run_probe",
+        kind="probe",
+        timeout=settings.probe_timeout,
+    )
+    if submission.status == "complete":
+        response.status_code = status.HTTP_200_OK
+    return ProbeCreated(
+        probe_id=probe_id,
+        job_id=submission.job_id,
+        status=submission.status,
+        created=submission.created,
+    )
 
 
 def _probe_spec(body: ProbeCreate, store: Store) -> ProbeSpec:

@@ -11,14 +11,7 @@ from fastapi import APIRouter, Response, status
 
 from service.auth import JobQuotaDep
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
-from service.jobs import (
-    active_job_id,
-    enqueue_single,
-    job_state,
-    not_complete_message,
-    result_status,
-    target_lock,
-)
+from service.jobs import not_complete_message, result_status, submit_result_job
 from service.plots import scatter_png
 from service.schemas import (
     ProjectionCreate,
@@ -43,7 +36,6 @@ def create_projection(
     response: Response,
     settings: SettingsDep,
     store: StoreDep,
-    redis: RedisDep,
     queue: QueueDep,
     quota: JobQuotaDep,
 ) -> ProjectionCreated:
@@ -64,38 +56,23 @@ def create_projection(
     )
     projection_id = spec.projection_id()
 
-    with target_lock(redis, projection_id):
-        stored = store.read_result("projections", projection_id)
-        existing_job = active_job_id(redis, projection_id)
-        if stored is not None and stored.get("status") == "complete":
-            response.status_code = status.HTTP_200_OK
-            return ProjectionCreated(
-                projection_id=projection_id, job_id=existing_job, status="complete", created=False
-            )
-        if existing_job is not None:
-            state = job_state(redis, store, existing_job)
-            if state["status"] in ("queued", "running"):
-                return ProjectionCreated(
-                    projection_id=projection_id,
-                    job_id=existing_job,
-                    status=state["status"],
-                    created=False,
-                )
-        quota.check()
-        store.write_result(
-            "projections",
-            projection_id,
-            {"projection_id": projection_id, "spec": spec.model_dump(), "status": "pending"},
+    submission = submit_result_job(
+        store,
+        queue,
+        quota,
+        group="projections",
+        result_id=projection_id,
+        attrs={"projection_id": projection_id, "spec": spec.model_dump(), "status": "pending"},
+        func="workers.jobs.run_projection",
+        kind="projection",
+        timeout=settings.probe_timeout,
+    )
+    job_id = submission.job_id
+    if submission.status == "complete":
+        response.status_code = status.HTTP_200_OK
+        return ProjectionCreated(
+            projection_id=projection_id, job_id=job_id, status="complete", created=False
         )
-        job_id = enqueue_single(
-            queue,
-            "workers.jobs.run_projection",
-            (projection_id,),
-            kind="projection",
-            target=projection_id,
-            timeout=settings.probe_timeout,
-        )
-        quota.record(job_id)
     logger.info(
         "projection %s: job %s, %s of layer %d of %s (%d points)",
         projection_id,
@@ -106,7 +83,10 @@ def create_projection(
         n_points,
     )
     return ProjectionCreated(
-        projection_id=projection_id, job_id=job_id, status="queued", created=stored is None
+        projection_id=projection_id,
+        job_id=job_id,
+        status=submission.status,
+        created=submission.created,
     )
 
 
