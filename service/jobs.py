@@ -153,6 +153,9 @@ def enqueue_single(
         failure_ttl=FAILURE_TTL,
         meta={"layerbank_job": job_id},
         description=f"{kind} {target}",
+        # A probe, projection or pretraining run is rerun from the start when its worker dies:
+        # each writes its result only at the end.
+        retry=Retry(max=BLOCK_RETRIES),
     )
     save_job(queue.connection, job_id, kind=kind, target=target, rq_ids=[job.id])
     logger.info("job %s: %s %s enqueued", job_id, kind, target)
@@ -272,8 +275,27 @@ def _fetch(redis: Redis, ids: list[str]) -> list[Job | None]:
 def _last_line(job: Job) -> str:
     latest = job.latest_result()
     text = latest.exc_string if latest is not None and latest.exc_string else "job failed"
+    if "AbandonedJobError" in text:
+        return (
+            "the worker running this job stopped (killed or lost) and its retries are used "
+            "up; resume it with POST /v1/jobs/<job_id>/resume or send the same POST again"
+        )
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "job failed"
+
+
+def requeue_failed(redis: Redis, job_id: str) -> int:
+    """Put the failed rq jobs of a single-job record back on their queue; return how many."""
+    record = load_job(redis, job_id)
+    requeued = 0
+    for job in _fetch(redis, record["rq_ids"]):
+        if job is not None and job.get_status(refresh=False) == JobStatus.FAILED:
+            job.meta.pop("error", None)
+            job.save_meta()
+            job.requeue()
+            requeued += 1
+    logger.info("job %s: %d failed rq jobs queued again", job_id, requeued)
+    return requeued
 
 
 def result_status(

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response, status
 
 from service.auth import JobQuotaDep
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
-from service.jobs import enqueue_extraction, job_state, load_job, target_lock
+from service.jobs import enqueue_extraction, job_state, load_job, requeue_failed, target_lock
 from service.schemas import JobPublic
 from store import check_id
 
@@ -23,25 +23,29 @@ def read_job(job_id: str, store: StoreDep, redis: RedisDep) -> JobPublic:
 @router.post("/{job_id}/resume", response_model=JobPublic, status_code=202)
 def resume_job(
     job_id: str,
+    response: Response,
     settings: SettingsDep,
     store: StoreDep,
     redis: RedisDep,
     queue: QueueDep,
     quota: JobQuotaDep,
 ) -> JobPublic:
-    """Queue the missing blocks of an extraction again; finished jobs are returned unchanged."""
+    """Queue a failed job again (only the missing blocks of an extraction); 200 if nothing to do."""
     check_id(job_id, field="job_id")
     record = load_job(redis, job_id)
-    if record["kind"] != "extraction":
-        return JobPublic.model_validate(job_state(redis, store, job_id))
-    # Under the feature set's lock, a second resume arriving at the same time sees the blocks
-    # the first one queued and queues nothing.
+    # Under the target's lock, a second resume arriving at the same time sees what the first
+    # one queued and queues nothing.
     with target_lock(redis, record["target"]):
         state = job_state(redis, store, job_id)
-        if state["status"] == "failed":
+        if state["status"] != "failed":
+            response.status_code = status.HTTP_200_OK
+            return JobPublic.model_validate(state)
+        quota.check()
+        if record["kind"] == "extraction":
             featureset = store.featureset(record["target"])
-            quota.check()
             enqueue_extraction(queue, featureset, timeout=settings.block_timeout, job_id=job_id)
-            quota.record(job_id)
-            state = job_state(redis, store, job_id)
+        else:
+            requeue_failed(redis, job_id)
+        quota.record(job_id)
+        state = job_state(redis, store, job_id)
     return JobPublic.model_validate(state)

@@ -31,7 +31,7 @@ from tests.conftest import wait_job
 from tests.service.test_reliability import Stack, _freeze_worker_mid_block, _rq_jobs, _serve
 
 QUEUE = "layerbank-faults"
-HEARTBEAT_INTERVAL = 0.5
+HEARTBEAT_INTERVAL = 2.0
 TMPFS_SIZE = "4m"
 
 

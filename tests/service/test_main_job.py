@@ -366,3 +366,35 @@ def test_probe_bad_params_rejected_before_queueing(
         )
     assert info.value.status_code == 422
     assert info.value.detail["field"] == field
+
+
+def test_resume_finished_job_is_200(client: Any, digits_featuresets: dict[str, str]) -> None:
+    answer = client.extract("pixels", "digits", "test", limit=300)
+    state = wait_job(client, answer["job_id"])
+    assert state is not None and state["status"] == "finished", state
+    response = client.request("POST", f"/v1/jobs/{answer['job_id']}/resume")
+    assert response.status_code == 200
+    assert response.json()["status"] == "finished"
+
+
+def test_resume_failed_probe_runs_it_again(
+    client: Any, settings: Any, digits_featuresets: dict[str, str]
+) -> None:
+    from redis import Redis
+    from rq.job import Job
+
+    from service.jobs import load_job
+
+    answer = client.probe(
+        digits_featuresets["train"], digits_featuresets["test"], kind="knn", params={"k": [1296]}
+    )
+    state = wait_job(client, answer["job_id"])
+    assert state is not None and state["status"] == "failed", state
+    redis = Redis.from_url(settings.redis_url)
+    rq_id = load_job(redis, answer["job_id"])["rq_ids"][0]
+    runs_before = len(Job.fetch(rq_id, connection=redis).results())
+    response = client.request("POST", f"/v1/jobs/{answer['job_id']}/resume")
+    assert response.status_code == 202
+    again = wait_job(client, answer["job_id"])
+    assert again is not None and again["status"] == "failed"
+    assert len(Job.fetch(rq_id, connection=redis).results()) == runs_before + 1

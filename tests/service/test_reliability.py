@@ -34,8 +34,9 @@ from tests.factories import reference_pooled
 
 QUEUE = "layerbank-reliability"
 # Seconds between heartbeats of a running job; a killed worker's block is retried after three
-# missed beats.
-HEARTBEAT_INTERVAL = 0.5
+# missed beats. Shorter intervals let a live but descheduled worker on a busy 2-core machine
+# miss three beats, so a healthy block would be retried too.
+HEARTBEAT_INTERVAL = 2.0
 
 
 @dataclass
