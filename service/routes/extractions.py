@@ -20,7 +20,14 @@ logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/extractions", tags=["extractions"])
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=ExtractionPublic)
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=ExtractionPublic,
+    responses={
+        200: {"model": ExtractionPublic, "description": "Already complete: nothing queued."}
+    },
+)
 def create_extraction(
     body: ExtractionCreate,
     response: Response,

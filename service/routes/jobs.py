@@ -20,7 +20,12 @@ def read_job(job_id: str, store: StoreDep, redis: RedisDep) -> JobPublic:
     return JobPublic.model_validate(job_state(redis, store, job_id))
 
 
-@router.post("/{job_id}/resume", response_model=JobPublic, status_code=202)
+@router.post(
+    "/{job_id}/resume",
+    response_model=JobPublic,
+    status_code=202,
+    responses={200: {"model": JobPublic, "description": "Nothing to resume: the job unchanged."}},
+)
 def resume_job(
     job_id: str,
     response: Response,

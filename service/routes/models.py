@@ -26,7 +26,12 @@ from workers.modelref import resolve_model
 router = APIRouter(prefix="/v1", tags=["models"])
 
 
-@router.post("/pretrain", status_code=status.HTTP_202_ACCEPTED, response_model=PretrainPublic)
+@router.post(
+    "/pretrain",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=PretrainPublic,
+    responses={200: {"model": PretrainPublic, "description": "Already complete: nothing queued."}},
+)
 def create_pretraining(
     body: PretrainCreate,
     response: Response,

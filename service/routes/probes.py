@@ -22,7 +22,12 @@ router = APIRouter(prefix="/v1/probes", tags=["probes"])
 MATCHING_FIELDS = ("model", "model_revision", "processor", "layers", "pooling")
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=ProbeCreated)
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=ProbeCreated,
+    responses={200: {"model": ProbeCreated, "description": "Already complete: nothing queued."}},
+)
 def create_probe(
     body: ProbeCreate,
     response: Response,

@@ -30,7 +30,14 @@ METHOD_NAMES = {"pca": "PCA", "tsne": "t-SNE", "umap": "UMAP"}
 PNG_RESPONSE: dict[int | str, dict[str, Any]] = {200: {"content": {"image/png": {}}}}
 
 
-@router.post("", status_code=status.HTTP_202_ACCEPTED, response_model=ProjectionCreated)
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=ProjectionCreated,
+    responses={
+        200: {"model": ProjectionCreated, "description": "Already complete: nothing queued."}
+    },
+)
 def create_projection(
     body: ProjectionCreate,
     response: Response,
