@@ -12,19 +12,19 @@ from store import Store
 from store.settings import Settings
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def get_store(request: Request) -> Store:
+async def get_store(request: Request) -> Store:
     return request.app.state.store  # type: ignore[no-any-return]
 
 
-def get_redis(request: Request) -> Redis:
+async def get_redis(request: Request) -> Redis:
     return request.app.state.redis  # type: ignore[no-any-return]
 
 
-def get_queue(request: Request) -> Queue:
+async def get_queue(request: Request) -> Queue:
     return request.app.state.queue  # type: ignore[no-any-return]
 
 
