@@ -84,8 +84,11 @@ def method_available(method: str) -> bool:
     return method in METHODS
 
 
-def check_request(method: str, n_points: int) -> None:
-    """Raise `ProjectionError` when ``method`` cannot run here or ``n_points`` is too few."""
+def check_request(method: str, n_points: int, n_items: int | None = None) -> None:
+    """Raise `ProjectionError` when ``method`` cannot run here or ``n_points`` is too few.
+
+    ``n_items`` is the feature set's size when it, not the request, limited ``n_points``.
+    """
     if method not in METHODS:
         raise ProjectionError(
             f"method {method!r} is unknown; choose one of {', '.join(METHODS)}",
@@ -101,6 +104,13 @@ def check_request(method: str, n_points: int) -> None:
             value=method,
         )
     needed = MIN_POINTS[method]
+    if n_points < needed and n_items is not None and n_items == n_points:
+        raise ProjectionError(
+            f"the feature set has only {n_items} items, too few for {method}, which needs at "
+            f"least {needed} points; project a feature set with at least {needed} items",
+            field="featureset",
+            value=n_items,
+        )
     if n_points < needed:
         raise ProjectionError(
             f"n_points {n_points!r} is too few for {method}: it needs at least {needed} points; "

@@ -53,7 +53,8 @@ def create_projection(
     featureset.layer_position(body.layer)
     # More points than items means all items; the id is computed from the count actually used.
     n_points = min(body.n_points, featureset.n_items)
-    check_request(body.method, n_points)
+    clamped = n_points < body.n_points
+    check_request(body.method, n_points, featureset.n_items if clamped else None)
     spec = ProjectionSpec(
         featureset=featureset.id,
         layer=body.layer,

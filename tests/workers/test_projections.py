@@ -83,3 +83,10 @@ def test_projection_id_depends_on_seed() -> None:
     other = ProjectionSpec(featureset="a" * 24, layer=1, method="tsne", n_points=100, seed=1)
     assert spec.projection_id() == same.projection_id()
     assert spec.projection_id() != other.projection_id()
+
+
+def test_check_request_small_featureset_names_its_size() -> None:
+    with pytest.raises(ProjectionError) as info:
+        check_request("tsne", 3, n_items=3)
+    assert info.value.field == "featureset"
+    assert "only 3 items" in info.value.message
