@@ -19,7 +19,7 @@ TERMINAL = ("finished", "failed")
 
 
 class ClientError(Exception):
-    """Raised when the API answers with an error; carries the status code and the detail."""
+    """Raised when the API returns an error response; carries the status code and the detail."""
 
     def __init__(self, status_code: int, detail: Any) -> None:
         self.status_code = status_code
@@ -40,7 +40,7 @@ class JobFailedError(ClientError):
 
 
 class Client:
-    """Typed methods mirroring the API. Retries 503 answers and connection errors a few times."""
+    """Typed methods mirroring the API. Retries 503 responses and connection errors a few times."""
 
     def __init__(
         self,

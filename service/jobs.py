@@ -247,8 +247,8 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
 def _release_abandoned(redis: Redis, rq_jobs: list[Job | None]) -> bool:
     """Let rq retry or fail the started jobs whose worker stopped sending heartbeats.
 
-    rq notices a dead worker only when a started-job registry is cleaned, which each worker does
-    about every ten minutes; cleaning on read makes the job's status correct when it is read.
+    rq notices a dead worker only when a started-job registry is cleaned. Each worker cleans it
+    about every ten minutes, so cleaning on read makes the job's status correct when it is read.
     Returns whether an expired job was found, so the statuses of ``rq_jobs`` may have changed.
     """
     origins = {
@@ -303,8 +303,8 @@ def result_status(
 ) -> tuple[str, str | None, dict[str, Any] | None]:
     """Return (status, job id, error) of a probe or projection result.
 
-    The stored status says "complete" once the result is written; until then the status of the
-    job that computes it ("queued", "running" or "failed") is reported, with its error, so a
+    The stored status is "complete" once the result is written. Until then the status of the
+    job that computes it ("queued", "running" or "failed") is reported with its error, so a
     client never waits on a result whose job has failed.
     """
     job_id = active_job_id(redis, target)

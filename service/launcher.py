@@ -184,7 +184,7 @@ def start_worker(
 
 
 def wait_for_http(url: str, timeout: float = 30.0) -> None:
-    """Wait until ``GET url`` answers, or raise TimeoutError."""
+    """Wait until ``GET url`` returns a response below 500, or raise TimeoutError."""
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -195,7 +195,7 @@ def wait_for_http(url: str, timeout: float = 30.0) -> None:
         except httpx.TransportError:
             pass
         time.sleep(0.1)
-    raise TimeoutError(f"{url} did not answer within {timeout:.0f}s")
+    raise TimeoutError(f"{url} did not respond within {timeout:.0f}s")
 
 
 class WorkerSupervisor:

@@ -24,7 +24,7 @@ def layer_curve_png(
 ) -> bytes:
     """Draw test accuracy per layer for each probe kind, best layer (by validation) marked.
 
-    ``reference`` holds (layer, accuracy in [0, 1]) points from elsewhere, e.g. a published
+    ``reference`` contains (layer, accuracy in [0, 1]) points from elsewhere, e.g. a published
     result, drawn as stars for comparison.
     """
     figure, axes = plt.subplots(figsize=(7, 4.2), dpi=110)

@@ -9,7 +9,7 @@ class StoreError(Exception):
     Parameters
     ----------
     message
-        A sentence that names the field and the value and says what to do.
+        A sentence that names the field and the value and states what to do.
     field
         The request field or store key the error is about, if any.
     value

@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class BlockResult:
-    """What one block job did."""
+    """Outcome of one block job: rows written, seconds, or skipped."""
 
     featureset_id: str
     block: int

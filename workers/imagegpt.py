@@ -376,7 +376,7 @@ def pooled_hidden_states(
     """Compute the pooled hidden states of the requested layers in one truncated forward pass.
 
     The pass uses causal ``scaled_dot_product_attention``, keeps no KV cache, applies no
-    dropout whatever ``model.training`` says, and stops after the deepest requested layer.
+    dropout regardless of ``model.training``, and stops after the deepest requested layer.
     Each requested layer is pooled as soon as it is computed. Under ``torch.autocast`` the
     matrix products run in the autocast dtype while the residual stream, the layer norms and
     the pooling stay float32.

@@ -28,7 +28,7 @@ MAX_CACHED_MODELS = 2
 
 
 class PooledModel(Protocol):
-    """What extraction needs from a model of any family."""
+    """Interface that extraction uses for a model of any family."""
 
     ref: ModelRef
 
@@ -91,7 +91,7 @@ def activation_bytes_per_image(model: PooledModel) -> int:
 
     ImageGPT pools each layer as it is produced, so it holds one block's temporaries.
     Other transformers return every hidden state at once, so they hold those as well.
-    The pixels baseline holds one float32 copy of the image.
+    The pixels baseline keeps one float32 copy of the image.
     """
     config = getattr(getattr(model, "model", None), "config", None)
     if config is None:

@@ -27,7 +27,7 @@ RowQuery = Annotated[int | None, Query(ge=0, description="first row (default 0)"
 
 @router.get("", response_model=FeatureSetsPublic)
 def list_featuresets(store: StoreDep) -> FeatureSetsPublic:
-    """All feature sets in the store with their status."""
+    """List all feature sets in the store with their status."""
     data = [
         FeatureSetPublic.model_validate(store.featureset(i).summary())
         for i in store.featureset_ids()
@@ -60,7 +60,7 @@ def read_layer(
     stop: RowQuery = None,
     format: FormatQuery = "npy",
 ) -> Response:
-    """One layer's (rows, dim) array as .npy, or as JSON for small slices."""
+    """Return one layer's (rows, dim) array as .npy, or as JSON for small slices."""
     check_id(featureset_id, field="featureset_id")
     featureset = store.featureset(featureset_id)
     featureset.require_complete()

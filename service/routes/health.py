@@ -15,7 +15,7 @@ router = APIRouter(tags=["health"])
 @router.get("/healthz")
 @public
 def healthz(redis: RedisDep, queue: QueueDep) -> dict[str, object]:
-    """Report whether Redis answers and how many workers and queued jobs there are (no key)."""
+    """Report whether Redis responds and how many workers and queued jobs there are (no key)."""
     try:
         redis.ping()
         workers = len(Worker.all(connection=redis))

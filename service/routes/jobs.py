@@ -38,7 +38,7 @@ def resume_job(
     """Queue a failed job again (only the missing blocks of an extraction); 200 if nothing to do."""
     check_id(job_id, field="job_id")
     record = load_job(redis, job_id)
-    # Under the target's lock, a second resume arriving at the same time sees what the first
+    # Under the target's lock, a second resume arriving at the same time finds what the first
     # one queued and queues nothing.
     with target_lock(redis, record["target"]):
         state = job_state(redis, store, job_id)

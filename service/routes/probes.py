@@ -173,7 +173,7 @@ def _read_probe(store: Store, redis: Any, probe_id: str) -> dict[str, Any]:
 
 @router.get("", response_model=ProbesPublic)
 def list_probes(store: StoreDep, redis: RedisDep) -> ProbesPublic:
-    """All probe results in the store."""
+    """List all probe results in the store."""
     data = [
         ProbePublic.model_validate(_read_probe(store, redis, i)) for i in store.result_ids("probes")
     ]

@@ -152,7 +152,7 @@ def _complete_arrays(
 
 @router.get("", response_model=ProjectionsPublic)
 def list_projections(store: StoreDep, redis: RedisDep) -> ProjectionsPublic:
-    """All projections in the store, without their coordinates."""
+    """List all projections in the store, without their coordinates."""
     data = [
         ProjectionPublic.model_validate(_read_projection(store, redis, i, arrays=False))
         for i in store.result_ids("projections")

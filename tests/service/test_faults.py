@@ -39,7 +39,7 @@ TMPFS_SIZE = "4m"
 def faults(
     tmp_path_factory: pytest.TempPathFactory, stack_dirs: dict[str, Path], tiny_model: Path
 ) -> Iterator[tuple[Stack, bool]]:
-    """A private stack; the bool says whether its store root is a tmpfs of ``TMPFS_SIZE``."""
+    """A private stack, and whether its store root is a tmpfs of ``TMPFS_SIZE``."""
     root = tmp_path_factory.mktemp("faults")
     store_root = root / "store"
     store_root.mkdir()

@@ -39,7 +39,7 @@ def test_supervisor_restarts_killed_worker(stack_env: dict[str, str], tmp_path: 
 
 @pytest.fixture()
 def foreign_server() -> Iterator[str]:
-    """A plain HTTP file server: something that answers but is not layerbank."""
+    """A plain HTTP file server: something that responds but is not layerbank."""
     port = free_port()
     server = http.server.ThreadingHTTPServer(
         ("127.0.0.1", port), http.server.SimpleHTTPRequestHandler

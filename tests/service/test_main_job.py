@@ -285,7 +285,7 @@ def test_api_process_never_imports_torch(settings: Any) -> None:
 
 def test_probe_failed_job_reports_failed(client: Any, digits_featuresets: dict[str, str]) -> None:
     # Every k of the grid fits the train set (the API accepts it) but not the part left for
-    # fitting after the validation split, which only the job sees.
+    # fitting after the validation split, which only the job checks.
     answer = client.probe(
         digits_featuresets["train"], digits_featuresets["test"], kind="knn", params={"k": [1297]}
     )

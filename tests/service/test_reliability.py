@@ -189,9 +189,11 @@ def test_killed_worker_block_retried_elsewhere(stack: Stack, tiny_model: Path) -
     assert retried.worker_name != killed
     assert retried.retries_left == BLOCK_RETRIES - 1
     by_block = {job.args[1]: job for job in _rq_jobs(stack, job_id) if len(job.args) == 2}
+    # Blocks written before the kill were not run again. The interrupted block can be among
+    # them: the stop can land after its done flag is written but before rq marks it finished.
     for block in written_before:
-        # Blocks written before the kill were not run again.
-        assert by_block[block].retries_left == BLOCK_RETRIES
+        if block != interrupted.args[1]:
+            assert by_block[block].retries_left == BLOCK_RETRIES
     block = interrupted.args[1]
     start, stop = block * 128, min(block * 128 + 128, 1297)
     images = load_split("digits", "train").images[start:stop]
