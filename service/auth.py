@@ -33,6 +33,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from redis import Redis
 from redis.exceptions import RedisError
+from redis.typing import EncodableT, FieldT
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.deps import RedisDep, SettingsDep, StoreDep
@@ -142,7 +143,7 @@ def _text(value: bytes | str) -> str:
 
 
 def _digest(key: str, salt: bytes) -> bytes:
-    return hashlib.scrypt(key.encode(), salt=salt, **SCRYPT_PARAMS)  # type: ignore[arg-type]
+    return hashlib.scrypt(key.encode(), salt=salt, **SCRYPT_PARAMS)
 
 
 def check_scope(scope: str) -> str:
@@ -195,7 +196,7 @@ class KeyStore:
         key_id = secrets.token_hex(6)
         key = f"{KEY_MARKER}_{key_id}_{secrets.token_urlsafe(32)}"
         salt = secrets.token_bytes(16)
-        record = {
+        record: dict[FieldT, EncodableT] = {
             "name": name,
             "scope": scope,
             "salt": salt.hex(),
@@ -203,7 +204,7 @@ class KeyStore:
             "created": _now(),
             "last_used": "",
         }
-        self.redis.hset(self._record_key(key_id), mapping=record)  # type: ignore[arg-type]
+        self.redis.hset(self._record_key(key_id), mapping=record)
         if not self.redis.hsetnx(f"{KEY_PREFIX}:names", name, key_id):
             self.redis.delete(self._record_key(key_id))
             raise ApiKeyError(

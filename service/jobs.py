@@ -14,12 +14,13 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypedDict
 
 from redis import Redis
+from redis.typing import EncodableT, FieldT
 from rq import Queue, Retry
 from rq.exceptions import NoSuchJobError
-from rq.job import Job, JobStatus
+from rq.job import Dependency, Job, JobStatus
 from rq.registry import StartedJobRegistry
 
 from store import FeatureSet, Store
@@ -33,6 +34,14 @@ FAILURE_TTL = 30 * 24 * 3600
 # Attempts after the first for a block whose worker died or whose job raised. Rewriting a block
 # is safe: its features are stored before its done flag, and a rerun writes the same values.
 BLOCK_RETRIES = 2
+
+
+class _RqJobOptions(TypedDict):
+    """Keyword arguments shared by the block and finalize rq jobs of an extraction."""
+
+    result_ttl: int
+    failure_ttl: int
+    meta: dict[str, Any]
 
 
 class JobNotFoundError(StoreError):
@@ -66,13 +75,17 @@ def target_lock(redis: Redis, target: str, timeout: float = 60.0) -> Iterator[No
             logger.exception("lock on %s expired before release", target)
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
 def active_job_id(redis: Redis, target: str) -> str | None:
     value = redis.get(_key("target", target))
-    return value.decode() if value else None
+    return _text(value) if value else None
 
 
 def save_job(redis: Redis, job_id: str, *, kind: str, target: str, rq_ids: list[str]) -> None:
-    record = {
+    record: dict[FieldT, EncodableT] = {
         "kind": kind,
         "target": target,
         "rq_ids": json.dumps(rq_ids),
@@ -92,7 +105,7 @@ def load_job(redis: Redis, job_id: str) -> dict[str, Any]:
             field="job_id",
             value=job_id,
         )
-    record = {k.decode(): v.decode() for k, v in raw.items()}
+    record: dict[str, Any] = {_text(k): _text(v) for k, v in raw.items()}
     record["rq_ids"] = json.loads(record["rq_ids"])
     record["job_id"] = job_id
     return record
@@ -104,7 +117,7 @@ def enqueue_extraction(
     """Enqueue one rq job per missing block plus a finalize job; return the layerbank job id."""
     job_id = job_id or new_job_id()
     missing = featureset.missing_blocks()
-    common = {
+    common: _RqJobOptions = {
         "result_ttl": RESULT_TTL,
         "failure_ttl": FAILURE_TTL,
         "meta": {"layerbank_job": job_id},
@@ -122,11 +135,12 @@ def enqueue_extraction(
             for block in missing
         ]
     )
+    dependencies: list[Dependency | Job | str] = list(blocks)
     finalize = queue.enqueue_call(
         "workers.jobs.finalize_featureset",
         args=(featureset.id,),
         timeout=300,
-        depends_on=blocks or None,
+        depends_on=dependencies or None,
         description=f"finalize {featureset.id}",
         **common,
     )
