@@ -23,7 +23,7 @@ def _key_store() -> KeyStore:
     from store.settings import Settings
 
     # Read the environment now, not a cached copy, so REDIS_URL set just before is honoured.
-    return KeyStore(Redis.from_url(Settings().redis_url))  # type: ignore[call-arg]
+    return KeyStore(Redis.from_url(Settings().redis_url))
 
 
 @keys_app.command("create")

@@ -90,14 +90,14 @@ class Client:
     # -- API methods ------------------------------------------------------------------------
 
     def health(self) -> dict[str, Any]:
-        return self._json("GET", "/healthz")  # type: ignore[no-any-return]
+        return self._json("GET", "/healthz")
 
     def pretrain(self, name: str, **params: Any) -> dict[str, Any]:
-        return self._json("POST", "/v1/pretrain", json={"name": name, **params})  # type: ignore[no-any-return]
+        return self._json("POST", "/v1/pretrain", json={"name": name, **params})
 
     def extract(self, model: str, dataset: str, split: str, **options: Any) -> dict[str, Any]:
         body = {"model": model, "dataset": dataset, "split": split, **options}
-        return self._json("POST", "/v1/extractions", json=body)  # type: ignore[no-any-return]
+        return self._json("POST", "/v1/extractions", json=body)
 
     def probe(
         self,
@@ -115,10 +115,10 @@ class Client:
             "layers": layers,
             **options,
         }
-        return self._json("POST", "/v1/probes", json=body)  # type: ignore[no-any-return]
+        return self._json("POST", "/v1/probes", json=body)
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/v1/jobs/{job_id}")  # type: ignore[no-any-return]
+        return self._json("GET", f"/v1/jobs/{job_id}")
 
     def wait(
         self,
@@ -145,10 +145,10 @@ class Client:
             time.sleep(poll)
 
     def featureset(self, featureset_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/v1/featuresets/{featureset_id}")  # type: ignore[no-any-return]
+        return self._json("GET", f"/v1/featuresets/{featureset_id}")
 
     def featuresets(self) -> list[dict[str, Any]]:
-        return self._json("GET", "/v1/featuresets")["data"]  # type: ignore[no-any-return]
+        return self._json("GET", "/v1/featuresets")["data"]
 
     def layer_array(
         self, featureset_id: str, layer: int, *, start: int | None = None, stop: int | None = None
@@ -165,10 +165,10 @@ class Client:
         return np.load(io.BytesIO(response.content), allow_pickle=False)
 
     def probe_result(self, probe_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/v1/probes/{probe_id}")  # type: ignore[no-any-return]
+        return self._json("GET", f"/v1/probes/{probe_id}")
 
     def curve(self, probe_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/v1/probes/{probe_id}/curve")  # type: ignore[no-any-return]
+        return self._json("GET", f"/v1/probes/{probe_id}/curve")
 
     def curve_png(self, probe_id: str, *, baseline: float | None = None) -> bytes:
         params = {"baseline": baseline} if baseline is not None else {}
@@ -176,7 +176,7 @@ class Client:
 
     def fsck(self, featureset_id: str) -> dict[str, Any]:
         """Run the consistency check of a feature set and return its report."""
-        return self._json("GET", f"/v1/featuresets/{featureset_id}/fsck")  # type: ignore[no-any-return]
+        return self._json("GET", f"/v1/featuresets/{featureset_id}/fsck")
 
     def projection(
         self,
@@ -195,11 +195,11 @@ class Client:
             "n_points": n_points,
             "seed": seed,
         }
-        return self._json("POST", "/v1/projections", json=body)  # type: ignore[no-any-return]
+        return self._json("POST", "/v1/projections", json=body)
 
     def projection_result(self, projection_id: str) -> dict[str, Any]:
         """Return a projection with its coordinates (n_points, 2), item indices and labels."""
-        return self._json("GET", f"/v1/projections/{projection_id}")  # type: ignore[no-any-return]
+        return self._json("GET", f"/v1/projections/{projection_id}")
 
     def projection_png(self, projection_id: str) -> bytes:
         return self.request("GET", f"/v1/projections/{projection_id}.png").content
