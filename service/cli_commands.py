@@ -176,7 +176,9 @@ def jobs(
 ) -> None:
     """Show the status and progress of a job; exit code 1 if the job failed."""
     with _api(url, api_key) as client:
-        state = _follow(client, job_id, timeout, show=not as_json) if watch else client.job(job_id)
+        state = (
+            _watch_job(client, job_id, timeout, show=not as_json) if watch else client.job(job_id)
+        )
 
     if as_json:
         _print_json(state)
@@ -367,13 +369,21 @@ class ItemsPerSecondColumn(ProgressColumn):
 def _follow(
     client: Client, job_id: str | None, timeout: float, *, show: bool
 ) -> dict[str, Any] | None:
-    """Poll a job until it finishes or fails; draw a progress bar on stderr when ``show``.
+    """Follow a job with ``_watch_job`` and return its final state.
 
-    Returns the final job state, or None when there is no job to follow (the result already
-    existed). Raises TimeoutError when the job is still running after ``timeout`` seconds.
+    Returns None when there is no job to follow (the result already existed).
     """
     if job_id is None:
         return None
+    return _watch_job(client, job_id, timeout, show=show)
+
+
+def _watch_job(client: Client, job_id: str, timeout: float, *, show: bool) -> dict[str, Any]:
+    """Poll a job until it finishes or fails; draw a progress bar on stderr when ``show``.
+
+    Returns the final job state. Raises TimeoutError when the job is still running after
+    ``timeout`` seconds.
+    """
     deadline = time.monotonic() + timeout
     progress = Progress(
         TextColumn("[bold]{task.description}"),
