@@ -9,6 +9,7 @@ from typing import Any
 
 import zarr
 from zarr.abc.store import Store as ZarrStore
+from zarr.core.common import AccessModeLiteral
 from zarr.storage import FsspecStore, LocalStore
 
 from store.errors import LayoutError, NotFoundError
@@ -117,8 +118,8 @@ class Store:
     def result_ids(self, kind: str) -> list[str]:
         return self._child_names(kind)
 
-    def result_group(self, kind: str, result_id: str, mode: str = "a") -> zarr.Group:
-        return zarr.open_group(self.zarr_store, path=f"{kind}/{result_id}", mode=mode)  # type: ignore[arg-type]
+    def result_group(self, kind: str, result_id: str, mode: AccessModeLiteral = "a") -> zarr.Group:
+        return zarr.open_group(self.zarr_store, path=f"{kind}/{result_id}", mode=mode)
 
     # -- models -----------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import numpy as np
 import zarr
 
 from store import Store
+from store.arrays import group_array
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def read_cached_tokens(store: Store, key: str) -> np.ndarray | None:
         return None
     if not group.attrs.get("complete"):
         return None
-    return np.asarray(group["tokens"][:])
+    return np.asarray(group_array(group, "tokens")[:])
 
 
 def cached_tokens(
@@ -108,7 +109,7 @@ def _write_cache(store: Store, key: str, tokens: np.ndarray, attrs: dict[str, An
     # NOTE: two workers that miss the cache at once both write it. Quantisation is
     # deterministic, so both write identical values, and neither deletes the other's group.
     group = zarr.open_group(store.zarr_store, path=path, mode="a")
-    if "tokens" in group and group["tokens"].shape != tokens.shape:
+    if "tokens" in group and group_array(group, "tokens").shape != tokens.shape:
         del group["tokens"]
     if "tokens" not in group:
         zarr.create_array(

@@ -20,6 +20,7 @@ from service.schemas import (
     ProjectionsPublic,
 )
 from store import NotFoundError, NotReadyError, Store, check_id
+from store.arrays import group_array
 from workers.projections import ProjectionSpec, check_request
 
 logger = logging.getLogger(__name__)
@@ -122,9 +123,9 @@ def _read_projection(
     }
     if arrays and result["status"] == "complete":
         group = store.result_group("projections", projection_id, mode="r")
-        result["coords"] = np.asarray(group["coords"][:]).tolist()
-        result["item_indices"] = np.asarray(group["item_indices"][:]).tolist()
-        result["labels"] = np.asarray(group["labels"][:]).tolist()
+        result["coords"] = np.asarray(group_array(group, "coords")[:]).tolist()
+        result["item_indices"] = np.asarray(group_array(group, "item_indices")[:]).tolist()
+        result["labels"] = np.asarray(group_array(group, "labels")[:]).tolist()
     return result
 
 
@@ -145,8 +146,8 @@ def _complete_arrays(
             value=projection_id,
         )
     group = store.result_group("projections", projection_id, mode="r")
-    coords = np.asarray(group["coords"][:])  # (n_points, 2)
-    labels = np.asarray(group["labels"][:])  # (n_points,)
+    coords = np.asarray(group_array(group, "coords")[:])  # (n_points, 2)
+    labels = np.asarray(group_array(group, "labels")[:])  # (n_points,)
     return projection, coords, labels
 
 
