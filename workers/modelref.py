@@ -101,9 +101,17 @@ class ModelRef:
         if self.family == PIXELS:
             return 1
         config = self.vision_config
-        n_layers = config.get(FAMILIES[self.family]["layers_key"])
+        layers_key = FAMILIES[self.family]["layers_key"]
+        n_layers = config.get(layers_key)
         if n_layers is None:
             n_layers = config.get("n_layer", config.get("num_hidden_layers"))
+        if n_layers is None:
+            raise ModelError(
+                f"the config of model {self.ref!r} is missing {layers_key!r}, the number of "
+                "transformer blocks; add it to the model's config.json",
+                field="model",
+                value=self.ref,
+            )
         return int(n_layers) + 1
 
     @property
@@ -383,14 +391,15 @@ def _resolve_hub(ref: str) -> ModelRef:
         # The hub client raises HTTP, DNS and connection errors of several libraries; any of
         # them means the hub is not usable now. Offline machines can still use the hub cache.
         logger.warning("hub lookup of %r failed: %s: %s", ref, type(exc).__name__, exc)
-        revision = _cached_revision(ref)
-        if revision is None:
+        cached_revision = _cached_revision(ref)
+        if cached_revision is None:
             raise ModelError(
                 f"hub id {ref!r}: not reachable and not in the local hub cache "
                 f"({type(exc).__name__})",
                 field="model",
                 value=ref,
             ) from exc
+        revision = cached_revision
     try:
         config = _read_json(Path(hf_hub_download(ref, "config.json", revision=revision)), ref)
         try:
