@@ -12,6 +12,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 from rq import Queue
 
@@ -146,7 +147,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 @asynccontextmanager
-async def _warn_if_open(app: FastAPI) -> AsyncIterator[None]:
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     try:
         open_mode = not keys_required(settings, app.state.key_store)
@@ -161,7 +162,14 @@ async def _warn_if_open(app: FastAPI) -> AsyncIterator[None]:
             settings.auth,
             settings.host,
         )
-    yield
+    # The asyncio client belongs to this event loop, so it lives exactly as long as the loop.
+    key_store: KeyStore = app.state.key_store
+    key_store.async_redis = AsyncRedis.from_url(settings.redis_url)
+    try:
+        yield
+    finally:
+        client, key_store.async_redis = key_store.async_redis, None
+        await client.aclose()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -174,7 +182,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Every route needs an API key with the scope of its method unless marked public.
         dependencies=[Depends(authorize)],
         responses=ERROR_RESPONSES,
-        lifespan=_warn_if_open,
+        lifespan=_lifespan,
     )
     app.state.settings = settings
     app.state.store = Store(settings.store)

@@ -32,8 +32,10 @@ from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import BaseModel
 from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 from redis.typing import EncodableT, FieldT
+from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.deps import RedisDep, SettingsDep, StoreDep
@@ -173,6 +175,8 @@ class KeyStore:
 
     def __init__(self, redis: Redis) -> None:
         self.redis = redis
+        # An asyncio client on the same Redis, opened and closed by the app's lifespan.
+        self.async_redis: AsyncRedis | None = None
         self._verified: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
@@ -182,6 +186,12 @@ class KeyStore:
     def count(self) -> int:
         """Return the number of keys."""
         return int(self.redis.hlen(f"{KEY_PREFIX}:names"))
+
+    async def count_async(self) -> int:
+        """Return the number of keys through `async_redis`, without blocking the event loop."""
+        if self.async_redis is None:
+            raise RuntimeError("KeyStore.async_redis is not open; the app's lifespan opens it")
+        return int(await self.async_redis.hlen(f"{KEY_PREFIX}:names"))
 
     def create(self, name: str, scope: str) -> str:
         """Store a new key named ``name`` and return it; the plain key is never stored.
@@ -354,7 +364,7 @@ def _unauthorized(message: str, error: str | None = None) -> HTTPException:
     )
 
 
-def authorize(
+async def authorize(
     request: Request,
     settings: SettingsDep,
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
@@ -363,26 +373,49 @@ def authorize(
 
     Attached to the whole app in `service.app.create_app`, so every route is covered unless it
     is marked `public`. The accepted key is left on ``request.state.api_key`` (None when open).
+
+    Open mode is decided on the event loop (one async Redis call at most). A key is checked in
+    a worker thread, because a key not seen before costs one scrypt hash.
     """
     request.state.api_key = None
     endpoint = request.scope.get("endpoint")
-    if is_public(endpoint):
+    if is_public(endpoint) or settings.auth == "off":
         return None
     key_store: KeyStore = request.app.state.key_store
+    if key_store.async_redis is not None and settings.auth == "auto" and is_loopback(settings.host):
+        try:
+            if not await key_store.count_async():
+                return None
+        except RedisError as exc:
+            raise _redis_unavailable() from exc
+    return await run_in_threadpool(_check_key, request, settings, key_store, credentials)
+
+
+def _redis_unavailable() -> HTTPException:
+    logger.exception("API key check failed: Redis did not answer")
+    return HTTPException(
+        status_code=503,
+        detail={
+            "message": "API keys cannot be checked because Redis is unavailable; retry later",
+            "field": None,
+            "value": None,
+        },
+    )
+
+
+def _check_key(
+    request: Request,
+    settings: Settings,
+    key_store: KeyStore,
+    credentials: HTTPAuthorizationCredentials | None,
+) -> ApiKeyInfo | None:
+    endpoint = request.scope.get("endpoint")
     try:
         if not keys_required(settings, key_store):
             return None
         info = key_store.verify(credentials.credentials) if credentials is not None else None
     except RedisError as exc:
-        logger.exception("API key check failed: Redis did not answer")
-        raise HTTPException(
-            status_code=503,
-            detail={
-                "message": "API keys cannot be checked because Redis is unavailable; retry later",
-                "field": None,
-                "value": None,
-            },
-        ) from exc
+        raise _redis_unavailable() from exc
     if credentials is None:
         raise _unauthorized(
             "missing API key; send `Authorization: Bearer <key>` with a key "

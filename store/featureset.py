@@ -35,6 +35,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
 
+from store.arrays import group_array
 from store.errors import LayoutError, NotReadyError, StoreError
 from store.spec import FeatureSetSpec
 
@@ -94,10 +95,10 @@ class FeatureSet:
         self.id = featureset_id
         self._group = group
         try:
-            self.features = group["features"]
-            self.labels_array = group["labels"]
-            self.item_ids_array = group["item_ids"]
-            self.blocks_done_array = group["blocks_done"]
+            self.features = group_array(group, "features")
+            self.labels_array = group_array(group, "labels")
+            self.item_ids_array = group_array(group, "item_ids")
+            self.blocks_done_array = group_array(group, "blocks_done")
         except KeyError as exc:
             raise LayoutError(
                 f"feature set {featureset_id!r} is missing the array {exc.args[0]!r}; "
@@ -106,7 +107,7 @@ class FeatureSet:
                 value=featureset_id,
             ) from exc
         self.token_features: zarr.Array | None = (
-            group["token_features"] if "token_features" in group else None  # type: ignore[assignment]
+            group_array(group, "token_features") if "token_features" in group else None
         )
         self._attrs: dict[str, Any] = dict(group.attrs)
         self._chunks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
@@ -151,6 +152,11 @@ class FeatureSet:
     @property
     def is_complete(self) -> bool:
         return self.attrs.get("status") == STATUS_COMPLETE
+
+    @property
+    def known_complete(self) -> bool:
+        """Whether this handle has already seen status "complete"; reads nothing from the store."""
+        return self._attrs.get("status") == STATUS_COMPLETE
 
     def block_range(self, block: int) -> tuple[int, int]:
         """Return the [start, stop) rows of ``block``."""
@@ -313,11 +319,11 @@ class FeatureSet:
         self.require_complete()
         position = self.layer_position(layer)
         start, stop = self.check_rows(start, stop)
-        block = start // self.block_rows
-        block_start = block * self.block_rows
-        if start < stop <= block_start + self.block_rows and stop - start < self.block_rows:
+        block = self._inner_block(start, stop)
+        if block is not None:
             chunk = self._cached_chunk(position, block)  # (block rows, dim)
-            return chunk[start - block_start : stop - block_start].copy()
+            offset = block * self.block_rows
+            return chunk[start - offset : stop - offset].copy()
         return np.asarray(self.features[position, start:stop, :])
 
     def iter_layer(
@@ -337,6 +343,31 @@ class FeatureSet:
             piece_stop = min((start // rows + 1) * rows, stop)  # the end of start's block
             yield np.asarray(self.features[position, start:piece_stop, :])
             start = piece_stop
+
+    def cached_rows(self, position: int, start: int, stop: int) -> np.ndarray | None:
+        """Return rows [start, stop) at layer ``position`` from the decoded-block cache, or None.
+
+        None unless the range lies inside one block whose chunk is already decoded, so this
+        never reads the store and may run on an event loop.
+        """
+        block = self._inner_block(start, stop)
+        if block is None:
+            return None
+        with self._chunk_lock:
+            chunk = self._chunks.get((position, block))
+            if chunk is None:
+                return None
+            self._chunks.move_to_end((position, block))
+        offset = block * self.block_rows
+        return chunk[start - offset : stop - offset].copy()
+
+    def _inner_block(self, start: int, stop: int) -> int | None:
+        """Return the block that holds rows [start, stop) when they are a part of one block."""
+        block = start // self.block_rows
+        block_start = block * self.block_rows
+        if start < stop <= block_start + self.block_rows and stop - start < self.block_rows:
+            return block
+        return None
 
     def _cached_chunk(self, position: int, block: int) -> np.ndarray:
         """Return the decoded rows of ``block`` at layer ``position``, shape (rows, dim)."""

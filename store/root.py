@@ -74,6 +74,11 @@ class Store:
             self._open[featureset_id] = featureset
         return featureset
 
+    def open_featureset(self, featureset_id: str) -> FeatureSet | None:
+        """Return the handle of ``featureset_id`` if one is already open, else None; no I/O."""
+        with self._lock:
+            return self._open.get(featureset_id)
+
     def featureset(self, featureset_id: str) -> FeatureSet:
         """Return the feature set ``featureset_id`` or raise `NotFoundError`."""
         featureset = self.find_featureset(featureset_id)

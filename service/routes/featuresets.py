@@ -10,12 +10,14 @@ from typing import Annotated, Literal
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Response, status
 from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
 
 from service.auth import requires_scope
 from service.deps import RedisDep, SettingsDep, StoreDep
 from service.jobs import active_job_id, job_state, target_lock
 from service.schemas import FeatureSetPublic, FeatureSetsPublic
 from store import FeatureSet, NotReadyError, Store, check_id
+from store.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +53,7 @@ def read_featureset(featureset_id: str, store: StoreDep) -> FeatureSetPublic:
         }
     },
 )
-def read_layer(
+async def read_layer(
     featureset_id: str,
     layer: int,
     store: StoreDep,
@@ -62,6 +64,31 @@ def read_layer(
 ) -> Response:
     """Return one layer's (rows, dim) array as .npy, or as JSON for small slices."""
     check_id(featureset_id, field="featureset_id")
+    # Rows of an already decoded block are answered on the event loop: no store I/O, and no
+    # hand-off to a thread that would wait for the GIL behind every other request.
+    featureset = store.open_featureset(featureset_id)
+    if featureset is not None and featureset.known_complete:
+        position = featureset.layer_position(layer)
+        first, last = featureset.check_rows(start, stop)
+        _check_row_limit(last - first, format, settings.max_rows_per_fetch, settings.max_json_rows)
+        rows = featureset.cached_rows(position, first, last)
+        if rows is not None:
+            meta = {"featureset_id": featureset_id, "layer": layer, "start": first, "stop": last}
+            return _array_response(rows, format, meta)
+    return await run_in_threadpool(
+        _read_layer, featureset_id, layer, store, settings, start, stop, format
+    )
+
+
+def _read_layer(
+    featureset_id: str,
+    layer: int,
+    store: Store,
+    settings: Settings,
+    start: int | None,
+    stop: int | None,
+    format: str,
+) -> Response:
     featureset = store.featureset(featureset_id)
     featureset.require_complete()
     featureset.layer_position(layer)

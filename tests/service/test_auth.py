@@ -273,6 +273,35 @@ def test_auth_auto_requires_key_once_one_exists(
     assert status == 401
 
 
+def test_auth_auto_key_created_while_serving(
+    settings: Settings, empty_redis_url: str, tmp_path: Path
+) -> None:
+    app = create_app(
+        settings.model_copy(
+            update={"store": str(tmp_path / "store"), "redis_url": empty_redis_url, "auth": "auto"}
+        )
+    )
+    with TestClient(app) as client:
+        assert client.get("/v1/featuresets").status_code == 200
+        KeyStore(Redis.from_url(empty_redis_url)).create("late", "read")
+        assert client.get("/v1/featuresets").status_code == 401
+
+
+def test_auth_auto_redis_down_is_503(settings: Settings, tmp_path: Path) -> None:
+    from service.launcher import free_port
+
+    unreachable = f"redis://127.0.0.1:{free_port()}/0"
+    app = create_app(
+        settings.model_copy(
+            update={"store": str(tmp_path / "store"), "redis_url": unreachable, "auth": "auto"}
+        )
+    )
+    with TestClient(app) as client:
+        response = client.get("/v1/featuresets")
+    assert response.status_code == 503
+    assert "Redis is unavailable" in response.json()["detail"]["message"]
+
+
 def test_auth_auto_non_loopback_requires_key(
     settings: Settings, empty_redis_url: str, tmp_path: Path
 ) -> None:

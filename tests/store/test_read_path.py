@@ -79,6 +79,35 @@ def test_read_layer_row_cached_once_per_block(
     assert featureset._chunks[(2, 0)] is cached[(2, 0)]
 
 
+def test_cached_rows_none_until_block_decoded(written: tuple[FeatureSet, np.ndarray]) -> None:
+    featureset, features = written
+    assert featureset.known_complete
+    assert featureset.cached_rows(1, 70, 71) is None
+    featureset.read_layer(2, 64, 65)
+    np.testing.assert_array_equal(featureset.cached_rows(1, 70, 72), features[1, 70:72])
+    assert featureset.cached_rows(1, 60, 70) is None  # spans two blocks
+    assert featureset.cached_rows(0, 70, 71) is None  # another layer
+
+
+def test_cached_rows_is_a_copy(written: tuple[FeatureSet, np.ndarray]) -> None:
+    featureset, features = written
+    featureset.read_layer(0, 0, 1)
+    rows = featureset.cached_rows(0, 5, 6)
+    assert rows is not None
+    rows[:] = 0
+    np.testing.assert_array_equal(featureset.cached_rows(0, 5, 6), features[0, 5:6])
+
+
+def test_open_featureset_only_returns_open_handles(
+    written: tuple[FeatureSet, np.ndarray],
+) -> None:
+    featureset, _ = written
+    fresh = Store(featureset.store.root)
+    assert fresh.open_featureset(featureset.id) is None
+    opened = fresh.featureset(featureset.id)
+    assert fresh.open_featureset(featureset.id) is opened
+
+
 def test_read_layer_row_is_a_copy(written: tuple[FeatureSet, np.ndarray]) -> None:
     featureset, features = written
     row = featureset.read_layer(0, 5, 6)
@@ -164,3 +193,32 @@ def test_layer_single_row_json(served: dict[str, Any]) -> None:
     body = response.json()
     assert body["shape"] == [1, DIM]
     np.testing.assert_allclose(body["data"], served["features"][0, 64:65])
+
+
+def test_layer_row_from_warm_cache_matches(served: dict[str, Any]) -> None:
+    featureset = served["featureset"]
+    url = f"{served['url']}/v1/featuresets/{featureset.id}/layers/2"
+    params = {"start": 70, "stop": 72, "format": "json"}
+    cold = httpx.get(url, params=params, timeout=30).json()
+    warm = httpx.get(url, params=params, timeout=30).json()
+    assert warm == cold
+    np.testing.assert_allclose(warm["data"], served["features"][1, 70:72])
+
+
+@pytest.mark.parametrize(
+    ("layer", "params", "field"),
+    [
+        (7, {"start": 0, "stop": 1}, "layer"),
+        (0, {"start": 5, "stop": 4}, "stop"),
+        (0, {"start": 0, "stop": N_ITEMS + 1}, "stop"),
+    ],
+)
+def test_layer_bad_request_after_warm_cache(
+    served: dict[str, Any], layer: int, params: dict[str, int], field: str
+) -> None:
+    featureset = served["featureset"]
+    base = f"{served['url']}/v1/featuresets/{featureset.id}/layers"
+    assert httpx.get(f"{base}/0", params={"start": 0, "stop": 1}, timeout=30).status_code == 200
+    response = httpx.get(f"{base}/{layer}", params={**params, "format": "json"}, timeout=30)
+    assert 400 <= response.status_code < 500
+    assert response.json()["detail"]["field"] == field
