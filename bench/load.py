@@ -1,15 +1,17 @@
 """Load test of the read path: concurrent clients fetch rows and layers while an extraction runs.
 
-Starts a private stack on 127.0.0.1 (redis-server, one rq worker, the API in its own process,
-a temporary store), extracts a complete feature set to read, then starts a second extraction with
-a tiny ImageGPT at batch size 1 so a worker writes blocks during the whole run. ``--clients``
-asyncio tasks then loop for ``--seconds``: each request is a single row as JSON
-(``?start=i&stop=i+1&format=json``) or, one time in ``--layer-every``, the whole layer as .npy.
-Reports requests/s, p50 and p99 latency per kind and the number of errors (any non-200).
+Starts a private stack on 127.0.0.1 (redis-server, one rq worker, the API in ``--api-workers``
+processes, a temporary store) and extracts a complete feature set to read. During the load a
+background thread keeps one extraction of a tiny ImageGPT at batch size 1 in flight, starting
+the next (a smaller ``limit``, so a new feature set) when one finishes, so the worker writes
+blocks for the whole run. ``--clients`` asyncio tasks loop for ``--seconds``: each request is a
+single row as JSON (``?start=i&stop=i+1&format=json``) or, one time in ``--layer-every``, the
+whole layer as .npy. Reports requests/s, p50 and p99 latency per kind, the number of errors (any
+non-200) and the blocks written meanwhile.
 
 Example::
 
-    python bench/load.py --clients 50 --seconds 20
+    PYTHONPATH=. python bench/load.py --clients 50 --seconds 20
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -91,14 +94,52 @@ async def _load(
     return latencies, errors, elapsed
 
 
-def _serve(env: dict[str, str], log_file: Path) -> tuple[str, subprocess.Popen[bytes]]:
+class _BackgroundWriter(threading.Thread):
+    """Keep one extraction in flight until stopped; count the blocks it writes."""
+
+    def __init__(self, url: str, model: str, n_items: int) -> None:
+        super().__init__(daemon=True)
+        self.url, self.model, self.n_items = url, model, n_items
+        self.stopping = threading.Event()
+        self.blocks = 0
+        self.extractions = 0
+        self.error: str | None = None
+
+    def run(self) -> None:
+        from service.client import Client
+
+        limit = self.n_items - 1
+        with Client(self.url, timeout=120) as client:
+            while not self.stopping.is_set() and limit > 100:
+                job = client.extract(
+                    self.model, "digits", "train", batch_size=1, block_rows=64, limit=limit
+                )
+                self.extractions += 1
+                done = 0
+                while not self.stopping.is_set():
+                    state = client.job(job["job_id"])
+                    done = state["progress"]["done"]
+                    if state["status"] == "failed":
+                        self.error = str(state.get("error"))
+                        return
+                    if state["status"] == "finished":
+                        break
+                    time.sleep(0.5)
+                self.blocks += done
+                limit -= 50
+
+
+def _serve(
+    env: dict[str, str], log_file: Path, workers: int
+) -> tuple[str, subprocess.Popen[bytes]]:
     """Start ``python -m service.serve`` in its own process, so clients and API share no GIL."""
     from service.launcher import free_port, wait_for_http
 
     port = free_port()
+    command = [sys.executable, "-m", "service.serve", "--log-level", "WARNING"]
     with log_file.open("ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service.serve", "--log-level", "WARNING"],
+            [*command, "--workers", str(workers)],
             env={**os.environ, **env, "LAYERBANK_HOST": "127.0.0.1", "LAYERBANK_PORT": str(port)},
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -117,6 +158,9 @@ def main() -> None:
         type=int,
         default=20,
         help="one request in this many fetches the whole layer",
+    )
+    parser.add_argument(
+        "--api-workers", type=int, default=1, help="API processes (uvicorn workers)"
     )
     args = parser.parse_args()
 
@@ -139,17 +183,19 @@ def main() -> None:
         "OMP_NUM_THREADS": "1",
     }
     worker = start_worker(redis.url, env={**os.environ, **env}, log_file=root / "worker.log")
-    url, api = _serve(env, root / "api.log")
+    url, api = _serve(env, root / "api.log", args.api_workers)
     try:
         with Client(url, timeout=120) as client:
             target = client.extract("pixels", "digits", "train")
             client.wait(target["job_id"], timeout=300)
             summary = client.featureset(target["featureset_id"])
-            background = client.extract(str(model), "digits", "train", batch_size=1, block_rows=64)
-            latencies, errors, elapsed = asyncio.run(
-                _load(url, target["featureset_id"], summary["n_items"], args)
-            )
-            writing = client.job(background["job_id"])
+        writer = _BackgroundWriter(url, str(model), summary["n_items"])
+        writer.start()
+        latencies, errors, elapsed = asyncio.run(
+            _load(url, target["featureset_id"], summary["n_items"], args)
+        )
+        writer.stopping.set()
+        writer.join(timeout=30)
     finally:
         stop_process(api)
         stop_process(worker)
@@ -157,9 +203,10 @@ def main() -> None:
 
     total = sum(len(v) for v in latencies.values()) + len(errors)
     print(
-        f"{args.clients} clients, {elapsed:.1f} s, feature set of {summary['n_items']} rows x "
-        f"{summary['dim']} dim; background extraction {writing['status']} "
-        f"({writing['progress']['done']}/{writing['progress']['total']} blocks at the end)"
+        f"{args.clients} clients, {args.api_workers} API process(es), {elapsed:.1f} s, feature "
+        f"set of {summary['n_items']} rows x {summary['dim']} dim; meanwhile "
+        f"{writer.extractions} background extraction(s) wrote {writer.blocks} blocks"
+        + (f" and one failed: {writer.error}" if writer.error else "")
     )
     print(f"requests: {total} ({total / elapsed:.1f}/s), errors: {len(errors)}")
     for kind, values in latencies.items():

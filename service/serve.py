@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+from typing import Any
 
 from store.settings import Settings, get_settings
 
@@ -49,7 +50,15 @@ def main(argv: list[str] | None = None) -> None:
 
     parser = argparse.ArgumentParser(prog="python -m service.serve", description=__doc__)
     parser.add_argument("--log-level", default="INFO", help="logging level")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="API processes sharing the port (uvicorn workers); each builds its own app",
+    )
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -63,13 +72,17 @@ def main(argv: list[str] | None = None) -> None:
         settings.store,
         settings.queue,
     )
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=args.log_level.lower(),
-        proxy_headers=True,
-    )
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": args.log_level.lower(),
+        "proxy_headers": True,
+    }
+    if args.workers == 1:
+        uvicorn.run(create_app(settings), **options)
+    else:
+        # Worker processes import the app factory and read the same environment.
+        uvicorn.run("service.app:create_app", factory=True, workers=args.workers, **options)
 
 
 if __name__ == "__main__":
