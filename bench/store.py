@@ -13,6 +13,9 @@ Three parts, each printed as a table:
   process, without HTTP.
 - api: the API in its own process on 127.0.0.1 (with a private redis-server), one client
   sending sequential requests: a single row as JSON and a whole layer as .npy; p50 and p99.
+  Each whole-layer request runs three ways: ``httpx.get`` (the body joined in memory), an
+  httpx stream read in 1 MiB pieces, and a plain socket reading into one preallocated buffer,
+  which shows the server's speed without an HTTP client library.
   With ``--api-key``, requests carry a key, and the Redis commands per request are counted
   from ``INFO commandstats``.
 
@@ -34,6 +37,7 @@ import datetime
 import os
 import platform
 import shutil
+import socket
 import statistics
 import subprocess
 import sys
@@ -41,6 +45,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import numpy as np
 import zarr
@@ -283,7 +288,12 @@ def api(args: argparse.Namespace, scratch: Path, features: np.ndarray) -> None:
     try:
         wait_for_http(f"{url}/healthz", timeout=60)
         rng = np.random.default_rng(args.seed)
-        latencies: dict[str, list[float]] = {"row": [], "layer": []}
+        latencies: dict[str, list[float]] = {
+            "row": [],
+            "layer": [],
+            "layer, httpx stream": [],
+            "layer, plain socket": [],
+        }
         layer_url = f"/v1/featuresets/{featureset_id}/layers/{args.layers // 2}"
         with httpx.Client(base_url=url, timeout=60, headers=headers) as http:
             http.get(layer_url, params={"start": 0, "stop": 1, "format": "json"})  # warm-up
@@ -304,6 +314,18 @@ def api(args: argparse.Namespace, scratch: Path, features: np.ndarray) -> None:
                 latencies["layer"].append(time.perf_counter() - started)
                 response.raise_for_status()
                 layer_bytes = len(response.content)
+            for _ in range(args.layer_requests):
+                started = time.perf_counter()
+                with http.stream("GET", layer_url) as response:
+                    response.raise_for_status()
+                    for _piece in response.iter_raw(2**20):
+                        pass
+                latencies["layer, httpx stream"].append(time.perf_counter() - started)
+        buffer = bytearray(2 * layer_bytes + 4096)
+        for _ in range(args.layer_requests):
+            started = time.perf_counter()
+            _raw_get(url, layer_url, headers, buffer)
+            latencies["layer, plain socket"].append(time.perf_counter() - started)
     finally:
         stop_process(process)
         redis.stop()
@@ -313,12 +335,31 @@ def api(args: argparse.Namespace, scratch: Path, features: np.ndarray) -> None:
     print(f"\napi, sequential requests from one client, auth {auth}")
     for kind, values in latencies.items():
         p50, p99 = np.percentile(values, [50, 99]) * 1000
-        print(f"  {kind:5s} {len(values):4d} requests, p50 {p50:7.1f} ms, p99 {p99:7.1f} ms")
+        print(f"  {kind:20s} {len(values):4d} requests, p50 {p50:7.1f} ms, p99 {p99:7.1f} ms")
     layer_mb = layer_bytes / MB
-    print(
-        f"  whole layer {layer_mb:.1f} MB, {layer_mb / statistics.median(latencies['layer']):.0f} "
-        f"MB/s at the median; {commands:.2f} Redis commands per single-row request"
-    )
+    print(f"  whole layer {layer_mb:.1f} MB, MB/s at the median:")
+    for kind in ("layer", "layer, httpx stream", "layer, plain socket"):
+        print(f"    {kind:20s} {layer_mb / statistics.median(latencies[kind]):5.0f}")
+    print(f"  {commands:.2f} Redis commands per single-row request")
+
+
+def _raw_get(url: str, path: str, headers: dict[str, str], buffer: bytearray) -> int:
+    """GET ``path`` over a plain socket into ``buffer``; return the bytes received.
+
+    Measures the server without an HTTP client library's parsing and copies.
+    """
+    parts = urlsplit(url)
+    request = f"GET {path} HTTP/1.1\r\nHost: {parts.netloc}\r\nConnection: close\r\n"
+    request += "".join(f"{name}: {value}\r\n" for name, value in headers.items()) + "\r\n"
+    view = memoryview(buffer)
+    received = 0
+    with socket.create_connection((parts.hostname, parts.port)) as connection:
+        connection.sendall(request.encode())
+        while chunk := connection.recv_into(view[received:]):
+            received += chunk
+    if not buffer.startswith(b"HTTP/1.1 200"):
+        raise RuntimeError(f"GET {path} failed: {bytes(buffer[:80])!r}")
+    return received
 
 
 def main() -> None:

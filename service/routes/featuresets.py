@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
 import numpy as np
@@ -220,12 +222,23 @@ def _layer_stream(featureset: FeatureSet, layer: int, first: int, last: int) -> 
     )
     length = header.tell() + (last - first) * dim * dtype.itemsize
 
-    def body() -> Iterator[bytes]:
+    async def body() -> AsyncIterator[bytes | memoryview]:
         yield header.getvalue()
         # NOTE: a chunk that fails to decode here ends the response early: the status line has
         # been sent, so the client sees a body shorter than Content-Length.
-        for piece in featureset.iter_layer(layer, first, last):  # (rows, dim) per block
-            yield np.ascontiguousarray(piece).tobytes()
+        pieces = featureset.iter_layer(layer, first, last)  # (rows, dim) per block
+        # The next block is read in a thread while the current one is sent, so the transfer
+        # overlaps the decoding. One read at a time: a generator is not thread-safe.
+        pending = asyncio.ensure_future(run_in_threadpool(next, pieces, None))
+        try:
+            while (piece := await pending) is not None:
+                pending = asyncio.ensure_future(run_in_threadpool(next, pieces, None))
+                yield memoryview(np.ascontiguousarray(piece)).cast("B")
+        finally:
+            if not pending.done():
+                pending.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await pending
 
     return StreamingResponse(
         body(), media_type="application/octet-stream", headers={"Content-Length": str(length)}

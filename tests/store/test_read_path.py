@@ -222,3 +222,14 @@ def test_layer_bad_request_after_warm_cache(
     response = httpx.get(f"{base}/{layer}", params={**params, "format": "json"}, timeout=30)
     assert 400 <= response.status_code < 500
     assert response.json()["detail"]["field"] == field
+
+
+def test_layer_stream_client_leaves_early(served: dict[str, Any]) -> None:
+    featureset = served["featureset"]
+    url = f"{served['url']}/v1/featuresets/{featureset.id}/layers/2"
+    with httpx.stream("GET", url, timeout=30) as response:
+        first = next(response.iter_raw(128))
+    assert first.startswith(b"\x93NUMPY")
+    again = httpx.get(url, timeout=30)
+    array = np.load(io.BytesIO(again.content), allow_pickle=False)
+    np.testing.assert_array_equal(array, served["features"][1])
