@@ -108,6 +108,13 @@ def test_open_featureset_only_returns_open_handles(
     assert fresh.open_featureset(featureset.id) is opened
 
 
+def test_read_layer_whole_block_cached(written: tuple[FeatureSet, np.ndarray]) -> None:
+    featureset, features = written
+    got = featureset.read_layer(0, BLOCK_ROWS, 2 * BLOCK_ROWS)
+    np.testing.assert_array_equal(got, features[0, BLOCK_ROWS : 2 * BLOCK_ROWS])
+    assert list(featureset._chunks) == [(0, 1)]
+
+
 def test_read_layer_row_is_a_copy(written: tuple[FeatureSet, np.ndarray]) -> None:
     featureset, features = written
     row = featureset.read_layer(0, 5, 6)
