@@ -2,7 +2,8 @@
 
 Run by hand, never in CI::
 
-    .venv/bin/python bench/probe.py --items 5000 --dim 128 --layers 8 --c-batch all 1 --threads 1
+    .venv/bin/python bench/probe.py --items 10000 --dim 256 --layers 8 --dtype float64 float32 \
+        --threads 1
 
 Both engines run through :func:`workers.probes.fit_probes` on the same synthetic features
 with the same C grid, validation split and seed, so the wall times include the whole
@@ -26,8 +27,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from threadpoolctl import threadpool_limits
+from threadpoolctl import threadpool_info, threadpool_limits
 
+# fit_probes imports the engines lazily. Import the logistic engine here, so that scikit-learn,
+# scipy and their BLAS and OpenMP libraries are loaded before threadpool_limits in main().
+import workers.probes.logistic  # noqa: F401
 from workers.probes import fit_probes
 
 DEFAULT_C_GRID = [float(c) for c in np.logspace(-3, 2, 8)]
@@ -77,23 +81,27 @@ def run_engine(
     )
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     load = os.getloadavg()[0]
-    print(f"{name}: {wall:.1f} s wall, {cpu:.1f} s CPU, load average after {load:.1f}")
+    print(f"{name}: {wall:.1f} s wall, {cpu:.1f} s CPU, load average after {load:.2f}")
     return {"name": name, "params": params, "wall": wall, "cpu": cpu, "results": results}
 
 
 def torch_variants(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+    """One torch run per combination of ``--c-batch`` and ``--dtype`` values."""
     variants = []
-    for c_batch in args.c_batch:
-        params: dict[str, Any] = {"engine": "torch"}
-        if c_batch != "all":
-            params["c_batch"] = int(c_batch)
-        if args.dtype:
-            params["dtype"] = args.dtype
-        if args.layer_batch:
-            params["layer_batch"] = args.layer_batch
-        if args.max_iter:
-            params["max_iter"] = args.max_iter
-        variants.append((f"torch c_batch={c_batch}", params))
+    for dtype in args.dtype or [None]:
+        for c_batch in args.c_batch:
+            params: dict[str, Any] = {"engine": "torch"}
+            name = f"torch c_batch={c_batch}"
+            if c_batch != "all":
+                params["c_batch"] = int(c_batch)
+            if dtype:
+                params["dtype"] = dtype
+                name += f" {dtype}"
+            if args.layer_batch:
+                params["layer_batch"] = args.layer_batch
+            if args.max_iter:
+                params["max_iter"] = args.max_iter
+            variants.append((name, params))
     return variants
 
 
@@ -102,7 +110,7 @@ def report(runs: list[dict[str, Any]], n_layers: int) -> list[dict[str, Any]]:
     ref = runs[0]
     header = f"{'layer':>5} {'sklearn':>8} {'C':>8}"
     for run in runs[1:]:
-        header += f" | {run['name']:>20} {'C':>8} {'diff':>6}"
+        header += f" | {run['name']:>28} {'C':>8} {'diff':>6}"
     print("\n" + header)
     for i in range(n_layers):
         a = ref["results"][i]
@@ -110,13 +118,14 @@ def report(runs: list[dict[str, Any]], n_layers: int) -> list[dict[str, Any]]:
         for run in runs[1:]:
             b = run["results"][i]
             diff = 100.0 * (b["test_accuracy"] - a["test_accuracy"])
-            line += f" | {b['test_accuracy']:>20.4f} {b['params']['C']:>8.3g} {diff:>+6.2f}"
+            line += f" | {b['test_accuracy']:>28.4f} {b['params']['C']:>8.3g} {diff:>+6.2f}"
         print(line)
 
     summaries = []
     print(
         f"\nsklearn: {ref['wall']:.1f} s wall, {ref['cpu']:.1f} s CPU, converged "
-        f"{sum(r['converged'] for r in ref['results'])}/{n_layers} layers"
+        f"{sum(r['converged'] for r in ref['results'])}/{n_layers} layers; "
+        f"{_iterations(ref['results'])}"
     )
     for run in runs[1:]:
         pairs = list(zip(ref["results"], run["results"], strict=True))
@@ -132,6 +141,7 @@ def report(runs: list[dict[str, Any]], n_layers: int) -> list[dict[str, Any]]:
             "converged_layers": sum(b["converged"] for _, b in pairs),
             "validation_iterations": max(g["n_iter"] for _, b in pairs for g in b["grid"]),
             "refit_iterations": max(b["n_iter"] for _, b in pairs),
+            "total_iterations": sum(_total_iterations(b) for _, b in pairs),
         }
         summaries.append(summary)
         print(
@@ -139,10 +149,30 @@ def report(runs: list[dict[str, Any]], n_layers: int) -> list[dict[str, Any]]:
             f"= {summary['sklearn_over_torch']:.2f}; max |diff| "
             f"{summary['max_abs_diff_points']:.2f} points; same C on "
             f"{summary['same_C_layers']}/{n_layers} layers; converged "
-            f"{summary['converged_layers']}/{n_layers}; L-BFGS iterations: validation "
-            f"{summary['validation_iterations']}, refit {summary['refit_iterations']}"
+            f"{summary['converged_layers']}/{n_layers}; {_iterations(run['results'])}"
         )
+        for a, b in pairs:
+            if a["params"]["C"] != b["params"]["C"]:
+                print(
+                    f"  layer {a['layer']}: validation accuracy per C, sklearn "
+                    f"{[g['val_accuracy'] for g in a['grid']]}, torch "
+                    f"{[g['val_accuracy'] for g in b['grid']]}"
+                )
     return summaries
+
+
+def _total_iterations(result: dict[str, Any]) -> int:
+    return sum(g["n_iter"] for g in result["grid"]) + result["n_iter"]
+
+
+def _iterations(results: list[dict[str, Any]]) -> str:
+    """L-BFGS iterations of one engine: the largest per validation fit and per refit, and the
+    sum over every fit."""
+    return (
+        f"L-BFGS iterations: at most {max(g['n_iter'] for r in results for g in r['grid'])} per "
+        f"validation fit, {max(r['n_iter'] for r in results)} per refit, "
+        f"{sum(_total_iterations(r) for r in results)} in all"
+    )
 
 
 def main() -> None:
@@ -161,13 +191,22 @@ def main() -> None:
         help="torch variants to run: 'all' (every C in one L-BFGS run) and/or a number of C "
         "values per run, e.g. --c-batch all 1",
     )
-    parser.add_argument("--dtype", choices=["float32", "float64"], default=None)
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "float64"],
+        nargs="+",
+        default=None,
+        help="compute dtypes of the torch variants (default: the engine's own)",
+    )
     parser.add_argument("--layer-batch", type=int, default=None)
     parser.add_argument(
         "--max-iter", type=int, default=None, help="default: each engine's own (5000 / 1000)"
     )
     parser.add_argument(
-        "--tol", type=float, default=None, help="gradient tolerance of both engines"
+        "--tol",
+        type=float,
+        default=None,
+        help="gradient tolerance of both engines (default: each engine's own)",
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
@@ -180,6 +219,8 @@ def main() -> None:
         # Both engines alike: torch's own pool, and numpy/scipy BLAS and OpenMP for sklearn.
         torch.set_num_threads(args.threads)
         threadpool_limits(args.threads)
+        pools = ", ".join(f"{p['internal_api']} {p['num_threads']}" for p in threadpool_info())
+        print(f"thread pools: {pools}")
 
     n_test = args.test_items or max(1, args.items // 5)
     start = time.perf_counter()

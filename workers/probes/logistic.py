@@ -8,27 +8,36 @@ which is scikit-learn's ``LogisticRegression(C=C)`` objective scaled by ``1 / (C
 
 - ``"sklearn"`` (the reference): ``StandardScaler`` + ``LogisticRegression(solver="lbfgs")``,
   layer by layer and value by value.
-- ``"torch"``: one full-batch L-BFGS run over the summed objective of every layer of a batch
-  and every value of the C grid at once, with weights of shape (n_layers, n_C, dim, n_classes).
-  The problems are independent, so the gradient of the sum is the stack of their gradients.
-  Its max-norm meets ``tol`` only when every problem does, and convergence is checked per
-  problem.
+- ``"torch"``: a batched full-batch L-BFGS over every layer of a batch and every value of the
+  C grid at once. Each (layer, C) problem has its own curvature history, step length and
+  backtracking line search, and stops on its own when the max-norm of its gradient meets
+  ``tol``. One iteration evaluates every problem still running, with one matmul per layer
+  for all of that layer's values of C. The two-loop recursion starts from a preconditioner,
+  the inverse Hessian at zero weights built from the eigenvectors of each layer's feature
+  covariance, so the first step is a Newton step and the later ones see a better
+  conditioned problem.
 
 Both engines choose C on the validation part (fitted on the fit part, standardised with its
 statistics), then refit on the whole train set with the chosen C. In the torch engine
-``fit_seconds`` is the layer's share of its batch, and ``n_iter`` counts the iterations of the
-shared run.
+``fit_seconds`` is the layer's share of its batch, and ``n_iter`` counts each problem's own
+iterations. The refit starts from the layer's validation solution.
 
-The torch engine computes in float64 by default (float32 stalls short of the default ``tol``)
-and agrees with the reference within 0.1 accuracy points on digits and on the synthetic
-benchmark. On a CPU it is slower than the single-threaded reference: the shared line search
-needs several times the iterations of the hardest single problem, and every iteration
-evaluates every problem still running (measured in docs/benchmarks-probe.md).
-``c_batch=1`` (one value of C per run, warm-started along the grid) makes it about three
-times faster on a CPU.
+The torch engine keeps weights, losses and solver state in float64. ``dtype`` sets the
+dtype of the features, the matmuls and the softmax: float64 by default, float32 about twice
+as fast on a CPU. In float32 the gradient is exact only to about 1e-6 on features with
+extreme standardised values, so a problem whose gradient stops falling is reported as
+stalled rather than run to ``max_iter``. The default ``tol`` is 1e-6, tighter than the
+reference's 1e-5, because at 1e-5 a tie between values of C on validation can break either
+way (see ``workers.probes.settings``).
 
-NOTE: on a CPU shared with other busy processes, torch's threaded BLAS calls inside L-BFGS wait
-for descheduled threads; fewer torch threads (``torch.set_num_threads``) then run faster.
+On the 2-core CPU of docs/benchmarks-probe.md, with one thread each, the torch engine ran
+several times faster than the reference and chose the same values of C. The figures are
+there.
+``c_batch=1`` (one value of C per run, warm-started along the grid) needs fewer iterations
+but is slower on a CPU, because each matmul then covers a single value of C.
+
+NOTE: on a CPU shared with other busy processes, torch's threaded BLAS calls wait for
+descheduled threads; fewer torch threads (``torch.set_num_threads``) then run faster.
 """
 
 from __future__ import annotations
@@ -164,16 +173,20 @@ def _fit_torch(task: ProbeTask, s: LogisticSettings) -> list[dict[str, Any]]:
 def _layer_batch(
     task: ProbeTask, s: LogisticSettings, device: torch.device, dtype: torch.dtype
 ) -> int:
-    """Layers per L-BFGS run so that features and logits stay within a memory budget."""
+    """Layers per batch so that features, logits and solver state stay within a memory budget."""
     n_train, n_test = len(task.y_train), len(task.y_test)
     itemsize = torch.finfo(dtype).bits // 8
-    # raw, standardised and subset copies of train features, test features, ~4 logits-sized
-    # buffers, and the L-BFGS history (two weight-sized vectors per remembered step)
-    n_weights = len(s.c_grid) * (task.dim + 1) * task.n_classes
-    per_layer = itemsize * (
-        (3 * n_train + n_test) * task.dim
-        + 4 * n_train * len(s.c_grid) * task.n_classes
-        + 2 * s.history_size * n_weights
+    n_c = len(s.c_grid)
+    n_weights = n_c * (task.dim + 1) * task.n_classes
+    per_layer = (
+        # raw, standardised and subset copies of train features, and test features
+        itemsize * (3 * n_train + n_test) * task.dim
+        # logits, probabilities and residuals in float64, plus a compute-dtype copy
+        + (3 * 8 + itemsize) * n_train * n_c * task.n_classes
+        # L-BFGS history (two float64 vectors per remembered step) and ~8 working vectors
+        + 8 * (2 * s.history_size + 8) * n_weights
+        # covariance and eigenvectors of the preconditioner
+        + 8 * 3 * task.dim**2
     )
     if device.type == "cuda":
         budget = torch.cuda.mem_get_info(device)[0] // 2
@@ -201,7 +214,7 @@ def _fit_torch_batch(
 
     # Validation: every layer x every C, standardised with the fit part's statistics.
     x_fit, x_val = _standardise(x_train[:, fit_idx], x_train[:, val_idx])
-    val_fit, val_run, val_iter = _fit_grid(x_fit, y_train[fit_idx], s, task.n_classes)
+    val_fit, val_run = _fit_grid(x_fit, y_train[fit_idx], s, task.n_classes)
     del x_fit
     val_pred = val_fit.predict(x_val)  # (n_layers, n_C, n_val)
     val_acc = (val_pred == y_train[val_idx]).double().mean(dim=2).cpu().numpy()
@@ -212,7 +225,7 @@ def _fit_torch_batch(
     # Refit on all of train with each layer's chosen C, warm-started from its validation fit.
     x_all, x_test = _standardise(x_train, x_test)
     del x_train
-    chosen = torch.tensor([s.c_grid[i] for i in best], dtype=dtype, device=device)
+    chosen = torch.tensor([s.c_grid[i] for i in best], dtype=torch.float64, device=device)
     refit = _BatchedLogistic(x_all, y_train, chosen[:, None], task.n_classes)
     rows = torch.arange(n_layers, device=device)
     pick = torch.from_numpy(best).to(device)
@@ -225,28 +238,30 @@ def _fit_torch_batch(
 
     results = []
     for i, layer in enumerate(layers):
+        c = s.c_grid[best[i]]
         notes = []
-        unconverged = [c for j, c in enumerate(s.c_grid) if not val_run.converged[i, j]]
+        unconverged = [j for j in range(len(s.c_grid)) if not val_run.converged[i, j]]
         if unconverged:
             notes.append(
-                f"validation fits with C={unconverged} stopped after {val_run.n_iter} L-BFGS "
-                f"iterations with gradient max-norm up to {val_run.grad_norm[i].max():.2e} "
-                f"above tol={s.tol:g}; {_advice(val_run, s)}"
+                f"validation fits with C={[s.c_grid[j] for j in unconverged]} stopped after "
+                f"{[int(val_run.n_iter[i, j]) for j in unconverged]} L-BFGS iterations with "
+                f"gradient max-norm up to {val_run.grad_norm[i, unconverged].max():.2e} above "
+                f"tol={s.tol:g}; {_advice(val_run, i, unconverged, s)}"
             )
         if not run.converged[i, 0]:
             notes.append(
-                f"refit with C={s.c_grid[best[i]]:g} stopped after {run.n_iter} L-BFGS "
-                f"iterations with gradient max-norm {run.grad_norm[i, 0]:.2e} above "
-                f"tol={s.tol:g}; {_advice(run, s)}"
+                f"refit with C={c:g} stopped after {run.n_iter[i, 0]} L-BFGS iterations with "
+                f"gradient max-norm {run.grad_norm[i, 0]:.2e} above tol={s.tol:g}; "
+                f"{_advice(run, i, [0], s)}"
             )
         grid = [
             {
-                "C": c,
+                "C": c_j,
                 "val_accuracy": float(val_acc[i, j]),
                 "converged": bool(val_run.converged[i, j]),
-                "n_iter": val_iter[j],
+                "n_iter": int(val_run.n_iter[i, j]),
             }
-            for j, c in enumerate(s.c_grid)
+            for j, c_j in enumerate(s.c_grid)
         ]
         results.append(
             task.layer_result(
@@ -256,7 +271,7 @@ def _fit_torch_batch(
                 train_accuracy=accuracy(task.y_train, train_pred[i]),
                 val_accuracy=float(val_acc[i, best[i]]),
                 params={
-                    "C": s.c_grid[best[i]],
+                    "C": c,
                     "max_iter": s.max_iter,
                     "tol": s.tol,
                     "dtype": str(dtype).removeprefix("torch."),
@@ -264,51 +279,50 @@ def _fit_torch_batch(
                 },
                 grid=grid,
                 converged=bool(run.converged[i, 0]),
-                n_iter=run.n_iter,
+                n_iter=int(run.n_iter[i, 0]),
                 fit_seconds=seconds,
                 warnings=notes,
             )
         )
-        logger.info("logistic probe (torch): layer %d done (C=%g)", layer, s.c_grid[best[i]])
+        logger.info("logistic probe (torch): layer %d done (C=%g)", layer, c)
     return results
 
 
 def _fit_grid(
     x: torch.Tensor, y: torch.Tensor, s: LogisticSettings, n_classes: int
-) -> tuple[_BatchedLogistic, _Run, list[int]]:
+) -> tuple[_BatchedLogistic, _Run]:
     """Fit every layer of ``x`` (n_layers, n_items, dim) with every value of the C grid.
 
-    By default all values of C share one L-BFGS run. With ``c_batch`` the grid goes in
-    increasing runs of that many values, each warm-started from the largest C fitted so far
-    (a regularisation path): fewer problems per evaluation and a better start, at the price
-    of more runs.
-
-    Returns the fitted problems, their convergence (``n_iter`` is that of the longest run)
-    and the L-BFGS iterations of the run that fitted each value of C.
+    By default every value of C starts from zero in one batched run. With ``c_batch`` the
+    grid goes in increasing runs of that many values, each warm-started from the largest C
+    fitted so far (a regularisation path).
     """
     n_layers, n_c = len(x), len(s.c_grid)
     size = s.c_batch or n_c
-    grid = torch.tensor(s.c_grid, dtype=x.dtype, device=x.device)
+    grid = torch.tensor(s.c_grid, dtype=torch.float64, device=x.device)
     fit = _BatchedLogistic(x, y, grid.expand(n_layers, n_c), n_classes)
-    converged, norms, n_iter = [], [], []
+    runs = []
     for first in range(0, n_c, size):
         part = _BatchedLogistic(x, y, grid[first : first + size].expand(n_layers, -1), n_classes)
+        part.share_preconditioner(fit)
         if first:
             # (n_layers, 1, dim, k) broadcast over the run's values of C
             part.init_from(fit.weight[:, first - 1 : first], fit.bias[:, first - 1 : first])
-        run = part.minimise(s)
+        runs.append(part.minimise(s))
         fit.init_from_columns(first, part)
-        converged.append(run.converged)
-        norms.append(run.grad_norm)
-        n_iter += [run.n_iter] * run.converged.shape[1]
-    combined = _Run(np.concatenate(converged, 1), np.concatenate(norms, 1), max(n_iter))
-    return fit, combined, n_iter
+    combined = _Run(
+        converged=np.concatenate([r.converged for r in runs], 1),
+        grad_norm=np.concatenate([r.grad_norm for r in runs], 1),
+        n_iter=np.concatenate([r.n_iter for r in runs], 1),
+        stalled=np.concatenate([r.stalled for r in runs], 1),
+    )
+    return fit, combined
 
 
-def _advice(run: _Run, s: LogisticSettings) -> str:
-    if run.n_iter >= s.max_iter:
-        return "raise max_iter"
-    return "the line search stalled before max_iter; use dtype float64 or a larger tol"
+def _advice(run: _Run, layer: int, columns: list[int], s: LogisticSettings) -> str:
+    if run.stalled[layer, columns].any():
+        return "the gradient stopped falling before max_iter; use dtype float64 or a larger tol"
+    return "raise max_iter"
 
 
 def _standardise(fit: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -326,16 +340,37 @@ def _standardise(fit: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, 
 class _Run:
     converged: np.ndarray  # (n_layers, n_C) bool
     grad_norm: np.ndarray  # (n_layers, n_C) max-norm of each problem's gradient at the end
-    n_iter: int  # L-BFGS iterations of the whole run
+    n_iter: np.ndarray  # (n_layers, n_C) L-BFGS iterations of each problem
+    # (n_layers, n_C) bool: stopped before tol and max_iter, because the line search failed
+    # twice in a row or the gradient max-norm reached no new low for STALL_ITER iterations
+    stalled: np.ndarray
+
+
+# L-BFGS line search: sufficient-decrease constant and the most trial steps per iteration.
+ARMIJO = 1e-4
+MAX_TRIALS = 30
+# Iterations without a new lowest gradient max-norm after which a problem counts as stalled.
+STALL_ITER = 50
+# False runs plain L-BFGS (identity initial Hessian), for comparisons.
+PRECONDITION = True
+# Added to every covariance eigenvalue in the preconditioner, in units of a standardised
+# feature's variance. Without it, directions of tiny variance get a step scale of 1/penalty,
+# and large-C fits on digits needed twice scikit-learn's iterations; 0.1 was the best of
+# 0 to 0.3 on digits and on the synthetic benchmark.
+DAMPING = 0.1
+# Fraction of the problems in the solver's working set below which it drops the finished ones.
+COMPACT_BELOW = 0.75
 
 
 class _BatchedLogistic:
-    """Independent logistic regressions, one per (layer, C), sharing a full-batch L-BFGS.
+    """Independent logistic regressions, one per (layer, C), each with its own L-BFGS.
 
     Parameters
     ----------
     x
-        Standardised features, tensor of shape (n_layers, n_items, dim).
+        Standardised features, tensor of shape (n_layers, n_items, dim). Its dtype is the
+        compute dtype of the logits and gradients; weights, losses and the solver state are
+        float64.
     y
         Class indices, tensor of shape (n_items,), shared by every layer.
     c
@@ -349,9 +384,27 @@ class _BatchedLogistic:
         self.binary = n_classes == 2
         k = 1 if self.binary else n_classes
         self.x, self.y = x, y
-        self.penalty = 1.0 / (2.0 * c * n_items)  # (n_layers, n_C)
-        self.weight = torch.zeros(n_layers, c.shape[1], dim, k, dtype=x.dtype, device=x.device)
-        self.bias = torch.zeros(n_layers, c.shape[1], k, dtype=x.dtype, device=x.device)
+        self.n_c = c.shape[1]
+        # (n_layers, n_C) float64, on the CPU: the solver reads it per layer
+        self.penalty = (1.0 / (2.0 * c.double() * n_items)).cpu().numpy()
+        # Weights and bias of each problem in one tensor: rows 0..dim-1 weight, row dim bias.
+        self.theta = torch.zeros(
+            n_layers, self.n_c, dim + 1, k, dtype=torch.float64, device=x.device
+        )
+        self._eigen: tuple[torch.Tensor, torch.Tensor] | None = None
+        # Curvature of the loss per unit of feature variance at zero weights: the softmax
+        # Hessian is (I - 1/n_classes) / n_classes there, and p (1 - p) = 1/4 for two classes.
+        self.curvature = 0.25 if self.binary else 1.0 / n_classes
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """Weights of shape (n_layers, n_C, dim, k)."""
+        return self.theta[..., :-1, :]
+
+    @property
+    def bias(self) -> torch.Tensor:
+        """Biases of shape (n_layers, n_C, k)."""
+        return self.theta[..., -1, :]
 
     def init_from(self, weight: torch.Tensor, bias: torch.Tensor) -> None:
         """Start from these weights (broadcast to (n_layers, n_C, dim, k)) and biases."""
@@ -360,142 +413,303 @@ class _BatchedLogistic:
 
     def init_from_columns(self, first: int, part: _BatchedLogistic) -> None:
         """Copy the solutions of ``part`` into the values of C from index ``first`` on."""
-        n = part.weight.shape[1]
-        self.weight[:, first : first + n] = part.weight
-        self.bias[:, first : first + n] = part.bias
+        n = part.theta.shape[1]
+        self.theta[:, first : first + n] = part.theta
 
-    def logits(
-        self, x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Logits of shape (n_layers, n_items, n_C, n_classes) for features (n_layers, n, dim)."""
-        weight = self.weight if weight is None else weight
-        bias = self.bias if bias is None else bias
-        n_layers, n_c, dim, k = weight.shape
-        w = weight.permute(0, 2, 1, 3).reshape(n_layers, dim, n_c * k)
-        z = torch.bmm(x, w).view(n_layers, -1, n_c, k) + bias[:, None]
+    def share_preconditioner(self, other: _BatchedLogistic) -> None:
+        """Reuse the feature covariance eigenvectors of ``other`` (same features)."""
+        self._eigen = other.eigen()
+
+    def eigen(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eigenvalues (n_layers, dim) and eigenvectors (n_layers, dim, dim) of x^T x / n."""
+        if self._eigen is None:
+            n_items = self.x.shape[1]
+            cov = torch.bmm(self.x.transpose(1, 2), self.x).double() / n_items
+            values, vectors = torch.linalg.eigh(cov)
+            self._eigen = (values.clamp_min(0.0), vectors)
+        return self._eigen
+
+    def logits(self, x: torch.Tensor, theta: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (n_layers, n_items, n_C, n_classes) for features (n_layers, n, dim)."""
+        theta = (self.theta if theta is None else theta).to(x.dtype)
+        n_layers, n_c, rows, k = theta.shape
+        w = theta[:, :, :-1].permute(0, 2, 1, 3).reshape(n_layers, rows - 1, n_c * k)
+        b = theta[:, :, -1].reshape(n_layers, 1, n_c * k)
+        z = torch.baddbmm(b, x, w).view(n_layers, -1, n_c, k)
         if self.binary:
             z = torch.cat([torch.zeros_like(z), z], dim=-1)
         return z
-
-    def objectives(
-        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, penalty: torch.Tensor
-    ) -> torch.Tensor:
-        """Objective of each problem, tensor of shape (n_layers, n_C), for a subset of them."""
-        logp = torch.log_softmax(self.logits(x, weight, bias), dim=-1)  # (L, n, n_C, classes)
-        target = self.y.view(1, -1, 1, 1).expand(*logp.shape[:3], 1)
-        nll = -logp.gather(-1, target).squeeze(-1).mean(dim=1)  # (n_layers, n_C)
-        return nll + penalty * weight.pow(2).sum(dim=(2, 3))
-
-    def minimise(self, s: LogisticSettings) -> _Run:
-        """Run L-BFGS on the summed objective until every problem meets ``tol`` or max_iter.
-
-        The run goes in rounds of ``ROUND_ITER`` iterations. Once every problem of a layer or
-        of a value of C meets ``tol`` at the end of a round, every problem that meets it is
-        frozen there, as scikit-learn stops a single fit. The solver then restarts on the rest
-        and drops the layers and values of C that have no problem left. Without this, easy
-        problems (small C) would be evaluated, and would steer the shared line search, until
-        the hardest one converges.
-        """
-        n_layers, n_c = self.penalty.shape
-        active = torch.ones(n_layers, n_c, dtype=torch.bool, device=self.x.device)
-        norms = torch.full((n_layers, n_c), float("inf"), dtype=self.x.dtype, device=self.x.device)
-        n_iter, stalled = 0, False
-        while active.any() and n_iter < s.max_iter and not stalled:
-            rows = active.any(dim=1).nonzero().squeeze(1)
-            cols = active[rows].any(dim=0).nonzero().squeeze(1)
-            mask = active[rows][:, cols]
-            done, sub_norms, stalled = self._rounds(rows, cols, mask, s, s.max_iter - n_iter)
-            n_iter += done
-            block = (rows[:, None], cols)
-            norms[block] = torch.where(mask, sub_norms, norms[block])
-            active[block] &= ~(sub_norms <= s.tol)
-        final = norms.cpu().numpy()
-        return _Run(converged=final <= s.tol, grad_norm=final, n_iter=n_iter)
-
-    def _rounds(
-        self,
-        rows: torch.Tensor,
-        cols: torch.Tensor,
-        mask: torch.Tensor,
-        s: LogisticSettings,
-        budget: int,
-    ) -> tuple[int, torch.Tensor, bool]:
-        """Minimise the problems ``mask`` of the block (rows, cols) and store their weights.
-
-        The run stops when all problems of one layer or one value of C meet ``tol``, when the
-        solver stalls, or after ``budget`` iterations.
-
-        Returns the iterations run, the gradient max-norms of the block's problems (shape
-        (len(rows), len(cols))) and whether the solver stalled.
-        """
-        x = self.x if len(rows) == len(self.x) else self.x[rows]
-        penalty = self.penalty[rows][:, cols]
-        weight = self.weight[rows][:, cols].requires_grad_(True)
-        bias = self.bias[rows][:, cols].requires_grad_(True)
-        live = mask.to(self.x.dtype)  # frozen problems leave the sum, so their gradient is 0
-        optimizer = _lbfgs([weight, bias], s, self.x.dtype)
-
-        def closure() -> torch.Tensor:
-            optimizer.zero_grad()
-            loss = (self.objectives(x, weight, bias, penalty) * live).sum()
-            loss.backward()
-            return loss
-
-        n_iter, stalled = 0, False
-        while n_iter < budget:
-            # The optimizer keeps its curvature history from one round to the next.
-            limit = min(ROUND_ITER, budget - n_iter)
-            optimizer.param_groups[0]["max_iter"] = limit
-            before = _iterations(optimizer)
-            optimizer.step(closure)
-            done = _iterations(optimizer) - before
-            n_iter += done
-            closure()  # gradients at the current point
-            norms = _grad_norms(weight, bias)
-            settled = (norms <= s.tol) | ~mask
-            stalled = done < limit and not bool(settled.all())
-            # Restart on a smaller block once a whole layer or value of C has converged.
-            if settled.all(dim=1).any() or settled.all(dim=0).any() or stalled:
-                break
-        with torch.no_grad():
-            self.weight[rows[:, None], cols] = weight
-            self.bias[rows[:, None], cols] = bias
-        return n_iter, norms.detach(), stalled
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Predicted classes of shape (n_layers, n_C, n_items) for features (n_layers, n, dim)."""
         return self.logits(x).argmax(dim=-1).permute(0, 2, 1)
 
+    # -- objective ---------------------------------------------------------------------------
 
-# L-BFGS iterations between convergence checks of the individual problems.
-ROUND_ITER = 25
+    def _objective(self, ids: np.ndarray, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Objectives (m,) and gradients (m, dim + 1, k) of the problems ``ids`` at ``theta``.
+
+        ``ids`` are sorted flat problem indices (layer * n_C + column) and ``theta`` holds
+        their parameters, shape (m, dim + 1, k). The problems of one layer share one matmul.
+        """
+        f = torch.empty(len(ids), dtype=torch.float64, device=theta.device)
+        g = torch.empty_like(theta)
+        for layer, a, b in _layer_groups(ids, self.n_c):
+            penalty = self.penalty.reshape(-1)[ids[a:b]]
+            f[a:b], g[a:b] = self._layer_objective(layer, theta[a:b], penalty)
+        return f, g
+
+    def _layer_objective(
+        self, layer: int, theta: torch.Tensor, penalty: np.ndarray
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.x[layer]  # (n, dim), compute dtype
+        n, dim = x.shape
+        m, _, k = theta.shape
+        w = theta.to(x.dtype)
+        # Logits as (m, k, n): the softmax then reduces over a short axis whose elements
+        # lie n apart, which vectorises over the items. Along a contiguous axis of 10
+        # classes torch's CPU softmax costs as much as the matmuls.
+        weights = w[:, :dim].transpose(1, 2).reshape(m * k, dim)
+        z = torch.addmm(w[:, dim].reshape(m * k, 1), weights, x.T).view(m, k, n)
+        if self.binary:
+            z = torch.cat([torch.zeros_like(z), z], dim=1)
+        logp = torch.log_softmax(z, dim=1)  # (m, n_classes, n)
+        target = self.y.view(1, 1, n).expand(m, 1, n)
+        # Means over the items in float64: the line search compares losses that differ by
+        # little more than float32 resolution.
+        nll = -logp.gather(1, target).squeeze(1).mean(dim=1, dtype=torch.float64)  # (m,)
+        residual = logp.exp_()  # softmax minus one-hot, over n
+        residual.scatter_add_(1, target, torch.full((1, 1, 1), -1.0, dtype=x.dtype).expand(m, 1, n))
+        residual /= n
+        if self.binary:
+            residual = residual[:, 1:]
+        grad = torch.empty_like(theta)
+        grad_w = residual.reshape(m * k, n) @ x  # (m * k, dim)
+        grad[:, :dim] = grad_w.view(m, k, dim).transpose(1, 2)
+        grad[:, dim] = residual.sum(dim=2, dtype=torch.float64)
+        pen = torch.as_tensor(penalty, device=theta.device)
+        weight = theta[:, :dim]
+        nll += pen * weight.pow(2).sum(dim=(1, 2))
+        grad[:, :dim] += (2.0 * pen)[:, None, None] * weight
+        return nll, grad
+
+    def _precondition(self, ids: np.ndarray, q: torch.Tensor) -> torch.Tensor:
+        """Apply each problem's inverse Hessian estimate at zero weights to ``q`` (m, dim+1, k).
+
+        The Hessian of problem (layer, C) at zero weights is ``curvature * cov(layer) +
+        2 * penalty`` on the weights (exactly so on the subspace the iterates stay in) and
+        ``curvature`` on the bias, so the first step from zero is a Newton step and later
+        steps see a much better conditioned problem.
+        """
+        if not PRECONDITION:
+            return q.clone()
+        values, vectors = self.eigen()
+        out = torch.empty_like(q)
+        dim = q.shape[1] - 1
+        for layer, a, b in _layer_groups(ids, self.n_c):
+            m, k = b - a, q.shape[2]
+            u = vectors[layer]
+            pen = torch.as_tensor(self.penalty.reshape(-1)[ids[a:b]], device=q.device)
+            qw = q[a:b, :dim].permute(1, 0, 2).reshape(dim, m * k)
+            rotated = (u.T @ qw).view(dim, m, k)
+            scale = self.curvature * (values[layer][:, None] + DAMPING) + 2.0 * pen[None, :]
+            rotated /= scale[:, :, None]
+            out[a:b, :dim] = (u @ rotated.view(dim, m * k)).view(dim, m, k).permute(1, 0, 2)
+            out[a:b, dim] = q[a:b, dim] / self.curvature
+        return out
+
+    # -- solver ------------------------------------------------------------------------------
+
+    def minimise(self, s: LogisticSettings) -> _Run:
+        """Run one L-BFGS per problem until it meets ``tol``, stalls or reaches max_iter.
+
+        Each problem has its own curvature history, step length and backtracking line
+        search, so it needs about as many iterations as a single fit; each iteration
+        evaluates every problem still running, with one matmul per layer.
+        """
+        n_layers, n_c = self.theta.shape[:2]
+        total = n_layers * n_c
+        flat = self.theta.view(total, *self.theta.shape[2:])
+        n_iter = np.zeros(total, dtype=np.int64)
+        norms = np.full(total, np.inf)
+        stalled = np.zeros(total, dtype=bool)
+        solver = _Solver(self, np.arange(total), flat.clone(), s)
+        norms[solver.ids] = solver.norms()
+        best, best_iter = norms.copy(), np.zeros(total, dtype=np.int64)
+        live = ~(norms <= s.tol) & (s.max_iter > 0)
+        while live.any():
+            solver.keep(live[solver.ids], flat)
+            done, failed = solver.step()
+            n_iter[solver.ids[done]] += 1
+            norms[solver.ids] = solver.norms()
+            stalled[solver.ids[failed]] = True
+            # A gradient that has not reached a new low for STALL_ITER iterations is at the
+            # rounding level of its dtype (float32 near a small tol).
+            improved = norms < best
+            best[improved], best_iter[improved] = norms[improved], n_iter[improved]
+            stalled |= live & (n_iter - best_iter >= STALL_ITER)
+            live &= ~stalled & (n_iter < s.max_iter) & ~(norms <= s.tol)
+        solver.keep(np.zeros(len(solver.ids), dtype=bool), flat)
+        shape = (n_layers, n_c)
+        return _Run(
+            converged=(norms <= s.tol).reshape(shape),
+            grad_norm=norms.reshape(shape),
+            n_iter=n_iter.reshape(shape),
+            stalled=stalled.reshape(shape),
+        )
 
 
-def _lbfgs(
-    params: list[torch.Tensor], s: LogisticSettings, dtype: torch.dtype
-) -> torch.optim.LBFGS:
-    return torch.optim.LBFGS(
-        params,
-        lr=1.0,
-        max_iter=ROUND_ITER,
-        max_eval=10 * ROUND_ITER,
-        tolerance_grad=s.tol,
-        # Stop early only on a true stall (loss and weights exactly unchanged). Any larger
-        # threshold on the change of the summed loss stops runs before the gradient
-        # tolerance is met: near the optimum the loss changes by ~|grad|^2 / curvature.
-        tolerance_change=torch.finfo(dtype).tiny,
-        history_size=s.history_size,
-        line_search_fn="strong_wolfe",
-    )
+class _Solver:
+    """L-BFGS state of the problems in a working set, one row per problem.
+
+    ``ids`` are the flat indices of the problems in the set. Rows stay in the set after their
+    problem finishes (masked out) until fewer than ``COMPACT_BELOW`` of them are running.
+    """
+
+    def __init__(
+        self, model: _BatchedLogistic, ids: np.ndarray, theta: torch.Tensor, s: LogisticSettings
+    ) -> None:
+        self.model, self.ids, self.theta = model, ids, theta
+        self.tol = s.tol
+        n, rows, k = theta.shape
+        self.f, self.g = model._objective(ids, theta)
+        self.history = s.history_size
+        self.s = torch.zeros(n, s.history_size, rows, k, dtype=theta.dtype, device=theta.device)
+        self.y = torch.zeros_like(self.s)
+        self.rho = torch.zeros(n, s.history_size, dtype=theta.dtype, device=theta.device)
+        self.gamma = torch.ones(n, dtype=theta.dtype, device=theta.device)
+        self.head, self.filled = 0, 0
+        self.running = np.ones(n, dtype=bool)
+        # Rows whose history was cleared after a failed line search; a second failure in a
+        # row stops them.
+        self.restarted = np.zeros(n, dtype=bool)
+        # Relative rounding level of a loss computed from compute-dtype logits.
+        self.noise = 10.0 * torch.finfo(model.x.dtype).eps
+
+    def norms(self) -> np.ndarray:
+        """Gradient max-norm of each row."""
+        return self.g.abs().amax(dim=(1, 2)).cpu().numpy()
+
+    def keep(self, running: np.ndarray, out: torch.Tensor) -> None:
+        """Write finished rows to ``out`` (flat theta); drop them once few rows still run."""
+        finished = self.running & ~running
+        if finished.any():
+            rows = torch.as_tensor(np.flatnonzero(finished), device=self.theta.device)
+            out[torch.as_tensor(self.ids[finished], device=out.device)] = self.theta[rows]
+        self.running = running
+        if running.sum() >= COMPACT_BELOW * len(running):
+            return
+        rows = torch.as_tensor(np.flatnonzero(running), device=self.theta.device)
+        self.ids = self.ids[running]
+        self.restarted = self.restarted[running]
+        for name in ("theta", "f", "g", "s", "y", "rho", "gamma"):
+            setattr(self, name, getattr(self, name)[rows])
+        self.running = np.ones(len(self.ids), dtype=bool)
+
+    def step(self) -> tuple[np.ndarray, np.ndarray]:
+        """Take one L-BFGS step on every running row.
+
+        Returns the rows (in the current working set) that took a step and those whose line
+        search failed.
+        """
+        rows = np.flatnonzero(self.running)
+        index = torch.as_tensor(rows, device=self.theta.device)
+        g = self.g[index]
+        direction = -self._two_loop(rows, index, g)
+        slope = _dot(g, direction)  # directional derivative at step 0, (m,)
+        # A direction that is not a descent direction (rounding) restarts from -M g.
+        uphill = slope >= 0
+        if bool(uphill.any()):
+            fallback = -self.model._precondition(self.ids[rows], g)
+            direction = torch.where(uphill[:, None, None], fallback, direction)
+            slope = torch.where(uphill, _dot(g, direction), slope)
+            self.rho[index[uphill]] = 0.0
+
+        f0 = self.f[index]
+        step = torch.ones_like(f0)
+        theta0 = self.theta[index]
+        new_theta = theta0.clone()
+        new_f, new_g = f0.clone(), g.clone()
+        accepted = torch.zeros(len(rows), dtype=torch.bool, device=f0.device)
+        pending = np.arange(len(rows))
+        for _ in range(MAX_TRIALS):
+            p = torch.as_tensor(pending, device=f0.device)
+            trial = theta0[p] + step[p, None, None] * direction[p]
+            f, grad = self.model._objective(self.ids[rows[pending]], trial)
+            d_slope = _dot(grad, direction[p])
+            armijo = f <= f0[p] + ARMIJO * step[p] * slope[p]
+            # For a quadratic, Armijo's condition is equivalent to
+            # slope(t) <= (1 - 2 * ARMIJO) * |slope(0)|. That test uses the gradient only,
+            # which stays accurate where the loss change drops below its rounding level.
+            flat = (f <= f0[p] + self.noise * f0[p].abs()) & (
+                d_slope <= (2 * ARMIJO - 1) * slope[p]
+            )
+            ok = armijo | flat
+            ok_rows = p[ok]
+            new_theta[ok_rows], new_f[ok_rows], new_g[ok_rows] = trial[ok], f[ok], grad[ok]
+            accepted[ok_rows] = True
+            # Backtrack to the root of the secant of the slope, within [0.1, 0.5] of the step.
+            t = step[p]
+            root = t * slope[p] / (slope[p] - d_slope)
+            root = torch.where(d_slope > slope[p], root, 0.5 * t)
+            step[p] = torch.minimum(torch.maximum(root, 0.1 * t), 0.5 * t)
+            pending = pending[~ok.cpu().numpy()]
+            if len(pending) == 0:
+                break
+
+        took = accepted.cpu().numpy()
+        # A failed line search first clears the row's curvature history, so that the next
+        # try goes along the preconditioned gradient.
+        retry = rows[~took & ~self.restarted[rows]]
+        self.rho[torch.as_tensor(retry, device=self.rho.device)] = 0.0
+        failed = rows[~took & self.restarted[rows]]
+        self.restarted[rows] = ~took
+        s_new = new_theta - theta0
+        y_new = new_g - g
+        sy = _dot(s_new, y_new)
+        yy = _dot(y_new, y_new)
+        valid = accepted & (sy > 1e-10 * yy)
+        slot = self.head
+        self.s[index, slot] = torch.where(valid[:, None, None], s_new, 0.0)
+        self.y[index, slot] = torch.where(valid[:, None, None], y_new, 0.0)
+        self.rho[index, slot] = torch.where(valid, 1.0 / sy.where(valid, 1.0), 0.0)
+        my = self.model._precondition(self.ids[rows], y_new)
+        gamma = sy / _dot(y_new, my).clamp_min(torch.finfo(sy.dtype).tiny)
+        self.gamma[index] = torch.where(valid, gamma, self.gamma[index])
+        self.head = (self.head + 1) % self.history
+        self.filled = min(self.filled + 1, self.history)
+        self.theta[index], self.f[index], self.g[index] = new_theta, new_f, new_g
+        return rows[took], failed
+
+    def _two_loop(self, rows: np.ndarray, index: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """Inverse Hessian estimate times ``g`` for the rows ``index``, shape (m, dim+1, k)."""
+        every = len(rows) == len(self.ids)
+        s = self.s if every else self.s[index]
+        y = self.y if every else self.y[index]
+        rho = self.rho if every else self.rho[index]
+        q = g.clone()
+        alphas = []
+        for j in range(self.filled):
+            slot = (self.head - 1 - j) % self.history
+            alpha = rho[:, slot] * _dot(s[:, slot], q)
+            q.addcmul_(alpha[:, None, None], y[:, slot], value=-1.0)
+            alphas.append((slot, alpha))
+        r = self.gamma[index][:, None, None] * self.model._precondition(self.ids[rows], q)
+        for slot, alpha in reversed(alphas):
+            beta = rho[:, slot] * _dot(y[:, slot], r)
+            r.addcmul_((alpha - beta)[:, None, None], s[:, slot])
+        return r
 
 
-def _iterations(optimizer: torch.optim.LBFGS) -> int:
-    first = optimizer.param_groups[0]["params"][0]
-    return int(optimizer.state[first].get("n_iter", 0))
+def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise dot products of (m, ...) tensors, shape (m,)."""
+    return torch.einsum("ij,ij->i", a.reshape(len(a), -1), b.reshape(len(b), -1))
 
 
-def _grad_norms(weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """Max-norm of each problem's gradient, shape (n_layers, n_C); needs ``.grad`` set."""
-    assert weight.grad is not None and bias.grad is not None
-    return torch.maximum(weight.grad.abs().amax(dim=(2, 3)), bias.grad.abs().amax(dim=2))
+def _layer_groups(ids: np.ndarray, n_c: int) -> list[tuple[int, int, int]]:
+    """(layer, start, stop) of each run of sorted flat problem indices with the same layer."""
+    layers = ids // n_c
+    starts = np.flatnonzero(np.r_[True, layers[1:] != layers[:-1]])
+    stops = np.r_[starts[1:], len(ids)]
+    return [(int(layers[a]), int(a), int(b)) for a, b in zip(starts, stops, strict=True)]
