@@ -392,7 +392,7 @@ async def authorize(
 
 
 def _redis_unavailable() -> HTTPException:
-    logger.exception("API key check failed: Redis did not answer")
+    logger.exception("API key check failed: Redis is unavailable")
     return HTTPException(
         status_code=503,
         detail={

@@ -362,7 +362,7 @@ class FeatureSet:
         return chunk[start - offset : stop - offset].copy()
 
     def _inner_block(self, start: int, stop: int) -> int | None:
-        """Return the block that holds rows [start, stop) when they lie inside one block."""
+        """Return the block that contains rows [start, stop) when they lie inside one block."""
         block = start // self.block_rows
         block_start = block * self.block_rows
         if start < stop <= block_start + self.block_rows:

@@ -66,7 +66,7 @@ async def read_layer(
 ) -> Response:
     """Return one layer's (rows, dim) array as .npy, or as JSON for small slices."""
     check_id(featureset_id, field="featureset_id")
-    # Rows of an already decoded block are answered on the event loop: no store I/O, and no
+    # Rows of an already decoded block are returned on the event loop: no store I/O, and no
     # hand-off to a thread that would wait for the GIL behind every other request.
     featureset = store.open_featureset(featureset_id)
     if featureset is not None and featureset.known_complete:
