@@ -179,8 +179,9 @@ def _layer_batch(
     n_c = len(s.c_grid)
     n_weights = n_c * (task.dim + 1) * task.n_classes
     per_layer = (
-        # raw, standardised and subset copies of train features, and test features
-        itemsize * (3 * n_train + n_test) * task.dim
+        # train features (standardised in place), their fit and validation copies, and
+        # test features
+        itemsize * (2 * n_train + n_test) * task.dim
         # logits, probabilities and residuals in float64, plus a compute-dtype copy
         + (3 * 8 + itemsize) * n_train * n_c * task.n_classes
         # L-BFGS history (two float64 vectors per remembered step) and ~8 working vectors
@@ -213,7 +214,8 @@ def _fit_torch_batch(
     n_layers = len(layers)
 
     # Validation: every layer x every C, standardised with the fit part's statistics.
-    x_fit, x_val = _standardise(x_train[:, fit_idx], x_train[:, val_idx])
+    x_fit, x_val = x_train[:, fit_idx], x_train[:, val_idx]  # copies
+    _standardise_(x_fit, x_val)
     val_fit, val_run = _fit_grid(x_fit, y_train[fit_idx], s, task.n_classes)
     del x_fit
     val_pred = val_fit.predict(x_val)  # (n_layers, n_C, n_val)
@@ -223,8 +225,8 @@ def _fit_torch_batch(
     best = np.argmax(val_acc, axis=1)
 
     # Refit on all of train with each layer's chosen C, warm-started from its validation fit.
-    x_all, x_test = _standardise(x_train, x_test)
-    del x_train
+    x_all = x_train
+    _standardise_(x_all, x_test)
     chosen = torch.tensor([s.c_grid[i] for i in best], dtype=torch.float64, device=device)
     refit = _BatchedLogistic(x_all, y_train, chosen[:, None], task.n_classes)
     rows = torch.arange(n_layers, device=device)
@@ -325,15 +327,17 @@ def _advice(run: _Run, layer: int, columns: list[int], s: LogisticSettings) -> s
     return "raise max_iter"
 
 
-def _standardise(fit: torch.Tensor, other: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Standardise both with the per-layer statistics of ``fit`` (n_layers, n_items, dim).
+def _standardise_(fit: torch.Tensor, other: torch.Tensor) -> None:
+    """Standardise both in place with the per-layer statistics of ``fit`` (n_layers, n, dim).
 
-    Constant features keep scale 1, as in StandardScaler, so they become exact zeros.
+    Constant features keep scale 1, as in StandardScaler, so they become exact zeros. In place,
+    because on a CPU allocating the new tensors cost more than the arithmetic.
     """
-    mean = fit.mean(dim=1, keepdim=True)
-    std = fit.std(dim=1, keepdim=True, correction=0)
+    var, mean = torch.var_mean(fit, dim=1, keepdim=True, correction=0)
+    std = var.sqrt_()
     std = torch.where(std < 10 * torch.finfo(fit.dtype).eps, torch.ones_like(std), std)
-    return (fit - mean) / std, (other - mean) / std
+    for x in (fit, other):
+        x.sub_(mean).div_(std)
 
 
 @dataclass(frozen=True)
