@@ -33,9 +33,9 @@ DEFAULT_MAX_ITER = {"sklearn": 5000, "torch": 1000}
 # Max-norm of the gradient (scikit-learn's lbfgs "gtol"). scikit-learn's default 1e-4 stops
 # large-C fits far from the optimum: on digits their validation accuracy still moves by up to
 # 4 items as tol shrinks, and the two engines then choose different values of C. At 1e-5 the
-# validation accuracies of both engines still differ from those of the exact optima by 1-2
-# digits, enough to break a tie between values of C differently. From 3e-6 on, both engines
-# choose the optimum's C on digits. The torch engine's iterations are cheap, so it
+# validation accuracies of both engines still differ from those at the exact optima by 1-2
+# items on digits, enough to break a tie between values of C either way. From 3e-6 on, both
+# engines choose the optimum's C there. The torch engine's iterations are cheap, so it
 # defaults to 1e-6.
 DEFAULT_TOL = {"sklearn": 1e-5, "torch": 1e-6}
 LOGISTIC_PARAMS = ("C", "max_iter", "tol", "dtype", "layer_batch", "history_size", "c_batch")
