@@ -8,6 +8,9 @@ Keys live in Redis, shared by every API replica and the CLI:
     hash with the name, scope, per-key salt, scrypt digest, creation and last-use times.
 ``layerbank:keys:jobs:<key name>``
     set of the layerbank job ids the key started, pruned to queued and running jobs on read.
+``layerbank:keys:enabled``
+    set when the first key is created and never removed by a revoke, so that revoking the last
+    key does not turn key checks off in ``auto`` mode.
 
 A key reads ``lb_<key id>_<secret>``. Only its salted scrypt digest is stored, so neither Redis
 nor the logs ever contain a usable key.
@@ -48,6 +51,8 @@ logger = logging.getLogger(__name__)
 
 SCOPES = ("read", "write", "admin")
 KEY_PREFIX = "layerbank:keys"
+# Set by the first key and kept by revokes: in ``auto`` mode key checks never switch off again.
+ENABLED_KEY = f"{KEY_PREFIX}:enabled"
 KEY_MARKER = "lb"
 
 # scrypt cost: about 16 MiB and tens of milliseconds per check. Verified keys are cached in
@@ -187,11 +192,15 @@ class KeyStore:
         """Return the number of keys."""
         return int(self.redis.hlen(f"{KEY_PREFIX}:names"))
 
-    async def count_async(self) -> int:
-        """Return the number of keys through `async_redis`, without blocking the event loop."""
+    def enabled(self) -> bool:
+        """Return whether a key exists or ever existed in this Redis (see `ENABLED_KEY`)."""
+        return bool(self.redis.exists(f"{KEY_PREFIX}:names", ENABLED_KEY))
+
+    async def enabled_async(self) -> bool:
+        """Return `enabled` through `async_redis`, without blocking the event loop."""
         if self.async_redis is None:
             raise RuntimeError("KeyStore.async_redis is not open; the app's lifespan opens it")
-        return int(await self.async_redis.hlen(f"{KEY_PREFIX}:names"))
+        return bool(await self.async_redis.exists(f"{KEY_PREFIX}:names", ENABLED_KEY))
 
     def create(self, name: str, scope: str) -> str:
         """Store a new key named ``name`` and return it; the plain key is never stored.
@@ -215,6 +224,7 @@ class KeyStore:
             "last_used": "",
         }
         self.redis.hset(self._record_key(key_id), mapping=record)
+        self.redis.set(ENABLED_KEY, "1")
         if not self.redis.hsetnx(f"{KEY_PREFIX}:names", name, key_id):
             self.redis.delete(self._record_key(key_id))
             raise ApiKeyError(
@@ -338,14 +348,15 @@ def is_loopback(host: str) -> bool:
 def keys_required(settings: Settings, key_store: KeyStore) -> bool:
     """Return whether requests must carry a key under ``settings.auth``.
 
-    ``auto`` requires keys when at least one key exists or the API binds to a non-loopback
-    address; ``required`` always does; ``off`` never does.
+    ``auto`` requires keys once a key has been created in this Redis (even after every key is
+    revoked) or when the API binds to a non-loopback address. ``required`` always does, and
+    ``off`` never does.
     """
     if settings.auth == "off":
         return False
     if settings.auth == "required" or not is_loopback(settings.host):
         return True
-    return key_store.count() > 0
+    return key_store.enabled()
 
 
 _bearer = HTTPBearer(
@@ -384,7 +395,7 @@ async def authorize(
     key_store: KeyStore = request.app.state.key_store
     if key_store.async_redis is not None and settings.auth == "auto" and is_loopback(settings.host):
         try:
-            if not await key_store.count_async():
+            if not await key_store.enabled_async():
                 return None
         except RedisError as exc:
             raise _redis_unavailable() from exc
@@ -417,6 +428,12 @@ def _check_key(
     except RedisError as exc:
         raise _redis_unavailable() from exc
     if credentials is None:
+        scheme = request.headers.get("authorization", "").partition(" ")[0]
+        if scheme:
+            raise _unauthorized(
+                f"unsupported Authorization scheme {scheme[:20]!r}; send the API key as "
+                "`Authorization: Bearer <key>`"
+            )
         raise _unauthorized(
             "missing API key; send `Authorization: Bearer <key>` with a key "
             "from `layerbank keys create`"

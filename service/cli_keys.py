@@ -56,9 +56,17 @@ def list_keys() -> None:
 @keys_app.command("revoke")
 def revoke_key(name: Annotated[str, typer.Argument(help="name of the key to revoke")]) -> None:
     """Delete a key; every API replica rejects it from the next request on."""
+    key_store = _key_store()
     try:
-        _key_store().revoke(name)
+        key_store.revoke(name)
     except ApiKeyError as exc:
         err.print(f"[red]{exc.message}[/red]")
         raise typer.Exit(1) from None
     console.print(f"API key {name!r} revoked")
+    if key_store.count() == 0:
+        console.print(
+            "[yellow]no API keys remain: the API keeps checking keys, so it now rejects every "
+            "request except /healthz; create a key with `layerbank keys create`, or set "
+            "LAYERBANK_AUTH=off to turn key checks off on a loopback address[/yellow]",
+            soft_wrap=True,
+        )

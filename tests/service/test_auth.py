@@ -232,11 +232,31 @@ def test_auth_revoked_key_rejected(auth_client: TestClient, keys_redis: Redis) -
     assert after.status_code == 401
 
 
+def test_auth_auto_revoking_last_key_keeps_checks(
+    settings: Settings, empty_redis_url: str, tmp_path: Path
+) -> None:
+    key_store = KeyStore(Redis.from_url(empty_redis_url))
+    key = key_store.create("only", "read")
+    key_store.revoke("only")
+    app = create_app(
+        settings.model_copy(
+            update={"store": str(tmp_path / "store"), "redis_url": empty_redis_url, "auth": "auto"}
+        )
+    )
+    with TestClient(app) as client:
+        with_old_key = client.get("/v1/featuresets", headers={"Authorization": f"Bearer {key}"})
+        without_key = client.get("/v1/featuresets")
+    assert key_store.count() == 0
+    assert with_old_key.status_code == 401
+    assert without_key.status_code == 401
+
+
 def test_auth_non_bearer_scheme_rejected(auth_client: TestClient, keys: dict[str, str]) -> None:
     response = auth_client.get(
         "/v1/featuresets", headers={"Authorization": f"Basic {keys['admin']}"}
     )
     assert response.status_code == 401
+    assert "unsupported Authorization scheme 'Basic'" in response.json()["detail"]["message"]
 
 
 # -- modes --------------------------------------------------------------------------------------
@@ -395,6 +415,7 @@ def test_cli_keys_create_list_revoke(empty_redis_url: str, monkeypatch: pytest.M
     assert "write" in listed.stdout
     assert key not in listed.stdout
     assert revoked.exit_code == 0
+    assert "no API keys remain" in revoked.stdout
     assert "ci-bot" not in after.stdout
 
 
