@@ -233,7 +233,7 @@ def _layer_stream(featureset: FeatureSet, layer: int, first: int, last: int) -> 
         try:
             while (piece := await pending) is not None:
                 pending = asyncio.ensure_future(run_in_threadpool(next, pieces, None))
-                yield memoryview(np.ascontiguousarray(piece)).cast("B")
+                yield np.ascontiguousarray(piece).reshape(-1).view(np.uint8).data
         finally:
             if not pending.done():
                 pending.cancel()
