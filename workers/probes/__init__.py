@@ -10,8 +10,8 @@ Parameters per kind (all optional; unknown names are rejected):
 
 - ``logistic``: ``engine`` ("sklearn" reference, or "torch" batched L-BFGS), ``C`` (number or
   list, default [0.01, 0.1, 1, 10, 100]), ``max_iter`` (5000 sklearn, 1000 torch), ``tol``
-  (1e-5), and for the torch engine ``dtype`` (float64), ``layer_batch``, ``c_batch``,
-  ``history_size``.
+  (1e-5 sklearn, 1e-6 torch), and for the torch engine ``dtype`` (float64), ``layer_batch``,
+  ``c_batch``, ``history_size``.
   See :mod:`workers.probes.logistic`.
 - ``knn``: ``k`` (number or list, default [1, 5, 10, 20, 50, 100, 200]), ``temperature``
   (0.07), ``chunk_size``, ``train_eval_items``. See :mod:`workers.probes.knn`.
