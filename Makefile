@@ -18,8 +18,11 @@ $(VENV)/.installed: pyproject.toml
 test: setup
 	$(PY) -m pytest -q -p no:cacheprovider
 
+# Extra options for `layerbank demo`, e.g. DEMO_ARGS="--url http://127.0.0.1:8731".
+DEMO_ARGS ?=
+
 demo: setup
-	$(VENV)/bin/layerbank demo
+	$(VENV)/bin/layerbank demo $(DEMO_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check store workers service tests bench
