@@ -1,6 +1,6 @@
 """Benchmark the store: write and read speed, compression, and API fetch latency.
 
-Three parts, each printed as a table:
+Four parts, each printed as a table:
 
 - throughput: one feature set of shape (layers, items, dim) written block by block and read
   back layer by layer, through layerbank (`FeatureSet.write_block`, `FeatureSet.read_layer`),
@@ -362,6 +362,10 @@ def _raw_get(url: str, path: str, headers: dict[str, str], buffer: bytearray) ->
     return received
 
 
+def _load_average() -> str:
+    return " ".join(f"{value:.2f}" for value in os.getloadavg())
+
+
 def main() -> None:
     args = parse_args()
     scratch = Path(args.dir or tempfile.mkdtemp(prefix="layerbank-bench-store-"))
@@ -370,7 +374,7 @@ def main() -> None:
     shape = (args.layers, args.items, args.dim)
     features = rng.standard_normal(shape, dtype=np.float32).astype(args.dtype)
     print(f"date        {datetime.date.today().isoformat()}")
-    print(f"machine     {platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()}")
+    print(f"machine     {platform.machine()}, {os.cpu_count()} CPUs, load {_load_average()}")
     print(f"zarr        {zarr.__version__}, numpy {np.__version__}, scratch {scratch}")
     try:
         if "throughput" not in args.skip:
@@ -384,7 +388,7 @@ def main() -> None:
     finally:
         if args.dir is None:
             shutil.rmtree(scratch, ignore_errors=True)
-    print(f"\nload at the end {os.getloadavg()}")
+    print(f"\nload at the end {_load_average()}")
 
 
 if __name__ == "__main__":
