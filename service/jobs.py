@@ -114,9 +114,15 @@ def load_job(redis: Redis, job_id: str) -> dict[str, Any]:
 def enqueue_extraction(
     queue: Queue, featureset: FeatureSet, *, timeout: int, job_id: str | None = None
 ) -> str:
-    """Enqueue one rq job per missing block plus a finalize job; return the layerbank job id."""
+    """Enqueue one rq job per missing block plus a finalize job; return the layerbank job id.
+
+    Blocks whose rq job from the feature set's current layerbank job is still queued or running
+    (for example the other blocks of a job that failed on one block) keep that rq job: the new
+    finalize job waits for it instead of a second copy.
+    """
     job_id = job_id or new_job_id()
-    missing = featureset.missing_blocks()
+    in_flight = _blocks_in_flight(queue.connection, featureset.id)
+    missing = [block for block in featureset.missing_blocks() if block not in in_flight]
     common: _RqJobOptions = {
         "result_ttl": RESULT_TTL,
         "failure_ttl": FAILURE_TTL,
@@ -135,7 +141,7 @@ def enqueue_extraction(
             for block in missing
         ]
     )
-    dependencies: list[Dependency | Job | str] = list(blocks)
+    dependencies: list[Dependency | Job | str] = [*blocks, *in_flight.values()]
     finalize = queue.enqueue_call(
         "workers.jobs.finalize_featureset",
         args=(featureset.id,),
@@ -149,10 +155,38 @@ def enqueue_extraction(
         job_id,
         kind="extraction",
         target=featureset.id,
-        rq_ids=[job.id for job in blocks] + [finalize.id],
+        rq_ids=[job.id for job in blocks] + [job.id for job in in_flight.values()] + [finalize.id],
     )
-    logger.info("job %s: feature set %s, %d blocks enqueued", job_id, featureset.id, len(missing))
+    logger.info(
+        "job %s: feature set %s, %d blocks enqueued, %d still queued or running kept",
+        job_id,
+        featureset.id,
+        len(missing),
+        len(in_flight),
+    )
     return job_id
+
+
+def _blocks_in_flight(redis: Redis, featureset_id: str) -> dict[int, Job]:
+    """Return block -> rq job for the blocks of the target's current job not yet done or failed."""
+    current = active_job_id(redis, featureset_id)
+    if current is None:
+        return {}
+    try:
+        rq_ids = load_job(redis, current)["rq_ids"]
+    except JobNotFoundError:
+        return {}
+    waiting = {JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
+    found = {}
+    for job in _fetch(redis, rq_ids):
+        if (
+            job is not None
+            and job.func_name == "workers.jobs.extract_block"
+            and job.args[0] == featureset_id
+            and job.get_status(refresh=False) in waiting
+        ):
+            found[int(job.args[1])] = job
+    return found
 
 
 def enqueue_single(
