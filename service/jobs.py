@@ -116,9 +116,9 @@ def enqueue_extraction(
 ) -> str:
     """Enqueue one rq job per missing block plus a finalize job; return the layerbank job id.
 
-    Blocks whose rq job from the feature set's current layerbank job is still queued or running
-    (for example the other blocks of a job that failed on one block) keep that rq job: the new
-    finalize job waits for it instead of a second copy.
+    A block whose rq job from the feature set's current layerbank job is still queued or running
+    keeps that rq job, and the new finalize job waits for it. This happens when a job failed on
+    one block while its other blocks were still queued.
     """
     job_id = job_id or new_job_id()
     in_flight = _blocks_in_flight(queue.connection, featureset.id)
