@@ -441,10 +441,28 @@ def test_npz_label_count_must_match(tmp_path: Path) -> None:
         load_split(f"npz:{path}", "all")
 
 
-def test_npz_unreadable_file_is_rejected(tmp_path: Path) -> None:
+def test_npz_file_not_a_zip_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "broken.npz"
     path.write_bytes(b"not a zip archive")
-    with pytest.raises(DatasetError, match="not a readable .npz file"):
+    with pytest.raises(DatasetError, match=r"not a valid \.npz \(zip\) archive") as caught:
+        load_split(f"npz:{path}", "all")
+    assert "numpy.savez(path, images=images, labels=labels)" in caught.value.message
+    assert "pickle" not in caught.value.message
+    assert caught.value.field == "dataset"
+
+
+def test_npz_named_npy_file_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "single.npz"
+    with path.open("wb") as handle:
+        np.save(handle, random_images(4))
+    with pytest.raises(DatasetError, match=r"not a valid \.npz \(zip\) archive"):
+        load_split(f"npz:{path}", "all")
+
+
+def test_npz_directory_is_rejected(tmp_path: Path) -> None:
+    path = tmp_path / "folder.npz"
+    path.mkdir()
+    with pytest.raises(DatasetError, match="cannot be read"):
         load_split(f"npz:{path}", "all")
 
 

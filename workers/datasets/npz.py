@@ -22,6 +22,11 @@ __all__ = ["NpzSource"]
 _IMAGE_NAMES = ("images", "x")
 _LABEL_NAMES = ("labels", "y")
 _UNPREFIXED_SPLIT = "all"
+_HOW_TO_WRITE = (
+    "write it with numpy.savez(path, images=images, labels=labels), where images has shape "
+    "(n_items, H, W) or (n_items, H, W, C) with C = 1, 3 or 4 and labels contains one integer "
+    "per image"
+)
 
 
 class NpzSource:
@@ -32,13 +37,12 @@ class NpzSource:
     def __init__(self, reference: str, path: Path) -> None:
         self.reference = reference
         self.path = path
+        self._check_archive()
         try:
             with np.load(path, allow_pickle=False) as archive:
                 self.array_names = list(archive.files)
         except (OSError, ValueError, zipfile.BadZipFile) as exc:
-            raise self._error(
-                f"{path} is not a readable .npz file ({exc}); save it with numpy.savez"
-            ) from exc
+            raise self._error(f"{path} cannot be read ({exc}); {_HOW_TO_WRITE}") from exc
         self.image_arrays = self._find_image_arrays()
 
     def split_names(self) -> list[str]:
@@ -78,6 +82,18 @@ class NpzSource:
             class_names=class_names,
             item_ids=np.arange(len(images), dtype=np.int64),
         )
+
+    def _check_archive(self) -> None:
+        """Raise `DatasetError` unless the file is a zip archive, as numpy.savez writes."""
+        # np.load reads anything that is neither a zip archive nor a .npy file as a pickle,
+        # and its error for that points at allow_pickle, which would load untrusted code.
+        try:
+            with self.path.open("rb") as handle:
+                is_archive = zipfile.is_zipfile(handle)
+        except OSError as exc:
+            raise self._error(f"{self.path} cannot be read ({exc.strerror})") from exc
+        if not is_archive:
+            raise self._error(f"{self.path} is not a valid .npz (zip) archive; {_HOW_TO_WRITE}")
 
     def _find_image_arrays(self) -> dict[str, tuple[str, str]]:
         """Split name -> (name of its image array, prefix of its array names)."""
