@@ -6,15 +6,19 @@ import logging
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 from rq import Queue
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.auth import (
     ERROR_RESPONSES,
@@ -96,6 +100,77 @@ def _first(location: Any) -> str | None:
     return str(location[0]) if location else None
 
 
+# Pydantic error types of a value that is not an object where a model or dict is expected.
+_NOT_AN_OBJECT = ("model_attributes_type", "model_type", "dict_type", "missing")
+
+
+def _body_not_object(request: Request, error: dict[str, Any]) -> dict[str, Any]:
+    """Describe a request body that is missing or not a JSON object, with how to send one."""
+    content_type = request.headers.get("content-type")
+    value = error.get("input")
+    if error.get("type") == "missing":
+        message = "the request body is missing"
+        value = None
+    elif isinstance(value, bytes):
+        # FastAPI passes the raw bytes on, unparsed, when the content type is not JSON.
+        value = value.decode("utf-8", errors="replace")
+        sent = f"Content-Type {content_type!r}" if content_type else "no Content-Type"
+        message = f"the request body was not parsed as JSON because the request has {sent}"
+    else:
+        message = "the request body is not a JSON object"
+    return {
+        "field": "body",
+        "location": "",
+        "message": f"{message}; send a JSON object with Content-Type: application/json",
+        "type": str(error.get("type", "")),
+        "value": _json_value(value),
+    }
+
+
+def _model_at(model: Any, location: list[str]) -> type[BaseModel] | None:
+    """Return the pydantic model found by following ``location`` from ``model``, if any."""
+    for part in location:
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+        field = model.model_fields.get(part)
+        if field is None:
+            return None
+        model = field.annotation
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return model
+    return None
+
+
+def _extra_field(request: Request, error: dict[str, Any], location: list[str]) -> dict[str, Any]:
+    """Describe an unknown key, listing the keys that the model at its location accepts."""
+    key = location[-1] if location else "?"
+    parent = ".".join(location[:-1])
+    where = f"{parent} in the request body" if parent else "the request body"
+    route = request.scope.get("route")
+    body_field = getattr(route, "body_field", None)
+    body_model = body_field.field_info.annotation if body_field is not None else None
+    model = _model_at(body_model, location[:-1])
+    message = f"{key!r} is not a field of {where}"
+    if model is None:
+        message += "; remove it"
+    else:
+        allowed = [field.alias or name for name, field in model.model_fields.items()]
+        message += f", which accepts only {', '.join(allowed)}"
+        value = error.get("input")
+        nested = [name for name in value if name in allowed] if isinstance(value, dict) else []
+        if nested:
+            # A common slip: settings wrapped in an object, e.g. {"params": {"steps": 20}}.
+            level = f"into {parent}" if parent else "to the top level of the body"
+            message += f"; move {', '.join(nested)} out of {key} {level}"
+    return {
+        "field": location[0] if location else "body",
+        "location": ".".join(location),
+        "message": message,
+        "type": "extra_forbidden",
+        "value": _json_value(error.get("input")),
+    }
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     """Report request validation errors in the same shape as domain errors, first one first."""
     assert isinstance(exc, RequestValidationError)
@@ -104,6 +179,12 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         location = [
             str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path")
         ]
+        if tuple(error.get("loc", ())) == ("body",) and error.get("type") in _NOT_AN_OBJECT:
+            problems.append(_body_not_object(request, error))
+            continue
+        if error.get("type") == "extra_forbidden":
+            problems.append(_extra_field(request, error, location))
+            continue
         if error.get("type") == "json_invalid":
             reason = (error.get("ctx") or {}).get("error", "")
             problems.append(
@@ -131,7 +212,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     first = (
         problems[0] if problems else {"field": None, "message": "invalid request", "value": None}
     )
-    message = f"{first['field'] or 'request'}: {first['message']}"
+    # An unknown key is named by its whole location, since its top-level field may be valid.
+    label = first["location"] if first.get("type") == "extra_forbidden" else first["field"]
+    message = f"{label or 'request'}: {first['message']}"
     if first["value"] is not None:
         message += f" (got {first['value']!r})"
     if len(problems) > 1:
@@ -144,6 +227,48 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         "errors": problems,
     }
     return JSONResponse({"detail": detail}, status_code=422)
+
+
+def _http_message(request: Request, exc: StarletteHTTPException) -> str:
+    """Return the message for an HTTPException whose detail is a plain string."""
+    # The raw path keeps percent-escapes such as %2F, which the decoded path loses.
+    raw_path = request.scope.get("raw_path")
+    path = raw_path.decode("latin-1") if raw_path else request.url.path
+    target = f"{request.method} {path}"
+    try:
+        default_detail = HTTPStatus(exc.status_code).phrase
+    except ValueError:
+        default_detail = None
+    if exc.detail != default_detail:
+        # A detail written for this error is kept, and only the default phrases get a hint.
+        return f"{target}: {exc.detail}"
+    if exc.status_code == 404:
+        return (
+            f"{target} not found: no route matches this path, and an id containing / or %2F "
+            "makes it a different path; list the routes with GET /docs or GET /openapi.json"
+        )
+    if exc.status_code == 405:
+        allowed = (exc.headers or {}).get("Allow")
+        use = f"use {allowed}" if allowed else "see GET /docs for the methods of each route"
+        return f"{request.method} is not allowed on {path}; {use}"
+    return f"{target} failed: {exc.detail}"
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """Wrap a plain-string HTTPException detail, such as routing's 404 and 405, in the error shape.
+
+    A detail that is not a string, like the dicts of service.auth, passes through unchanged.
+    """
+    assert isinstance(exc, StarletteHTTPException)
+    if not isinstance(exc.detail, str) or exc.status_code in (204, 304):
+        return await http_exception_handler(request, exc)
+    message = _http_message(request, exc)
+    logger.info("%s %s -> %d: %s", request.method, request.url.path, exc.status_code, message)
+    return JSONResponse(
+        {"detail": {"message": message, "field": None, "value": None}},
+        status_code=exc.status_code,
+        headers=exc.headers,
+    )
 
 
 @asynccontextmanager
@@ -194,6 +319,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StoreError, _domain_error)
     app.add_exception_handler(WorkersError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     for router in (
         extractions.router,
         jobs.router,

@@ -163,6 +163,15 @@ def _check_token_layers(ref: ModelRef, token_layers: list[int]) -> list[int]:
             field="token_layers",
             value=token_layers,
         )
+    last = ref.n_hidden_states - 1
+    for layer in token_layers:
+        if not 0 <= layer <= last:
+            raise ModelError(
+                f"token_layers entry {layer} is out of range for {ref.ref} (0..{last}); "
+                "list hidden-state indices in that range",
+                field="token_layers",
+                value=layer,
+            )
     return ref.check_layers(token_layers)
 
 

@@ -71,6 +71,15 @@ def _probe_spec(body: ProbeCreate, store: Store) -> ProbeSpec:
     check_id(body.test_featureset, field="test_featureset")
     train = store.featureset(body.train_featureset)
     test = store.featureset(body.test_featureset)
+    if test.id == train.id:
+        raise StoreError(
+            f"test_featureset {test.id!r} is the train_featureset, and test accuracy on the "
+            'training rows measures nothing; extract the test split (e.g. split "test" of '
+            f"dataset {train.spec.dataset!r} with the same model and settings) and pass that "
+            "feature set's id as test_featureset",
+            field="test_featureset",
+            value=test.id,
+        )
     for field, featureset in (("train_featureset", train), ("test_featureset", test)):
         if not featureset.is_complete:
             progress = featureset.progress()

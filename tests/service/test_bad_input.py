@@ -3,6 +3,7 @@ never a 5xx, and leaves the store as it was."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -13,11 +14,16 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
 
+from service.app import _http_error
 from service.client import Client
 from tests.conftest import wait_job
 
 MISSING_ID = "0" * 24
+# Marks a case that does not check the value its detail reports.
+ANY_VALUE = object()
 
 
 @dataclass(frozen=True)
@@ -32,6 +38,9 @@ class Case:
     field: str | None = None
     raw: bytes | None = None
     headers: dict[str, str] = dataclasses.field(default_factory=dict)
+    # Substrings the detail's message must contain, and the value it must report.
+    message: tuple[str, ...] = ()
+    value: Any = ANY_VALUE
 
 
 def _png(path: Path, array: np.ndarray, mode: str | None = None) -> None:
@@ -85,6 +94,10 @@ def data(stack_dirs: dict[str, Path]) -> dict[str, str]:
     bad_file = root / "not_npz.npz"
     bad_file.write_bytes(b"this is not a zip archive")
     refs["not_npz"] = f"npz:{bad_file}"
+    npy_file = root / "npy_as_npz.npz"
+    with npy_file.open("wb") as handle:
+        np.save(handle, np.zeros((6, 8, 8, 3), np.uint8))
+    refs["npy_as_npz"] = f"npz:{npy_file}"
 
     def corrupt(path: Path, generator: np.random.Generator) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -163,6 +176,23 @@ def _cases(data: dict[str, str], fs: dict[str, str], tiny: str, max_body: int) -
         Case(
             "negative layer", "POST", post_x, _extraction(model=tiny, layers=[-1]), field="layers"
         ),
+        Case(
+            "token layer out of range",
+            "POST",
+            post_x,
+            _extraction(model=tiny, token_layers=[99]),
+            field="token_layers",
+            message=("token_layers", "99", "0.."),
+            value=99,
+        ),
+        Case(
+            "unknown extraction key",
+            "POST",
+            post_x,
+            _extraction(layer=[0]),
+            field="layer",
+            message=("layer", "layers", "token_layers", "pooling"),
+        ),
         Case("negative batch size", "POST", post_x, _extraction(batch_size=-4), field="batch_size"),
         Case("huge batch size", "POST", post_x, _extraction(batch_size=10**9), field="batch_size"),
         Case(
@@ -206,6 +236,15 @@ def _cases(data: dict[str, str], fs: dict[str, str], tiny: str, max_body: int) -
             post_x,
             _extraction(dataset=data["not_npz"], split="all", limit=None),
             field="dataset",
+            message=("not a valid .npz (zip) archive", "numpy.savez", "images", "labels"),
+        ),
+        Case(
+            "npy file named npz",
+            "POST",
+            post_x,
+            _extraction(dataset=data["npy_as_npz"], split="all", limit=None),
+            field="dataset",
+            message=("not a valid .npz (zip) archive", "numpy.savez"),
         ),
         Case(
             "corrupt image file",
@@ -262,7 +301,39 @@ def _cases(data: dict[str, str], fs: dict[str, str], tiny: str, max_body: int) -
             headers={"content-type": "application/json"},
             field="body",
         ),
-        Case("json array body", "POST", post_x, [1, 2, 3], field="body"),
+        Case(
+            "json array body",
+            "POST",
+            post_x,
+            [1, 2, 3],
+            field="body",
+            message=("JSON object", "Content-Type: application/json"),
+        ),
+        Case(
+            "json body sent as form data",
+            "POST",
+            post_x,
+            raw=json.dumps(_extraction()).encode(),
+            headers={"content-type": "application/x-www-form-urlencoded"},
+            field="body",
+            message=("JSON object", "Content-Type: application/json"),
+        ),
+        Case(
+            "json body without content type",
+            "POST",
+            post_x,
+            raw=json.dumps(_extraction()).encode(),
+            field="body",
+            message=("Content-Type: application/json",),
+        ),
+        Case(
+            "pretrain params nested",
+            "POST",
+            "/v1/pretrain",
+            {"name": "bad-input-nested", "params": {"steps": 20, "n_layer": 3}},
+            field="params",
+            message=("params", "n_layer", "steps", "learning_rate", "top level"),
+        ),
         Case(
             "oversized body",
             "POST",
@@ -287,6 +358,15 @@ def _cases(data: dict[str, str], fs: dict[str, str], tiny: str, max_body: int) -
             field="test_featureset",
         ),
         Case("probe layer not stored", "POST", post_p, probe(layers=[3]), field="layers"),
+        Case(
+            "probe test set is the train set",
+            "POST",
+            post_p,
+            probe(test_featureset=fs["pixels_train"]),
+            field="test_featureset",
+            message=("test_featureset", fs["pixels_train"], 'split "test"'),
+            value=fs["pixels_train"],
+        ),
         Case("probe unknown kind", "POST", post_p, probe(kind="forest"), field="kind"),
         Case(
             "knn k above train size",
@@ -339,16 +419,47 @@ def _cases(data: dict[str, str], fs: dict[str, str], tiny: str, max_body: int) -
             field="stop",
         ),
         Case("fsck with dotted id", "GET", "/v1/featuresets/a..b/fsck", field="featureset_id"),
+        Case(
+            "layer fetch with encoded slashes",
+            "GET",
+            "/v1/featuresets/..%2F..%2Fetc/layers/1",
+            status=(404,),
+            message=("not found", "/docs"),
+            value=None,
+        ),
+        Case(
+            "checkpoints of name with slash",
+            "GET",
+            "/v1/models/a%2Fb/checkpoints",
+            status=(404,),
+            message=("not found", "/docs"),
+            value=None,
+        ),
+        Case(
+            "extractions with put",
+            "PUT",
+            post_x,
+            _extraction(),
+            status=(405,),
+            message=("PUT", "POST"),
+            value=None,
+        ),
     ]
 
 
-def _fields(detail: Any) -> list[str]:
-    """Return the field names a 4xx detail mentions: a domain error or FastAPI's list."""
-    if isinstance(detail, dict):
-        return [str(detail.get("field"))]
-    if isinstance(detail, list):
-        return [str(part) for item in detail for part in item.get("loc", [])]
-    return []
+def _problems(case: Case, detail: Any) -> list[str]:
+    """Return how ``detail`` differs from the project's error shape and from ``case``."""
+    if not isinstance(detail, dict) or not {"message", "field", "value"} <= detail.keys():
+        return [f"detail {detail!r} lacks message, field and value"]
+    problems = []
+    if case.field is not None and detail["field"] != case.field:
+        problems.append(f"field {detail['field']!r} is not {case.field!r} in {detail!r}")
+    for part in case.message:
+        if part not in detail["message"]:
+            problems.append(f"{part!r} not in message {detail['message']!r}")
+    if case.value is not ANY_VALUE and detail["value"] != case.value:
+        problems.append(f"value {detail['value']!r} is not {case.value!r}")
+    return problems
 
 
 def _snapshot(client: Client) -> tuple[list[str], list[str]]:
@@ -381,9 +492,9 @@ def test_bad_input_table_is_4xx(
             detail = body.get("detail")
             if response.status_code not in case.status:
                 failures.append(f"{case.name}: HTTP {response.status_code} {detail!r}")
-            elif case.field is not None and case.field not in _fields(detail):
-                failures.append(f"{case.name}: field {case.field!r} not in {detail!r}")
-    assert failures == []
+            else:
+                failures.extend(f"{case.name}: {problem}" for problem in _problems(case, detail))
+    assert not failures, "\n".join(failures)
     assert _snapshot(client) == before
 
 
@@ -394,3 +505,54 @@ def test_bad_input_odd_images_accepted(client: Client, data: dict[str, str], nam
     assert state is not None and state["status"] == "finished", state
     # Pixels of normalised (n, 8, 8, 3) uint8 images.
     assert client.layer_array(answer["featureset_id"], 0).shape == (6, 192)
+
+
+def test_method_not_allowed_keeps_allow_header(api_url: str) -> None:
+    with httpx.Client(base_url=api_url, timeout=60) as http:
+        response = http.put("/v1/extractions", json=_extraction())
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+    assert response.json()["detail"]["message"] == (
+        "PUT is not allowed on /v1/extractions; use POST"
+    )
+
+
+def _request(path: str) -> Request:
+    return Request(
+        {"type": "http", "method": "GET", "path": path, "headers": [], "query_string": b""}
+    )
+
+
+def test_http_error_passes_dict_detail_through() -> None:
+    detail = {"message": "API key missing", "field": "Authorization", "value": None}
+    exc = HTTPException(401, detail=detail, headers={"WWW-Authenticate": "Bearer"})
+    response = asyncio.run(_http_error(_request("/v1/models"), exc))
+    assert response.status_code == 401
+    assert json.loads(bytes(response.body)) == {"detail": detail}
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_http_error_wraps_string_detail_keeping_headers() -> None:
+    exc = HTTPException(401, detail="Unauthorized", headers={"WWW-Authenticate": "Bearer"})
+    response = asyncio.run(_http_error(_request("/v1/models"), exc))
+    body = json.loads(bytes(response.body))
+    assert response.status_code == 401
+    assert body["detail"]["message"] == "GET /v1/models failed: Unauthorized"
+    assert body["detail"]["field"] is None
+    assert body["detail"]["value"] is None
+    assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_http_error_keeps_written_detail() -> None:
+    exc = HTTPException(404, detail="no such static file")
+    response = asyncio.run(_http_error(_request("/static/x.js"), exc))
+    message = json.loads(bytes(response.body))["detail"]["message"]
+    assert message == "GET /static/x.js: no such static file"
+
+
+def test_http_error_unregistered_status_code() -> None:
+    exc = HTTPException(499, detail="client closed request")
+    response = asyncio.run(_http_error(_request("/v1/models"), exc))
+    assert response.status_code == 499
+    message = json.loads(bytes(response.body))["detail"]["message"]
+    assert message == "GET /v1/models: client closed request"
