@@ -63,6 +63,11 @@ class QueueCollector(Collector):
         self.redis = redis
         self.queue = queue
 
+    def describe(self) -> Iterator[Any]:
+        # Without describe, registering the collector runs collect(), a Redis round trip (and a
+        # logged traceback when Redis is down) while the app is being built.
+        return iter(())
+
     def collect(self) -> Iterator[Any]:
         up = GaugeMetricFamily("layerbank_redis_up", "1 if Redis answered this scrape, else 0.")
         try:

@@ -71,15 +71,6 @@ def _probe_spec(body: ProbeCreate, store: Store) -> ProbeSpec:
     check_id(body.test_featureset, field="test_featureset")
     train = store.featureset(body.train_featureset)
     test = store.featureset(body.test_featureset)
-    if test.id == train.id:
-        raise StoreError(
-            f"test_featureset {test.id!r} is the train_featureset, and test accuracy on the "
-            'training rows measures nothing; extract the test split (e.g. split "test" of '
-            f"dataset {train.spec.dataset!r} with the same model and settings) and pass that "
-            "feature set's id as test_featureset",
-            field="test_featureset",
-            value=test.id,
-        )
     for field, featureset in (("train_featureset", train), ("test_featureset", test)):
         if not featureset.is_complete:
             progress = featureset.progress()
@@ -90,6 +81,15 @@ def _probe_spec(body: ProbeCreate, store: Store) -> ProbeSpec:
                 value=featureset.id,
                 progress=progress.as_dict(),
             )
+    if test.id == train.id:
+        raise StoreError(
+            f"test_featureset {test.id!r} is the train_featureset, and test accuracy on the "
+            'training rows measures nothing; extract the test split (e.g. split "test" of '
+            f"dataset {train.spec.dataset!r} with the same model and settings) and pass that "
+            "feature set's id as test_featureset",
+            field="test_featureset",
+            value=test.id,
+        )
     train_spec, test_spec = train.spec.model_dump(), test.spec.model_dump()
     for name in MATCHING_FIELDS:
         if train_spec[name] != test_spec[name]:

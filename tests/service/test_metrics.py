@@ -50,22 +50,19 @@ def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
 @pytest.fixture(scope="module")
 def scrapes(client: Any, tiny_model: Path) -> dict[str, Any]:
     """Scrapes taken before and after one extraction (4 blocks) and one probe job."""
+    options: dict[str, Any] = {"layers": [0, 2], "pooling": "mean", "block_rows": 128}
+    train = client.extract(str(tiny_model), "digits", "train", limit=200, **options)
+    wait_job(client, train["job_id"])
     before = scrape(client)
     # A spec no other test requests, so the extraction runs instead of returning a stored set.
-    answer = client.extract(
-        str(tiny_model),
-        "digits",
-        "test",
-        layers=[0, 2],
-        pooling="mean",
-        block_rows=128,
-        batch_size=128,
-    )
+    answer = client.extract(str(tiny_model), "digits", "test", batch_size=128, **options)
     assert answer["created"] is True, answer
     state = wait_job(client, answer["job_id"])
     assert state is not None and state["status"] == "finished", state
     featureset_id = answer["featureset_id"]
-    probe = client.probe(featureset_id, featureset_id, kind="logistic", params={"C": [1.0]})
+    probe = client.probe(
+        train["featureset_id"], featureset_id, kind="logistic", params={"C": [1.0]}
+    )
     state = wait_job(client, probe["job_id"])
     assert state is not None and state["status"] == "finished", state
     return {
