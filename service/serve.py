@@ -10,11 +10,34 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
-from typing import Any
+import os
+from typing import TYPE_CHECKING, Any
 
-from store.settings import Settings, get_settings
+from store.settings import Settings, SettingsError, get_settings
+
+if TYPE_CHECKING:
+    from fastapi import FastAPI
 
 logger = logging.getLogger(__name__)
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+# Passes --log-level from the parent to uvicorn's worker processes, which start as fresh
+# interpreters (multiprocessing "spawn") and import create_worker_app by name.
+LOG_LEVEL_ENV = "LAYERBANK_SERVE_LOG_LEVEL"
+
+
+def configure_logging(level: str) -> None:
+    """Send every logger's records at ``level`` and above to stderr, with time, level and name."""
+    logging.basicConfig(level=level, format=LOG_FORMAT)
+
+
+def create_worker_app() -> FastAPI:
+    """Build the app in a uvicorn worker process, logging as the parent process does."""
+    from service.app import create_app
+
+    configure_logging(os.environ.get(LOG_LEVEL_ENV, "INFO"))
+    return create_app()
 
 
 def is_loopback(host: str) -> bool:
@@ -49,7 +72,13 @@ def main(argv: list[str] | None = None) -> None:
     from service.app import create_app
 
     parser = argparse.ArgumentParser(prog="python -m service.serve", description=__doc__)
-    parser.add_argument("--log-level", default="INFO", help="logging level")
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO",
+        help="minimum level of the log lines written to stderr",
+    )
     parser.add_argument(
         "--workers",
         type=int,
@@ -59,11 +88,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level)
 
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        raise SystemExit(f"error: {exc}") from None
     check_bind(settings)
     logger.info(
         "API on %s:%d, store %s, queue %s",
@@ -82,7 +112,10 @@ def main(argv: list[str] | None = None) -> None:
         uvicorn.run(create_app(settings), **options)
     else:
         # Worker processes import the app factory and read the same environment.
-        uvicorn.run("service.app:create_app", factory=True, workers=args.workers, **options)
+        os.environ[LOG_LEVEL_ENV] = args.log_level
+        uvicorn.run(
+            "service.serve:create_worker_app", factory=True, workers=args.workers, **options
+        )
 
 
 if __name__ == "__main__":

@@ -4,18 +4,24 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from store.errors import StoreError
+
+ENV_PREFIX = "LAYERBANK_"
+
+
+class SettingsError(StoreError):
+    """Raised when an environment variable holds a value its setting does not accept."""
 
 
 class Settings(BaseSettings):
     """Every setting, with its environment variable (prefix ``LAYERBANK_`` unless noted)."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="LAYERBANK_", extra="ignore", populate_by_name=True
-    )
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True)
 
     store: str = Field("./data/store", description="Store root: a directory or an fsspec URL.")
     redis_url: str = Field(
@@ -99,7 +105,37 @@ class Settings(BaseSettings):
         return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def env_var_name(field: str) -> str:
+    """Return the environment variable a setting is read from, e.g. ``LAYERBANK_PORT``."""
+    info = Settings.model_fields.get(field)
+    if info is not None and isinstance(info.validation_alias, str):
+        return info.validation_alias
+    if info is None:
+        return field  # already an alias such as REDIS_URL
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def load_settings(**values: Any) -> Settings:
+    """Read the settings from the environment, with ``values`` taking precedence.
+
+    Raises SettingsError with a one-line message in place of pydantic's multi-line
+    ValidationError: for each invalid value, its environment variable (or keyword), the value
+    and the type or range expected.
+    """
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        errors = exc.errors()
+        problems = []
+        for error in errors:
+            field = ".".join(str(part) for part in error["loc"])
+            name = field if field in values else env_var_name(field)
+            problems.append(f"invalid {name}={error['input']!r}: {error['msg']}")
+        first_field = ".".join(str(part) for part in errors[0]["loc"]) if errors else None
+        raise SettingsError("; ".join(problems), field=first_field) from None
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """Return the process-wide settings, read once from the environment."""
-    return Settings()
+    """Return the process-wide settings, read once from the environment (see load_settings)."""
+    return load_settings()

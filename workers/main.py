@@ -14,7 +14,7 @@ import socket
 from redis import Redis
 from rq import Queue
 
-from store.settings import get_settings
+from store.settings import SettingsError, get_settings
 from workers.heartbeat import DEFAULT_HEARTBEAT_INTERVAL, HeartbeatWorker
 
 logger = logging.getLogger(__name__)
@@ -45,14 +45,26 @@ def run_worker(
         logger.info("worker %s down", worker_name)
 
 
+LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
 def main(argv: list[str] | None = None) -> None:
-    settings = get_settings()
+    try:
+        settings = get_settings()
+    except SettingsError as exc:
+        raise SystemExit(f"error: {exc}") from None
     parser = argparse.ArgumentParser(prog="layerbank-worker", description=__doc__)
     parser.add_argument("--redis-url", default=settings.redis_url, help="Redis URL (REDIS_URL)")
     parser.add_argument("--queue", default=settings.queue, help="queue name (LAYERBANK_QUEUE)")
     parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     parser.add_argument("--name", default=None, help="worker name shown in rq")
-    parser.add_argument("--log-level", default="INFO", help="logging level")
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO",
+        help="minimum level of the log lines written to stderr",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
