@@ -164,10 +164,11 @@ def pretrain_imagegpt(
         optimizer.step()
         schedule.step()
         if step % params.eval_every == 0 or step == params.steps or step in checkpoint_steps:
+            train_loss = loss.item()
             val_loss = _evaluate(model, inputs[val_index], tokens[val_index], device)
             record = {
                 "step": step,
-                "train_loss": float(loss),
+                "train_loss": train_loss,
                 "val_loss": val_loss,
                 "val_bits_per_token": val_loss / math.log(2),
             }
@@ -176,7 +177,7 @@ def pretrain_imagegpt(
                 "pretrain: step %d/%d train loss %.4f val loss %.4f",
                 step,
                 params.steps,
-                float(loss),
+                train_loss,
                 val_loss,
             )
             if progress is not None:
@@ -186,7 +187,7 @@ def pretrain_imagegpt(
             model.train()
         elif progress is not None and step % max(1, params.steps // 100) == 0:
             # Between evaluations, report the step and training loss only (cheap).
-            progress(step, params.steps, {"step": step, "train_loss": float(loss)})
+            progress(step, params.steps, {"step": step, "train_loss": loss.item()})
 
     model.eval()
     record = {
