@@ -24,6 +24,10 @@ from redis.exceptions import RedisError
 
 logger = logging.getLogger(__name__)
 
+# Seconds a worker gets to finish its current job after SIGTERM (rq's warm shutdown) before it
+# is killed. A killed worker's job stays "started" until its heartbeat expires.
+WORKER_STOP_TIMEOUT = 30.0
+
 
 def _die_with_parent() -> None:
     """Ask Linux to send SIGTERM to this child when its parent exits, so no child is orphaned."""
@@ -107,11 +111,15 @@ class RedisServer:
             "--logfile",
             str(self.directory / "redis.log"),
         ]
+        # A session of its own keeps signals sent to the whole process group (Ctrl-C in a
+        # terminal, kill -- -PGID) away from Redis, so the workers, stopped first, can still
+        # record their jobs' state. It still gets SIGTERM when its parent dies.
         self.process = subprocess.Popen(
             command,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             preexec_fn=_die_with_parent,
+            start_new_session=True,
         )
         deadline = time.monotonic() + timeout
         client = Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
@@ -147,6 +155,30 @@ def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 10.0)
         process.wait(timeout=timeout)
 
 
+def worker_environment(env: dict[str, str] | None = None) -> dict[str, str]:
+    """Return the environment of a worker process: this process's, updated with ``env``."""
+    return {**os.environ, **(env or {})}
+
+
+def stop_processes(
+    processes: list[subprocess.Popen[bytes]], timeout: float = WORKER_STOP_TIMEOUT
+) -> None:
+    """Send SIGTERM to every process at once, then kill those still running after ``timeout``."""
+    running = [process for process in processes if process.poll() is None]
+    for process in running:
+        process.terminate()
+    deadline = time.monotonic() + timeout
+    for process in running:
+        try:
+            process.wait(timeout=max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            logger.warning(
+                "process %d still running %.0f s after SIGTERM; killing it", process.pid, timeout
+            )
+            process.kill()
+            process.wait()
+
+
 def start_worker(
     redis_url: str,
     *,
@@ -161,23 +193,27 @@ def start_worker(
         command.append("--burst")
     if name:
         command += ["--name", name]
+    # Like Redis, the worker runs in a session of its own, so only its parent decides when it
+    # stops: a group-wide SIGINT or SIGTERM would otherwise reach it at the same time as Redis.
     if log_file is not None:
         # The child keeps its own copy of the descriptor; the parent closes its handle.
         with log_file.open("ab") as output:
             process = subprocess.Popen(
                 command,
-                env={**os.environ, **(env or {})},
+                env=worker_environment(env),
                 stdout=output,
                 stderr=subprocess.STDOUT,
                 preexec_fn=_die_with_parent,
+                start_new_session=True,
             )
     else:
         process = subprocess.Popen(
             command,
-            env={**os.environ, **(env or {})},
+            env=worker_environment(env),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.STDOUT,
             preexec_fn=_die_with_parent,
+            start_new_session=True,
         )
     logger.info("worker process %d started", process.pid)
     return process
@@ -220,6 +256,10 @@ class WorkerSupervisor:
         self.env = dict(env)
         if "OMP_NUM_THREADS" not in os.environ and "OMP_NUM_THREADS" not in env:
             self.env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // max(1, count)))
+        # Idle OpenMP threads sleep instead of spinning, so a core taken by another process (the
+        # API, a second worker) stalls torch far less. Measured numbers: docs/operations.md.
+        if "OMP_WAIT_POLICY" not in os.environ and "OMP_WAIT_POLICY" not in env:
+            self.env["OMP_WAIT_POLICY"] = "PASSIVE"
         self.log_dir = log_dir
         self.interval = interval
         self.processes = [self._start(i) for i in range(count)]
@@ -244,8 +284,8 @@ class WorkerSupervisor:
                     )
                     self.processes[index] = self._start(index)
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = WORKER_STOP_TIMEOUT) -> None:
+        """Stop every worker: SIGTERM lets each finish its job, a kill follows after ``timeout``."""
         self._stopping.set()
         self._thread.join(timeout=self.interval * 2)
-        for process in self.processes:
-            stop_process(process)
+        stop_processes(self.processes, timeout)

@@ -69,3 +69,35 @@ def test_demo_rejects_foreign_server(foreign_server: str, tmp_path: Path) -> Non
     )
     assert result.returncode == 1
     assert "not as a layerbank API" in result.stderr
+
+
+def test_up_group_sigterm_stops_workers_first(tmp_path: Path) -> None:
+    """SIGTERM to the whole process group (as Ctrl-C or kill -- -PGID) leaves Redis to the end."""
+    from service.launcher import wait_for_http
+
+    port = free_port()
+    store = tmp_path / "store"
+    env = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
+    output = tmp_path / "up.log"
+    with output.open("wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "service.cli", "up", "--port", str(port), "--store", str(store)],
+            env={**env, "OMP_NUM_THREADS": "1", "LAYERBANK_QUEUE": "layerbank-up-test"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        wait_for_http(f"http://127.0.0.1:{port}/healthz", timeout=90)
+        # Let the worker register and block on the queue.
+        time.sleep(3)
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    worker_log = (tmp_path / "logs" / "worker-0.log").read_text()
+    assert "Traceback" not in worker_log, worker_log
+    assert "ConnectionError" not in worker_log, worker_log
+    assert "retrying" not in worker_log, worker_log
