@@ -8,15 +8,43 @@ import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+from redis.exceptions import ConnectionError as RedisConnectionError
 from rich.console import Console
+from typer.core import TyperGroup
 
 from service.cli_commands import register as register_api_commands
 from service.cli_keys import keys_app
+from store.errors import StoreError
+from workers.errors import WorkersError
+
+
+class LayerbankGroup(TyperGroup):
+    """The root command group: prints domain errors of any subcommand as one stderr line.
+
+    StoreError (invalid ids and names, API key and settings errors, ...) and WorkersError carry
+    a message written for the user, so a traceback adds nothing; they exit with code 1.
+    """
+
+    # typer 0.29 bundles its own click, whose Context is not importable under a public name.
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (StoreError, WorkersError) as exc:
+            _exit_with_error(str(exc))
+        except RedisConnectionError as exc:
+            _exit_with_error(f"cannot connect to Redis: {exc}; check REDIS_URL")
+
+
+def _exit_with_error(message: str) -> None:
+    typer.echo(f"error: {' '.join(message.split())}", err=True)
+    raise typer.Exit(1)
+
 
 app = typer.Typer(
+    cls=LayerbankGroup,
     help="layerbank: a feature store and probing service for vision transformers.",
     no_args_is_help=True,
     add_completion=False,
@@ -55,7 +83,7 @@ def up(
         free_port,
         terminate_on_sigterm,
     )
-    from store.settings import Settings
+    from store.settings import load_settings
 
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -65,10 +93,14 @@ def up(
     redis_server = None
     redis_url = os.environ.get("REDIS_URL")
     store_path = Path(store).expanduser()
+    # Check the environment before starting anything: an invalid value ends the command here
+    # (the first call reads it as the workers will, the second as the API will).
+    load_settings(store=str(store_path))
+    settings = load_settings(store=str(store_path), host=host, port=port)
     if redis_url is None:
         redis_server = RedisServer(free_port(), store_path.parent / "redis", persistent=True)
         redis_url = redis_server.start().url
-    settings = Settings(store=str(store_path), redis_url=redis_url, host=host, port=port)
+    settings = settings.model_copy(update={"redis_url": redis_url})
     key_store = KeyStore(Redis.from_url(redis_url))
     if not _is_loopback(host) and (settings.auth == "off" or key_store.count() == 0):
         err.print(
@@ -95,6 +127,7 @@ def up(
     try:
         uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
     finally:
+        # Workers first, while Redis still runs, so they can finish or give back their jobs.
         supervisor.stop()
         if redis_server is not None:
             redis_server.stop()
@@ -123,7 +156,12 @@ def demo(
 
     from service.client import Client, ClientError
     from service.demo import run_demo
-    from service.launcher import stop_process, terminate_on_sigterm, wait_for_http
+    from service.launcher import (
+        WORKER_STOP_TIMEOUT,
+        stop_process,
+        terminate_on_sigterm,
+        wait_for_http,
+    )
 
     terminate_on_sigterm()
     stack = None
@@ -163,7 +201,9 @@ def demo(
         raise typer.Exit(1) from None
     finally:
         client.close()
-        stop_process(stack)
+        # The stack stops its workers before Redis. Killing it before it is done would leave
+        # both to the parent-death signal at the same moment, and Redis might go first.
+        stop_process(stack, timeout=WORKER_STOP_TIMEOUT + 30)
 
 
 register_api_commands(app)

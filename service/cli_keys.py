@@ -1,4 +1,8 @@
-"""``layerbank keys``: create, list and revoke API keys in the Redis at REDIS_URL."""
+"""``layerbank keys``: create, list and revoke API keys in the Redis at REDIS_URL.
+
+An ApiKeyError (invalid name or scope, unknown key) reaches the root command group in
+`service.cli`, which prints its message as one line on stderr and exits with code 1.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from service.auth import SCOPES, ApiKeyError, KeyStore
+from service.auth import SCOPES, KeyStore
 
 keys_app = typer.Typer(
     help="Manage API keys (stored hashed in the Redis at REDIS_URL).", no_args_is_help=True
@@ -20,10 +24,10 @@ err = Console(stderr=True)
 def _key_store() -> KeyStore:
     from redis import Redis
 
-    from store.settings import Settings
+    from store.settings import load_settings
 
     # Read the environment now, not a cached copy, so REDIS_URL set just before is honoured.
-    return KeyStore(Redis.from_url(Settings().redis_url))
+    return KeyStore(Redis.from_url(load_settings().redis_url))
 
 
 @keys_app.command("create")
@@ -32,11 +36,7 @@ def create_key(
     scope: Annotated[str, typer.Option(help=f"one of {', '.join(SCOPES)}")] = "read",
 ) -> None:
     """Create a key and print it once; only a salted hash is stored."""
-    try:
-        key = _key_store().create(name, scope)
-    except ApiKeyError as exc:
-        err.print(f"[red]{exc.message}[/red]")
-        raise typer.Exit(1) from None
+    key = _key_store().create(name, scope)
     err.print(
         f"API key {name!r} with scope {scope!r} created. It is shown only now; send it as "
         "`Authorization: Bearer <key>`:"
@@ -57,11 +57,7 @@ def list_keys() -> None:
 def revoke_key(name: Annotated[str, typer.Argument(help="name of the key to revoke")]) -> None:
     """Delete a key; every API replica rejects it from the next request on."""
     key_store = _key_store()
-    try:
-        key_store.revoke(name)
-    except ApiKeyError as exc:
-        err.print(f"[red]{exc.message}[/red]")
-        raise typer.Exit(1) from None
+    key_store.revoke(name)
     console.print(f"API key {name!r} revoked")
     if key_store.count() == 0:
         console.print(

@@ -376,3 +376,37 @@ def test_cli_subprocess_json_and_exit_codes(api_url: str, cli_featuresets: dict[
     assert missing.stdout == ""
     assert len(missing.stderr.strip().splitlines()) == 1
     assert "Traceback" not in missing.stderr
+
+
+def test_keys_create_invalid_name_one_line(
+    redis_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    result = runner.invoke(app, ["keys", "create", "--name", "bad name"])
+    assert result.exit_code == 1
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert result.stderr.startswith("error: ")
+    assert "'bad name'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_keys_create_subprocess_no_traceback(redis_server: Any) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "keys", "create", "--name", "bad name"],
+        env={**os.environ, "REDIS_URL": redis_server.url},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_keys_unreachable_redis_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.launcher import free_port
+
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
+    result = runner.invoke(app, ["keys", "list"])
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: cannot connect to Redis")
