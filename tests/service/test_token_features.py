@@ -98,7 +98,8 @@ def test_extraction_token_layer_out_of_range(client: Any, tiny_vit: Path) -> Non
     with pytest.raises(ClientError) as caught:
         client.extract(str(tiny_vit), "digits", "test", limit=30, token_layers=[7])
     assert caught.value.status_code == 422
-    assert caught.value.detail["field"] == "layers"
+    assert caught.value.detail["field"] == "token_layers"
+    assert caught.value.detail["value"] == 7
 
 
 def test_extraction_pixels_token_layers_rejected(client: Any) -> None:
