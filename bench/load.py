@@ -7,7 +7,9 @@ the next (a smaller ``limit``, so a new feature set) when one finishes, so the w
 blocks for the whole run. ``--clients`` asyncio tasks loop for ``--seconds``: each request is a
 single row as JSON (``?start=i&stop=i+1&format=json``) or, one time in ``--layer-every``, the
 whole layer as .npy. Reports requests/s, p50 and p99 latency per kind, the number of errors (any
-non-200) and the blocks written meanwhile.
+non-200), the blocks written meanwhile and the CPU share the load generator used. By default
+each client is one keep-alive asyncio connection (``--client raw``); ``--client httpx`` shares
+one ``httpx.AsyncClient``, which on a 2-core machine saturates a core before the API does.
 
 Example::
 
@@ -24,7 +26,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -34,8 +38,50 @@ def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) * 1000 if values else float("nan")
 
 
+Fetch = Callable[[str], Awaitable[int]]
+
+
+class _RawConnection:
+    """One keep-alive HTTP/1.1 connection that sends GETs and reads Content-Length bodies.
+
+    A load generator in Python must cost the machine less than the server it measures: with
+    httpx's async client, the generator needs several times the server's CPU per request.
+    """
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
+        self.streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
+
+    async def get(self, target: str) -> int:
+        """Send ``GET target``; return the status after reading the whole body."""
+        if self.streams is None:
+            self.streams = await asyncio.open_connection(self.host, self.port, limit=2**20)
+        reader, writer = self.streams
+        try:
+            writer.write(f"GET {target} HTTP/1.1\r\nHost: {self.host}\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = None
+            for line in head.split(b"\r\n")[1:]:
+                name, _, value = line.partition(b":")
+                if name.strip().lower() == b"content-length":
+                    length = int(value)
+            if length is None:
+                raise ConnectionError("response without Content-Length")
+            await reader.readexactly(length)
+            return int(head[9:12])
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            writer.close()
+            self.streams = None
+            raise
+
+    def close(self) -> None:
+        if self.streams is not None:
+            self.streams[1].close()
+
+
 async def _client(
-    http: httpx.AsyncClient,
+    fetch: Fetch,
     featureset_id: str,
     n_items: int,
     layer_every: int,
@@ -45,25 +91,25 @@ async def _client(
     errors: list[str],
 ) -> None:
     rng = np.random.default_rng(seed)
+    path = f"/v1/featuresets/{featureset_id}/layers/0"
     count = 0
     while time.perf_counter() < deadline:
         count += 1
         if count % layer_every == 0:
-            kind, params = "layer", {}
+            kind, target = "layer", path
         else:
             row = int(rng.integers(0, n_items))
-            kind, params = "row", {"start": row, "stop": row + 1, "format": "json"}
+            kind, target = "row", f"{path}?start={row}&stop={row + 1}&format=json"
         started = time.perf_counter()
         try:
-            response = await http.get(f"/v1/featuresets/{featureset_id}/layers/0", params=params)
-            ok = response.status_code == 200
-            if not ok:
-                errors.append(f"{kind}: HTTP {response.status_code}")
-        except httpx.HTTPError as exc:
-            ok = False
+            status = await fetch(target)
+        except (httpx.HTTPError, OSError, asyncio.IncompleteReadError) as exc:
             errors.append(f"{kind}: {type(exc).__name__}")
-        if ok:
-            latencies[kind].append(time.perf_counter() - started)
+            continue
+        if status != 200:
+            errors.append(f"{kind}: HTTP {status}")
+            continue
+        latencies[kind].append(time.perf_counter() - started)
 
 
 async def _load(
@@ -72,13 +118,23 @@ async def _load(
     latencies: dict[str, list[float]] = {"row": [], "layer": []}
     errors: list[str] = []
     limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
+    connections = [_RawConnection(url) for _ in range(args.clients)]
     async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as http:
+
+        async def httpx_get(target: str) -> int:
+            return (await http.get(target)).status_code
+
+        fetchers: list[Fetch] = (
+            [connection.get for connection in connections]
+            if args.client == "raw"
+            else [httpx_get] * args.clients
+        )
         started = time.perf_counter()
         deadline = started + args.seconds
         await asyncio.gather(
             *(
                 _client(
-                    http,
+                    fetch,
                     featureset_id,
                     n_items,
                     args.layer_every,
@@ -87,10 +143,12 @@ async def _load(
                     latencies,
                     errors,
                 )
-                for seed in range(args.clients)
+                for seed, fetch in enumerate(fetchers)
             )
         )
         elapsed = time.perf_counter() - started
+    for connection in connections:
+        connection.close()
     return latencies, errors, elapsed
 
 
@@ -139,7 +197,7 @@ def _serve(
     command = [sys.executable, "-m", "service.serve", "--log-level", "WARNING"]
     with log_file.open("ab") as log:
         process = subprocess.Popen(
-            [*command, "--workers", str(workers)],
+            command + (["--workers", str(workers)] if workers > 1 else []),
             env={**os.environ, **env, "LAYERBANK_HOST": "127.0.0.1", "LAYERBANK_PORT": str(port)},
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -161,6 +219,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--api-workers", type=int, default=1, help="API processes (uvicorn workers)"
+    )
+    parser.add_argument(
+        "--client",
+        choices=["raw", "httpx"],
+        default="raw",
+        help="load generator: keep-alive asyncio connections (raw) or one httpx.AsyncClient",
     )
     args = parser.parse_args()
 
@@ -191,9 +255,11 @@ def main() -> None:
             summary = client.featureset(target["featureset_id"])
         writer = _BackgroundWriter(url, str(model), summary["n_items"])
         writer.start()
+        cpu_started = time.process_time()
         latencies, errors, elapsed = asyncio.run(
             _load(url, target["featureset_id"], summary["n_items"], args)
         )
+        client_cpu = (time.process_time() - cpu_started) / elapsed
         writer.stopping.set()
         writer.join(timeout=30)
     finally:
@@ -209,6 +275,10 @@ def main() -> None:
         + (f" and one failed: {writer.error}" if writer.error else "")
     )
     print(f"requests: {total} ({total / elapsed:.1f}/s), errors: {len(errors)}")
+    print(
+        f"load generator ({args.client}): {client_cpu:.0%} of one core, including the "
+        "background extraction's polling thread"
+    )
     for kind, values in latencies.items():
         print(
             f"{kind:>5}: {len(values)} ok, p50 {_percentile(values, 50):.1f} ms, "
