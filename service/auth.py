@@ -393,13 +393,15 @@ async def authorize(
     if is_public(endpoint) or settings.auth == "off":
         return None
     key_store: KeyStore = request.app.state.key_store
+    required: bool | None = None  # None: `_check_key` decides with a blocking Redis call
     if key_store.async_redis is not None and settings.auth == "auto" and is_loopback(settings.host):
         try:
-            if not await key_store.enabled_async():
-                return None
+            required = await key_store.enabled_async()
         except RedisError as exc:
             raise _redis_unavailable() from exc
-    return await run_in_threadpool(_check_key, request, settings, key_store, credentials)
+        if not required:
+            return None
+    return await run_in_threadpool(_check_key, request, settings, key_store, credentials, required)
 
 
 def _redis_unavailable() -> HTTPException:
@@ -419,10 +421,11 @@ def _check_key(
     settings: Settings,
     key_store: KeyStore,
     credentials: HTTPAuthorizationCredentials | None,
+    required: bool | None,
 ) -> ApiKeyInfo | None:
     endpoint = request.scope.get("endpoint")
     try:
-        if not keys_required(settings, key_store):
+        if not (required or keys_required(settings, key_store)):
             return None
         info = key_store.verify(credentials.credentials) if credentials is not None else None
     except RedisError as exc:
