@@ -12,6 +12,8 @@ from typing import Annotated, Any
 
 import typer
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.console import Console
 from typer.core import TyperGroup
 
@@ -34,8 +36,10 @@ class LayerbankGroup(TyperGroup):
             return super().invoke(ctx)
         except (StoreError, WorkersError) as exc:
             _exit_with_error(str(exc))
-        except RedisConnectionError as exc:
-            _exit_with_error(f"cannot connect to Redis: {exc}; check REDIS_URL")
+        except (RedisConnectionError, RedisTimeoutError) as exc:
+            _exit_with_error(f"cannot reach Redis: {exc}; check REDIS_URL and that Redis runs")
+        except RedisError as exc:
+            _exit_with_error(f"Redis failed: {exc}")
 
 
 def _exit_with_error(message: str) -> None:

@@ -31,7 +31,7 @@ class Settings(BaseSettings):
     )
     queue: str = Field("layerbank", description="Name of the rq queue jobs go to.")
     host: str = Field("127.0.0.1", description="Address the API binds to.")
-    port: int = Field(8000, description="Port the API listens on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port the API listens on (1-65535).")
     device: str = Field("auto", description="Worker device: auto, cpu, cuda or cuda:N.")
     data_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
@@ -86,6 +86,19 @@ class Settings(BaseSettings):
     def _split_paths(cls, value: object) -> object:
         if isinstance(value, str):
             return [Path(part).expanduser() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str) -> str:
+        from redis.connection import parse_url
+
+        try:
+            parse_url(value)
+        except ValueError as exc:
+            raise ValueError(
+                f"{exc}; expected for example redis://127.0.0.1:6379/0 or unix:///path/redis.sock"
+            ) from None
         return value
 
     @field_validator("model_allow_list", mode="before")
