@@ -29,6 +29,7 @@ from service.auth import (
     LimitExceededError,
     authorize,
     keys_required,
+    log_redis_outage,
 )
 from service.dashboard import install_dashboard
 from service.jobs import JobNotFoundError
@@ -82,6 +83,21 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     code = next(code for cls, code in STATUS_BY_ERROR if isinstance(exc, cls))
     logger.info("%s %s -> %d: %s", request.method, request.url.path, code, exc.message)
     return JSONResponse(error_body(exc), status_code=code)
+
+
+async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
+    log_redis_outage(f"{request.method} {request.url.path}", exc)
+    return JSONResponse(
+        {
+            "detail": {
+                "message": "Redis is unavailable, so jobs and results cannot be read or queued; "
+                "retry later",
+                "field": None,
+                "value": None,
+            }
+        },
+        status_code=503,
+    )
 
 
 def _json_value(value: Any, limit: int = 200) -> Any:
@@ -320,6 +336,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(WorkersError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(RedisError, _redis_error)
     for router in (
         extractions.router,
         jobs.router,

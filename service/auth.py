@@ -26,6 +26,7 @@ import json
 import logging
 import secrets
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -182,6 +183,7 @@ class KeyStore:
         self.redis = redis
         # An asyncio client on the same Redis, opened and closed by the app's lifespan.
         self.async_redis: AsyncRedis | None = None
+        self._enabled_seen = False
         self._verified: dict[str, bytes] = {}
         self._lock = threading.Lock()
 
@@ -193,14 +195,23 @@ class KeyStore:
         return int(self.redis.hlen(f"{KEY_PREFIX}:names"))
 
     def enabled(self) -> bool:
-        """Return whether a key exists or ever existed in this Redis (see `ENABLED_KEY`)."""
-        return bool(self.redis.exists(f"{KEY_PREFIX}:names", ENABLED_KEY))
+        """Return whether a key exists or ever existed in this Redis (see `ENABLED_KEY`).
+
+        Once True, it stays True in this process without asking Redis again, so a Redis that
+        restarts without its data does not reopen a running API.
+        """
+        if not self._enabled_seen:
+            self._enabled_seen = bool(self.redis.exists(f"{KEY_PREFIX}:names", ENABLED_KEY))
+        return self._enabled_seen
 
     async def enabled_async(self) -> bool:
         """Return `enabled` through `async_redis`, without blocking the event loop."""
         if self.async_redis is None:
             raise RuntimeError("KeyStore.async_redis is not open; the app's lifespan opens it")
-        return bool(await self.async_redis.exists(f"{KEY_PREFIX}:names", ENABLED_KEY))
+        if not self._enabled_seen:
+            found = await self.async_redis.exists(f"{KEY_PREFIX}:names", ENABLED_KEY)
+            self._enabled_seen = bool(found)
+        return self._enabled_seen
 
     def create(self, name: str, scope: str) -> str:
         """Store a new key named ``name`` and return it; the plain key is never stored.
@@ -398,14 +409,41 @@ async def authorize(
         try:
             required = await key_store.enabled_async()
         except RedisError as exc:
-            raise _redis_unavailable() from exc
+            raise _redis_unavailable(exc) from exc
         if not required:
             return None
     return await run_in_threadpool(_check_key, request, settings, key_store, credentials, required)
 
 
-def _redis_unavailable() -> HTTPException:
-    logger.exception("API key check failed: Redis is unavailable")
+# Seconds between two logged tracebacks of a Redis outage; the requests in between are counted.
+REDIS_OUTAGE_LOG_INTERVAL = 10.0
+_outage_lock = threading.Lock()
+_outage_state = {"last": float("-inf"), "suppressed": 0}
+
+
+def log_redis_outage(context: str, exc: BaseException) -> None:
+    """Log a failed Redis call with its traceback, at most once per log interval.
+
+    During an outage every request fails the same way, so the others are only counted and the
+    count is reported with the next logged one.
+    """
+    now = time.monotonic()
+    with _outage_lock:
+        if now - _outage_state["last"] < REDIS_OUTAGE_LOG_INTERVAL:
+            _outage_state["suppressed"] += 1
+            return
+        suppressed = int(_outage_state["suppressed"])
+        _outage_state.update(last=now, suppressed=0)
+    logger.error(
+        "%s: Redis is unavailable (%d more such failures not logged since the last message)",
+        context,
+        suppressed,
+        exc_info=exc,
+    )
+
+
+def _redis_unavailable(exc: BaseException) -> HTTPException:
+    log_redis_outage("API key check failed", exc)
     return HTTPException(
         status_code=503,
         detail={
@@ -429,10 +467,10 @@ def _check_key(
             return None
         info = key_store.verify(credentials.credentials) if credentials is not None else None
     except RedisError as exc:
-        raise _redis_unavailable() from exc
+        raise _redis_unavailable(exc) from exc
     if credentials is None:
         scheme = request.headers.get("authorization", "").partition(" ")[0]
-        if scheme:
+        if scheme and scheme.lower() != "bearer":
             raise _unauthorized(
                 f"unsupported Authorization scheme {scheme[:20]!r}; send the API key as "
                 "`Authorization: Bearer <key>`"

@@ -62,7 +62,7 @@ def revoke_key(name: Annotated[str, typer.Argument(help="name of the key to revo
     if key_store.count() == 0:
         console.print(
             "[yellow]no API keys remain: the API keeps checking keys, so it now rejects every "
-            "request except /healthz; create a key with `layerbank keys create`, or set "
-            "LAYERBANK_AUTH=off to turn key checks off on a loopback address[/yellow]",
+            "request to a route that needs a key; create a key with `layerbank keys create`, or "
+            "set LAYERBANK_AUTH=off to turn key checks off on a loopback address[/yellow]",
             soft_wrap=True,
         )

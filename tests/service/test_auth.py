@@ -251,6 +251,49 @@ def test_auth_auto_revoking_last_key_keeps_checks(
     assert without_key.status_code == 401
 
 
+def test_auth_keys_stay_required_after_redis_data_loss(
+    settings: Settings, empty_redis_url: str, tmp_path: Path
+) -> None:
+    redis = Redis.from_url(empty_redis_url)
+    key = KeyStore(redis).create("before-loss", "read")
+    app = create_app(
+        settings.model_copy(
+            update={"store": str(tmp_path / "store"), "redis_url": empty_redis_url, "auth": "auto"}
+        )
+    )
+    with TestClient(app) as client:
+        keyed = client.get("/v1/featuresets", headers={"Authorization": f"Bearer {key}"})
+        redis.flushdb()
+        after_loss = client.get("/v1/featuresets")
+    assert keyed.status_code == 200
+    assert after_loss.status_code == 401
+
+
+def test_auth_off_redis_down_is_503(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from service.launcher import free_port
+
+    unreachable = f"redis://127.0.0.1:{free_port()}/0"
+    app = create_app(
+        settings.model_copy(
+            update={"store": str(tmp_path / "store"), "redis_url": unreachable, "auth": "off"}
+        )
+    )
+    with TestClient(app) as client, caplog.at_level("ERROR"):
+        responses = [client.get(f"/v1/jobs/{'a' * 24}") for _ in range(3)]
+    assert [response.status_code for response in responses] == [503, 503, 503]
+    assert "Redis is unavailable" in responses[0].json()["detail"]["message"]
+    # One traceback for the outage; the other failures are counted, not logged.
+    assert len([r for r in caplog.records if "Redis is unavailable" in r.getMessage()]) <= 1
+
+
+def test_auth_bearer_without_key_is_missing(auth_client: TestClient) -> None:
+    response = auth_client.get("/v1/featuresets", headers={"Authorization": "Bearer"})
+    assert response.status_code == 401
+    assert response.json()["detail"]["message"].startswith("missing API key")
+
+
 def test_auth_non_bearer_scheme_rejected(auth_client: TestClient, keys: dict[str, str]) -> None:
     response = auth_client.get(
         "/v1/featuresets", headers={"Authorization": f"Basic {keys['admin']}"}
