@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,8 @@ class Store:
         else:
             self.local_root = None
             self.zarr_store = FsspecStore.from_url(self.root, read_only=False)
-        self._open: dict[str, FeatureSet] = {}
+        # Open handles with the stamp of their group's metadata file when they were opened.
+        self._open: dict[str, tuple[FeatureSet, tuple[int, int] | None]] = {}
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -54,10 +56,10 @@ class Store:
     def find_featureset(self, featureset_id: str) -> FeatureSet | None:
         """Return the feature set ``featureset_id``, or None if it does not exist."""
         check_id(featureset_id, field="featureset_id")
-        with self._lock:
-            cached = self._open.get(featureset_id)
+        cached = self.open_featureset(featureset_id)
         if cached is not None:
             return cached
+        stamp = self._metadata_stamp(featureset_id)
         try:
             group = zarr.open_group(self.zarr_store, path=f"featuresets/{featureset_id}", mode="r+")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
@@ -71,13 +73,39 @@ class Store:
             logger.exception("feature set %s: unreadable layout", featureset_id)
             raise
         with self._lock:
-            self._open[featureset_id] = featureset
+            self._open[featureset_id] = (featureset, stamp)
         return featureset
 
     def open_featureset(self, featureset_id: str) -> FeatureSet | None:
-        """Return the handle of ``featureset_id`` if one is already open, else None; no I/O."""
+        """Return the open handle of ``featureset_id``, or None if none is open and current.
+
+        In a local store, a handle whose group metadata file changed or vanished since it was
+        opened (another process deleted, re-created or finalised the set) is dropped, at the
+        cost of one ``stat`` call.
+        """
         with self._lock:
-            return self._open.get(featureset_id)
+            entry = self._open.get(featureset_id)
+        if entry is None:
+            return None
+        featureset, stamp = entry
+        if self.local_root is not None and self._metadata_stamp(featureset_id) != stamp:
+            self.forget(featureset_id)
+            return None
+        return featureset
+
+    def _metadata_stamp(self, featureset_id: str) -> tuple[int, int] | None:
+        """Return (inode, mtime in ns) of the group's zarr.json in a local store, else None.
+
+        NOTE: handles on an fsspec store are not checked, so another process's delete or
+        repair is seen only after `forget` or a restart.
+        """
+        if self.local_root is None:
+            return None
+        try:
+            info = os.stat(self.local_root / "featuresets" / featureset_id / "zarr.json")
+        except FileNotFoundError:
+            return None
+        return info.st_ino, info.st_mtime_ns
 
     def featureset(self, featureset_id: str) -> FeatureSet:
         """Return the feature set ``featureset_id`` or raise `NotFoundError`."""

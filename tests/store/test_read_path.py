@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import shutil
 import uuid
 from pathlib import Path
 from typing import Any
@@ -240,3 +241,26 @@ def test_layer_stream_client_leaves_early(served: dict[str, Any]) -> None:
     again = httpx.get(url, timeout=30)
     array = np.load(io.BytesIO(again.content), allow_pickle=False)
     np.testing.assert_array_equal(array, served["features"][1])
+
+
+def test_handle_dropped_after_delete_elsewhere(written: tuple[FeatureSet, np.ndarray]) -> None:
+    featureset, _ = written
+    store = Store(featureset.store.root)
+    opened = store.featureset(featureset.id)
+    opened.read_layer(0, 0, 1)  # decoded block cached in this handle
+    # Another process deletes the group.
+    shutil.rmtree(Path(store.root) / "featuresets" / featureset.id)
+    assert store.open_featureset(featureset.id) is None
+    assert store.find_featureset(featureset.id) is None
+
+
+def test_handle_reopened_after_metadata_change(written: tuple[FeatureSet, np.ndarray]) -> None:
+    featureset, _ = written
+    store = Store(featureset.store.root)
+    opened = store.featureset(featureset.id)
+    # Another process rewrites the group's attributes (as finalising or a repair does).
+    group = zarr.open_group(Store(store.root).zarr_store, path=featureset.path, mode="r+")
+    group.attrs.update({"note": "rewritten"})
+    reopened = store.featureset(featureset.id)
+    assert reopened is not opened
+    assert reopened.attrs["note"] == "rewritten"
