@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -266,6 +267,7 @@ def main() -> None:
         stop_process(api)
         stop_process(worker)
         redis.stop()
+        shutil.rmtree(root, ignore_errors=True)
 
     total = sum(len(v) for v in latencies.values()) + len(errors)
     print(

@@ -302,6 +302,8 @@ def _api(url: str, api_key: str | None) -> Iterator[Client]:
             yield client
     except ClientError as exc:
         _fail(f"error: {_describe(exc)}")
+    except httpx.UnsupportedProtocol:
+        _fail(f"error: invalid API URL {url!r}; pass --url like http://127.0.0.1:8000")
     except httpx.TransportError as exc:
         _fail(
             f"error: cannot reach the layerbank API at {url}: {exc or type(exc).__name__}; "
