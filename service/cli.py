@@ -37,7 +37,8 @@ class LayerbankGroup(TyperGroup):
         except (StoreError, WorkersError) as exc:
             _exit_with_error(str(exc))
         except (RedisConnectionError, RedisTimeoutError) as exc:
-            _exit_with_error(f"cannot reach Redis: {exc}; check REDIS_URL and that Redis runs")
+            reason = str(exc).rstrip(".")
+            _exit_with_error(f"cannot reach Redis ({reason}); check REDIS_URL and that Redis runs")
         except RedisError as exc:
             _exit_with_error(f"Redis failed: {exc}")
 

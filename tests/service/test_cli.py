@@ -417,4 +417,4 @@ def test_keys_unreachable_redis_one_line(monkeypatch: pytest.MonkeyPatch) -> Non
     monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{free_port()}/0")
     result = runner.invoke(app, ["keys", "list"])
     assert result.exit_code == 1
-    assert result.stderr.startswith("error: cannot connect to Redis")
+    assert result.stderr.startswith("error: cannot reach Redis (")
