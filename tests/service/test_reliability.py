@@ -233,13 +233,14 @@ def test_concurrent_identical_requests_one_job(stack: Stack) -> None:
     with ThreadPoolExecutor(max_workers=6) as pool:
         answers = list(pool.map(submit, range(6)))
 
-    assert len({answer["featureset_id"] for answer in answers}) == 1
-    assert sum(answer["created"] for answer in answers) == 1
-    assert len({answer["job_id"] for answer in answers}) == 1
+    assert len({answer["featureset_id"] for answer in answers}) == 1, answers
+    assert sum(answer["created"] for answer in answers) == 1, answers
+    assert len({answer["job_id"] for answer in answers}) == 1, answers
     state = wait_job(stack.client, answers[0]["job_id"], timeout=60)
     assert state is not None and state["status"] == "finished", state
     # One rq job per block plus the finalize job: no block was queued twice.
-    assert len(_rq_jobs(stack, answers[0]["job_id"])) == 4 + 1
+    rq_jobs = _rq_jobs(stack, answers[0]["job_id"])
+    assert len(rq_jobs) == 4 + 1, [(job.description, job.get_status()) for job in rq_jobs]
 
 
 def test_api_restart_reports_same_job(stack: Stack) -> None:
