@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -253,17 +254,24 @@ def test_jobs_unknown_id_exit_one(api_url: str) -> None:
 
 
 def test_jobs_failed_job_exit_one(
-    api_url: str, client: Any, tiny_model: Path, stack_dirs: dict[str, Path]
+    api_url: str, client: Any, workers: list[Any], stack_dirs: dict[str, Path]
 ) -> None:
     # A block job fails when its model directory disappears after the extraction was queued.
+    # The workers are paused meanwhile, so no block can run before the files are gone.
     model = stack_dirs["models"] / "vanishing-igpt"
     from tests.factories import tiny_imagegpt
 
     tiny_imagegpt(model, seed=7)
-    answer = client.extract(str(model), "digits", "test", layers=[0], limit=60, block_rows=30)
-    for path in model.iterdir():
-        path.unlink()
-    model.rmdir()
+    for process in workers:
+        os.kill(process.pid, signal.SIGSTOP)
+    try:
+        answer = client.extract(str(model), "digits", "test", layers=[0], limit=60, block_rows=30)
+        for path in model.iterdir():
+            path.unlink()
+        model.rmdir()
+    finally:
+        for process in workers:
+            os.kill(process.pid, signal.SIGCONT)
     result = run_cli(api_url, "jobs", answer["job_id"], "--watch", "--timeout", "120")
     assert result.exit_code == 1
     assert (
