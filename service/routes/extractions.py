@@ -100,6 +100,14 @@ def create_extraction(
     with target_lock(redis, featureset_id):
         featureset = store.find_featureset(featureset_id)
         existing_job = active_job_id(redis, featureset_id)
+        # The job's state is read before the feature set's status: the finalize job marks the
+        # set complete before rq marks the job finished, so a finished job is never mistaken
+        # for a lost one (which would queue a second job).
+        state = (
+            job_state(redis, store, existing_job)
+            if featureset is not None and existing_job is not None
+            else None
+        )
         if featureset is not None and featureset.is_complete:
             response.status_code = status.HTTP_200_OK
             return ExtractionPublic(
@@ -109,8 +117,7 @@ def create_extraction(
                 created=False,
                 **sizes,
             )
-        if featureset is not None and existing_job is not None:
-            state = job_state(redis, store, existing_job)
+        if state is not None and existing_job is not None:
             if state["status"] in ("queued", "running"):
                 return ExtractionPublic(
                     featureset_id=featureset_id,
