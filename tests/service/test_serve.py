@@ -32,15 +32,16 @@ def serve_env(redis_url: str, store: Path, port: int) -> dict[str, str]:
     }
 
 
-def test_serve_workers_log_formatted_lines(redis_server: Any, tmp_path: Path) -> None:
+def serve_two_workers_and_request(redis_url: str, tmp_path: Path, log_level: str) -> str:
+    """Run ``service.serve --workers 2``, request a missing feature set, return the output."""
     import httpx
 
     port = free_port()
     log_path = tmp_path / "serve.log"
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "service.serve", "--workers", "2", "--log-level", "info"],
-            env=serve_env(redis_server.url, tmp_path / "store", port),
+            [sys.executable, "-m", "service.serve", "--workers", "2", "--log-level", log_level],
+            env=serve_env(redis_url, tmp_path / "store", port),
             stdout=log,
             stderr=subprocess.STDOUT,
         )
@@ -55,33 +56,16 @@ def test_serve_workers_log_formatted_lines(redis_server: Any, tmp_path: Path) ->
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    output = log_path.read_text()
+    return log_path.read_text()
+
+
+def test_serve_workers_log_formatted_lines(redis_server: Any, tmp_path: Path) -> None:
+    output = serve_two_workers_and_request(redis_server.url, tmp_path, "info")
     assert re.search(LOG_LINE, output), output
 
 
 def test_serve_workers_apply_log_level(redis_server: Any, tmp_path: Path) -> None:
-    import httpx
-
-    port = free_port()
-    log_path = tmp_path / "serve.log"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "service.serve", "--workers", "2", "--log-level", "WARNING"],
-            env=serve_env(redis_server.url, tmp_path / "store", port),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for_http(f"http://127.0.0.1:{port}/healthz", timeout=120)
-        httpx.get(f"http://127.0.0.1:{port}/v1/featuresets/{MISSING_ID}", timeout=10)
-    finally:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-    output = log_path.read_text()
+    output = serve_two_workers_and_request(redis_server.url, tmp_path, "WARNING")
     assert "-> 404" not in output
 
 
