@@ -303,7 +303,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
             settings.auth,
             settings.host,
         )
-    # The asyncio client belongs to this event loop, so it lives exactly as long as the loop.
+    # An asyncio client is bound to the event loop that first uses it, so the lifespan of the
+    # app (one loop) opens and closes it.
     key_store: KeyStore = app.state.key_store
     key_store.async_redis = AsyncRedis.from_url(settings.redis_url)
     try:

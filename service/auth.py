@@ -52,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 SCOPES = ("read", "write", "admin")
 KEY_PREFIX = "layerbank:keys"
-# Set by the first key and kept by revokes: in ``auto`` mode key checks never switch off again.
+# Set by the first key and kept by revokes, so revoking the last key leaves ``auto`` mode checking.
 ENABLED_KEY = f"{KEY_PREFIX}:enabled"
 KEY_MARKER = "lb"
 

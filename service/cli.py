@@ -24,10 +24,10 @@ from workers.errors import WorkersError
 
 
 class LayerbankGroup(TyperGroup):
-    """The root command group: prints domain errors of any subcommand as one stderr line.
+    """The root command group, which prints domain errors of any subcommand as one stderr line.
 
     StoreError (invalid ids and names, API key and settings errors, ...) and WorkersError carry
-    a message written for the user, so a traceback adds nothing; they exit with code 1.
+    a message written for the user, so a traceback adds nothing. They exit with code 1.
     """
 
     # typer 0.29 bundles its own click, whose Context is not importable under a public name.

@@ -15,7 +15,7 @@ ENV_PREFIX = "LAYERBANK_"
 
 
 class SettingsError(StoreError):
-    """Raised when an environment variable holds a value its setting does not accept."""
+    """Raised when an environment variable contains a value its setting does not accept."""
 
 
 class Settings(BaseSettings):

@@ -180,9 +180,9 @@ def run_probe(probe_id: str) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     total = len(spec["kinds"]) * len(positions)
 
-    # The engines read the Zarr arrays one layer (or one batch of layers) at a time, so memory
-    # contains one layer per split, not layers x items x dim floats (about 2.6 GB for CIFAR-10
-    # train with 25 layers of width 512 in float32).
+    # The engines read the Zarr arrays one layer (or one batch of layers) at a time. Memory then
+    # contains one layer per split, not layers x items x dim floats, which is about 2.6 GB for
+    # CIFAR-10 train with 25 layers of width 512 in float32.
     for kind_index, kind in enumerate(spec["kinds"]):
 
         def progress(done: int, _total: int, offset: int = kind_index * len(positions)) -> None:
