@@ -23,7 +23,7 @@ from sklearn.preprocessing import StandardScaler
 
 from workers.errors import ProbeError
 from workers.probes import PROBE_KINDS, fit_probes
-from workers.probes.logistic import LogisticSettings, _BatchedLogistic
+from workers.probes.logistic import LogisticSettings, _BatchedLogistic, _standardise_parts_
 from workers.probes.metrics import bootstrap_accuracy_ci
 
 N_TEST = 500
@@ -244,11 +244,14 @@ def test_torch_objective_matches_sklearn_solution(
     y = np.unique(digits["y_train"][keep], return_inverse=True)[1]
     reference = LogisticRegression(C=0.1, tol=1e-10, max_iter=10_000).fit(x, y)
 
+    # The engine takes features with a last column of ones (the bias) and their covariance.
+    with_ones = np.hstack([x, np.ones((len(x), 1))])
     batched = _BatchedLogistic(
-        torch.from_numpy(x)[None].to(getattr(torch, dtype)),
+        torch.from_numpy(with_ones)[None].to(getattr(torch, dtype)),
         torch.from_numpy(y),
         torch.tensor([[0.1]], dtype=torch.float64),
         n_classes,
+        torch.from_numpy(x.T @ x / len(x))[None],
     )
     # The penalty makes the objective at least 1/(C n) ~ 0.008-strongly convex here, so a
     # gradient below 1e-6 puts every weight within about 1e-4 of the optimum. A penalty off by
@@ -260,6 +263,40 @@ def test_torch_objective_matches_sklearn_solution(
     assert run.converged.all()
     np.testing.assert_allclose(weight.T, reference.coef_, atol=1e-3)
     np.testing.assert_allclose(batched.bias.detach()[0, 0].numpy(), reference.intercept_, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_torch_standardisation_matches_standard_scaler(digits: Digits, dtype: str) -> None:
+    """The whole train set's statistics, derived from the two parts' sums, are StandardScaler's."""
+    # In float64 an offset checks the centring. In float32 it would cost the centred values of
+    # nearly constant pixels their precision (eps * 100 against a standard deviation of 1e-3).
+    offset = np.float32(100.0 if dtype == "float64" else 0.0)
+    train = (digits["train"] + offset).astype(np.float64)
+    n_fit = 900
+    x = torch.from_numpy(np.concatenate([train, np.ones((*train.shape[:2], 1))], axis=2))
+    x = x.to(getattr(torch, dtype))
+    x_fit, x_val, x_all = x[:, :n_fit].clone(), x[:, n_fit:].clone(), x.clone()
+    fit_cov, whole = _standardise_parts_(x_fit, x_val)
+    whole.apply_(x_all)
+    rtol = 1e-9 if dtype == "float64" else 1e-4
+    for layer in range(len(train)):
+        for got, rows, fitted_on in (
+            (x_fit, slice(None, n_fit), slice(None, n_fit)),
+            (x_val, slice(n_fit, None), slice(None, n_fit)),
+            (x_all, slice(None), slice(None)),
+        ):
+            scaler = StandardScaler().fit(train[layer, fitted_on])
+            expected = scaler.transform(train[layer, rows])
+            standardised = got[layer, :, :-1].double().numpy()
+            np.testing.assert_allclose(standardised, expected, atol=10 * rtol)
+            assert (got[layer, :, -1] == 1).all()
+        constant = train[layer].std(axis=0) == 0
+        assert constant.any() == (layer == 0)  # blank pixels in the raw digits
+        assert (x_all[layer, :, :-1][:, torch.from_numpy(constant)].abs() < rtol).all()
+        expected_cov = np.cov(StandardScaler().fit_transform(train[layer, :n_fit]).T, bias=True)
+        np.testing.assert_allclose(fit_cov[layer].numpy(), expected_cov, atol=10 * rtol)
+        expected_cov = np.cov(StandardScaler().fit_transform(train[layer]).T, bias=True)
+        np.testing.assert_allclose(whole.cov[layer].numpy(), expected_cov, atol=10 * rtol)
 
 
 # --- kNN and MLP ------------------------------------------------------------------------------
