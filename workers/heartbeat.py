@@ -8,6 +8,12 @@ job "started" until the job timeout has passed, which is an hour for an extracti
 
 `HeartbeatWorker` renews the heartbeat from a background thread instead, with a TTL of a few
 intervals, so rq's own registry cleanup notices a killed worker within seconds.
+
+rq also writes the worker's own registration (its hash and its entries in the worker sets, which
+`rq.Worker.all` and ``GET /healthz`` read) only once, at start-up, and its worker heartbeat only
+renews the hash. After a ``FLUSHALL``, or a restart of Redis without persistence, a running worker
+would keep taking jobs while no longer listed. `HeartbeatWorker` checks its registration at each
+of its own heartbeats, idle or busy, and writes it again when it is missing.
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ import logging
 import math
 import threading
 
+from redis.client import Pipeline
 from redis.exceptions import RedisError
-from rq import SimpleWorker
+from rq import SimpleWorker, worker_registration
 from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
@@ -41,10 +48,13 @@ class HeartbeatWorker(SimpleWorker):
     Parameters
     ----------
     heartbeat_interval
-        Seconds between two heartbeats of the running job. The job counts as abandoned
-        ``MISSED_HEARTBEATS`` intervals after the last heartbeat.
+        Seconds between two heartbeats of the running job, and between two heartbeats of the
+        idle worker. The job counts as abandoned ``MISSED_HEARTBEATS`` intervals after the last
+        heartbeat, and the idle worker's registration expires ``MISSED_HEARTBEATS`` intervals
+        plus 60 seconds (rq's margin) after its last heartbeat.
     *args, **kwargs
-        Passed to ``rq.SimpleWorker``.
+        Passed to ``rq.SimpleWorker``. An explicit ``worker_ttl`` replaces the one derived from
+        ``heartbeat_interval``.
     """
 
     def __init__(
@@ -57,8 +67,68 @@ class HeartbeatWorker(SimpleWorker):
             raise ValueError(
                 f"heartbeat_interval must be positive seconds, got {heartbeat_interval!r}"
             )
-        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        # rq's __init__ reads dequeue_timeout, which depends on the interval, to set the
+        # connection's socket timeout, so the interval is set first.
         self.heartbeat_interval = heartbeat_interval
+        kwargs.setdefault("worker_ttl", heartbeat_ttl(heartbeat_interval))
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    @property
+    def dequeue_timeout(self) -> int:
+        """Seconds one blocking wait for a job lasts, which is the idle worker's heartbeat interval.
+
+        rq sends the worker's heartbeat between two waits.
+        """
+        return max(1, math.ceil(self.heartbeat_interval))
+
+    def heartbeat(self, timeout: int | None = None, pipeline: Pipeline | None = None) -> None:
+        """Renew the worker's registration, and write it again if Redis lost it.
+
+        rq calls this without a pipeline from its main loop, while idle and after each job.
+        Calls with a pipeline (rq's job preparation and `maintain_heartbeats`) only queue the
+        renewal. While a job runs, its heartbeat thread checks the registration instead.
+        """
+        ttl = timeout or self.worker_ttl + 60
+        super().heartbeat(ttl, pipeline)
+        if pipeline is None:
+            self.ensure_registered(ttl)
+
+    def ensure_registered(self, ttl: int) -> bool:
+        """Write the worker's registration again if its hash or a worker-set entry is missing.
+
+        rq's heartbeat sets one field of the hash, which recreates a deleted hash without its
+        ``birth`` field, so a missing ``birth`` marks a lost hash. A worker that is stopping is
+        left unregistered. Returns whether the registration was written.
+        """
+        # rq 3.0 sets these attributes when a warm shutdown is requested (SIGINT, SIGTERM or the
+        # shutdown command), and birth_date in register_birth at start-up.
+        stopping = self._stop_requested or self._shutdown_requested_date is not None
+        if stopping or self.birth_date is None:
+            return False
+        queue_keys = [
+            worker_registration.WORKERS_BY_QUEUE_KEY % name for name in self.queue_names()
+        ]
+        with self.connection.pipeline(transaction=False) as pipeline:
+            pipeline.hexists(self.key, "birth")
+            pipeline.sismember(self.redis_workers_keys, self.key)
+            for key in queue_keys:
+                pipeline.sismember(key, self.key)
+            if all(pipeline.execute()):
+                return False
+
+        # The writes of rq's register_birth plus the state. The hash is updated in place, not
+        # replaced, so it keeps the original birth date and any counter written since the loss.
+        with self.connection.pipeline() as pipeline:
+            pipeline.hset(self.key, mapping={**self.serialize(), "state": self.get_state()})
+            worker_registration.register(self, pipeline)
+            pipeline.expire(self.key, ttl)
+            pipeline.execute()
+        logger.info(
+            "worker %s: registration missing from Redis, registered again on queues %s",
+            self.name,
+            ",".join(self.queue_names()),
+        )
+        return True
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """Return the TTL of the job's heartbeat; the job timeout is enforced separately."""
@@ -86,6 +156,8 @@ class HeartbeatWorker(SimpleWorker):
                 # rq adds the execution with XX, so a beat that races the job's end does not
                 # put a finished job back into the started-job registry.
                 self.maintain_heartbeats(job, execution)
+                # The same TTL as maintain_heartbeats gives the worker's hash.
+                self.ensure_registered(self.job_monitoring_interval + 60)
             except RedisError:
                 failures += 1
                 # One line per failure streak: Redis being down would otherwise log every beat.
