@@ -48,8 +48,9 @@ class Settings(BaseSettings):
     heartbeat_interval: float = Field(
         default=30.0,
         gt=0,
-        description="Seconds between heartbeats of a running job; a worker that misses three in "
-        "a row is taken as dead, and its job is retried or marked failed.",
+        description="Seconds between a worker's heartbeats, idle or busy. A running job whose "
+        "worker misses three in a row is taken as dead, and the job is retried or marked failed. "
+        "An idle worker drops out of /healthz three intervals plus 60 s after its last one.",
     )
     probe_timeout: int = Field(3600, description="Seconds one probe job may run.")
     pretrain_timeout: int = Field(7200, description="Seconds one pretraining job may run.")

@@ -71,6 +71,9 @@ class HeartbeatWorker(SimpleWorker):
         # connection's socket timeout, so the interval is set first.
         self.heartbeat_interval = heartbeat_interval
         kwargs.setdefault("worker_ttl", heartbeat_ttl(heartbeat_interval))
+        # A busy worker's hash lives job_monitoring_interval + 60 s from each job heartbeat, so
+        # an interval above 90 s would let it expire between two beats.
+        kwargs.setdefault("job_monitoring_interval", max(1, math.ceil(heartbeat_interval)))
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
 
     @property

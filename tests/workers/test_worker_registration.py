@@ -21,6 +21,7 @@ from rq import Queue, Worker
 from rq.job import Job, JobStatus
 
 from service.launcher import RedisServer, free_port, start_worker, stop_process
+from workers.heartbeat import HeartbeatWorker
 
 # Seconds between two heartbeats of a worker. Short, so that a worker notices within about a
 # second that its registration is gone.
@@ -189,3 +190,18 @@ def test_stopping_worker_not_reregistered(connection: Redis, start: StartWorker)
     assert process.returncode == 0, log_file.read_text()
     assert _find(connection, name) is None
     assert _reregistered_lines(log_file) == []
+
+
+@pytest.mark.parametrize("interval", [1.0, 30.0, 120.0])
+def test_worker_lifetimes_follow_interval(connection: Redis, interval: float) -> None:
+    """The worker's hash outlives the gap between two heartbeats, idle or busy."""
+    worker = HeartbeatWorker(
+        [Queue("lifetimes", connection=connection)],
+        connection=connection,
+        heartbeat_interval=interval,
+    )
+    # Idle: rq renews the hash after each blocking wait for a job.
+    assert worker.dequeue_timeout >= interval
+    assert worker.worker_ttl > worker.dequeue_timeout
+    # Busy: the job heartbeat thread renews it for job_monitoring_interval + 60 s.
+    assert worker.job_monitoring_interval + 60 > interval
