@@ -294,10 +294,13 @@ def api(args: argparse.Namespace, scratch: Path, features: np.ndarray) -> None:
             "layer, httpx stream": [],
             "layer, plain socket": [],
         }
+        # CPU seconds of the API process per request, by kind (Linux only).
+        server_cpu: dict[str, float] = {}
         layer_url = f"/v1/featuresets/{featureset_id}/layers/{args.layers // 2}"
         with httpx.Client(base_url=url, timeout=60, headers=headers) as http:
             http.get(layer_url, params={"start": 0, "stop": 1, "format": "json"})  # warm-up
             commands_before = _redis_commands(redis.url)
+            cpu_before = _cpu_seconds(process.pid)
             for _ in range(args.row_requests):
                 row = int(rng.integers(0, args.items))
                 started = time.perf_counter()
@@ -307,6 +310,7 @@ def api(args: argparse.Namespace, scratch: Path, features: np.ndarray) -> None:
                 latencies["row"].append(time.perf_counter() - started)
                 response.raise_for_status()
             commands = (_redis_commands(redis.url) - commands_before) / args.row_requests
+            cpu_before = _count_cpu(server_cpu, "row", process.pid, cpu_before, args.row_requests)
             layer_bytes = 0
             for _ in range(args.layer_requests):
                 started = time.perf_counter()
@@ -314,6 +318,8 @@ def api(args: argparse.Namespace, scratch: Path, features: np.ndarray) -> None:
                 latencies["layer"].append(time.perf_counter() - started)
                 response.raise_for_status()
                 layer_bytes = len(response.content)
+            kind = "layer"
+            cpu_before = _count_cpu(server_cpu, kind, process.pid, cpu_before, args.layer_requests)
             for _ in range(args.layer_requests):
                 started = time.perf_counter()
                 with http.stream("GET", layer_url) as response:
@@ -321,11 +327,17 @@ def api(args: argparse.Namespace, scratch: Path, features: np.ndarray) -> None:
                     for _piece in response.iter_raw(2**20):
                         pass
                 latencies["layer, httpx stream"].append(time.perf_counter() - started)
+            kind = "layer, httpx stream"
+            cpu_before = _count_cpu(server_cpu, kind, process.pid, cpu_before, args.layer_requests)
         buffer = bytearray(2 * layer_bytes + 4096)
+        client_cpu = time.process_time()
         for _ in range(args.layer_requests):
             started = time.perf_counter()
             _raw_get(url, layer_url, headers, buffer)
             latencies["layer, plain socket"].append(time.perf_counter() - started)
+        client_cpu = (time.process_time() - client_cpu) / args.layer_requests
+        kind = "layer, plain socket"
+        _count_cpu(server_cpu, kind, process.pid, cpu_before, args.layer_requests)
     finally:
         stop_process(process)
         redis.stop()
@@ -335,12 +347,34 @@ def api(args: argparse.Namespace, scratch: Path, features: np.ndarray) -> None:
     print(f"\napi, sequential requests from one client, auth {auth}")
     for kind, values in latencies.items():
         p50, p99 = np.percentile(values, [50, 99]) * 1000
-        print(f"  {kind:20s} {len(values):4d} requests, p50 {p50:7.1f} ms, p99 {p99:7.1f} ms")
+        cpu = f", server CPU {server_cpu[kind] * 1000:6.1f} ms" if kind in server_cpu else ""
+        print(f"  {kind:20s} {len(values):4d} requests, p50 {p50:7.1f} ms, p99 {p99:7.1f} ms{cpu}")
+    print(f"  plain socket client CPU per layer request: {client_cpu * 1000:.1f} ms")
     layer_mb = layer_bytes / MB
     print(f"  whole layer {layer_mb:.1f} MB, MB/s at the median:")
     for kind in ("layer", "layer, httpx stream", "layer, plain socket"):
         print(f"    {kind:20s} {layer_mb / statistics.median(latencies[kind]):5.0f}")
     print(f"  {commands:.2f} Redis commands per single-row request")
+
+
+def _cpu_seconds(pid: int) -> float | None:
+    """Return the user plus system CPU seconds of process ``pid`` from /proc, or None without it."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    # utime and stime are fields 14 and 15 of the line, 12 and 13 after the command name.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _count_cpu(
+    totals: dict[str, float], kind: str, pid: int, before: float | None, requests: int
+) -> float | None:
+    """Store the CPU seconds per request of ``kind`` since ``before`` and return the new reading."""
+    now = _cpu_seconds(pid)
+    if now is not None and before is not None:
+        totals[kind] = (now - before) / requests
+    return now
 
 
 def _raw_get(url: str, path: str, headers: dict[str, str], buffer: bytearray) -> int:
