@@ -299,6 +299,59 @@ def test_torch_standardisation_matches_standard_scaler(digits: Digits, dtype: st
         np.testing.assert_allclose(whole.cov[layer].numpy(), expected_cov, atol=10 * rtol)
 
 
+def _scaled_digits(digits: Digits, scale: float, offset: float, columns: slice) -> Digits:
+    """Digits whose ``columns`` of every layer are multiplied by ``scale`` and shifted, float32."""
+    out = dict(digits)
+    for part in ("train", "test"):
+        x = digits[part].astype(np.float64)
+        x[..., columns] = x[..., columns] * scale + offset
+        out[part] = x.astype(np.float32)
+    return out
+
+
+@pytest.mark.parametrize(
+    ("scale", "offset", "columns"),
+    [
+        (1e19, 0.0, slice(20, 21)),  # one huge feature: its float32 sums of squares overflow
+        (1e19, 0.0, slice(None)),  # every feature huge
+        (1e-7, 0.0, slice(None)),  # every feature tiny: spreads below 10 eps are still spreads
+        (1.0, 12345.678, slice(None)),  # large offset: constant pixels must stay constant
+    ],
+    ids=["one-huge", "all-huge", "all-tiny", "offset"],
+)
+def test_logistic_torch_float32_scale_free(
+    digits: Digits,
+    sklearn_results: list[dict],
+    scale: float,
+    offset: float,
+    columns: slice,
+) -> None:
+    """Standardisation makes float32 results independent of the features' scale and offset."""
+    results = probe(
+        _scaled_digits(digits, scale, offset, columns),
+        "logistic",
+        {"engine": "torch", "dtype": "float32"},
+        layers=[0],
+    )
+    reference = sklearn_results[0]
+    assert results[0]["converged"] is True
+    assert abs(results[0]["test_accuracy"] - reference["test_accuracy"]) <= 0.005
+    assert results[0]["params"]["C"] == reference["params"]["C"]
+
+
+def test_torch_standardisation_zeroes_constant_float32() -> None:
+    """A constant column at a large offset becomes exact zeros in float32, like StandardScaler."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 500, 4)).astype(np.float32)
+    x[..., 1] = np.float32(10000.3)
+    with_ones = torch.from_numpy(np.concatenate([x, np.ones((1, 500, 1), np.float32)], axis=2))
+    x_fit, x_val, x_all = with_ones[:, :400].clone(), with_ones[:, 400:].clone(), with_ones.clone()
+    _, whole = _standardise_parts_(x_fit, x_val)
+    whole.apply_(x_all)
+    for part in (x_fit, x_val, x_all):
+        assert (part[0, :, 1] == 0).all()
+
+
 # --- kNN and MLP ------------------------------------------------------------------------------
 
 

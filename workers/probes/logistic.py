@@ -362,36 +362,72 @@ def _standardise_parts_(
     """
     n_fit, n_val = x_fit.shape[1], x_val.shape[1]
     x_fit, x_val = x_fit[..., :-1], x_val[..., :-1]
-    mean = x_fit.mean(dim=1, keepdim=True)
-    x_fit.sub_(mean)
-    x_val.sub_(mean)
+
+    # Two centring passes. The second removes the rounding error of the first mean, so a
+    # constant feature becomes exact zeros at any offset.
+    first = x_fit.mean(dim=1, keepdim=True)
+    x_fit.sub_(first)
+    second = x_fit.mean(dim=1, keepdim=True)
+    x_fit.sub_(second)
+    x_val.sub_(first).sub_(second)
+    mean = first.double() + second.double()  # (n_layers, 1, dim)
+
+    # Each feature is divided by the power of two just above its largest centred magnitude.
+    # That is exact, and the sums of squares below then cannot overflow, even for float32
+    # features of 1e19, nor lose tiny features to rounding.
+    peak = torch.stack(
+        [x.amax(dim=1, keepdim=True).maximum(-x.amin(dim=1, keepdim=True)) for x in (x_fit, x_val)]
+    ).amax(dim=0)
+    unit = torch.ldexp(torch.ones_like(peak), torch.frexp(peak).exponent)
+    x_fit.div_(unit)
+    x_val.div_(unit)
     sums_fit = torch.bmm(x_fit.transpose(1, 2), x_fit).double()
     sums_val = torch.bmm(x_val.transpose(1, 2), x_val).double()
-    # Mean of the whole train set minus the fit part's mean, (n_layers, dim).
+    # Mean of the whole train set minus the fit part's mean, (n_layers, dim), in units.
     shift = x_val.mean(dim=1).double() * (n_val / (n_fit + n_val))
-    # Both parts are centred already: the fit part's standardiser only scales.
-    fit = _Standardiser(torch.zeros_like(mean), sums_fit / n_fit)
-    fit.apply_(x_fit, x_val)
+
+    fit = _Standardiser(sums_fit / n_fit, mean, unit)
+    fit.scale_(x_fit, x_val)
     whole = _Standardiser(
-        mean + shift[:, None].to(mean.dtype),
         (sums_fit + sums_val) / (n_fit + n_val) - shift[:, :, None] * shift[:, None, :],
+        mean + shift[:, None] * unit.double(),
+        unit,
     )
     return fit.cov, whole
 
 
 class _Standardiser:
-    """Per-layer centring and scaling from a mean (n_layers, 1, dim) and a covariance.
+    """Per-layer centring and scaling of features (n_layers, n, dim + 1).
 
-    Features with a standard deviation below ``10 * eps`` of the compute dtype count as
-    constant and keep scale 1, as in scikit-learn's ``StandardScaler``. ``cov`` is the
-    covariance after scaling, (n_layers, dim, dim) float64.
+    Parameters
+    ----------
+    cov
+        Covariance of the features divided by ``unit``, (n_layers, dim, dim) float64.
+    mean
+        Mean of the features, (n_layers, 1, dim) float64.
+    unit
+        Power of two per feature, (n_layers, 1, dim) in the compute dtype.
+
+    A feature whose standard deviation is at most ``10 * eps`` of the compute dtype in units
+    of ``unit`` counts as constant and keeps scale 1, as in scikit-learn's ``StandardScaler``.
+    After the two centring passes that only happens where every value is the same. ``cov``
+    is the covariance after scaling.
     """
 
-    def __init__(self, mean: torch.Tensor, cov: torch.Tensor) -> None:
+    def __init__(self, cov: torch.Tensor, mean: torch.Tensor, unit: torch.Tensor) -> None:
         std = torch.diagonal(cov, dim1=1, dim2=2).clamp_min(0.0).sqrt()  # (n_layers, dim)
-        std = torch.where(std < 10 * torch.finfo(mean.dtype).eps, torch.ones_like(std), std)
-        self.mean, self.std = mean, std[:, None].to(mean.dtype)
+        constant = std <= 10 * torch.finfo(unit.dtype).eps
+        std = torch.where(constant, torch.ones_like(std), std)
         self.cov = cov / (std[:, :, None] * std[:, None, :])
+        self.mean = mean.to(unit.dtype)
+        self.std = torch.where(constant[:, None], 1.0, std[:, None] * unit.double()).to(unit.dtype)
+        # Exact, because unit is a power of two.
+        self.std_in_units = self.std / unit
+
+    def scale_(self, *parts: torch.Tensor) -> None:
+        """Scale each of ``parts`` (n_layers, n, dim), already centred and divided by ``unit``."""
+        for x in parts:
+            x.div_(self.std_in_units)
 
     def apply_(self, *parts: torch.Tensor) -> None:
         """Centre and scale each of ``parts`` (n_layers, n, dim + 1) in place, except the last
