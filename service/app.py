@@ -69,9 +69,7 @@ STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
 
 
 def error_body(exc: StoreError | WorkersError) -> dict[str, Any]:
-    value = exc.value
-    if not (value is None or isinstance(value, (str, int, float, bool, list, dict))):
-        value = repr(value)
+    value = _json_safe(exc.value)
     body: dict[str, Any] = {"detail": {"message": exc.message, "field": exc.field, "value": value}}
     if isinstance(exc, NotReadyError) and exc.progress:
         body["detail"]["progress"] = exc.progress
@@ -98,6 +96,23 @@ async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
         },
         status_code=503,
     )
+
+
+def _json_safe(value: Any) -> Any:
+    """Return ``value`` with everything JSON cannot carry written as its repr.
+
+    Infinite and NaN floats count too: a request may contain 1e400, which Python reads as inf,
+    and the error that names it must still be sent.
+    """
+    if value is None or isinstance(value, (str, bool, int)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else repr(value)
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(item) for item in value]
+    if isinstance(value, dict):
+        return {str(key): _json_safe(item) for key, item in value.items()}
+    return repr(value)
 
 
 def _json_value(value: Any, limit: int = 200) -> Any:

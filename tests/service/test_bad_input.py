@@ -142,6 +142,12 @@ def featuresets(client: Client, tiny_model: Path, data: dict[str, str]) -> dict[
     return ids
 
 
+def _with_literal(body: dict[str, Any], literal: str) -> bytes:
+    """``body`` as JSON with the string "LITERAL" replaced by ``literal`` (a number JSON has no
+    float for, such as 1e400)."""
+    return json.dumps(body).replace('"LITERAL"', literal).encode()
+
+
 def _extraction(**fields: Any) -> dict[str, Any]:
     return {"model": "pixels", "dataset": "digits", "split": "train", "limit": 20, **fields}
 
@@ -368,6 +374,23 @@ def _cases(data: dict[str, str], fs: dict[str, str], tiny: str, max_body: int) -
             value=fs["pixels_train"],
         ),
         Case("probe unknown kind", "POST", post_p, probe(kind="forest"), field="kind"),
+        Case(
+            "probe tol overflows to infinity",
+            "POST",
+            post_p,
+            raw=_with_literal(probe(params={"logistic": {"tol": "LITERAL"}}), "1e400"),
+            headers={"content-type": "application/json"},
+            field="tol",
+            value="inf",
+        ),
+        Case(
+            "probe C grid with infinity",
+            "POST",
+            post_p,
+            raw=_with_literal(probe(params={"logistic": {"C": [1, "LITERAL"]}}), "Infinity"),
+            headers={"content-type": "application/json"},
+            field="C",
+        ),
         Case(
             "knn k above train size",
             "POST",
