@@ -35,6 +35,10 @@ logger = logging.getLogger(__name__)
 DEFAULT_HEARTBEAT_INTERVAL = 30.0
 # A job is abandoned after this many heartbeats in a row did not arrive.
 MISSED_HEARTBEATS = 3
+# Longest wait, in seconds, of one read by the thread that listens for commands sent to the
+# worker (rq's pubsub). rq waits 60 s, and a stopping worker sometimes waited that long for
+# the read to end before it exited. Commands arrive as soon as they are sent either way.
+COMMAND_POLL_SECONDS = 1.0
 
 
 def heartbeat_ttl(interval: float) -> int:
@@ -132,6 +136,17 @@ class HeartbeatWorker(SimpleWorker):
             ",".join(self.queue_names()),
         )
         return True
+
+    def subscribe(self) -> None:
+        """Listen for commands sent to this worker, with reads of at most a second."""
+        self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
+        self.pubsub = self.connection.pubsub()
+        self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
+        self.pubsub_thread = self.pubsub.run_in_thread(
+            sleep_time=COMMAND_POLL_SECONDS,
+            daemon=True,
+            exception_handler=self._pubsub_exception_handler,
+        )
 
     def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
         """Return the TTL of the job's heartbeat; the job timeout is enforced separately."""

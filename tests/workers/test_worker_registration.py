@@ -205,3 +205,14 @@ def test_worker_lifetimes_follow_interval(connection: Redis, interval: float) ->
     assert worker.worker_ttl > worker.dequeue_timeout
     # Busy: the job heartbeat thread renews it for job_monitoring_interval + 60 s.
     assert worker.job_monitoring_interval + 60 > interval
+
+
+def test_command_listener_polls_briefly(connection: Redis) -> None:
+    """The command listener's reads are short, so a stopping worker never waits a minute."""
+    worker = HeartbeatWorker([Queue("listener", connection=connection)], connection=connection)
+    worker.subscribe()
+    try:
+        assert worker.pubsub_thread is not None
+        assert worker.pubsub_thread.sleep_time <= 1.0
+    finally:
+        worker.unsubscribe()
