@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_HEARTBEAT_INTERVAL = 30.0
 # A job is abandoned after this many heartbeats in a row did not arrive.
 MISSED_HEARTBEATS = 3
-# Longest wait, in seconds, of one read by the thread that listens for commands sent to the
+# Maximum wait, in seconds, of one read by the thread that listens for commands sent to the
 # worker (rq's pubsub). rq waits 60 s, and a stopping worker sometimes waited that long for
 # the read to end before it exited. Commands arrive as soon as they are sent either way.
 COMMAND_POLL_SECONDS = 1.0
@@ -142,7 +142,8 @@ class HeartbeatWorker(SimpleWorker):
         self.log.info("Worker %s: subscribing to channel %s", self.name, self.pubsub_channel_name)
         self.pubsub = self.connection.pubsub()
         self.pubsub.subscribe(**{self.pubsub_channel_name: self.handle_payload})
-        self.pubsub_thread = self.pubsub.run_in_thread(
+        # rq declares the attribute as None only.
+        self.pubsub_thread = self.pubsub.run_in_thread(  # type: ignore[assignment]
             sleep_time=COMMAND_POLL_SECONDS,
             daemon=True,
             exception_handler=self._pubsub_exception_handler,
