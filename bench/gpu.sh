@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Run the extraction benchmark on a machine with a CUDA GPU, at the imagegpt-small shape
-# (24 layers, width 512, 8 heads, seq 1024), in bf16 and then fp32, and print the machine
-# details the results need. Each run has a hard time limit, so the whole script stays under
-# about 4 minutes. A run that hits its limit prints "timed out" and the script goes on.
+# (24 layers, width 512, 8 heads, seq 1024), in bf16 and then fp32, then the probe sweep with
+# the torch engine on the GPU, and print the machine details the results need. Each run has a
+# hard time limit, so the whole script stays under about 9 minutes. A run that hits its limit
+# prints "timed out" and the script goes on.
 #
 # Usage, from the repository root:  bash bench/gpu.sh [PYTHON]
 # PYTHON defaults to .venv/bin/python when it exists, else python3.
@@ -38,19 +39,25 @@ EOF
 # 256 images in batches of 64: the naive path keeps 25 full float32 hidden states per batch
 # (3.3 GB of host memory) and materialises 64 x 8 x 1024 x 1024 attention scores per layer.
 # Three alternated rounds give a median; the limits leave room for a slow first CUDA start.
-run() {
-    local dtype="$1" limit="$2"
-    echo "== bench/extract.py --dtype $dtype"
-    timeout "$limit" "$PYTHON" bench/extract.py \
-        --layers 24 --width 512 --heads 8 --seq 1024 \
-        --images 256 --batch 64 --rounds 3 --device cuda --dtype "$dtype"
+limited() {
+    local limit="$1"
+    shift
+    echo "== $*"
+    timeout "$limit" "$PYTHON" "$@"
     local status=$?
     if [[ $status -eq 124 ]]; then
-        echo "timed out after ${limit}s: rerun with fewer --images"
+        echo "timed out after ${limit}s: rerun with a smaller size"
     elif [[ $status -ne 0 ]]; then
-        echo "bench/extract.py --dtype $dtype failed with exit status $status"
+        echo "$1 failed with exit status $status"
     fi
 }
 
-run bf16 110
-run fp32 110
+for dtype in bf16 fp32; do
+    limited 110 bench/extract.py --layers 24 --width 512 --heads 8 --seq 1024 \
+        --images 256 --batch 64 --rounds 3 --device cuda --dtype "$dtype"
+done
+
+# The probe sweep at the product's size: 25 layers x 8 values of C on 50,000 x 512 features.
+# scikit-learn (one thread, as on the CPU) fits 3 evenly spaced layers, about 40 s each on the
+# 2-core development CPU, and its time for all 25 is estimated in proportion.
+limited 300 bench/probe.py --device cuda --dtype float32 float64 --sklearn-layers 3 --threads 1

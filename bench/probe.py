@@ -5,6 +5,9 @@ Run by hand, never in CI::
     .venv/bin/python bench/probe.py --items 10000 --dim 256 --layers 8 --dtype float64 float32 \
         --threads 1
 
+``--sklearn-layers N`` fits only N evenly spaced layers with scikit-learn and estimates its
+time for all layers in proportion. ``bench/gpu.sh`` uses it to keep the GPU run short.
+
 Both engines run through :func:`workers.probes.fit_probes` on the same synthetic features
 with the same C grid, validation split and seed, so the wall times include the whole
 protocol (C chosen on validation, refit on all of train, test metrics).
@@ -64,8 +67,9 @@ def run_engine(
     params: dict[str, Any],
     data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     args: argparse.Namespace,
+    layers: list[int] | None = None,
 ) -> dict[str, Any]:
-    """Fit every layer with one engine and return its timings and per-layer results."""
+    """Fit ``layers`` (default: every layer) with one engine and return timings and results."""
     train, y_train, test, y_test = data
     start, cpu_start = time.perf_counter(), time.process_time()
     results = fit_probes(
@@ -74,7 +78,7 @@ def run_engine(
         y_train,
         test,
         y_test,
-        layers=list(range(args.layers)),
+        layers=layers if layers is not None else list(range(args.layers)),
         params={"C": args.c_grid, **({"tol": args.tol} if args.tol else {}), **params},
         seed=args.seed,
         device=args.device,
@@ -105,50 +109,72 @@ def torch_variants(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]
     return variants
 
 
+def evenly_spaced(n_layers: int, count: int) -> list[int]:
+    """Return ``count`` layers spread evenly from the first to the last, both included."""
+    return sorted({int(i) for i in np.linspace(0, n_layers - 1, min(count, n_layers)).round()})
+
+
 def report(runs: list[dict[str, Any]], n_layers: int) -> list[dict[str, Any]]:
-    """Print the per-layer table and one summary line per torch variant."""
+    """Print the per-layer table and one summary line per torch variant.
+
+    scikit-learn may have fitted only some of the layers (``--sklearn-layers``). Its wall time
+    for all of them is then estimated in proportion, and the torch runs are compared with it
+    on its layers only.
+    """
     ref = runs[0]
+    by_layer = {r["layer"]: r for r in ref["results"]}
+    n_ref = len(by_layer)
+    sklearn_wall = ref["wall"] * n_layers / n_ref
+    estimate = "" if n_ref == n_layers else f", estimated from {n_ref} layers"
+    all_layers = f" ({sklearn_wall:.1f} s for {n_layers}{estimate})" if estimate else ""
     header = f"{'layer':>5} {'sklearn':>8} {'C':>8}"
     for run in runs[1:]:
         header += f" | {run['name']:>28} {'C':>8} {'diff':>6}"
     print("\n" + header)
     for i in range(n_layers):
-        a = ref["results"][i]
-        line = f"{a['layer']:>5} {a['test_accuracy']:>8.4f} {a['params']['C']:>8.3g}"
+        a = by_layer.get(runs[-1]["results"][i]["layer"])
+        line = (
+            f"{runs[-1]['results'][i]['layer']:>5} {a['test_accuracy']:>8.4f} "
+            f"{a['params']['C']:>8.3g}"
+            if a
+            else f"{runs[-1]['results'][i]['layer']:>5} {'-':>8} {'-':>8}"
+        )
         for run in runs[1:]:
             b = run["results"][i]
-            diff = 100.0 * (b["test_accuracy"] - a["test_accuracy"])
-            line += f" | {b['test_accuracy']:>28.4f} {b['params']['C']:>8.3g} {diff:>+6.2f}"
+            diff = f"{100.0 * (b['test_accuracy'] - a['test_accuracy']):>+6.2f}" if a else "     -"
+            line += f" | {b['test_accuracy']:>28.4f} {b['params']['C']:>8.3g} {diff}"
         print(line)
 
     summaries = []
     print(
-        f"\nsklearn: {ref['wall']:.1f} s wall, {ref['cpu']:.1f} s CPU, converged "
-        f"{sum(r['converged'] for r in ref['results'])}/{n_layers} layers; "
+        f"\nsklearn: {ref['wall']:.1f} s wall for {n_ref} layers{all_layers}, "
+        f"{ref['cpu']:.1f} s CPU, converged "
+        f"{sum(r['converged'] for r in ref['results'])}/{n_ref} layers; "
         f"{_iterations(ref['results'])}"
     )
     for run in runs[1:]:
-        pairs = list(zip(ref["results"], run["results"], strict=True))
+        pairs = [(by_layer[b["layer"]], b) for b in run["results"] if b["layer"] in by_layer]
         summary = {
             "name": run["name"],
             "wall_seconds": run["wall"],
             "cpu_seconds": run["cpu"],
-            "sklearn_over_torch": ref["wall"] / run["wall"],
+            "sklearn_layers": n_ref,
+            "sklearn_over_torch": sklearn_wall / run["wall"],
             "max_abs_diff_points": max(
                 100.0 * abs(a["test_accuracy"] - b["test_accuracy"]) for a, b in pairs
             ),
             "same_C_layers": sum(a["params"]["C"] == b["params"]["C"] for a, b in pairs),
-            "converged_layers": sum(b["converged"] for _, b in pairs),
-            "validation_iterations": max(g["n_iter"] for _, b in pairs for g in b["grid"]),
-            "refit_iterations": max(b["n_iter"] for _, b in pairs),
-            "total_iterations": sum(_total_iterations(b) for _, b in pairs),
+            "converged_layers": sum(b["converged"] for b in run["results"]),
+            "validation_iterations": max(g["n_iter"] for b in run["results"] for g in b["grid"]),
+            "refit_iterations": max(b["n_iter"] for b in run["results"]),
+            "total_iterations": sum(_total_iterations(b) for b in run["results"]),
         }
         summaries.append(summary)
         print(
             f"{run['name']}: {run['wall']:.1f} s wall, {run['cpu']:.1f} s CPU; sklearn / torch "
-            f"= {summary['sklearn_over_torch']:.2f}; max |diff| "
+            f"= {summary['sklearn_over_torch']:.2f}{estimate}; max |diff| "
             f"{summary['max_abs_diff_points']:.2f} points; same C on "
-            f"{summary['same_C_layers']}/{n_layers} layers; converged "
+            f"{summary['same_C_layers']}/{n_ref} layers; converged "
             f"{summary['converged_layers']}/{n_layers}; {_iterations(run['results'])}"
         )
         for a, b in pairs:
@@ -208,12 +234,22 @@ def main() -> None:
         default=None,
         help="gradient tolerance of both engines (default: each engine's own)",
     )
+    parser.add_argument(
+        "--sklearn-layers",
+        type=int,
+        default=None,
+        help="fit only this many evenly spaced layers with scikit-learn and estimate its time "
+        "for all layers in proportion (default: every layer)",
+    )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
         "--threads", type=int, default=None, help="threads of torch and numpy/scipy alike"
     )
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        # Checked before the data and the scikit-learn run, which take minutes at full size.
+        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         # Both engines alike: torch's own pool, and numpy/scipy BLAS and OpenMP for sklearn.
@@ -244,7 +280,8 @@ def main() -> None:
         f"load average before: {os.getloadavg()[0]:.1f}"
     )
 
-    runs = [run_engine("sklearn", {"engine": "sklearn"}, data, args)]
+    sklearn_layers = evenly_spaced(args.layers, args.sklearn_layers or args.layers)
+    runs = [run_engine("sklearn", {"engine": "sklearn"}, data, args, sklearn_layers)]
     for name, params in torch_variants(args):
         runs.append(run_engine(name, params, data, args))
     summaries = report(runs, args.layers)
