@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
@@ -96,6 +97,17 @@ async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
         },
         status_code=503,
     )
+
+
+def redis_url_for_display(url: str) -> str:
+    """Return ``url`` with its password, if any, replaced by ``***``, for logs and hints."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.username or ""
+    host = parts.hostname or ""
+    netloc = f"{user}:***@{host}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
 
 
 def _json_safe(value: Any) -> Any:
@@ -314,9 +326,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         logger.warning(
             "API keys are NOT checked (LAYERBANK_AUTH=%s, no keys, host %s): anyone "
             "who can reach the port can read, write and delete; create a key with "
-            "`layerbank keys create` to require keys",
+            "`REDIS_URL=%s layerbank keys create` to require keys",
             settings.auth,
             settings.host,
+            redis_url_for_display(settings.redis_url),
         )
     # An asyncio client is bound to the event loop that first uses it, so the lifespan of the
     # app (one loop) opens and closes it.

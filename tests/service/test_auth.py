@@ -14,7 +14,7 @@ from fastapi.testclient import TestClient
 from redis import Redis
 from typer.testing import CliRunner
 
-from service.app import create_app
+from service.app import create_app, redis_url_for_display
 from service.auth import ApiKeyError, KeyStore
 from store.settings import Settings
 
@@ -397,6 +397,18 @@ def test_auth_open_mode_warns_at_startup(
     _status_without_key(settings, tmp_path, redis_url=empty_redis_url, auth="auto")
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert any("API keys are NOT checked" in r.getMessage() for r in warnings)
+    # The hint names this API's Redis: `layerbank keys` alone would use 127.0.0.1:6379.
+    assert any(
+        f"REDIS_URL={empty_redis_url} layerbank keys create" in r.getMessage() for r in warnings
+    )
+
+
+def test_redis_url_for_display_hides_password() -> None:
+    assert redis_url_for_display("redis://:secret@db.internal:6380/2") == (
+        "redis://:***@db.internal:6380/2"
+    )
+    assert redis_url_for_display("redis://user:secret@h/0") == "redis://user:***@h/0"
+    assert redis_url_for_display("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
 
 
 # -- secrets and errors -------------------------------------------------------------------------
