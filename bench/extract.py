@@ -30,10 +30,12 @@ Example::
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import math
 import os
 import platform
+import shutil
 import statistics
 import tempfile
 import time
@@ -149,6 +151,8 @@ def keep_all_hidden_states(model: ImageGPTModel, input_ids: torch.Tensor) -> np.
 
 def main() -> None:
     args = parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: torch {torch.__version__} sees no CUDA device")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -182,6 +186,7 @@ def main() -> None:
         for start in range(0, args.images, args.batch)
     ]
     out_dir = tempfile.mkdtemp(prefix="layerbank-bench-")
+    atexit.register(shutil.rmtree, out_dir, ignore_errors=True)
     out_path = os.path.join(out_dir, "features.npy")
 
     def naive() -> None:

@@ -19,8 +19,11 @@ else
 fi
 export PYTHONPATH="${PYTHONPATH:+$PYTHONPATH:}$(pwd)"
 
+# Exit status 1 at the end when any step failed; the remaining steps still run.
+failed=0
+
 echo "== nvidia-smi"
-nvidia-smi || echo "nvidia-smi failed"
+nvidia-smi || { echo "nvidia-smi failed"; failed=1; }
 echo "== versions"
 "$PYTHON" - <<'EOF'
 import platform
@@ -47,8 +50,10 @@ limited() {
     local status=$?
     if [[ $status -eq 124 ]]; then
         echo "timed out after ${limit}s: rerun with a smaller size"
+        failed=1
     elif [[ $status -ne 0 ]]; then
         echo "$1 failed with exit status $status"
+        failed=1
     fi
 }
 
@@ -61,3 +66,5 @@ done
 # scikit-learn (one thread, as on the CPU) fits 3 evenly spaced layers, about 40 s each on the
 # 2-core development CPU, and its time for all 25 is estimated in proportion.
 limited 300 bench/probe.py --device cuda --dtype float32 float64 --sklearn-layers 3 --threads 1
+
+exit $failed
