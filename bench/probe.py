@@ -26,6 +26,7 @@ import logging
 import os
 import platform
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -107,6 +108,14 @@ def torch_variants(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]
                 params["max_iter"] = args.max_iter
             variants.append((name, params))
     return variants
+
+
+def _package(path: str) -> str:
+    """Return the installed package a shared library comes with, from its path."""
+    parts = Path(path).parts
+    if "site-packages" in parts[:-1]:
+        return parts[parts.index("site-packages") + 1]
+    return Path(path).name
 
 
 def evenly_spaced(n_layers: int, count: int) -> list[int]:
@@ -243,7 +252,10 @@ def main() -> None:
     )
     parser.add_argument("--device", default="cpu")
     parser.add_argument(
-        "--threads", type=int, default=None, help="threads of torch and numpy/scipy alike"
+        "--threads",
+        type=int,
+        default=None,
+        help="threads of torch and numpy/scipy alike (default: each library's own)",
     )
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
@@ -255,7 +267,10 @@ def main() -> None:
         # Both engines alike: torch's own pool, and numpy/scipy BLAS and OpenMP for sklearn.
         torch.set_num_threads(args.threads)
         threadpool_limits(args.threads)
-        pools = ", ".join(f"{p['internal_api']} {p['num_threads']}" for p in threadpool_info())
+        pools = ", ".join(
+            f"{p['internal_api']} ({_package(p['filepath'])}) {p['num_threads']}"
+            for p in threadpool_info()
+        )
         print(f"thread pools: {pools}")
 
     n_test = args.test_items or max(1, args.items // 5)
