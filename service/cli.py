@@ -88,11 +88,10 @@ def up(
         free_port,
         terminate_on_sigterm,
     )
+    from store.logs import configure_logging
     from store.settings import load_settings
 
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(logging.INFO)
 
     terminate_on_sigterm()
     redis_server = None

@@ -13,6 +13,7 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
+from store.logs import add_log_level_argument, configure_logging
 from store.settings import Settings, SettingsError, get_settings
 
 if TYPE_CHECKING:
@@ -20,16 +21,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
-LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 # Passes --log-level from the parent to uvicorn's worker processes, which start as fresh
 # interpreters (multiprocessing "spawn") and import create_worker_app by name.
 LOG_LEVEL_ENV = "LAYERBANK_SERVE_LOG_LEVEL"
-
-
-def configure_logging(level: str) -> None:
-    """Send every logger's records at ``level`` and above to stderr, with time, level and name."""
-    logging.basicConfig(level=level, format=LOG_FORMAT)
 
 
 def create_worker_app() -> FastAPI:
@@ -72,13 +66,7 @@ def main(argv: list[str] | None = None) -> None:
     from service.app import create_app
 
     parser = argparse.ArgumentParser(prog="python -m service.serve", description=__doc__)
-    parser.add_argument(
-        "--log-level",
-        type=str.upper,
-        choices=LOG_LEVELS,
-        default="INFO",
-        help="minimum level of the log lines written to stderr",
-    )
+    add_log_level_argument(parser)
     parser.add_argument(
         "--workers",
         type=int,

@@ -14,6 +14,7 @@ import socket
 from redis import Redis
 from rq import Queue
 
+from store.logs import add_log_level_argument, configure_logging
 from store.settings import SettingsError, get_settings
 from workers.heartbeat import DEFAULT_HEARTBEAT_INTERVAL, HeartbeatWorker
 
@@ -45,9 +46,6 @@ def run_worker(
         logger.info("worker %s down", worker_name)
 
 
-LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
-
-
 def main(argv: list[str] | None = None) -> None:
     try:
         settings = get_settings()
@@ -58,17 +56,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--queue", default=settings.queue, help="queue name (LAYERBANK_QUEUE)")
     parser.add_argument("--burst", action="store_true", help="exit when the queue is empty")
     parser.add_argument("--name", default=None, help="worker name shown in rq")
-    parser.add_argument(
-        "--log-level",
-        type=str.upper,
-        choices=LOG_LEVELS,
-        default="INFO",
-        help="minimum level of the log lines written to stderr",
-    )
+    add_log_level_argument(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    configure_logging(args.log_level)
     run_worker(
         args.redis_url,
         args.queue,
