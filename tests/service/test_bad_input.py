@@ -143,8 +143,8 @@ def featuresets(client: Client, tiny_model: Path, data: dict[str, str]) -> dict[
 
 
 def _with_literal(body: dict[str, Any], literal: str) -> bytes:
-    """``body`` as JSON with the string "LITERAL" replaced by ``literal`` (a number JSON has no
-    float for, such as 1e400)."""
+    """Return ``body`` as JSON with the string "LITERAL" replaced by ``literal``, a number that
+    has no finite float, such as 1e400."""
     return json.dumps(body).replace('"LITERAL"', literal).encode()
 
 

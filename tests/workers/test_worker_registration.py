@@ -93,6 +93,15 @@ def _wait_listed(connection: Redis, name: str, log_file: Path, after: str) -> Wo
     )
 
 
+def _check_runs_jobs(queue: Queue, process: subprocess.Popen[bytes], log_file: Path) -> None:
+    """Check that the worker still takes and finishes jobs from ``queue``."""
+    job = queue.enqueue("operator.add", 2, 3)
+    _wait_finished(job, log_file)
+    assert job.get_status() == JobStatus.FINISHED
+    assert job.return_value() == 5
+    assert process.poll() is None
+
+
 def _wait_busy(connection: Redis, name: str, log_file: Path) -> None:
     deadline = time.monotonic() + LISTED_TIMEOUT
     while time.monotonic() < deadline:
@@ -137,12 +146,7 @@ def test_idle_worker_reregisters_after_data_loss(
     queue = Queue(name, connection=connection)
     assert _find(connection, name, queue=queue) is not None
     assert len(_reregistered_lines(log_file)) == 1, log_file.read_text()
-
-    job = queue.enqueue("operator.add", 2, 3)
-    _wait_finished(job, log_file)
-    assert job.get_status() == JobStatus.FINISHED
-    assert job.return_value() == 5
-    assert process.poll() is None
+    _check_runs_jobs(queue, process, log_file)
 
 
 def test_busy_worker_reregisters_during_job(connection: Redis, start: StartWorker) -> None:
@@ -161,11 +165,7 @@ def test_busy_worker_reregisters_during_job(connection: Redis, start: StartWorke
     assert worker.get_state() == "busy"
     assert _find(connection, name, queue=queue) is not None
     assert len(_reregistered_lines(log_file)) == 1, log_file.read_text()
-    queued_after = queue.enqueue("operator.add", 2, 3)
-    _wait_finished(queued_after, log_file)
-    assert queued_after.get_status() == JobStatus.FINISHED
-    assert queued_after.return_value() == 5
-    assert process.poll() is None
+    _check_runs_jobs(queue, process, log_file)
 
 
 def test_stopping_worker_not_reregistered(connection: Redis, start: StartWorker) -> None:
@@ -208,7 +208,7 @@ def test_worker_lifetimes_follow_interval(connection: Redis, interval: float) ->
 
 
 def test_command_listener_polls_briefly(connection: Redis) -> None:
-    """The command listener's reads are short, so a stopping worker never waits a minute."""
+    """The command listener's reads are short, so a stopping worker does not wait a minute."""
     worker = HeartbeatWorker([Queue("listener", connection=connection)], connection=connection)
     worker.subscribe()
     try:
