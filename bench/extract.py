@@ -152,7 +152,10 @@ def keep_all_hidden_states(model: ImageGPTModel, input_ids: torch.Tensor) -> np.
 def main() -> None:
     args = parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device cuda: torch {torch.__version__} sees no CUDA device")
+        raise SystemExit(
+            f"invalid --device cuda: torch {torch.__version__} finds no CUDA device; "
+            "run on a machine with a GPU or use --device cpu"
+        )
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -5,6 +5,8 @@
 # hard time limit, so the whole script stays under about 9 minutes. A run that hits its limit
 # prints "timed out" and the script goes on.
 #
+# NOTE: this script has not run on a GPU yet, so its time limits are estimates.
+#
 # Usage, from the repository root:  bash bench/gpu.sh [PYTHON]
 # PYTHON defaults to .venv/bin/python when it exists, else python3.
 set -uo pipefail

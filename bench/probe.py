@@ -141,17 +141,16 @@ def report(runs: list[dict[str, Any]], n_layers: int) -> list[dict[str, Any]]:
         header += f" | {run['name']:>28} {'C':>8} {'diff':>6}"
     print("\n" + header)
     for i in range(n_layers):
-        a = by_layer.get(runs[-1]["results"][i]["layer"])
-        line = (
-            f"{runs[-1]['results'][i]['layer']:>5} {a['test_accuracy']:>8.4f} "
-            f"{a['params']['C']:>8.3g}"
-            if a
-            else f"{runs[-1]['results'][i]['layer']:>5} {'-':>8} {'-':>8}"
-        )
+        layer = runs[-1]["results"][i]["layer"]
+        a = by_layer.get(layer)  # None where scikit-learn skipped the layer
+        if a is None:
+            line = f"{layer:>5} {'-':>8} {'-':>8}"
+        else:
+            line = f"{layer:>5} {a['test_accuracy']:>8.4f} {a['params']['C']:>8.3g}"
         for run in runs[1:]:
             b = run["results"][i]
-            diff = f"{100.0 * (b['test_accuracy'] - a['test_accuracy']):>+6.2f}" if a else "     -"
-            line += f" | {b['test_accuracy']:>28.4f} {b['params']['C']:>8.3g} {diff}"
+            diff = "-" if a is None else f"{100.0 * (b['test_accuracy'] - a['test_accuracy']):+.2f}"
+            line += f" | {b['test_accuracy']:>28.4f} {b['params']['C']:>8.3g} {diff:>6}"
         print(line)
 
     summaries = []
@@ -261,7 +260,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         # Checked before the data and the scikit-learn run, which take minutes at full size.
-        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA device")
+        parser.error(
+            f"invalid --device {args.device}: torch {torch.__version__} finds no CUDA device; "
+            "run on a machine with a GPU or use --device cpu"
+        )
     logging.basicConfig(level=logging.WARNING)
     if args.threads:
         # Both engines alike: torch's own pool, and numpy/scipy BLAS and OpenMP for sklearn.
