@@ -47,7 +47,7 @@ from service.routes import (
     probes,
     projections,
 )
-from store import InvalidIdError, NotFoundError, NotReadyError, Store, StoreError
+from store import DamagedChunkError, InvalidIdError, NotFoundError, NotReadyError, Store, StoreError
 from store.settings import Settings, get_settings
 from workers.errors import DatasetError, ModelError, PathNotAllowedError, WorkersError
 
@@ -55,6 +55,8 @@ logger = logging.getLogger(__name__)
 
 # Most specific first: the first matching class decides the status code.
 STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
+    # Stored data is damaged: the server's fault, not the request's.
+    (DamagedChunkError, 500),
     (PathNotAllowedError, 403),
     (LimitExceededError, 413),
     (JobQuotaError, 429),
@@ -80,7 +82,8 @@ def error_body(exc: StoreError | WorkersError) -> dict[str, Any]:
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, (StoreError, WorkersError))
     code = next(code for cls, code in STATUS_BY_ERROR if isinstance(exc, cls))
-    logger.info("%s %s -> %d: %s", request.method, request.url.path, code, exc.message)
+    level = logging.ERROR if code >= 500 else logging.INFO
+    logger.log(level, "%s %s -> %d: %s", request.method, request.url.path, code, exc.message)
     return JSONResponse(error_body(exc), status_code=code)
 
 

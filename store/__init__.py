@@ -3,13 +3,21 @@
 Imports numpy, zarr and pydantic only, never torch, so the API process stays light.
 """
 
-from store.errors import InvalidIdError, LayoutError, NotFoundError, NotReadyError, StoreError
+from store.errors import (
+    DamagedChunkError,
+    InvalidIdError,
+    LayoutError,
+    NotFoundError,
+    NotReadyError,
+    StoreError,
+)
 from store.featureset import FeatureSet, Progress, create_featureset, default_block_rows
 from store.ids import check_id, check_name, content_id
 from store.root import Store
 from store.spec import FeatureSetSpec, ProbeSpec
 
 __all__ = [
+    "DamagedChunkError",
     "FeatureSet",
     "FeatureSetSpec",
     "InvalidIdError",

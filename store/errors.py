@@ -48,3 +48,8 @@ class NotReadyError(StoreError):
 
 class LayoutError(StoreError):
     """Raised when a group on disk does not have the layout this version writes."""
+
+
+class DamagedChunkError(StoreError):
+    """Raised when a stored object of a complete feature set is missing, truncated or fails
+    its checksum."""

@@ -36,6 +36,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from store.arrays import group_array
+from store.chunks import ShardReader, damaged_error
 from store.errors import LayoutError, NotReadyError, StoreError
 from store.spec import FeatureSetSpec
 
@@ -113,6 +114,7 @@ class FeatureSet:
         self._chunks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._chunk_bytes = 0
         self._chunk_lock = threading.Lock()
+        self._reader = ShardReader.for_array(self.features, featureset_id)
 
     # -- metadata ---------------------------------------------------------------------------
 
@@ -313,8 +315,8 @@ class FeatureSet:
     ) -> np.ndarray:
         """Return rows [start, stop) of hidden-state index ``layer``, array of shape (rows, dim).
 
-        A range inside one block is served from an in-memory cache of decoded blocks, because
-        zarr decodes a whole (1, block_rows, dim) chunk to return any row of it.
+        A range inside one block is served from an in-memory cache of blocks, because any
+        row of a block costs a read and checksum of its whole (1, block_rows, dim) chunk.
         """
         self.require_complete()
         position = self.layer_position(layer)
@@ -324,7 +326,12 @@ class FeatureSet:
             chunk = self._cached_chunk(position, block)  # (block rows, dim)
             offset = block * self.block_rows
             return chunk[start - offset : stop - offset].copy()
-        return np.asarray(self.features[position, start:stop, :])
+        out = np.empty((stop - start, self.features.shape[2]), dtype=self.features.dtype)
+        at = 0
+        for piece in self._pieces(position, start, stop):
+            out[at : at + len(piece)] = piece
+            at += len(piece)
+        return out
 
     def iter_layer(
         self, layer: int, start: int | None = None, stop: int | None = None
@@ -338,10 +345,27 @@ class FeatureSet:
         self.require_complete()
         position = self.layer_position(layer)
         start, stop = self.check_rows(start, stop)
+        yield from self._pieces(position, start, stop)
+
+    def _pieces(self, position: int, start: int, stop: int) -> Iterator[np.ndarray]:
+        """Yield rows [start, stop) at layer ``position``, one array per block."""
         rows = self.block_rows
         while start < stop:
-            piece_stop = min((start // rows + 1) * rows, stop)  # the end of start's block
-            yield np.asarray(self.features[position, start:piece_stop, :])
+            block = start // rows
+            piece_stop = min((block + 1) * rows, stop)  # the end of start's block
+            offset = block * rows
+            if self._reader is not None:
+                yield self._reader.read(position, block)[start - offset : piece_stop - offset]
+            else:
+                piece = np.asarray(self.features[position, start:piece_stop, :])
+                # Blocks are written only when finite, so a NaN is a chunk zarr found missing.
+                if not np.isfinite(piece).all():
+                    raise damaged_error(
+                        self.id,
+                        f"block {block} at layer position {position}",
+                        "holds NaN, so a stored object is missing",
+                    )
+                yield piece
             start = piece_stop
 
     def cached_rows(self, position: int, start: int, stop: int) -> np.ndarray | None:
@@ -378,7 +402,7 @@ class FeatureSet:
                 self._chunks.move_to_end(key)
                 return chunk
         start, stop = self.block_range(block)
-        chunk = np.asarray(self.features[position, start:stop, :])
+        (chunk,) = self._pieces(position, start, stop)
         chunk.flags.writeable = False
         with self._chunk_lock:
             if key not in self._chunks:

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import zarr
 
-from store import NotFoundError, NotReadyError, Store
+from store import DamagedChunkError, NotFoundError, NotReadyError, Store
 from store.featureset import FeatureSet, create_featureset
 from store.spec import FeatureSetSpec
 
@@ -83,6 +83,24 @@ def test_fsspec_store_round_trip(memory_root: str) -> None:
     for layer in range(N_LAYERS):
         np.testing.assert_array_equal(reopened.read_layer(layer), expected[layer])
     np.testing.assert_array_equal(reopened.read_labels(), np.arange(N_ITEMS) % 3)
+
+
+def test_fsspec_store_deleted_shard_is_an_error(memory_root: str) -> None:
+    featureset = make_featureset(Store(memory_root))
+    for block in range(featureset.n_blocks):
+        start, stop = featureset.block_range(block)
+        featureset.write_block(block, features()[:, start:stop])
+    assert featureset.mark_complete()
+    fs = fsspec.filesystem("memory")
+    fs.rm(f"{memory_root.removeprefix('memory://')}/{featureset.path}/features/c/0/1/0")
+
+    # zarr reads a missing shard as fill values (NaN); a complete feature set has none.
+    reopened = Store(memory_root).featureset(featureset.id)
+    np.testing.assert_array_equal(reopened.read_layer(0, 0, BLOCK_ROWS), features()[0, :BLOCK_ROWS])
+    with pytest.raises(DamagedChunkError, match=r"block 1 at layer position 2 .* holds NaN"):
+        reopened.read_layer(2)
+    with pytest.raises(DamagedChunkError, match=r"fsck\?repair=true"):
+        list(reopened.iter_layer(0, BLOCK_ROWS))
 
 
 def test_fsspec_store_lists_featuresets(memory_root: str) -> None:
