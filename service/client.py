@@ -7,9 +7,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import httpx
@@ -39,6 +41,10 @@ class JobFailedError(ClientError):
         Exception.__init__(self, f"job {job_id} failed: {message}")
 
 
+class IncompleteBodyError(Exception):
+    """Raised when an .npy body ends before its array, or runs past it."""
+
+
 class Client:
     """Typed methods mirroring the API. Retries 503 responses and connection errors a few times."""
 
@@ -64,24 +70,37 @@ class Client:
         self.close()
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        with self.stream(method, path, **kwargs) as response:
+            response.read()
+        return response
+
+    @contextlib.contextmanager
+    def stream(self, method: str, path: str, **kwargs: Any) -> Iterator[httpx.Response]:
+        """Send a request and yield the response before its body is read.
+
+        An error response raises ClientError. A 503 response or a failed connection is
+        retried, but an error while the caller reads the body is not.
+        """
         for attempt in range(self.retries + 1):
             try:
-                response = self._http.request(method, path, **kwargs)
+                request = self._http.build_request(method, path, **kwargs)
+                response = self._http.send(request, stream=True)
             except httpx.TransportError:
                 if attempt == self.retries:
                     raise
                 time.sleep(0.5 * 2**attempt)
                 continue
             if response.status_code == 503 and attempt < self.retries:
+                response.close()
                 time.sleep(0.5 * 2**attempt)
                 continue
-            if response.status_code >= 400:
-                try:
-                    detail = response.json().get("detail", response.text)
-                except ValueError:
-                    detail = response.text
-                raise ClientError(response.status_code, detail)
-            return response
+            try:
+                if response.status_code >= 400:
+                    raise ClientError(response.status_code, _error_detail(response))
+                yield response
+            finally:
+                response.close()
+            return
         raise AssertionError("unreachable")
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
@@ -155,10 +174,22 @@ class Client:
     ) -> np.ndarray:
         """Return one layer as a numpy array of shape (rows, dim)."""
         params = {k: v for k, v in (("start", start), ("stop", stop)) if v is not None}
-        response = self.request(
-            "GET", f"/v1/featuresets/{featureset_id}/layers/{layer}", params=params
-        )
-        return np.load(io.BytesIO(response.content), allow_pickle=False)
+        path = f"/v1/featuresets/{featureset_id}/layers/{layer}"
+        with self.stream("GET", path, params=params) as response:
+            try:
+                return _read_npy(response.iter_bytes())
+            except (httpx.RemoteProtocolError, IncompleteBodyError) as exc:
+                raise ClientError(
+                    response.status_code,
+                    {
+                        "message": f"the response for layer {layer} of feature set "
+                        f"{featureset_id!r} ended early ({exc}); the API failed while sending "
+                        f"it, so see its log and check the data with `layerbank fsck "
+                        f"{featureset_id}`",
+                        "field": "featureset_id",
+                        "value": featureset_id,
+                    },
+                ) from exc
 
     def labels(self, featureset_id: str) -> np.ndarray:
         response = self.request("GET", f"/v1/featuresets/{featureset_id}/labels")
@@ -203,3 +234,58 @@ class Client:
 
     def projection_png(self, projection_id: str) -> bytes:
         return self.request("GET", f"/v1/projections/{projection_id}.png").content
+
+
+def _error_detail(response: httpx.Response) -> Any:
+    """Return the ``detail`` of an error response, or its text when the body is not JSON."""
+    response.read()
+    try:
+        return response.json().get("detail", response.text)
+    except (ValueError, AttributeError):
+        return response.text
+
+
+def _read_npy(pieces: Iterable[bytes]) -> np.ndarray:
+    """Read an .npy body that arrives in ``pieces`` into one preallocated array."""
+    pieces = iter(pieces)
+    head = bytearray()
+    header_end: int | None = None
+    while header_end is None or len(head) < header_end:
+        piece = next(pieces, None)
+        if piece is None:
+            raise IncompleteBodyError(f"the body ended in the .npy header, after {len(head)} bytes")
+        head += piece
+        if header_end is None and len(head) >= 12:
+            header_end = _npy_header_end(head)
+
+    header = io.BytesIO(bytes(head[:header_end]))
+    version = np.lib.format.read_magic(header)
+    if version == (1, 0):
+        shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(header)
+    else:
+        shape, fortran_order, dtype = np.lib.format.read_array_header_2_0(header)
+    if fortran_order or dtype.hasobject:
+        raise ValueError(
+            f"the .npy body has an unsupported layout: {dtype}, Fortran order {fortran_order}"
+        )
+
+    array = np.empty(shape, dtype=dtype)
+    target = array.reshape(-1).view(np.uint8).data
+    received = 0
+    for piece in itertools.chain([bytes(head[header_end:])], pieces):
+        if received + len(piece) > len(target):
+            raise IncompleteBodyError(f"the body is longer than its {len(target)}-byte array")
+        target[received : received + len(piece)] = piece
+        received += len(piece)
+    if received != len(target):
+        raise IncompleteBodyError(f"received {received} of the array's {len(target)} bytes")
+    return array
+
+
+def _npy_header_end(head: bytearray) -> int:
+    """Return the offset of the array data in an .npy body from its first 12 bytes."""
+    if head[:6] != b"\x93NUMPY":
+        raise ValueError("the body is not an .npy array")
+    if head[6] == 1:
+        return 10 + int.from_bytes(head[8:10], "little")
+    return 12 + int.from_bytes(head[8:12], "little")

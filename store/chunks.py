@@ -126,7 +126,7 @@ class ShardReader:
             if length != self.chunk_bytes or offset + length > size - self.index_bytes:
                 raise self._damaged(key, f"has a chunk of {length} bytes at offset {offset}")
             buffer = np.empty(self.chunk_bytes, dtype=np.uint8)
-            got = os.preadv(fd, [buffer], int(offset))
+            got = os.preadv(fd, [buffer.data], int(offset))
         finally:
             os.close(fd)
         if got != self.chunk_bytes or _checked(buffer) is None:

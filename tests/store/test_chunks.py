@@ -13,6 +13,7 @@ import pytest
 import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 
+from service.client import Client, ClientError
 from store import DamagedChunkError, FeatureSet
 from store.chunks import ShardReader
 from tests.store.test_read_path import BLOCK_ROWS, N_ITEMS, _complete_featureset
@@ -170,3 +171,34 @@ def test_api_damaged_chunk_is_500(api_url: str, stack_dirs: dict[str, Path]) -> 
     assert detail["value"] == featureset.id
     assert "fails the checksum" in detail["message"]
     assert "fsck?repair=true" in detail["message"]
+
+
+def _flip_block(featureset: FeatureSet, block: int) -> None:
+    shard = _shard(featureset, block)
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0x40  # inside the chunk of layer position 0
+    shard.write_bytes(bytes(data))
+
+
+def test_api_stream_damaged_first_block_is_500(api_url: str, stack_dirs: dict[str, Path]) -> None:
+    featureset, _ = _complete_featureset(stack_dirs["store"], dtype="float32")
+    _flip_block(featureset, 0)
+    with Client(api_url) as client, pytest.raises(ClientError) as caught:
+        client.layer_array(featureset.id, 0)
+    assert caught.value.status_code == 500
+    assert "fails the checksum" in str(caught.value)
+
+
+def test_api_stream_damaged_later_block_raises(api_url: str, stack_dirs: dict[str, Path]) -> None:
+    featureset, features = _complete_featureset(stack_dirs["store"], dtype="float32")
+    _flip_block(featureset, 2)
+    with Client(api_url) as client:
+        with pytest.raises(ClientError) as caught:
+            client.layer_array(featureset.id, 0)
+        assert "ended early" in str(caught.value)
+        assert f"layerbank fsck {featureset.id}" in str(caught.value)
+        # The same client still reads an intact layer range afterwards.
+        np.testing.assert_array_equal(
+            client.layer_array(featureset.id, 2, start=0, stop=2 * BLOCK_ROWS),
+            features[1, : 2 * BLOCK_ROWS],
+        )
