@@ -13,8 +13,9 @@ Four parts, each printed as a table:
   process, without HTTP.
 - api: the API in its own process on 127.0.0.1 (with a private redis-server), one client
   sending sequential requests: a single row as JSON and a whole layer as .npy; p50 and p99.
-  Each whole-layer request runs three ways: ``httpx.get`` (the body joined in memory), an
-  httpx stream read in 1 MiB pieces, and a plain socket reading into one preallocated buffer,
+  Each whole-layer request runs four ways: ``httpx.get`` (the body joined in memory), an
+  httpx stream read in 1 MiB pieces, layerbank's ``Client.layer_array`` (an httpx stream read
+  into one preallocated array), and a plain socket reading into one preallocated buffer,
   which shows the server's speed without an HTTP client library.
   With ``--api-key``, requests carry a key, and the Redis commands per request are counted
   from ``INFO commandstats``.
@@ -253,6 +254,7 @@ def _redis_commands(url: str) -> int:
 def api(args: argparse.Namespace, scratch: Path, features: np.ndarray) -> None:
     import httpx
 
+    from service.client import Client
     from service.launcher import RedisServer, free_port, stop_process, wait_for_http
 
     root = scratch / "api-store"
@@ -292,6 +294,7 @@ def api(args: argparse.Namespace, scratch: Path, features: np.ndarray) -> None:
             "row": [],
             "layer": [],
             "layer, httpx stream": [],
+            "layer, Client": [],
             "layer, plain socket": [],
         }
         # CPU seconds of the API process per request, by kind (Linux only).
@@ -329,6 +332,14 @@ def api(args: argparse.Namespace, scratch: Path, features: np.ndarray) -> None:
                 latencies["layer, httpx stream"].append(time.perf_counter() - started)
             kind = "layer, httpx stream"
             cpu_before = _count_cpu(server_cpu, kind, process.pid, cpu_before, args.layer_requests)
+        key = headers.get("Authorization", "").removeprefix("Bearer ") or None
+        with Client(url, api_key=key) as client:
+            for _ in range(args.layer_requests):
+                started = time.perf_counter()
+                client.layer_array(featureset_id, args.layers // 2)
+                latencies["layer, Client"].append(time.perf_counter() - started)
+        kind = "layer, Client"
+        cpu_before = _count_cpu(server_cpu, kind, process.pid, cpu_before, args.layer_requests)
         buffer = bytearray(2 * layer_bytes + 4096)
         client_cpu = time.process_time()
         for _ in range(args.layer_requests):
@@ -352,7 +363,7 @@ def api(args: argparse.Namespace, scratch: Path, features: np.ndarray) -> None:
     print(f"  plain socket client CPU per layer request: {client_cpu * 1000:.1f} ms")
     layer_mb = layer_bytes / MB
     print(f"  whole layer {layer_mb:.1f} MB, MB/s at the median:")
-    for kind in ("layer", "layer, httpx stream", "layer, plain socket"):
+    for kind in ("layer", "layer, httpx stream", "layer, Client", "layer, plain socket"):
         print(f"    {kind:20s} {layer_mb / statistics.median(latencies[kind]):5.0f}")
     print(f"  {commands:.2f} Redis commands per single-row request")
 
