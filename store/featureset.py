@@ -88,6 +88,19 @@ class Progress:
         }
 
 
+class PositionView:
+    """The features of a complete feature set, (layers, items, dim), read one layer position
+    per index through :meth:`FeatureSet.read_position`."""
+
+    def __init__(self, featureset: FeatureSet) -> None:
+        self.featureset = featureset
+        self.shape = tuple(featureset.features.shape)
+        self.dtype = featureset.features.dtype
+
+    def __getitem__(self, position: int) -> np.ndarray:
+        return self.featureset.read_position(position)
+
+
 class FeatureSet:
     """Handle on one feature set group; cheap to keep, re-reads only what can change."""
 
@@ -326,6 +339,26 @@ class FeatureSet:
             chunk = self._cached_chunk(position, block)  # (block rows, dim)
             offset = block * self.block_rows
             return chunk[start - offset : stop - offset].copy()
+        return self._read_rows(position, start, stop)
+
+    def read_position(self, position: int) -> np.ndarray:
+        """Return every row at ``position`` along the layer axis, shape (n_items, dim)."""
+        self.require_complete()
+        if not 0 <= position < self.features.shape[0]:
+            raise StoreError(
+                f"layer position {position} is out of range for feature set {self.id!r} "
+                f"(0..{self.features.shape[0] - 1})",
+                field="layer",
+                value=position,
+            )
+        return self._read_rows(position, 0, self.n_items)
+
+    def by_position(self) -> PositionView:
+        """Return the features as an array-like of shape (layers, items, dim) that reads one
+        layer position per index, for the probe engines."""
+        return PositionView(self)
+
+    def _read_rows(self, position: int, start: int, stop: int) -> np.ndarray:
         out = np.empty((stop - start, self.features.shape[2]), dtype=self.features.dtype)
         at = 0
         for piece in self._pieces(position, start, stop):

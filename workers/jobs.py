@@ -193,9 +193,9 @@ def run_probe(probe_id: str) -> dict[str, Any]:
         else:
             kind_rows = fit_probes(
                 kind,
-                train.features,
+                train.by_position(),
                 y_train,
-                test.features,
+                test.by_position(),
                 y_test,
                 layers=positions,
                 params=dict(spec["params"].get(kind, {})),

@@ -236,7 +236,7 @@ def run_projection(store: Store, projection_id: str) -> dict[str, Any]:
     position = featureset.layer_position(spec.layer)
     # One read of the layer, then the rows: orthogonal indexing of a zarr array row by row is
     # slower than a full read for the layer sizes a projection is meant for.
-    features = np.asarray(featureset.features[position])[indices]  # (n_points, dim)
+    features = featureset.read_position(position)[indices]  # (n_points, dim)
     coords, info = project(features, spec.method, seed=spec.seed)
 
     group = store.result_group("projections", projection_id)

@@ -14,7 +14,7 @@ import zarr
 from zarr.codecs import BytesCodec, Crc32cCodec, ZstdCodec
 
 from service.client import Client, ClientError
-from store import DamagedChunkError, FeatureSet
+from store import DamagedChunkError, FeatureSet, StoreError
 from store.chunks import ShardReader
 from tests.store.test_read_path import BLOCK_ROWS, N_ITEMS, _complete_featureset
 
@@ -202,3 +202,27 @@ def test_api_stream_damaged_later_block_raises(api_url: str, stack_dirs: dict[st
             client.layer_array(featureset.id, 2, start=0, stop=2 * BLOCK_ROWS),
             features[1, : 2 * BLOCK_ROWS],
         )
+
+
+def test_read_position_matches_zarr(tmp_path: Path) -> None:
+    featureset, _ = _complete_featureset(tmp_path / "store")
+    plain = np.asarray(
+        zarr.open_array(featureset.store.zarr_store, path=featureset.path + "/features")
+    )
+    view = featureset.by_position()
+    assert view.shape == plain.shape
+    for position in range(len(featureset.layers)):
+        np.testing.assert_array_equal(view[position], plain[position])
+    with pytest.raises(StoreError, match=r"layer position 3 is out of range .*\(0\.\.2\)"):
+        featureset.read_position(3)
+
+
+def test_probe_on_damaged_featureset_names_repair(tmp_path: Path) -> None:
+    from workers.probes import fit_probes
+
+    featureset, _ = _complete_featureset(tmp_path / "store")
+    _flip_block(featureset, 1)
+    labels = featureset.read_labels()
+    view = featureset.by_position()
+    with pytest.raises(DamagedChunkError, match=r"fsck\?repair=true"):
+        fit_probes("knn", view, labels, view, labels, layers=[0], params={}, seed=0)
