@@ -496,6 +496,16 @@ def test_npz_negative_label_is_rejected_as_unlabelled(tmp_path: Path) -> None:
         load_split(f"npz:{path}", "all")
 
 
+def test_npz_label_far_above_class_count_rejected(tmp_path: Path) -> None:
+    labels = balanced_labels(4, 2)
+    labels[1] = 10**12
+    path = write_npz(tmp_path / "d.npz", images=random_images(4), labels=labels)
+    with pytest.raises(
+        DatasetError, match=r"item 1 .* has the label 1000000000000, above the limit of 100000"
+    ):
+        load_split(f"npz:{path}", "all")
+
+
 def test_npz_fractional_label_is_rejected(tmp_path: Path) -> None:
     path = write_npz(tmp_path / "d.npz", images=random_images(3), labels=np.array([0.0, 1.0, 1.5]))
     with pytest.raises(DatasetError, match="item 2 .* not an integer"):

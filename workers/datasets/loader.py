@@ -44,6 +44,8 @@ ACCEPTED_FORMS = (
 )
 # Loaded splits kept in memory, least recently used first out. CIFAR-10's train split is 150 MiB.
 CACHE_MAX_BYTES = 2 * 1024**3
+# Largest number of classes of a dataset without class names (ImageNet-21k has 21,841).
+MAX_CLASSES = 100_000
 
 
 def load_split(
@@ -445,6 +447,16 @@ def _checked_labels(raw: SourceSplit, dataset: str, where: str) -> tuple[np.ndar
 
     class_names = raw.class_names
     if class_names is None:
+        # Without class names the labels are class indices. A label far above the number of
+        # items is an id or a code, and one name per index up to it could fill the memory.
+        too_large = np.flatnonzero(labels >= MAX_CLASSES)
+        if too_large.size:
+            raise fail(
+                int(too_large[0]),
+                f"has the label {labels[too_large[0]]}, above the limit of {MAX_CLASSES} "
+                "classes; map the labels to 0, 1, 2, ... and store the original values as "
+                "class names",
+            )
         class_names = [str(label) for label in range(int(labels.max()) + 1)]
     beyond = np.flatnonzero(labels >= len(class_names))
     if beyond.size:
