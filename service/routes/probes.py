@@ -12,9 +12,10 @@ from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
 from service.jobs import not_complete_message, result_status, submit_result_job
 from service.plots import confusion_png, layer_curve_png
 from service.schemas import CurvePublic, ProbeCreate, ProbeCreated, ProbePublic, ProbesPublic
-from store import NotFoundError, NotReadyError, ProbeSpec, Store, StoreError, check_id
+from store import FeatureSet, NotFoundError, NotReadyError, ProbeSpec, Store, StoreError, check_id
 from store.spec import PROBE_KINDS
 from workers.probes.settings import check_params
+from workers.probes.task import check_classes
 
 router = APIRouter(prefix="/v1/probes", tags=["probes"])
 
@@ -107,6 +108,8 @@ def _probe_spec(body: ProbeCreate, store: Store) -> ProbeSpec:
             value=body.test_featureset,
         )
 
+    _check_same_classes(train, test)
+
     layers = train.layers if body.layers == "all" else body.layers
     if not layers:
         raise StoreError(
@@ -141,6 +144,26 @@ def _probe_spec(body: ProbeCreate, store: Store) -> ProbeSpec:
         params=params,
         seed=body.seed,
     )
+
+
+def _check_same_classes(train: FeatureSet, test: FeatureSet) -> None:
+    """Raise unless the labels of ``test`` name the same classes as those of ``train``.
+
+    Names derived from labels ("0", "1", ...) cover the classes up to the largest label of
+    each split, so only the names both lists have are compared.
+    """
+    train_names = list(train.attrs.get("class_names") or [])
+    test_names = list(test.attrs.get("class_names") or [])
+    for index, (in_train, in_test) in enumerate(zip(train_names, test_names, strict=False)):
+        if in_train != in_test:
+            raise StoreError(
+                f"train and test feature sets name class {index} differently ({in_train!r} in "
+                f"dataset {train.spec.dataset!r}, {in_test!r} in dataset {test.spec.dataset!r}); "
+                "extract the test split from a dataset with the same classes in the same order",
+                field="test_featureset",
+                value=test.id,
+            )
+    check_classes(train.read_labels(), test.read_labels(), "train_featureset", "test_featureset")
 
 
 def _params_by_kind(params: dict[str, Any], kinds: list[str]) -> dict[str, dict[str, Any]]:

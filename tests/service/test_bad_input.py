@@ -91,6 +91,12 @@ def data(stack_dirs: dict[str, Path]) -> dict[str, str]:
         images=rng.integers(0, 255, (6, 8, 8, 3), dtype=np.uint8),
         labels=np.arange(4),
     )
+    npz(
+        "pets",
+        images=rng.integers(0, 255, (6, 8, 8, 3), dtype=np.uint8),
+        labels=np.arange(6) % 2,
+        class_names=np.array(["cat", "dog"]),
+    )
     bad_file = root / "not_npz.npz"
     bad_file.write_bytes(b"this is not a zip archive")
     refs["not_npz"] = f"npz:{bad_file}"
@@ -132,6 +138,8 @@ def featuresets(client: Client, tiny_model: Path, data: dict[str, str]) -> dict[
         "pixels_test": ("pixels", "digits", "test", {"limit": 20}),
         "tiny_test": (str(tiny_model), "digits", "test", {"limit": 20}),
         "tiny_two_layers": (str(tiny_model), "digits", "train", {"limit": 40, "layers": [0, 1]}),
+        "pixels_three": ("pixels", "digits", "train", {"limit": 3}),
+        "pets": ("pixels", data["pets"], "all", {}),
     }
     ids = {}
     for name, (model, dataset, split, options) in requests.items():
@@ -362,6 +370,23 @@ def _cases(data: dict[str, str], fs: dict[str, str], tiny: str, max_body: int) -
             post_p,
             probe(train_featureset=fs["tiny_two_layers"], test_featureset=fs["tiny_test"]),
             field="test_featureset",
+        ),
+        Case(
+            "train and test name classes differently",
+            "POST",
+            post_p,
+            probe(test_featureset=fs["pets"]),
+            field="test_featureset",
+            message=("class 0", "'0'", "'cat'", "same classes"),
+            value=fs["pets"],
+        ),
+        Case(
+            "test classes missing from train",
+            "POST",
+            post_p,
+            probe(train_featureset=fs["pixels_three"]),
+            field="test_featureset",
+            message=("test_featureset contains labels", "missing from train_featureset"),
         ),
         Case("probe layer not stored", "POST", post_p, probe(layers=[3]), field="layers"),
         Case(

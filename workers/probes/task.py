@@ -147,6 +147,30 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     return fit_part, val_part
 
 
+def check_classes(
+    y_train: np.ndarray, y_test: np.ndarray, train_name: str = "y_train", test_name: str = "y_test"
+) -> np.ndarray:
+    """Return the sorted classes of ``y_train``; raise ProbeError unless there are at least two
+    and they include every class of ``y_test``. The names label the two in messages."""
+    classes = np.unique(y_train)
+    if len(classes) < 2:
+        raise ProbeError(
+            f"{train_name} contains {len(classes)} class(es) {classes.tolist()}; a probe needs "
+            "at least 2, so pass labels of two or more classes",
+            field=train_name,
+            value=classes.tolist(),
+        )
+    unseen = np.setdiff1d(np.unique(y_test), classes)
+    if len(unseen):
+        raise ProbeError(
+            f"{test_name} contains labels {unseen.tolist()} that are missing from {train_name}; "
+            "probe on a train set that covers every test class",
+            field=test_name,
+            value=unseen.tolist(),
+        )
+    return classes
+
+
 def prepare_task(
     kind: str,
     train: LayerArray,
@@ -171,22 +195,7 @@ def prepare_task(
             f"seed must be a non-negative integer, got {seed!r}", field="seed", value=seed
         )
 
-    classes = np.unique(y_tr)
-    if len(classes) < 2:
-        raise ProbeError(
-            f"y_train contains {len(classes)} class(es) {classes.tolist()}; a probe needs at least "
-            "2, so pass labels of two or more classes",
-            field="y_train",
-            value=classes.tolist(),
-        )
-    unseen = np.setdiff1d(np.unique(y_te), classes)
-    if len(unseen):
-        raise ProbeError(
-            f"y_test contains labels {unseen.tolist()} that are missing from y_train; "
-            "probe on a train set that covers every test class",
-            field="y_test",
-            value=unseen.tolist(),
-        )
+    classes = check_classes(y_tr, y_te)
     if class_names is not None and (classes.min() < 0 or classes.max() >= len(class_names)):
         raise ProbeError(
             f"class_names has {len(class_names)} names but the labels span "
