@@ -107,32 +107,49 @@ class ShardReader:
         so a missing chunk in a complete feature set means lost data, not fill values.
         """
         key = self.key(position, block)
-        path = self.directory / key.removeprefix("features/c/")
+        fd = self._open(key)
         try:
-            fd = os.open(path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise self._damaged(key, "is missing") from None
-        try:
-            size = os.fstat(fd).st_size
-            if size < self.index_bytes:
-                raise self._damaged(key, f"has {size} bytes, fewer than its index")
-            index = _checked(os.pread(fd, self.index_bytes, size - self.index_bytes))
-            if index is None:
-                raise self._damaged(key, "has an index that fails its checksum")
-            entries = np.frombuffer(index, dtype="<u8").reshape(self.shard_layers, 2)
-            offset, length = entries[position % self.shard_layers]
-            if offset == _EMPTY and length == _EMPTY:
-                raise self._damaged(key, f"contains no chunk for layer position {position}")
-            if length != self.chunk_bytes or offset + length > size - self.index_bytes:
-                raise self._damaged(key, f"has a chunk of {length} bytes at offset {offset}")
+            offset = self._chunk_offset(fd, key, position)
             buffer = np.empty(self.chunk_bytes, dtype=np.uint8)
-            got = os.preadv(fd, [buffer.data], int(offset))
+            got = os.preadv(fd, [buffer.data], offset)
         finally:
             os.close(fd)
         if got != self.chunk_bytes or _checked(buffer) is None:
             raise self._damaged(key, f"fails the checksum of layer position {position}")
         chunk = buffer[:-_CRC_BYTES].view(self.dtype).reshape(self.rows, self.dim)
         return chunk.astype(self.dtype.newbyteorder("="), copy=False)
+
+    def check(self, position: int, block: int) -> None:
+        """Raise DamagedChunkError when the chunk at ``position`` and ``block`` is missing or
+        lies outside its shard file, reading only the shard's index (not the chunk's data)."""
+        key = self.key(position, block)
+        fd = self._open(key)
+        try:
+            self._chunk_offset(fd, key, position)
+        finally:
+            os.close(fd)
+
+    def _open(self, key: str) -> int:
+        try:
+            return os.open(self.directory / key.removeprefix("features/c/"), os.O_RDONLY)
+        except FileNotFoundError:
+            raise self._damaged(key, "is missing") from None
+
+    def _chunk_offset(self, fd: int, key: str, position: int) -> int:
+        """Return the offset of the chunk at ``position`` in the open shard file ``fd``."""
+        size = os.fstat(fd).st_size
+        if size < self.index_bytes:
+            raise self._damaged(key, f"has {size} bytes, fewer than its index")
+        index = _checked(os.pread(fd, self.index_bytes, size - self.index_bytes))
+        if index is None:
+            raise self._damaged(key, "has an index that fails its checksum")
+        entries = np.frombuffer(index, dtype="<u8").reshape(self.shard_layers, 2)
+        offset, length = entries[position % self.shard_layers]
+        if offset == _EMPTY and length == _EMPTY:
+            raise self._damaged(key, f"contains no chunk for layer position {position}")
+        if length != self.chunk_bytes or offset + length > size - self.index_bytes:
+            raise self._damaged(key, f"has a chunk of {length} bytes at offset {offset}")
+        return int(offset)
 
     def _damaged(self, key: str, what: str) -> DamagedChunkError:
         return damaged_error(self.featureset_id, f"the stored object {key!r}", what)

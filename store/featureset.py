@@ -380,6 +380,17 @@ class FeatureSet:
         start, stop = self.check_rows(start, stop)
         yield from self._pieces(position, start, stop)
 
+    def check_layer(self, layer: int, start: int | None = None, stop: int | None = None) -> None:
+        """Raise DamagedChunkError when a chunk of rows [start, stop) of ``layer`` is missing
+        or truncated, from the shard indexes alone. Checksums are checked by the reads; with
+        a store other than a local directory this checks nothing."""
+        position = self.layer_position(layer)
+        start, stop = self.check_rows(start, stop)
+        if self._reader is None or start == stop:
+            return
+        for block in range(start // self.block_rows, (stop - 1) // self.block_rows + 1):
+            self._reader.check(position, block)
+
     def _pieces(self, position: int, start: int, stop: int) -> Iterator[np.ndarray]:
         """Yield rows [start, stop) at layer ``position``, one array per block."""
         rows = self.block_rows

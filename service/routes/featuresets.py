@@ -222,24 +222,22 @@ def _layer_stream(featureset: FeatureSet, layer: int, first: int, last: int) -> 
     )
     length = header.tell() + (last - first) * dim * dtype.itemsize
 
-    pieces = featureset.iter_layer(layer, first, last)  # (rows, dim) per block
-    # The first block is read before the status line is sent, so damage there gets an error
-    # response. NOTE: a later block that fails to read ends the response early, and the client
-    # sees a body shorter than Content-Length (service.client raises a ClientError for it).
-    first_piece = next(pieces)
+    # A missing or truncated shard gets an error response before the status line is sent.
+    featureset.check_layer(layer, first, last)
 
     async def body() -> AsyncIterator[bytes | memoryview]:
         yield header.getvalue()
+        # NOTE: a chunk that fails its checksum here ends the response early: the status line
+        # has been sent, so the client sees a body shorter than Content-Length, and
+        # service.client raises a ClientError for it.
+        pieces = featureset.iter_layer(layer, first, last)  # (rows, dim) per block
         # The next block is read in a thread while the current one is sent, so the transfer
-        # overlaps the reading. One read at a time: a generator is not thread-safe.
+        # overlaps the decoding. One read at a time: a generator is not thread-safe.
         pending = asyncio.ensure_future(run_in_threadpool(next, pieces, None))
-        piece: np.ndarray | None = first_piece
         try:
-            while piece is not None:
+            while (piece := await pending) is not None:
+                pending = asyncio.ensure_future(run_in_threadpool(next, pieces, None))
                 yield np.ascontiguousarray(piece).reshape(-1).view(np.uint8).data
-                piece = await pending
-                if piece is not None:
-                    pending = asyncio.ensure_future(run_in_threadpool(next, pieces, None))
         finally:
             if not pending.done():
                 pending.cancel()

@@ -180,13 +180,15 @@ def _flip_block(featureset: FeatureSet, block: int) -> None:
     shard.write_bytes(bytes(data))
 
 
-def test_api_stream_damaged_first_block_is_500(api_url: str, stack_dirs: dict[str, Path]) -> None:
+def test_api_stream_truncated_shard_is_500(api_url: str, stack_dirs: dict[str, Path]) -> None:
     featureset, _ = _complete_featureset(stack_dirs["store"], dtype="float32")
-    _flip_block(featureset, 0)
+    shard = _shard(featureset, 2)
+    shard.write_bytes(shard.read_bytes()[:1000])
     with Client(api_url) as client, pytest.raises(ClientError) as caught:
         client.layer_array(featureset.id, 0)
     assert caught.value.status_code == 500
-    assert "fails the checksum" in str(caught.value)
+    assert "'features/c/0/2/0'" in str(caught.value)
+    assert "index that fails its checksum" in str(caught.value)
 
 
 def test_api_stream_damaged_later_block_raises(api_url: str, stack_dirs: dict[str, Path]) -> None:
