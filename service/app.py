@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from http import HTTPStatus
 from typing import Any
@@ -14,12 +14,14 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from fastapi.routing import iter_route_contexts
 from pydantic import BaseModel
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 from rq import Queue
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from service.auth import (
     ERROR_RESPONSES,
@@ -275,7 +277,31 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": detail}, status_code=422)
 
 
-def _http_message(request: Request, exc: StarletteHTTPException) -> str:
+# Methods in an Allow header come in this order, and any others follow in alphabetical order.
+_METHOD_ORDER = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Return every method that the app's routes accept on the request's path.
+
+    Starlette's 405 lists only the methods of the first route whose path matches, but a path
+    such as /v1/probes has its GET and its POST in separate routes. Mounts, which declare no
+    methods, are skipped.
+    """
+    methods: set[str] = set()
+    for route in iter_route_contexts(request.app.routes):
+        if not route.methods:
+            continue
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= set(route.methods)
+    known = [method for method in _METHOD_ORDER if method in methods]
+    return known + sorted(methods - set(_METHOD_ORDER))
+
+
+def _http_message(
+    request: Request, exc: StarletteHTTPException, headers: Mapping[str, str] | None
+) -> str:
     """Return the message for an HTTPException whose detail is a plain string."""
     # The raw path keeps percent-escapes such as %2F, which the decoded path loses.
     raw_path = request.scope.get("raw_path")
@@ -294,7 +320,7 @@ def _http_message(request: Request, exc: StarletteHTTPException) -> str:
             "makes it a different path; list the routes with GET /docs or GET /openapi.json"
         )
     if exc.status_code == 405:
-        allowed = (exc.headers or {}).get("Allow")
+        allowed = (headers or {}).get("Allow")
         use = f"use {allowed}" if allowed else "see GET /docs for the methods of each route"
         return f"{request.method} is not allowed on {path}; {use}"
     return f"{target} failed: {exc.detail}"
@@ -308,12 +334,18 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     if not isinstance(exc.detail, str) or exc.status_code in (204, 304):
         return await http_exception_handler(request, exc)
-    message = _http_message(request, exc)
+    headers = exc.headers
+    if exc.status_code == 405:
+        allowed = _allowed_methods(request)
+        # A 405 raised by a mount, such as StaticFiles, matches no route and keeps its header.
+        if allowed:
+            headers = {**(exc.headers or {}), "Allow": ", ".join(allowed)}
+    message = _http_message(request, exc, headers)
     logger.info("%s %s -> %d: %s", request.method, request.url.path, exc.status_code, message)
     return JSONResponse(
         {"detail": {"message": message, "field": None, "value": None}},
         status_code=exc.status_code,
-        headers=exc.headers,
+        headers=headers,
     )
 
 
