@@ -12,6 +12,7 @@ from typing import Annotated, Literal
 import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Response, status
 from fastapi.responses import StreamingResponse
+from redis import Redis
 from starlette.concurrency import run_in_threadpool
 
 from service.auth import requires_scope
@@ -154,11 +155,32 @@ def delete_featureset(featureset_id: str, store: StoreDep, redis: RedisDep) -> R
             )
         dependents = _dependent_results(store, featureset_id)
         for kind, result_id in dependents:
+            _check_not_computing(store, redis, featureset_id, kind, result_id)
+        for kind, result_id in dependents:
             _delete_group(store, f"{kind}/{result_id}")
         _delete_group(store, f"featuresets/{featureset_id}")
         store.forget(featureset_id)
     logger.info("feature set %s deleted with %d dependent results", featureset_id, len(dependents))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+def _check_not_computing(
+    store: Store, redis: Redis, featureset_id: str, kind: str, result_id: str
+) -> None:
+    """Raise NotReadyError while a job still computes ``<kind>/<result_id>`` from the feature
+    set: deleting the set under it would fail the job halfway."""
+    job_id = active_job_id(redis, result_id)
+    if job_id is None:
+        return
+    state = job_state(redis, store, job_id)["status"]
+    if state in ("queued", "running"):
+        raise NotReadyError(
+            f"feature set {featureset_id!r} is read by {kind.removesuffix('s')} {result_id!r}, "
+            f"whose job {job_id!r} is {state}; wait for the job to finish or fail, then delete "
+            "the feature set",
+            field="featureset_id",
+            value=featureset_id,
+        )
 
 
 def _dependent_results(store: Store, featureset_id: str) -> list[tuple[str, str]]:

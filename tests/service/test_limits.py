@@ -221,3 +221,38 @@ def test_delete_featureset_unknown(limits: tuple[TestClient, dict[str, str]]) ->
     client, headers = limits
     response = client.delete(f"/v1/featuresets/{'e' * 24}", headers=headers["admin"])
     assert response.status_code == 404
+
+
+def test_delete_featureset_while_probe_queued(
+    settings: Settings, redis_server: Any, tmp_path: Path
+) -> None:
+    from tests.store.test_read_path import _complete_featureset
+
+    train, _ = _complete_featureset(tmp_path / "store")
+    test, _ = _complete_featureset(tmp_path / "store")
+    fresh = Redis.from_url(_redis_url(redis_server, FRESH_DB))
+    fresh.flushdb()
+    app = create_app(
+        settings.model_copy(
+            update={
+                "store": str(tmp_path / "store"),
+                "redis_url": _redis_url(redis_server, FRESH_DB),
+            }
+        )
+    )
+    try:
+        with TestClient(app) as client:
+            probe = client.post(
+                "/v1/probes",
+                json={"train_featureset": train.id, "test_featureset": test.id, "kind": "knn"},
+            ).json()
+            response = client.delete(f"/v1/featuresets/{test.id}")
+            after = client.get(f"/v1/probes/{probe['probe_id']}")
+    finally:
+        fresh.flushdb()
+    assert response.status_code == 409
+    detail = response.json()["detail"]
+    assert detail["field"] == "featureset_id"
+    assert f"probe {probe['probe_id']!r}" in detail["message"]
+    assert f"job {probe['job_id']!r} is queued" in detail["message"]
+    assert after.status_code == 200
