@@ -10,6 +10,7 @@ import os
 import pickle
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -953,6 +954,32 @@ def test_hub_failure_suggests_hf_disk(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(DatasetError, match="offline.*use hf-disk:/path") as caught:
         load_split("hf:uoft-cs/cifar10", "train")
     assert caught.value.field == "dataset"
+
+
+def test_hub_failure_remembered_for_a_while(monkeypatch: pytest.MonkeyPatch) -> None:
+    import workers.datasets.huggingface as hub
+
+    datasets = pytest.importorskip("datasets", reason="the Hugging Face datasets package is absent")
+    calls = []
+
+    def load_dataset(path: str, config_name: str | None, *, split: str) -> Any:
+        calls.append(split)
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    reference = f"hf:layerbank-tests/missing-{uuid.uuid4().hex[:8]}"
+    for _ in range(3):
+        with pytest.raises(DatasetError, match="fail at once for 60 s"):
+            load_split(reference, "train")
+    assert calls == ["train"]
+    # Another split is another load; a failure older than the window is tried again.
+    with pytest.raises(DatasetError):
+        load_split(reference, "test")
+    assert calls == ["train", "test"]
+    monkeypatch.setattr(hub, "HUB_FAILURE_SECONDS", 0.0)
+    with pytest.raises(DatasetError):
+        load_split(reference, "train")
+    assert calls == ["train", "test", "train"]
 
 
 def test_changed_file_is_read_again(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
@@ -33,6 +34,12 @@ _IMAGE_NAMES = ("img", "image")
 _LABEL_NAMES = ("label", "labels", "fine_label")
 _SINGLE_SPLIT = "all"
 _BATCH_ROWS = 256
+# Seconds for which a Hub dataset that failed to load fails again at once. On a machine without
+# Hub access each load waits about 23 s for the library's network timeouts, and every waiting
+# request holds one of the API's request threads.
+HUB_FAILURE_SECONDS = 60.0
+# (name, config, split) -> (time.monotonic() of the failure, the error), per process.
+_hub_failures: dict[tuple[str, str | None, str], tuple[float, DatasetError]] = {}
 # A Hub dataset name: "name" or "owner/name", then an optional "/config".
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*){0,2}")
 
@@ -84,6 +91,18 @@ class HubSource:
         return ()
 
     def read(self, split: str) -> SourceSplit:
+        key = (self.name, self.config, split)
+        failed = _hub_failures.get(key)
+        if failed is not None and time.monotonic() - failed[0] < HUB_FAILURE_SECONDS:
+            raise failed[1]
+        try:
+            return self._read(split)
+        except DatasetError as exc:
+            if exc.field == "dataset":
+                _hub_failures[key] = (time.monotonic(), exc)
+            raise
+
+    def _read(self, split: str) -> SourceSplit:
         datasets = _import_datasets(self.reference)
         try:
             table = datasets.load_dataset(self.name, self.config, split=split)
@@ -98,7 +117,7 @@ class HubSource:
             raise DatasetError(
                 f"dataset {self.reference!r} cannot be loaded ({exc}); check the name, or, on a "
                 "machine without Hub access, save it elsewhere with save_to_disk and use "
-                "hf-disk:/path",
+                f"hf-disk:/path. Requests for it fail at once for {HUB_FAILURE_SECONDS:.0f} s",
                 field="dataset",
                 value=self.reference,
             ) from exc
