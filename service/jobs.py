@@ -221,7 +221,7 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
     for job in rq_jobs:
         if job is not None and job.get_status(refresh=False) == JobStatus.FAILED:
             error = job.meta.get("error") or {
-                "message": _last_line(job),
+                "message": _last_line(job, job_id),
                 "field": None,
                 "value": None,
             }
@@ -320,13 +320,14 @@ def _fetch(redis: Redis, ids: list[str]) -> list[Job | None]:
         return [None for _ in ids]
 
 
-def _last_line(job: Job) -> str:
+def _last_line(job: Job, job_id: str) -> str:
+    """Return the error message of a failed rq job that belongs to layerbank job ``job_id``."""
     latest = job.latest_result()
     text = latest.exc_string if latest is not None and latest.exc_string else "job failed"
     if "AbandonedJobError" in text:
         return (
             "the worker running this job stopped (killed or lost) and its retries are used "
-            "up; resume it with POST /v1/jobs/<job_id>/resume or send the same POST again"
+            f"up; resume it with POST /v1/jobs/{job_id}/resume or send the same POST again"
         )
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return lines[-1] if lines else "job failed"

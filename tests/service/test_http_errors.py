@@ -1,4 +1,4 @@
-"""Routing errors (404, 405) of the app: status, Allow header and the JSON error body."""
+"""Error responses of the app: routing errors (404, 405) and the error of a failed job."""
 
 from __future__ import annotations
 
@@ -6,8 +6,12 @@ from collections.abc import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
+from redis import Redis
+from rq.job import Job, JobStatus
+from rq.results import Result
 
 from service.app import create_app
+from service.jobs import new_job_id, save_job
 from store.settings import Settings
 
 ZERO_ID = "0" * 24
@@ -61,3 +65,33 @@ def test_404_unknown_path_json_body(http_client: TestClient) -> None:
     assert response.status_code == 404
     assert "allow" not in response.headers
     assert response.json()["detail"]["message"].startswith("PUT /v1/no-such-route not found")
+
+
+def test_abandoned_job_error_names_job_id(http_client: TestClient, settings: Settings) -> None:
+    """A job whose worker died with no retries left gives a resume hint with its own id."""
+    redis = Redis.from_url(settings.redis_url)
+    # Saved but never enqueued, so no worker runs it and it stays failed.
+    rq_job = Job.create("workers.jobs.pretrain", args=("abandoned", {}), connection=redis)
+    rq_job.save()
+    rq_job.set_status(JobStatus.FAILED)
+    Result.create_failure(
+        rq_job,
+        ttl=600,
+        exc_string="Traceback (most recent call last):\nrq.exceptions.AbandonedJobError: lost",
+    )
+    job_id = new_job_id()
+    save_job(redis, job_id, kind="pretrain", target="model-abandoned", rq_ids=[rq_job.id])
+    try:
+        response = http_client.get(f"/v1/jobs/{job_id}")
+    finally:
+        rq_job.delete()
+        redis.delete(f"layerbank:job:{job_id}", "layerbank:target:model-abandoned")
+        redis.close()
+
+    assert response.status_code == 200
+    state = response.json()
+    assert state["status"] == "failed"
+    message = state["error"]["message"]
+    assert message.startswith("the worker running this job stopped")
+    assert f"POST /v1/jobs/{job_id}/resume" in message
+    assert "<job_id>" not in message
