@@ -5,12 +5,13 @@ from __future__ import annotations
 import logging
 
 from fastapi import APIRouter, Response, status
+from redis import Redis
 
 from service.auth import JobQuotaDep, LimitExceededError, check_extraction_size
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
 from service.jobs import active_job_id, enqueue_extraction, job_state, target_lock
 from service.schemas import ExtractionCreate, ExtractionPublic
-from store import FeatureSetSpec, create_featureset
+from store import FeatureSetSpec, NotReadyError, Store, create_featureset
 from store.settings import Settings
 from workers.datasets import load_split
 from workers.errors import ModelError
@@ -38,13 +39,17 @@ def create_extraction(
     quota: JobQuotaDep,
 ) -> ExtractionPublic:
     """Start extracting pooled hidden states, or return the feature set of an identical request."""
-    ref = resolve_model(
-        body.model,
-        models_dir=store.models_dir() if store.local_root else None,
-        allowed_roots=settings.model_roots,
-        allow_hub=settings.allow_hub,
-        allow_list=settings.model_allow_list,
-    )
+    try:
+        ref = resolve_model(
+            body.model,
+            models_dir=store.models_dir() if store.local_root else None,
+            allowed_roots=settings.model_roots,
+            allow_hub=settings.allow_hub,
+            allow_list=settings.model_allow_list,
+        )
+    except ModelError:
+        _raise_if_pretraining(redis, store, body.model)
+        raise
     layers = ref.check_layers(body.layers)
     pooling = check_pooling(ref, body.pooling)
     processor = processor_spec(ref, body.input_policy)
@@ -157,6 +162,24 @@ def create_extraction(
     return ExtractionPublic(
         featureset_id=featureset_id, job_id=job_id, status="queued", created=created, **sizes
     )
+
+
+def _raise_if_pretraining(redis: Redis, store: Store, model: str) -> None:
+    """Raise NotReadyError when ``model`` is ``store:<name>`` and a job still pretrains it."""
+    name = model.removeprefix("store:").partition("@step")[0]
+    if not model.startswith("store:") or not name:
+        return
+    job_id = active_job_id(redis, f"model-{name}")
+    if job_id is None:
+        return
+    state = job_state(redis, store, job_id)["status"]
+    if state in ("queued", "running"):
+        raise NotReadyError(
+            f"model {model!r} is not ready: its pretraining job {job_id!r} is {state}; wait for "
+            f"the job to finish (GET /v1/jobs/{job_id}), then send this request again",
+            field="model",
+            value=model,
+        )
 
 
 def _check_token_layers(ref: ModelRef, token_layers: list[int]) -> list[int]:

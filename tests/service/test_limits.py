@@ -256,3 +256,40 @@ def test_delete_featureset_while_probe_queued(
     assert f"probe {probe['probe_id']!r}" in detail["message"]
     assert f"job {probe['job_id']!r} is queued" in detail["message"]
     assert after.status_code == 200
+
+
+def test_extract_model_still_pretraining_is_409(
+    settings: Settings, redis_server: Any, tmp_path: Path
+) -> None:
+    fresh = Redis.from_url(_redis_url(redis_server, FRESH_DB))
+    fresh.flushdb()
+    app = create_app(
+        settings.model_copy(
+            update={
+                "store": str(tmp_path / "store"),
+                "redis_url": _redis_url(redis_server, FRESH_DB),
+            }
+        )
+    )
+    try:
+        with TestClient(app) as client:
+            pretrain = client.post(
+                "/v1/pretrain",
+                json={"name": "queued-model", "n_layer": 1, "n_embd": 16, "n_head": 2, "steps": 3},
+            ).json()
+            response = client.post(
+                "/v1/extractions",
+                json={"model": "store:queued-model", "dataset": "digits", "split": "test"},
+            )
+            unknown = client.post(
+                "/v1/extractions",
+                json={"model": "store:never-made", "dataset": "digits", "split": "test"},
+            )
+    finally:
+        fresh.flushdb()
+    assert response.status_code == 409
+    detail = response.json()["detail"]
+    assert detail["field"] == "model"
+    assert f"pretraining job {pretrain['job_id']!r} is queued" in detail["message"]
+    assert unknown.status_code == 422
+    assert "pretrain it with POST /v1/pretrain first" in unknown.json()["detail"]["message"]
