@@ -447,7 +447,8 @@ def _redis_unavailable(exc: BaseException) -> HTTPException:
     return HTTPException(
         status_code=503,
         detail={
-            "message": "API keys cannot be checked because Redis is unavailable; retry later",
+            "message": "Redis is unavailable, so API keys, jobs and results cannot be read; "
+            "retry later",
             "field": None,
             "value": None,
         },
