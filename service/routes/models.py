@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from fastapi import APIRouter, Response, status
 
@@ -59,12 +60,19 @@ def create_pretraining(
         record_path = model_dir / "layerbank.json"
         if record_path.is_file():
             record = json.loads(record_path.read_text())
-            same = {k: v for k, v in record["params"].items() if k in params} == params and (
-                record.get("dataset_fingerprint") == split.fingerprint
-            )
-            if not same:
+            # The record also contains worker settings that a request cannot set (dropout, ...).
+            stored = {k: v for k, v in record["params"].items() if k in params}
+            differences = _differences(stored, params, "stored")
+            if record.get("dataset_fingerprint") != split.fingerprint:
+                # Same dataset name and split, but the stored files have changed since.
+                differences.append(
+                    f"dataset_fingerprint (stored {record.get('dataset_fingerprint')!r}, "
+                    f"requested {split.fingerprint!r})"
+                )
+            if differences:
                 raise ModelError(
-                    f"store:{name} already exists with different settings; choose another name",
+                    f"store:{name} already exists with different settings: "
+                    f"{', '.join(differences)}; choose another name",
                     field="name",
                     value=name,
                 )
@@ -80,10 +88,16 @@ def create_pretraining(
             "queued",
             "running",
         ):
-            if running_params(redis, existing) != params:
+            running = running_params(redis, existing)
+            if running != params:
+                found = (
+                    _differences(running, params, "running") if isinstance(running, dict) else []
+                )
+                listed = f": {', '.join(found)}" if found else ""
                 raise ModelError(
-                    f"store:{name} is being pretrained with different settings; choose another "
-                    "name or wait for that job and use its model",
+                    f"store:{name} is being pretrained by job {existing} with different "
+                    f"settings{listed}; choose another name or wait for that job and use its "
+                    "model",
                     field="name",
                     value=name,
                 )
@@ -101,6 +115,21 @@ def create_pretraining(
         )
         quota.record(job_id)
     return PretrainPublic(model=f"store:{name}", job_id=job_id, status="queued", created=True)
+
+
+def _differences(existing: dict[str, Any], requested: dict[str, Any], label: str) -> list[str]:
+    """Describe each setting that differs between two parameter dicts, with both values.
+
+    ``label`` names the existing side in the text, such as "stored" or "running".
+    """
+    described = []
+    for field in [*requested, *(key for key in existing if key not in requested)]:
+        if field in existing and field in requested and existing[field] == requested[field]:
+            continue
+        existing_text = repr(existing[field]) if field in existing else "not set"
+        requested_text = repr(requested[field]) if field in requested else "not set"
+        described.append(f"{field} ({label} {existing_text}, requested {requested_text})")
+    return described
 
 
 @router.get("/models", response_model=ModelsPublic)

@@ -1,8 +1,10 @@
-"""Error responses of the app: routing errors (404, 405) and the error of a failed job."""
+"""Error responses of the app: routing (404, 405), a failed job's error, pretrain name clashes."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -12,7 +14,9 @@ from rq.results import Result
 
 from service.app import create_app
 from service.jobs import new_job_id, save_job
+from service.schemas import PretrainCreate
 from store.settings import Settings
+from workers.datasets import load_split
 
 ZERO_ID = "0" * 24
 
@@ -95,3 +99,72 @@ def test_abandoned_job_error_names_job_id(http_client: TestClient, settings: Set
     assert message.startswith("the worker running this job stopped")
     assert f"POST /v1/jobs/{job_id}/resume" in message
     assert "<job_id>" not in message
+
+
+def _pretrain_params(**changes: Any) -> dict[str, Any]:
+    """Return the settings of a default pretraining request, with ``changes`` applied."""
+    return {**PretrainCreate(name="unused").model_dump(exclude={"name"}), **changes}
+
+
+def test_pretrain_clash_names_stored_differences(
+    http_client: TestClient, settings: Settings
+) -> None:
+    store = http_client.app.state.store  # type: ignore[attr-defined]
+    fingerprint = load_split("digits", "train", allowed_roots=settings.data_roots).fingerprint
+    model_dir = store.models_dir() / "clash-stored"
+    model_dir.mkdir(parents=True)
+    record = {"params": _pretrain_params(), "dataset_fingerprint": fingerprint}
+    (model_dir / "layerbank.json").write_text(json.dumps(record))
+
+    same = http_client.post("/v1/pretrain", json={"name": "clash-stored"})
+    assert same.status_code == 200, same.text
+    assert same.json()["status"] == "complete"
+
+    response = http_client.post(
+        "/v1/pretrain", json={"name": "clash-stored", "steps": 500, "n_layer": 2}
+    )
+    assert response.status_code == 422
+    detail = response.json()["detail"]
+    assert detail["field"] == "name"
+    assert "store:clash-stored already exists with different settings" in detail["message"]
+    assert "n_layer (stored 4, requested 2)" in detail["message"]
+    assert "steps (stored 1000, requested 500)" in detail["message"]
+    assert "batch_size" not in detail["message"]
+    assert "dataset_fingerprint" not in detail["message"]
+
+    # The same settings on dataset files that changed since the model was trained.
+    record["dataset_fingerprint"] = "stale"
+    (model_dir / "layerbank.json").write_text(json.dumps(record))
+    response = http_client.post("/v1/pretrain", json={"name": "clash-stored"})
+    assert response.status_code == 422
+    message = response.json()["detail"]["message"]
+    assert f"dataset_fingerprint (stored 'stale', requested {fingerprint!r})" in message
+    assert "steps" not in message
+
+
+def test_pretrain_clash_names_running_differences(
+    http_client: TestClient, settings: Settings
+) -> None:
+    redis = Redis.from_url(settings.redis_url)
+    # Saved as queued but never enqueued, so no worker takes it.
+    rq_job = Job.create(
+        "workers.jobs.pretrain", args=("clash-running", _pretrain_params()), connection=redis
+    )
+    rq_job.save()
+    rq_job.set_status(JobStatus.QUEUED)
+    job_id = new_job_id()
+    save_job(redis, job_id, kind="pretrain", target="model-clash-running", rq_ids=[rq_job.id])
+    try:
+        response = http_client.post(
+            "/v1/pretrain", json={"name": "clash-running", "learning_rate": 0.01}
+        )
+    finally:
+        rq_job.delete()
+        redis.delete(f"layerbank:job:{job_id}", "layerbank:target:model-clash-running")
+        redis.close()
+
+    assert response.status_code == 422
+    message = response.json()["detail"]["message"]
+    assert f"store:clash-running is being pretrained by job {job_id}" in message
+    assert "learning_rate (running 0.001, requested 0.01)" in message
+    assert "steps" not in message
