@@ -1,6 +1,7 @@
 """``layerbank keys``: create, list and revoke API keys in the Redis at REDIS_URL.
 
-An ApiKeyError (invalid name or scope, unknown key) reaches the root command group in
+An invalid --scope is a usage error, which exits with code 2 like other invalid option values.
+An ApiKeyError (invalid or taken name, unknown key) reaches the root command group in
 `service.cli`, which prints its message as one line on stderr and exits with code 1.
 """
 
@@ -30,10 +31,18 @@ def _key_store() -> KeyStore:
     return KeyStore(Redis.from_url(load_settings().redis_url))
 
 
+def _check_scope(scope: str) -> str:
+    if scope not in SCOPES:
+        raise typer.BadParameter(f"{scope!r} is not a scope; choose one of {', '.join(SCOPES)}")
+    return scope
+
+
 @keys_app.command("create")
 def create_key(
     name: Annotated[str, typer.Option(help="unique key name: letters, digits, '.', '_', '-'")],
-    scope: Annotated[str, typer.Option(help=f"one of {', '.join(SCOPES)}")] = "read",
+    scope: Annotated[
+        str, typer.Option(callback=_check_scope, help=f"one of {', '.join(SCOPES)}")
+    ] = "read",
 ) -> None:
     """Create a key and print it once; only a salted hash is stored."""
     key = _key_store().create(name, scope)

@@ -406,6 +406,20 @@ def test_keys_create_invalid_name_one_line(
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_keys_create_unknown_scope_exit_two(
+    redis_server: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    result = runner.invoke(app, ["keys", "create", "--name", "scope-test", "--scope", "superuser"])
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    # Rich draws the usage error in a box and wraps it, so compare the words only.
+    words = " ".join(result.stderr.replace("\u2502", " ").split())
+    assert "Invalid value for '--scope'" in words
+    assert "'superuser' is not a scope; choose one of read, write, admin" in words
+    assert "Traceback" not in result.stderr
+
+
 def test_keys_create_subprocess_no_traceback(redis_server: Any) -> None:
     result = subprocess.run(
         [sys.executable, "-m", "service.cli", "keys", "create", "--name", "bad name"],
