@@ -159,7 +159,7 @@ def demo(
     import httpx
 
     from service.client import Client, ClientError
-    from service.demo import run_demo
+    from service.demo import embedded_stack_address, run_demo
     from service.launcher import (
         WORKER_STOP_TIMEOUT,
         stop_process,
@@ -180,18 +180,27 @@ def demo(
         err.print(f"{url} answers, but not as a layerbank API; pass --url with a free port")
         raise typer.Exit(1)
     if health is None:
-        port = url.rsplit(":", 1)[-1].strip("/")
-        console.print(f"no API at {url}: starting the embedded stack (layerbank up)")
+        try:
+            host, port = embedded_stack_address(url)
+        except ValueError as exc:
+            client.close()
+            err.print(
+                f"no API at {url}, and the embedded stack cannot start there: {exc}",
+                markup=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(2) from None
+        console.print(f"no API at {url}: starting the embedded stack (layerbank up)", markup=False)
         output.mkdir(parents=True, exist_ok=True)
         stack_log = output / "stack.log"
         with stack_log.open("ab") as log:
             stack = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "up", "--port", port],
+                [sys.executable, "-m", "service.cli", "up", "--host", host, "--port", str(port)],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
         try:
-            wait_for_http(f"{url}/healthz", timeout=90)
+            wait_for_http(f"{url.rstrip('/')}/healthz", timeout=90)
             if stack.poll() is not None:
                 raise TimeoutError("layerbank up exited")
         except TimeoutError:

@@ -5,10 +5,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from rich.console import Console
 from rich.table import Table
 
+from service.auth import is_loopback
 from service.client import Client
 
 DEMO_MODEL = "digits-igpt"
@@ -24,6 +26,46 @@ DEMO_PRETRAIN = {
     "learning_rate": 1e-3,
 }
 DEMO_PROBE_PARAMS = {"C": [0.01, 0.1, 1, 10, 100]}
+
+
+def embedded_stack_address(url: str) -> tuple[str, int]:
+    """Return the host and port that `layerbank up` must bind for the API to be at ``url``.
+
+    Raises ValueError, with a message that explains how to fix ``url``, when the embedded stack
+    cannot serve it: it speaks plain HTTP at the root path, and the demo binds it only to a
+    loopback address.
+    """
+    parts = urlsplit(url)
+    if parts.scheme != "http" or not parts.hostname:
+        raise ValueError(
+            "the embedded stack serves plain HTTP; give --url as http://127.0.0.1:PORT"
+        )
+    invalid_port = f"the port in {parts.netloc!r} is not a number from 1 to 65535"
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError(invalid_port) from None
+    if port is None:
+        raise ValueError(
+            "the URL has no port, and the embedded stack needs one; add :PORT, e.g. "
+            f"--url http://{parts.netloc}:8000"
+        )
+    if port == 0:
+        raise ValueError(invalid_port)
+    if not is_loopback(parts.hostname):
+        raise ValueError(
+            "the demo starts the embedded stack only on a loopback address, not "
+            f"{parts.hostname!r}; use --url http://127.0.0.1:{port}, or start the API on that "
+            "host first"
+        )
+    rest = urlunsplit(("", "", parts.path, parts.query, parts.fragment))
+    if rest not in ("", "/"):
+        raise ValueError(
+            f"the embedded stack serves the API at the root path; remove {rest!r} from --url"
+        )
+    # Bind the address itself, not whichever one the name localhost resolves to first.
+    host = "127.0.0.1" if parts.hostname == "localhost" else parts.hostname
+    return host, port
 
 
 def _progress_printer(console: Console, label: str) -> Any:

@@ -1,11 +1,16 @@
-"""The demo's whole path through the REST API, with a short pretraining."""
+"""The demo's whole path through the REST API, with a short pretraining, and its --url checks."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+import httpx
+import pytest
 from rich.console import Console
+from typer.testing import CliRunner
+
+from service.demo import embedded_stack_address
 
 
 def test_demo_runs_and_writes_pictures(client: Any, tmp_path: Path) -> None:
@@ -35,3 +40,66 @@ def test_demo_second_run_reuses_everything(client: Any, tmp_path: Path) -> None:
     assert second["featuresets"] == first["featuresets"]
     assert second["probes"] == first["probes"]
     assert "already in the store: reused" in (tmp_path / "out.txt").read_text()
+
+
+@pytest.mark.parametrize(
+    ("url", "address"),
+    [
+        ("http://127.0.0.1:8000", ("127.0.0.1", 8000)),
+        ("http://127.0.0.1:8123/", ("127.0.0.1", 8123)),
+        ("http://localhost:9000", ("127.0.0.1", 9000)),
+        ("http://[::1]:8001", ("::1", 8001)),
+    ],
+)
+def test_stack_address_valid_url(url: str, address: tuple[str, int]) -> None:
+    assert embedded_stack_address(url) == address
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (
+            "http://127.0.0.1",
+            "has no port, and the embedded stack needs one; add :PORT, e.g. "
+            "--url http://127.0.0.1:8000",
+        ),
+        ("http://localhost/", "has no port"),
+        ("https://127.0.0.1:8000", "serves plain HTTP"),
+        ("127.0.0.1:8000", "serves plain HTTP"),
+        ("http://127.0.0.1:99999", "'127.0.0.1:99999' is not a number from 1 to 65535"),
+        ("http://127.0.0.1:port", "'127.0.0.1:port' is not a number from 1 to 65535"),
+        ("http://127.0.0.1:0", "'127.0.0.1:0' is not a number from 1 to 65535"),
+        ("http://10.1.2.3:8000", "only on a loopback address, not '10.1.2.3'"),
+        ("http://127.0.0.1:8000/api", "remove '/api' from --url"),
+    ],
+)
+def test_stack_address_invalid_url(url: str, message: str) -> None:
+    with pytest.raises(ValueError) as raised:
+        embedded_stack_address(url)
+    assert message in str(raised.value)
+
+
+def test_demo_url_without_port_exit_two(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The demo rejects the URL before it starts a stack when no API responds there."""
+    from service import cli, launcher
+    from service.client import Client
+
+    def no_api(self: Client) -> dict[str, Any]:
+        raise httpx.ConnectError("connection refused")
+
+    def no_stack(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError(f"the demo started a process: {args}")
+
+    # The demo would install a SIGTERM handler in the pytest process.
+    monkeypatch.setattr(launcher, "terminate_on_sigterm", lambda: None)
+    monkeypatch.setattr(Client, "health", no_api)
+    monkeypatch.setattr(cli.subprocess, "Popen", no_stack)
+    result = CliRunner().invoke(
+        cli.app,
+        ["demo", "--url", "http://127.0.0.1", "--output", str(tmp_path / "out")],
+        catch_exceptions=False,
+    )
+    assert result.exit_code == 2
+    assert "no API at http://127.0.0.1" in result.stderr
+    assert "add :PORT" in result.stderr
+    assert not (tmp_path / "out").exists()
