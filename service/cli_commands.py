@@ -18,6 +18,7 @@ from typing import Annotated, Any
 
 import httpx
 import typer
+from rich import box
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -461,31 +462,20 @@ def _print_job(state: dict[str, Any]) -> None:
 
 
 def _print_featureset_list(data: list[dict[str, Any]]) -> None:
-    table = Table(title=f"{len(data)} feature sets", title_justify="left")
+    # Two lines per feature set, so the table fits an 80-column terminal without splitting ids.
+    table = Table(title=f"{len(data)} feature sets", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("id", no_wrap=True)
-    for column in (
-        "status",
-        "model",
-        "dataset/split",
-        "layers",
-        "pooling",
-        "items",
-        "dim",
-        "progress",
-    ):
-        table.add_column(column, overflow="fold")
+    table.add_column("status", no_wrap=True)
+    table.add_column("model\ndataset/split", overflow="fold")
+    table.add_column("layers x items x dim\npooling, blocks", no_wrap=True)
     for fs in data:
         spec, progress = fs["spec"], fs["progress"]
         table.add_row(
             fs["featureset_id"],
             _status_text(fs["status"]),
-            str(spec.get("model")),
-            f"{spec.get('dataset')}/{spec.get('split')}",
-            str(fs["shape"][0]),
-            str(spec.get("pooling")),
-            str(fs["n_items"]),
-            str(fs["dim"]),
-            f"{progress['blocks_done']}/{progress['blocks_total']} blocks",
+            f"{spec.get('model')}\n{spec.get('dataset')}/{spec.get('split')}",
+            f"{fs['shape'][0]} x {fs['n_items']} x {fs['dim']}\n"
+            f"{spec.get('pooling')}, {progress['blocks_done']}/{progress['blocks_total']} blocks",
         )
     console.print(table)
 
@@ -522,22 +512,21 @@ def _print_featureset(fs: dict[str, Any]) -> None:
 
 
 def _print_probe_list(data: list[dict[str, Any]]) -> None:
-    table = Table(title=f"{len(data)} probe results", title_justify="left")
+    table = Table(title=f"{len(data)} probe results", title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("id", no_wrap=True)
-    for column in ("status", "kinds", "train", "test", "best layer (test acc)"):
-        table.add_column(column, overflow="fold")
+    table.add_column("status", no_wrap=True)
+    table.add_column("train / test", no_wrap=True)
+    table.add_column("best layer (test acc)", overflow="fold")
     for result in data:
         spec = result["spec"]
-        best = ", ".join(
+        best = "\n".join(
             f"{kind}: {b['layer']} ({b['test_accuracy']:.3f})" for kind, b in result["best"].items()
         )
         table.add_row(
             result["probe_id"],
             _status_text(result["status"]),
-            ",".join(spec.get("kinds", [])),
-            spec.get("train_featureset", ""),
-            spec.get("test_featureset", ""),
-            best or "-",
+            f"{spec.get('train_featureset', '')}\n{spec.get('test_featureset', '')}",
+            best or ",".join(spec.get("kinds", [])) + ": -",
         )
     console.print(table)
 

@@ -286,10 +286,26 @@ def test_featuresets_list_json(api_url: str, cli_featuresets: dict[str, str]) ->
     assert cli_featuresets["test"] in ids
 
 
-def test_featuresets_table_lists_ids(api_url: str, cli_featuresets: dict[str, str]) -> None:
+def test_featuresets_table_fits_80_columns(
+    api_url: str, cli_featuresets: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
     result = run_cli(api_url, "featuresets")
     assert result.exit_code == 0
     assert cli_featuresets["train"] in result.stdout
+    assert " complete " in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+
+
+def test_probes_table_fits_80_columns(
+    api_url: str, cli_probe: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "80")
+    result = run_cli(api_url, "probes")
+    assert result.exit_code == 0
+    assert cli_probe["probe_id"] in result.stdout
+    assert " complete " in result.stdout
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
 
 
 def test_featuresets_one_shows_layer_map(api_url: str, cli_featuresets: dict[str, str]) -> None:
