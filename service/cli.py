@@ -195,7 +195,17 @@ def demo(
         stack_log = output / "stack.log"
         with stack_log.open("ab") as log:
             stack = subprocess.Popen(
-                [sys.executable, "-m", "service.cli", "up", "--host", host, "--port", str(port)],
+                [
+                    sys.executable,
+                    "-P",
+                    "-m",
+                    "service.cli",
+                    "up",
+                    "--host",
+                    host,
+                    "--port",
+                    str(port),
+                ],
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )

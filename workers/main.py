@@ -14,6 +14,9 @@ import socket
 from redis import Redis
 from rq import Queue
 
+# The job functions are imported here rather than by the first job, so a worker whose
+# imports are broken fails at start-up instead of failing every job.
+import workers.jobs  # noqa: F401
 from store.logs import add_log_level_argument, configure_logging
 from store.settings import SettingsError, get_settings
 from workers.heartbeat import DEFAULT_HEARTBEAT_INTERVAL, HeartbeatWorker

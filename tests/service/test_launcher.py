@@ -101,3 +101,18 @@ def test_up_group_sigterm_stops_workers_first(tmp_path: Path) -> None:
     assert "Traceback" not in worker_log, worker_log
     assert "ConnectionError" not in worker_log, worker_log
     assert "retrying" not in worker_log, worker_log
+
+
+def test_worker_starts_beside_store_folder(
+    redis_server: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.launcher import start_worker
+
+    # A data folder named like a package, in the directory the stack starts from.
+    (tmp_path / "store" / "featuresets").mkdir(parents=True)
+    (tmp_path / "workers").mkdir()
+    monkeypatch.chdir(tmp_path)
+    url = redis_server.url.rsplit("/", 1)[0] + "/11"
+    log = tmp_path / "worker.log"
+    process = start_worker(url, burst=True, log_file=log, name="beside-store")
+    assert process.wait(timeout=120) == 0, log.read_text()
