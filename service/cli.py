@@ -185,7 +185,7 @@ def demo(
         except ValueError as exc:
             client.close()
             err.print(
-                f"no API at {url}, and the embedded stack cannot start there: {exc}",
+                f"error: no API at {url}, and the embedded stack cannot start there: {exc}",
                 markup=False,
                 soft_wrap=True,
             )

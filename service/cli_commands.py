@@ -338,7 +338,7 @@ def _describe(exc: ClientError) -> str:
         message = "invalid request: " + "; ".join(parts)
     else:
         message = str(detail) if detail else "no detail"
-    return f"HTTP {exc.status_code}: {message}"
+    return f"HTTP {exc.status_code}: {message}" if exc.status_code >= 400 else message
 
 
 def _exit_if_failed(state: dict[str, Any] | None) -> None:

@@ -27,7 +27,8 @@ class ClientError(Exception):
         self.status_code = status_code
         self.detail = detail
         message = detail.get("message") if isinstance(detail, dict) else detail
-        super().__init__(f"HTTP {status_code}: {message}")
+        # A body that ended early follows a success status, which would only mislead.
+        super().__init__(f"HTTP {status_code}: {message}" if status_code >= 400 else str(message))
 
 
 class JobFailedError(ClientError):

@@ -264,6 +264,14 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
             "field": None,
             "value": None,
         }
+    elif kind == "extraction" and featureset is None:
+        status = "failed"
+        error = {
+            "message": f"feature set {record['target']!r} of this job no longer exists (it was "
+            "deleted); send the same POST /v1/extractions again to extract it again",
+            "field": "featureset_id",
+            "value": record["target"],
+        }
     elif kind == "extraction" and statuses and all(s == JobStatus.FINISHED for s in statuses):
         # Every rq job ended, yet blocks are missing: fsck with repair cleared damaged blocks.
         status = "failed"

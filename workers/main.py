@@ -7,6 +7,7 @@ process, never in a fork, so a model loaded once (and a CUDA context) is reused 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import socket
@@ -14,14 +15,15 @@ import socket
 from redis import Redis
 from rq import Queue
 
-# The job functions are imported here rather than by the first job, so a worker whose
-# imports are broken fails at start-up instead of failing every job.
-import workers.jobs  # noqa: F401
 from store.logs import add_log_level_argument, configure_logging
 from store.settings import SettingsError, get_settings
 from workers.heartbeat import DEFAULT_HEARTBEAT_INTERVAL, HeartbeatWorker
 
 logger = logging.getLogger(__name__)
+
+# The job functions are imported at start-up rather than by the first job, so a worker whose
+# imports are broken fails at once instead of failing every job.
+importlib.import_module("workers.jobs")
 
 
 def run_worker(

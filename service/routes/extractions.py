@@ -166,7 +166,8 @@ def create_extraction(
 
 def _raise_if_pretraining(redis: Redis, store: Store, model: str) -> None:
     """Raise NotReadyError when ``model`` is ``store:<name>`` and a job still pretrains it."""
-    name = model.removeprefix("store:").partition("@step")[0]
+    model = model.strip()
+    name = model.removeprefix("store:").partition("@step")[0].strip()
     if not model.startswith("store:") or not name:
         return
     job_id = active_job_id(redis, f"model-{name}")

@@ -281,6 +281,10 @@ def test_extract_model_still_pretraining_is_409(
                 "/v1/extractions",
                 json={"model": "store:queued-model", "dataset": "digits", "split": "test"},
             )
+            spaced = client.post(
+                "/v1/extractions",
+                json={"model": "store:queued-model ", "dataset": "digits", "split": "test"},
+            )
             unknown = client.post(
                 "/v1/extractions",
                 json={"model": "store:never-made", "dataset": "digits", "split": "test"},
@@ -291,5 +295,6 @@ def test_extract_model_still_pretraining_is_409(
     detail = response.json()["detail"]
     assert detail["field"] == "model"
     assert f"pretraining job {pretrain['job_id']!r} is queued" in detail["message"]
+    assert spaced.status_code == 409
     assert unknown.status_code == 422
     assert "pretrain it with POST /v1/pretrain first" in unknown.json()["detail"]["message"]

@@ -398,3 +398,14 @@ def test_resume_failed_probe_runs_it_again(
     again = wait_job(client, answer["job_id"])
     assert again is not None and again["status"] == "failed"
     assert len(Job.fetch(rq_id, connection=redis).results()) == runs_before + 1
+
+
+def test_job_of_deleted_featureset_says_deleted(client: Any) -> None:
+    answer = client.extract("pixels", "digits", "test", limit=23, seed=5)
+    state = wait_job(client, answer["job_id"])
+    assert state is not None and state["status"] == "finished", state
+    client.request("DELETE", f"/v1/featuresets/{answer['featureset_id']}")
+    after = client.job(answer["job_id"])
+    assert after["status"] == "failed"
+    assert "no longer exists (it was deleted)" in after["error"]["message"]
+    assert "POST /v1/extractions again" in after["error"]["message"]

@@ -198,6 +198,7 @@ def test_api_stream_damaged_later_block_raises(api_url: str, stack_dirs: dict[st
         with pytest.raises(ClientError) as caught:
             client.layer_array(featureset.id, 0)
         assert "ended early" in str(caught.value)
+        assert not str(caught.value).startswith("HTTP 200")
         assert f"layerbank fsck {featureset.id}" in str(caught.value)
         # The same client still reads an intact layer range afterwards.
         np.testing.assert_array_equal(

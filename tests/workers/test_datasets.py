@@ -507,6 +507,16 @@ def test_npz_label_far_above_class_count_rejected(tmp_path: Path) -> None:
         load_split(f"npz:{path}", "all")
 
 
+def test_npz_uint64_label_above_int64_rejected(tmp_path: Path) -> None:
+    labels = balanced_labels(4, 2).astype(np.uint64)
+    labels[2] = 2**63 + 5
+    path = write_npz(tmp_path / "d.npz", images=random_images(4), labels=labels)
+    with pytest.raises(
+        DatasetError, match=r"item 2 .* has the label 9223372036854775813, too large"
+    ):
+        load_split(f"npz:{path}", "all")
+
+
 def test_npz_fractional_label_is_rejected(tmp_path: Path) -> None:
     path = write_npz(tmp_path / "d.npz", images=random_images(3), labels=np.array([0.0, 1.0, 1.5]))
     with pytest.raises(DatasetError, match="item 2 .* not an integer"):

@@ -440,6 +440,12 @@ def _checked_labels(raw: SourceSplit, dataset: str, where: str) -> tuple[np.ndar
         bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
         if bad.size:
             raise fail(int(bad[0]), f"has the label {values[bad[0]]!r}, not an integer")
+    if values.dtype.kind in "uf":
+        huge = np.flatnonzero(values > np.iinfo(np.int64).max)
+        if huge.size:
+            raise fail(
+                int(huge[0]), f"has the label {values[huge[0]]}, too large for a class index"
+            )
     labels = values.astype(np.int64)
     negative = np.flatnonzero(labels < 0)
     if negative.size:
