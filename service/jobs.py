@@ -300,6 +300,15 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
     }
 
 
+def busy_job(redis: Redis, store: Store, target: str) -> tuple[str, str] | None:
+    """Return (job id, status) of the job of ``target`` while it is queued or running, else None."""
+    job_id = active_job_id(redis, target)
+    if job_id is None:
+        return None
+    state = job_state(redis, store, job_id)["status"]
+    return (job_id, state) if state in ("queued", "running") else None
+
+
 def _release_abandoned(redis: Redis, rq_jobs: list[Job | None]) -> bool:
     """Let rq retry or fail the started jobs whose worker stopped sending heartbeats.
 

@@ -9,7 +9,7 @@ from redis import Redis
 
 from service.auth import JobQuotaDep, LimitExceededError, check_extraction_size
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
-from service.jobs import active_job_id, enqueue_extraction, job_state, target_lock
+from service.jobs import active_job_id, busy_job, enqueue_extraction, job_state, target_lock
 from service.schemas import ExtractionCreate, ExtractionPublic
 from store import FeatureSetSpec, NotReadyError, Store, create_featureset
 from store.settings import Settings
@@ -170,11 +170,9 @@ def _raise_if_pretraining(redis: Redis, store: Store, model: str) -> None:
     name = model.removeprefix("store:").partition("@step")[0].strip()
     if not model.startswith("store:") or not name:
         return
-    job_id = active_job_id(redis, f"model-{name}")
-    if job_id is None:
-        return
-    state = job_state(redis, store, job_id)["status"]
-    if state in ("queued", "running"):
+    busy = busy_job(redis, store, f"model-{name}")
+    if busy is not None:
+        job_id, state = busy
         raise NotReadyError(
             f"model {model!r} is not ready: its pretraining job {job_id!r} is {state}; wait for "
             f"the job to finish (GET /v1/jobs/{job_id}), then send this request again",

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.auth import requires_scope
 from service.deps import RedisDep, SettingsDep, StoreDep
-from service.jobs import active_job_id, job_state, target_lock
+from service.jobs import busy_job, target_lock
 from service.schemas import FeatureSetPublic, FeatureSetsPublic
 from store import FeatureSet, NotReadyError, Store, check_id
 from store.settings import Settings
@@ -142,13 +142,10 @@ def delete_featureset(featureset_id: str, store: StoreDep, redis: RedisDep) -> R
     check_id(featureset_id, field="featureset_id")
     with target_lock(redis, featureset_id):
         store.featureset(featureset_id)
-        job_id = active_job_id(redis, featureset_id)
-        if job_id is not None and job_state(redis, store, job_id)["status"] in (
-            "queued",
-            "running",
-        ):
+        busy = busy_job(redis, store, featureset_id)
+        if busy is not None:
             raise NotReadyError(
-                f"feature set {featureset_id!r} is still being written by job {job_id!r}; wait "
+                f"feature set {featureset_id!r} is still being written by job {busy[0]!r}; wait "
                 "for the job to finish or fail, then delete it",
                 field="featureset_id",
                 value=featureset_id,
@@ -169,11 +166,9 @@ def _check_not_computing(
 ) -> None:
     """Raise NotReadyError while a job still computes ``<kind>/<result_id>`` from the feature
     set: deleting the set under it would fail the job halfway."""
-    job_id = active_job_id(redis, result_id)
-    if job_id is None:
-        return
-    state = job_state(redis, store, job_id)["status"]
-    if state in ("queued", "running"):
+    busy = busy_job(redis, store, result_id)
+    if busy is not None:
+        job_id, state = busy
         raise NotReadyError(
             f"feature set {featureset_id!r} is read by {kind.removesuffix('s')} {result_id!r}, "
             f"whose job {job_id!r} is {state}; wait for the job to finish or fail, then delete "

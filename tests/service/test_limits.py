@@ -223,13 +223,9 @@ def test_delete_featureset_unknown(limits: tuple[TestClient, dict[str, str]]) ->
     assert response.status_code == 404
 
 
-def test_delete_featureset_while_probe_queued(
-    settings: Settings, redis_server: Any, tmp_path: Path
-) -> None:
-    from tests.store.test_read_path import _complete_featureset
-
-    train, _ = _complete_featureset(tmp_path / "store")
-    test, _ = _complete_featureset(tmp_path / "store")
+@pytest.fixture()
+def workerless(settings: Settings, redis_server: Any, tmp_path: Path) -> Iterator[TestClient]:
+    """A client of an app on a Redis database no worker reads, with a store of its own."""
     fresh = Redis.from_url(_redis_url(redis_server, FRESH_DB))
     fresh.flushdb()
     app = create_app(
@@ -242,14 +238,23 @@ def test_delete_featureset_while_probe_queued(
     )
     try:
         with TestClient(app) as client:
-            probe = client.post(
-                "/v1/probes",
-                json={"train_featureset": train.id, "test_featureset": test.id, "kind": "knn"},
-            ).json()
-            response = client.delete(f"/v1/featuresets/{test.id}")
-            after = client.get(f"/v1/probes/{probe['probe_id']}")
+            yield client
     finally:
         fresh.flushdb()
+        fresh.close()
+
+
+def test_delete_featureset_while_probe_queued(workerless: TestClient, tmp_path: Path) -> None:
+    from tests.store.test_read_path import _complete_featureset
+
+    train, _ = _complete_featureset(tmp_path / "store")
+    test, _ = _complete_featureset(tmp_path / "store")
+    probe = workerless.post(
+        "/v1/probes",
+        json={"train_featureset": train.id, "test_featureset": test.id, "kind": "knn"},
+    ).json()
+    response = workerless.delete(f"/v1/featuresets/{test.id}")
+    after = workerless.get(f"/v1/probes/{probe['probe_id']}")
     assert response.status_code == 409
     detail = response.json()["detail"]
     assert detail["field"] == "featureset_id"
@@ -258,39 +263,23 @@ def test_delete_featureset_while_probe_queued(
     assert after.status_code == 200
 
 
-def test_extract_model_still_pretraining_is_409(
-    settings: Settings, redis_server: Any, tmp_path: Path
-) -> None:
-    fresh = Redis.from_url(_redis_url(redis_server, FRESH_DB))
-    fresh.flushdb()
-    app = create_app(
-        settings.model_copy(
-            update={
-                "store": str(tmp_path / "store"),
-                "redis_url": _redis_url(redis_server, FRESH_DB),
-            }
-        )
+def test_extract_model_still_pretraining_is_409(workerless: TestClient) -> None:
+    pretrain = workerless.post(
+        "/v1/pretrain",
+        json={"name": "queued-model", "n_layer": 1, "n_embd": 16, "n_head": 2, "steps": 3},
+    ).json()
+    response = workerless.post(
+        "/v1/extractions",
+        json={"model": "store:queued-model", "dataset": "digits", "split": "test"},
     )
-    try:
-        with TestClient(app) as client:
-            pretrain = client.post(
-                "/v1/pretrain",
-                json={"name": "queued-model", "n_layer": 1, "n_embd": 16, "n_head": 2, "steps": 3},
-            ).json()
-            response = client.post(
-                "/v1/extractions",
-                json={"model": "store:queued-model", "dataset": "digits", "split": "test"},
-            )
-            spaced = client.post(
-                "/v1/extractions",
-                json={"model": "store:queued-model ", "dataset": "digits", "split": "test"},
-            )
-            unknown = client.post(
-                "/v1/extractions",
-                json={"model": "store:never-made", "dataset": "digits", "split": "test"},
-            )
-    finally:
-        fresh.flushdb()
+    spaced = workerless.post(
+        "/v1/extractions",
+        json={"model": "store:queued-model ", "dataset": "digits", "split": "test"},
+    )
+    unknown = workerless.post(
+        "/v1/extractions",
+        json={"model": "store:never-made", "dataset": "digits", "split": "test"},
+    )
     assert response.status_code == 409
     detail = response.json()["detail"]
     assert detail["field"] == "model"
