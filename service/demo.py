@@ -69,14 +69,17 @@ def embedded_stack_address(url: str) -> tuple[str, int]:
 
 
 def _progress_printer(console: Console, label: str) -> Any:
-    last = {"text": ""}
+    """Return a callback that prints a job's progress when its status changes or it passes
+    another tenth of the total, so a 1,000-step pretraining prints about ten lines."""
+    last: dict[str, Any] = {"status": None, "tenth": None}
 
     def show(state: dict[str, Any]) -> None:
         progress = state["progress"]
-        text = f"{label}: {state['status']} {progress['done']}/{progress['total']}"
-        if text != last["text"]:
-            console.print(f"  {text}")
-            last["text"] = text
+        total = max(1, int(progress["total"]))
+        tenth = min(10, int(progress["done"]) * 10 // total)
+        if (state["status"], tenth) != (last["status"], last["tenth"]):
+            console.print(f"  {label}: {state['status']} {progress['done']}/{progress['total']}")
+            last.update(status=state["status"], tenth=tenth)
 
     return show
 

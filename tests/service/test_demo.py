@@ -103,3 +103,24 @@ def test_demo_url_without_port_exit_two(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert "no API at http://127.0.0.1" in result.stderr
     assert "add :PORT" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_progress_printer_prints_tenths() -> None:
+    import io
+
+    from rich.console import Console
+
+    from service.demo import _progress_printer
+
+    output = io.StringIO()
+    show = _progress_printer(Console(file=output, width=120), "pretrain")
+    show({"status": "queued", "progress": {"done": 0, "total": 1000}})
+    for done in range(1001):
+        show({"status": "running", "progress": {"done": done, "total": 1000}})
+    show({"status": "finished", "progress": {"done": 1000, "total": 1000}})
+    lines = output.getvalue().splitlines()
+    assert lines[0] == "  pretrain: queued 0/1000"
+    assert lines[1] == "  pretrain: running 0/1000"
+    assert lines[-2] == "  pretrain: running 1000/1000"
+    assert lines[-1] == "  pretrain: finished 1000/1000"
+    assert len(lines) == 13
