@@ -51,7 +51,13 @@ from service.routes import (
 )
 from store import DamagedChunkError, InvalidIdError, NotFoundError, NotReadyError, Store, StoreError
 from store.settings import Settings, get_settings
-from workers.errors import DatasetError, ModelError, PathNotAllowedError, WorkersError
+from workers.errors import (
+    BusyError,
+    DatasetError,
+    ModelError,
+    PathNotAllowedError,
+    WorkersError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +65,7 @@ logger = logging.getLogger(__name__)
 STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
     # Stored data is damaged: the server's fault, not the request's.
     (DamagedChunkError, 500),
+    (BusyError, 503),
     (PathNotAllowedError, 403),
     (LimitExceededError, 413),
     (JobQuotaError, 429),
@@ -84,9 +91,10 @@ def error_body(exc: StoreError | WorkersError) -> dict[str, Any]:
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, (StoreError, WorkersError))
     code = next(code for cls, code in STATUS_BY_ERROR if isinstance(exc, cls))
-    level = logging.ERROR if code >= 500 else logging.INFO
+    level = logging.ERROR if code >= 500 and code != 503 else logging.INFO
     logger.log(level, "%s %s -> %d: %s", request.method, request.url.path, code, exc.message)
-    return JSONResponse(error_body(exc), status_code=code)
+    headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, BusyError) else None
+    return JSONResponse(error_body(exc), status_code=code, headers=headers)
 
 
 async def _redis_error(request: Request, exc: Exception) -> JSONResponse:

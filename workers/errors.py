@@ -53,3 +53,9 @@ class ProbeError(WorkersError):
 
 class PathNotAllowedError(WorkersError):
     """Raised when a path resolves outside the configured roots."""
+
+
+class BusyError(WorkersError):
+    """Raised when a request needs a resource that other requests are using; retry later."""
+
+    retry_after = 30

@@ -168,3 +168,19 @@ def test_pretrain_clash_names_running_differences(
     assert f"store:clash-running is being pretrained by job {job_id}" in message
     assert "learning_rate (running 0.001, requested 0.01)" in message
     assert "steps" not in message
+
+
+def test_busy_error_is_503_with_retry_after() -> None:
+    import asyncio
+
+    from starlette.requests import Request
+
+    from service.app import _domain_error
+    from workers.errors import BusyError
+
+    request = Request({"type": "http", "method": "POST", "path": "/v1/extractions", "headers": []})
+    error = BusyError("dataset 'hf:x': busy; retry in a minute", field="dataset", value="hf:x")
+    response = asyncio.run(_domain_error(request, error))
+    assert response.status_code == 503
+    assert response.headers["retry-after"] == "30"
+    assert b"retry in a minute" in response.body

@@ -992,6 +992,47 @@ def test_hub_failure_remembered_for_a_while(monkeypatch: pytest.MonkeyPatch) -> 
     assert calls == ["train", "test", "train"]
 
 
+def test_hub_loads_bounded_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from workers.errors import BusyError
+
+    datasets = pytest.importorskip("datasets", reason="the Hugging Face datasets package is absent")
+    started = threading.Semaphore(0)
+    release = threading.Event()
+
+    def load_dataset(path: str, config_name: str | None, *, split: str) -> Any:
+        started.release()
+        release.wait(30)
+        raise ConnectionError("offline")
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    reference = f"hf:layerbank-tests/slow-{uuid.uuid4().hex[:8]}"
+    errors: list[Exception] = []
+
+    def load(split: str) -> None:
+        try:
+            load_split(reference, split)
+        except DatasetError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=load, args=(split,)) for split in ("train", "test")]
+    for thread in threads:
+        thread.start()
+        assert started.acquire(timeout=30)
+    try:
+        with pytest.raises(BusyError, match="already loading this split"):
+            load_split(reference, "train")
+        with pytest.raises(BusyError, match="already loading 2 Hub datasets"):
+            load_split(reference, "validation")
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(30)
+    assert len(errors) == 2
+    assert all(not isinstance(error, BusyError) for error in errors)
+
+
 def test_changed_file_is_read_again(tmp_path: Path) -> None:
     path = write_npz(tmp_path / "d.npz", images=random_images(6), labels=balanced_labels(6, 2))
     before = load_split(f"npz:{path}", "all")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,7 +27,7 @@ from PIL import Image
 from workers.datasets.images import stack_images, to_rgb_uint8
 from workers.datasets.paths import FileStamp, stamp_tree
 from workers.datasets.source import SourceSplit
-from workers.errors import DatasetError
+from workers.errors import BusyError, DatasetError
 
 __all__ = ["HubSource", "SavedSource", "parse_hub_name"]
 
@@ -40,6 +41,12 @@ _BATCH_ROWS = 256
 HUB_FAILURE_SECONDS = 60.0
 # (name, config, split) -> (time.monotonic() of the failure, the error), per process.
 _hub_failures: dict[tuple[str, str | None, str], tuple[float, DatasetError]] = {}
+# Hub loads one process runs at once. A load can take minutes (a first download) and holds
+# one of the API's request threads, so a second request for the same split, or one beyond
+# this many, gets BusyError (503 in the API) instead of another thread.
+HUB_LOADS_AT_ONCE = 2
+_hub_loads: set[tuple[str, str | None, str]] = set()
+_hub_loads_lock = threading.Lock()
 # A Hub dataset name: "name" or "owner/name", then an optional "/config".
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*){0,2}")
 
@@ -95,12 +102,25 @@ class HubSource:
         failed = _hub_failures.get(key)
         if failed is not None and time.monotonic() - failed[0] < HUB_FAILURE_SECONDS:
             raise failed[1]
+        with _hub_loads_lock:
+            if key in _hub_loads or len(_hub_loads) >= HUB_LOADS_AT_ONCE:
+                loading = "this split" if key in _hub_loads else f"{len(_hub_loads)} Hub datasets"
+                raise BusyError(
+                    f"dataset {self.reference!r}: this process is already loading {loading}; "
+                    "retry in a minute, when the load has finished or failed",
+                    field="dataset",
+                    value=self.reference,
+                )
+            _hub_loads.add(key)
         try:
             return self._read(split)
         except DatasetError as exc:
             if exc.field == "dataset":
                 _hub_failures[key] = (time.monotonic(), exc)
             raise
+        finally:
+            with _hub_loads_lock:
+                _hub_loads.discard(key)
 
     def _read(self, split: str) -> SourceSplit:
         datasets = _import_datasets(self.reference)
