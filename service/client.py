@@ -27,7 +27,7 @@ class ClientError(Exception):
         self.status_code = status_code
         self.detail = detail
         message = detail.get("message") if isinstance(detail, dict) else detail
-        # A body that ended early follows a success status, which would only mislead.
+        # A body that ended early came with a success status, and "HTTP 200" in front would mislead.
         super().__init__(f"HTTP {status_code}: {message}" if status_code >= 400 else str(message))
 
 

@@ -188,8 +188,8 @@ def start_worker(
     name: str | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start ``python -m workers.main`` as a child process."""
-    # -P keeps the current directory off sys.path: a data folder named store or workers there
-    # would otherwise hide the packages of the same name.
+    # -P keeps the current directory off sys.path, because a data folder named store or
+    # workers there would otherwise hide the packages of the same name.
     command = [sys.executable, "-P", "-m", "workers.main", "--redis-url", redis_url]
     if burst:
         command.append("--burst")

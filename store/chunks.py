@@ -11,9 +11,9 @@ both checksums and returns the rows without another copy. It read layers at abou
 speed of zarr's ``Array`` on the same files (6,861 against 1,250 MB/s, 2-core AMD EPYC, zarr
 3.1.6, ``OMP_NUM_THREADS=1 .venv/bin/python -m bench.store --skip api``).
 
-It only reads arrays with exactly that layout on a local directory; ``ShardReader.for_array``
-returns None for any other array (another store, compression, another codec chain), and the
-caller reads through zarr instead.
+It only reads arrays with exactly that layout in a local directory. For any other array
+(another store, compression, another codec chain) ``ShardReader.for_array`` returns None,
+so the caller reads through zarr instead.
 """
 
 from __future__ import annotations
@@ -150,14 +150,14 @@ class ShardReader:
             raise self._damaged(key, f"has a chunk of {length} bytes at offset {offset}")
         return int(offset)
 
-    def _damaged(self, key: str, what: str) -> DamagedChunkError:
-        return damaged_error(self.featureset_id, f"the stored object {key!r}", what)
+    def _damaged(self, key: str, problem: str) -> DamagedChunkError:
+        return damaged_error(self.featureset_id, f"the stored object {key!r}", problem)
 
 
-def damaged_error(featureset_id: str, subject: str, what: str) -> DamagedChunkError:
+def damaged_error(featureset_id: str, subject: str, problem: str) -> DamagedChunkError:
     """Build the error for damaged data of a complete feature set, with the way to repair it."""
     return DamagedChunkError(
-        f"{subject} of feature set {featureset_id!r} {what}; repair the feature set with "
+        f"{subject} of feature set {featureset_id!r} {problem}; repair the feature set with "
         f"GET /v1/featuresets/{featureset_id}/fsck?repair=true, then resume the job that "
         "extracted it",
         field="featureset_id",

@@ -382,8 +382,8 @@ class FeatureSet:
 
     def check_layer(self, layer: int, start: int | None = None, stop: int | None = None) -> None:
         """Raise DamagedChunkError when a chunk of rows [start, stop) of ``layer`` is missing
-        or truncated, from the shard indexes alone. Checksums are checked by the reads; with
-        a store other than a local directory this checks nothing."""
+        or truncated, from the shard indexes alone. The reads check the checksums. With a
+        store other than a local directory this checks nothing."""
         position = self.layer_position(layer)
         start, stop = self.check_rows(start, stop)
         if self._reader is None or start == stop:
@@ -402,12 +402,13 @@ class FeatureSet:
                 yield self._reader.read(position, block)[start - offset : piece_stop - offset]
             else:
                 piece = np.asarray(self.features[position, start:piece_stop, :])
-                # Blocks are written only when finite, so a NaN is a chunk zarr found missing.
+                # write_block accepts only finite values, so a NaN here is the fill value of a chunk
+                # that zarr found missing.
                 if not np.isfinite(piece).all():
                     raise damaged_error(
                         self.id,
                         f"block {block} at layer position {position}",
-                        "holds NaN, so a stored object is missing",
+                        "contains values that are not finite, so a stored object is missing",
                     )
                 yield piece
             start = piece_stop

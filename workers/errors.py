@@ -56,6 +56,7 @@ class PathNotAllowedError(WorkersError):
 
 
 class BusyError(WorkersError):
-    """Raised when a request needs a resource that other requests are using; retry later."""
+    """Raised when a request needs a resource that other requests are using, so the caller
+    should retry later."""
 
     retry_after = 30

@@ -165,7 +165,7 @@ def _check_not_computing(
     store: Store, redis: Redis, featureset_id: str, kind: str, result_id: str
 ) -> None:
     """Raise NotReadyError while a job still computes ``<kind>/<result_id>`` from the feature
-    set: deleting the set under it would fail the job halfway."""
+    set, because deleting the set under it would fail the job halfway."""
     busy = busy_job(redis, store, result_id)
     if busy is not None:
         job_id, state = busy
@@ -244,9 +244,9 @@ def _layer_stream(featureset: FeatureSet, layer: int, first: int, last: int) -> 
 
     async def body() -> AsyncIterator[bytes | memoryview]:
         yield header.getvalue()
-        # NOTE: a chunk that fails its checksum here ends the response early: the status line
-        # has been sent, so the client sees a body shorter than Content-Length, and
-        # service.client raises a ClientError for it.
+        # NOTE: a chunk that fails its checksum here ends the response early. The status line
+        # has been sent, so the client sees a body shorter than Content-Length (service.client
+        # raises a ClientError for it).
         pieces = featureset.iter_layer(layer, first, last)  # (rows, dim) per block
         # The next block is read in a thread while the current one is sent, so the transfer
         # overlaps the decoding. One read at a time: a generator is not thread-safe.

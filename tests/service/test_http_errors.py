@@ -1,4 +1,5 @@
-"""Error responses of the app: routing (404, 405), a failed job's error, pretrain name clashes."""
+"""Error responses of the app: routing (404, 405), a failed job's error, pretrain name clashes,
+and 503 with Retry-After when a resource is busy."""
 
 from __future__ import annotations
 

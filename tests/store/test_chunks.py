@@ -128,7 +128,7 @@ def _drop_chunk(featureset: FeatureSet) -> None:
 
 
 @pytest.mark.parametrize(
-    ("damage", "what"),
+    ("damage", "problem"),
     [
         (_flip("start", 7), "fails the checksum"),
         (_flip("end", 12), "index that fails its checksum"),
@@ -139,14 +139,14 @@ def _drop_chunk(featureset: FeatureSet) -> None:
     ],
     ids=["flipped-data", "flipped-index", "truncated", "cut-short", "deleted", "chunk-dropped"],
 )
-def test_damage_raises_not_fill_values(tmp_path: Path, damage: Any, what: str) -> None:
+def test_damage_raises_not_fill_values(tmp_path: Path, damage: Any, problem: str) -> None:
     featureset, _ = _complete_featureset(tmp_path / "store")
     damage(featureset)
     with pytest.raises(DamagedChunkError) as caught:
         for layer in featureset.layers:
             featureset.read_layer(layer)
     message = caught.value.message
-    assert what in message
+    assert problem in message
     assert "'features/c/0/1/0'" in message
     assert f"/v1/featuresets/{featureset.id}/fsck?repair=true" in message
     assert caught.value.field == "featureset_id"
@@ -220,7 +220,7 @@ def test_read_position_matches_zarr(tmp_path: Path) -> None:
         featureset.read_position(3)
 
 
-def test_probe_on_damaged_featureset_names_repair(tmp_path: Path) -> None:
+def test_probe_damaged_featureset_names_repair(tmp_path: Path) -> None:
     from workers.probes import fit_probes
 
     featureset, _ = _complete_featureset(tmp_path / "store")

@@ -982,7 +982,7 @@ def test_hub_failure_remembered_for_a_while(monkeypatch: pytest.MonkeyPatch) -> 
         with pytest.raises(DatasetError, match="fail at once for 60 s"):
             load_split(reference, "train")
     assert calls == ["train"]
-    # Another split is another load; a failure older than the window is tried again.
+    # Another split is another load. A failure older than the window is tried again.
     with pytest.raises(DatasetError):
         load_split(reference, "test")
     assert calls == ["train", "test"]

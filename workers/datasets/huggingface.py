@@ -35,15 +35,15 @@ _IMAGE_NAMES = ("img", "image")
 _LABEL_NAMES = ("label", "labels", "fine_label")
 _SINGLE_SPLIT = "all"
 _BATCH_ROWS = 256
-# Seconds for which a Hub dataset that failed to load fails again at once. On a machine without
-# Hub access each load waits about 23 s for the library's network timeouts, and every waiting
-# request holds one of the API's request threads.
+# Seconds for which a Hub dataset that failed to load fails again at once. Without Hub access
+# a load waited 24 s for the library's network timeouts on the 2-core development machine,
+# and every waiting request occupies one of the API's request threads.
 HUB_FAILURE_SECONDS = 60.0
 # (name, config, split) -> (time.monotonic() of the failure, the error), per process.
 _hub_failures: dict[tuple[str, str | None, str], tuple[float, DatasetError]] = {}
-# Hub loads one process runs at once. A load can take minutes (a first download) and holds
-# one of the API's request threads, so a second request for the same split, or one beyond
-# this many, gets BusyError (503 in the API) instead of another thread.
+# Max Hub loads that one process runs at once. A load can take minutes (a first download) and
+# occupies one of the API's request threads. So a second request for the same split, or one
+# beyond this many, gets BusyError (503 in the API) instead of another thread.
 HUB_LOADS_AT_ONCE = 2
 _hub_loads: set[tuple[str, str | None, str]] = set()
 _hub_loads_lock = threading.Lock()

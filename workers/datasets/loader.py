@@ -44,7 +44,7 @@ ACCEPTED_FORMS = (
 )
 # Loaded splits kept in memory, least recently used first out. CIFAR-10's train split is 150 MiB.
 CACHE_MAX_BYTES = 2 * 1024**3
-# Largest number of classes of a dataset without class names (ImageNet-21k has 21,841).
+# Largest number of classes of a dataset without class names (ImageNet-21k has about 22,000).
 MAX_CLASSES = 100_000
 
 

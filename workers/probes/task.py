@@ -150,8 +150,11 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
 def check_classes(
     y_train: np.ndarray, y_test: np.ndarray, train_name: str = "y_train", test_name: str = "y_test"
 ) -> np.ndarray:
-    """Return the sorted classes of ``y_train``; raise ProbeError unless there are at least two
-    and they include every class of ``y_test``. The names label the two in messages."""
+    """Return the sorted classes of ``y_train``.
+
+    Raises ProbeError unless there are at least two and they include every class of
+    ``y_test``. ``train_name`` and ``test_name`` name the two label sets in the messages.
+    """
     classes = np.unique(y_train)
     if len(classes) < 2:
         raise ProbeError(
