@@ -460,6 +460,13 @@ PRECONDITION = True
 # and large-C fits on digits needed twice scikit-learn's iterations; 0.1 was the best of
 # 0 to 0.3 on digits and on the synthetic benchmark.
 DAMPING = 0.1
+# Rows of the logit matmul below which a CPU pads it with zeros. On one thread of the 2-core
+# development machine, MKL multiplied 10 rows by 50,000 x 513 features in 18 ms and 16 rows
+# in 13 ms (best of 15).
+MIN_LOGIT_ROWS = 16
+# Items per block of the objective on a CPU. On the same machine, blocks of 4,096 made one
+# evaluation of 4 to 8 problems on 40,000 items 10-25% faster than all items at once.
+CPU_ROW_BLOCK = 4096
 # Fraction of the problems in the solver's working set below which it drops the finished ones.
 COMPACT_BELOW = 0.75
 
@@ -575,12 +582,44 @@ class _BatchedLogistic:
         n, rows = x.shape
         dim = rows - 1
         m, _, k = theta.shape
-        w = theta.to(x.dtype)
+        w = theta.to(x.dtype).transpose(1, 2).reshape(m * k, rows)
+        if m * k < MIN_LOGIT_ROWS and x.device.type == "cpu":
+            w = torch.cat([w, w.new_zeros(MIN_LOGIT_ROWS - m * k, rows)])
 
+        # On a CPU the items go in blocks, so that each block of features is read from
+        # memory once for both matmuls and the softmax works on data in cache.
+        block = CPU_ROW_BLOCK if x.device.type == "cpu" else n
+        nll = torch.zeros(m, dtype=torch.float64, device=x.device)
+        grad = torch.zeros(m * k, rows, dtype=torch.float64, device=x.device)
+        for first in range(0, n, block):
+            part_nll, part_grad = self._block_terms(
+                x[first : first + block], self.y[first : first + block], w, m, k
+            )
+            nll += part_nll
+            grad += part_grad
+        nll /= n
+        grad /= n
+        grad = grad.view(m, k, rows).transpose(1, 2)
+
+        pen = torch.as_tensor(penalty, device=theta.device)
+        weight = theta[:, :dim]
+        nll += pen * weight.pow(2).sum(dim=(1, 2))
+        grad[:, :dim] += (2.0 * pen)[:, None, None] * weight
+        return nll, grad
+
+    def _block_terms(
+        self, x: torch.Tensor, y: torch.Tensor, w: torch.Tensor, m: int, k: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sum the cross-entropy (m,) and its gradient (m * k, dim + 1) over items ``x``.
+
+        ``w`` holds the weights of the m problems as rows (m * k, dim + 1), possibly followed
+        by rows of zeros. The sums are float64.
+        """
+        n = x.shape[0]
         # Logits as (m, k, n): the softmax then reduces over a short axis whose elements
         # lie n apart, which vectorises over the items. Along a contiguous axis of 10
         # classes torch's CPU softmax costs as much as the matmuls.
-        z = (w.transpose(1, 2).reshape(m * k, rows) @ x.T).view(m, k, n)
+        z = (w @ x.T)[: m * k].view(m, k, n)
         if self.binary:
             z = torch.cat([torch.zeros_like(z), z], dim=1)
         # Softmax and log-softmax over the classes, without subnormal numbers. Once a fit is
@@ -593,10 +632,10 @@ class _BatchedLogistic:
         exps = z.clamp_min(self.exp_floor).exp_()
         total = exps.sum(dim=1, keepdim=True)  # (m, 1, n), at least 1
 
-        target = self.y.view(1, 1, n).expand(m, 1, n)
-        # Means over the items in float64: the line search compares losses that differ by
+        target = y.view(1, 1, n).expand(m, 1, n)
+        # Sums over the items in float64: the line search compares losses that differ by
         # little more than float32 resolution.
-        nll = (total.log().squeeze(1) - z.gather(1, target).squeeze(1)).mean(
+        nll = (total.log().squeeze(1) - z.gather(1, target).squeeze(1)).sum(
             dim=1, dtype=torch.float64
         )  # (m,)
         residual = exps.div_(total)  # softmax minus one-hot, over n
@@ -606,15 +645,7 @@ class _BatchedLogistic:
             residual = residual[:, 1:]
 
         # Weights and bias in one matmul, through the ones column.
-        grad = torch.empty_like(theta)
-        grad.copy_((residual.reshape(m * k, n) @ x).view(m, k, rows).transpose(1, 2))
-        grad /= n
-
-        pen = torch.as_tensor(penalty, device=theta.device)
-        weight = theta[:, :dim]
-        nll += pen * weight.pow(2).sum(dim=(1, 2))
-        grad[:, :dim] += (2.0 * pen)[:, None, None] * weight
-        return nll, grad
+        return nll, (residual.reshape(m * k, n) @ x).double()
 
     def _precondition(self, ids: np.ndarray, q: torch.Tensor) -> torch.Tensor:
         """Apply each problem's inverse Hessian estimate at zero weights to ``q`` (m, dim+1, k).
