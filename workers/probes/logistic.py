@@ -507,6 +507,7 @@ class _BatchedLogistic:
         )
         self.cov = cov
         self._eigen: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._vectors: torch.Tensor | None = None
         # Curvature of the loss per unit of feature variance at zero weights: the softmax
         # Hessian is (I - 1/n_classes) / n_classes there, and p (1 - p) = 1/4 for two classes.
         self.curvature = 0.25 if self.binary else 1.0 / n_classes
@@ -537,6 +538,13 @@ class _BatchedLogistic:
     def share_preconditioner(self, other: _BatchedLogistic) -> None:
         """Reuse the covariance eigenvectors of ``other`` (same features)."""
         self._eigen = other.eigen()
+        self._vectors = other._compute_vectors()
+
+    def _compute_vectors(self) -> torch.Tensor:
+        """Return the covariance eigenvectors in the compute dtype."""
+        if self._vectors is None:
+            self._vectors = self.eigen()[1].to(self.x.dtype)
+        return self._vectors
 
     def eigen(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Eigenvalues (n_layers, dim) and eigenvectors (n_layers, dim, dim) of the covariance."""
@@ -658,18 +666,22 @@ class _BatchedLogistic:
         """
         if not PRECONDITION:
             return q.clone()
-        values, vectors = self.eigen()
+        values, _ = self.eigen()
+        # The rotations run in the compute dtype: the estimate only shapes the search
+        # direction, and each step is checked on the exact objective.
+        vectors = self._compute_vectors()
         out = torch.empty_like(q)
         dim = q.shape[1] - 1
         for layer, a, b in _layer_groups(ids, self.n_c):
             m, k = b - a, q.shape[2]
             u = vectors[layer]
             pen = torch.as_tensor(self.penalty.reshape(-1)[ids[a:b]], device=q.device)
-            qw = q[a:b, :dim].permute(1, 0, 2).reshape(dim, m * k)
+            qw = q[a:b, :dim].permute(1, 0, 2).reshape(dim, m * k).to(u.dtype)
             rotated = (u.T @ qw).view(dim, m, k)
             scale = self.curvature * (values[layer][:, None] + DAMPING) + 2.0 * pen[None, :]
-            rotated /= scale[:, :, None]
-            out[a:b, :dim] = (u @ rotated.view(dim, m * k)).view(dim, m, k).permute(1, 0, 2)
+            rotated /= scale[:, :, None].to(u.dtype)
+            turned_back = (u @ rotated.view(dim, m * k)).view(dim, m, k).permute(1, 0, 2)
+            out[a:b, :dim] = turned_back
             out[a:b, dim] = q[a:b, dim] / self.curvature
         return out
 
