@@ -91,22 +91,26 @@ def run_engine(
 
 
 def torch_variants(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
-    """One torch run per combination of ``--c-batch`` and ``--dtype`` values."""
+    """One torch run per combination of ``--c-batch``, ``--dtype`` and ``--torch-tol`` values."""
     variants = []
     for dtype in args.dtype or [None]:
         for c_batch in args.c_batch:
-            params: dict[str, Any] = {"engine": "torch"}
-            name = f"torch c_batch={c_batch}"
-            if c_batch != "all":
-                params["c_batch"] = int(c_batch)
-            if dtype:
-                params["dtype"] = dtype
-                name += f" {dtype}"
-            if args.layer_batch:
-                params["layer_batch"] = args.layer_batch
-            if args.max_iter:
-                params["max_iter"] = args.max_iter
-            variants.append((name, params))
+            for tol in args.torch_tol or [None]:
+                params: dict[str, Any] = {"engine": "torch"}
+                name = f"torch c_batch={c_batch}"
+                if c_batch != "all":
+                    params["c_batch"] = int(c_batch)
+                if dtype:
+                    params["dtype"] = dtype
+                    name += f" {dtype}"
+                if tol:
+                    params["tol"] = tol
+                    name += f" tol={tol:g}"
+                if args.layer_batch:
+                    params["layer_batch"] = args.layer_batch
+                if args.max_iter:
+                    params["max_iter"] = args.max_iter
+                variants.append((name, params))
     return variants
 
 
@@ -241,6 +245,14 @@ def main() -> None:
         type=float,
         default=None,
         help="gradient tolerance of both engines (default: each engine's own)",
+    )
+    parser.add_argument(
+        "--torch-tol",
+        type=float,
+        nargs="+",
+        default=None,
+        help="gradient tolerances of the torch variants only, e.g. --torch-tol 1e-6 1e-5 "
+        "(default: --tol, else the engine's own)",
     )
     parser.add_argument(
         "--sklearn-layers",
