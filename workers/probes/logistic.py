@@ -29,10 +29,11 @@ falling is reported as stalled rather than run to ``max_iter``. The default ``to
 tighter than the reference's 1e-5, because at 1e-5 a tie between values of C on validation
 can break either way (see ``workers.probes.settings``).
 
-On the 2-core CPU of docs/benchmarks-probe.md, with one thread each, the torch engine ran
-2.6-3x faster than the reference in float64 and 5-5.4x in float32 (the full sweep of 25
-layers x 8 values of C on 50,000 x 512 features: 2.85x and 5.40x). It chose the same values
-of C except where values tie on validation and the reference stopped short of its optimum.
+On the 2-core CPU of docs/benchmarks-probe.md, with one thread each, the full sweep of 25
+layers x 8 values of C on 50,000 x 512 features ran 5.39x faster than the reference in
+float64 and 8.65x in float32 (13.3x in float32 at the reference's tol of 1e-5). It chose the
+same values of C except where values tie on validation and the reference stopped short of
+its optimum.
 ``c_batch=1`` (one value of C per run, warm-started along the grid) needs fewer iterations
 but is slower on a CPU, because each matmul then covers a single value of C.
 
@@ -632,10 +633,11 @@ class _BatchedLogistic:
             z = torch.cat([torch.zeros_like(z), z], dim=1)
         # Softmax and log-softmax over the classes, without subnormal numbers. Once a fit is
         # confident, most float32 probabilities fall below the smallest normal number. On
-        # this project's x86 machine exp() into that range and matmuls on it ran 20 to 100
-        # times slower, and torch.set_flush_denormal reaches the calling thread only. So each
-        # logit enters exp() at most ``exp_floor`` (about -84 in float32) below the largest
-        # logit of its item, which moves a probability by less than 1e-35.
+        # the development machine exp() into that range ran 33 times slower and a matmul on
+        # such numbers 190 times (docs/benchmarks-probe.md, table 6), and
+        # torch.set_flush_denormal reaches the calling thread only. So each logit enters
+        # exp() at most ``exp_floor`` (about -84 in float32) below the largest logit of its
+        # item, which moves a probability by less than 1e-35.
         z -= z.amax(dim=1, keepdim=True)
         exps = z.clamp_min(self.exp_floor).exp_()
         total = exps.sum(dim=1, keepdim=True)  # (m, 1, n), at least 1
