@@ -23,11 +23,11 @@ iterations. The refit starts from the layer's validation solution.
 
 The torch engine keeps weights, losses and solver state in float64. ``dtype`` sets the
 dtype of the features, the matmuls and the softmax: float64 by default, float32 in 0.62 of
-its time on the full CPU sweep. On features with extreme standardised values the float32 gradient is exact
-only to a few 1e-6 (digits pixels, which reach 36), so a problem whose gradient stops
-falling is reported as stalled rather than run to ``max_iter``. The default ``tol`` is 1e-6,
-tighter than the reference's 1e-5, because at 1e-5 a tie between values of C on validation
-can break either way (see ``workers.probes.settings``).
+its time on the full CPU sweep. On features with extreme standardised values the float32
+gradient is exact only to a few 1e-6 (digits pixels, which reach 36), so a problem whose
+gradient stops falling is reported as stalled rather than run to ``max_iter``. The default
+``tol`` is 1e-6, tighter than the reference's 1e-5, because at 1e-5 a tie between values of C
+on validation can break either way (see ``workers.probes.settings``).
 
 On the 2-core CPU of docs/benchmarks-probe.md, with one thread each, the full sweep of 25
 layers x 8 values of C on 50,000 x 512 features ran 5.39x faster than the reference in
@@ -461,8 +461,8 @@ PRECONDITION = True
 # and large-C fits on digits needed twice scikit-learn's iterations; 0.1 was the best of
 # 0 to 0.3 on digits and on the synthetic benchmark.
 DAMPING = 0.1
-# Rows of the logit matmul below which a CPU pads it with zeros. On one thread of the 2-core
-# development machine, MKL multiplied 10 rows by 50,000 x 513 features in 18 ms and 16 rows
+# Rows of the logit matmul below which a CPU pads it with zeros. On one thread of a 2-core
+# Intel Xeon, MKL multiplied 10 rows by 50,000 x 513 features in 18 ms and 16 rows
 # in 13 ms (best of 15).
 MIN_LOGIT_ROWS = 16
 # Items per block of the objective on a CPU. On the same machine, blocks of 4,096 made one
@@ -632,9 +632,9 @@ class _BatchedLogistic:
         if self.binary:
             z = torch.cat([torch.zeros_like(z), z], dim=1)
         # Softmax and log-softmax over the classes, without subnormal numbers. Once a fit is
-        # confident, most float32 probabilities fall below the smallest normal number. On
-        # the development machine exp() into that range ran 33 times slower and a matmul on
-        # such numbers 190 times (docs/benchmarks-probe.md, table 6), and
+        # confident, most float32 probabilities fall below the smallest normal number. On a
+        # 2-core Intel Xeon exp() into that range ran 33 times slower and a matmul on such
+        # numbers 190 times (docs/benchmarks-probe.md, table 6), and
         # torch.set_flush_denormal reaches the calling thread only. So each logit enters
         # exp() at most ``exp_floor`` (about -84 in float32) below the largest logit of its
         # item, which moves a probability by less than 1e-35.
