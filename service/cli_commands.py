@@ -1,9 +1,10 @@
-"""CLI commands that drive a running layerbank API: extract, probe, jobs, feature sets, fetch.
+"""CLI commands that drive a running layerbank API.
 
-Every command talks to the API through `service.client.Client`. Output is a rich table for
-people, or with ``--json`` plain JSON on stdout and nothing else. Exit codes: 0 on success,
-1 when the API returns an error or a job fails, 2 for usage errors (typer's default). Errors
-are printed as one line on stderr, without a traceback.
+The commands are extract, probe, jobs, cancel, featuresets, probes, fetch and fsck. Every command
+talks to the API through `service.client.Client`. Output is a rich table for people, or with
+``--json`` plain JSON on stdout and nothing else. Exit codes: 0 on success, 1 when the API
+returns an error or a job fails or is canceled, 2 for usage errors (typer's default). Errors are
+printed as one line on stderr, without a traceback.
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class CommandError(Exception):
 
 def register(app: typer.Typer) -> None:
     """Add the API commands to the ``layerbank`` typer app."""
-    for command in (extract, probe, jobs, featuresets, probes, fetch, fsck):
+    for command in (extract, probe, jobs, cancel, featuresets, probes, fetch, fsck):
         app.command()(command)
 
 
@@ -175,7 +176,7 @@ def jobs(
     api_key: ApiKeyOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Show the status and progress of a job; exit code 1 if the job failed."""
+    """Show the status and progress of a job; exit code 1 if the job failed or was canceled."""
     with _api(url, api_key) as client:
         state = (
             _watch_job(client, job_id, timeout, show=not as_json) if watch else client.job(job_id)
@@ -186,6 +187,22 @@ def jobs(
     else:
         _print_job(state)
     _exit_if_failed(state)
+
+
+def cancel(
+    job_id: Annotated[str, typer.Argument(help="Job id returned by extract, probe or pretrain.")],
+    url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Cancel a queued or running job and show its status; a job that had ended is unchanged."""
+    with _api(url, api_key) as client:
+        state = client.cancel(job_id)
+
+    if as_json:
+        _print_json(state)
+    else:
+        _print_job(state)
 
 
 def featuresets(
@@ -342,10 +359,13 @@ def _describe(exc: ClientError) -> str:
 
 
 def _exit_if_failed(state: dict[str, Any] | None) -> None:
-    if state is None or state["status"] != "failed":
+    if state is None or state["status"] not in ("failed", "canceled"):
         return
-    error = state.get("error") or {}
-    _fail(f"error: job {state['job_id']} failed: {error.get('message') or 'no error message'}")
+    message = (state.get("error") or {}).get("message") or "no error message"
+    if state["status"] == "failed":
+        message = f"failed: {message}"
+    # The message of a canceled job starts with "canceled by request at ...".
+    _fail(f"error: job {state['job_id']} {message}")
 
 
 def _fsck_found_problems(report: Any) -> bool:
@@ -382,7 +402,7 @@ def _follow(
 
 
 def _watch_job(client: Client, job_id: str, timeout: float, *, show: bool) -> dict[str, Any]:
-    """Poll a job until it finishes or fails; draw a progress bar on stderr when ``show``.
+    """Poll a job until it ends; draw a progress bar on stderr when ``show``.
 
     Returns the final job state. Raises TimeoutError when the job is still running after
     ``timeout`` seconds.
@@ -445,7 +465,9 @@ def _print_record(title: str, record: dict[str, Any]) -> None:
 
 def _print_job(state: dict[str, Any]) -> None:
     completed, total, unit = _progress_counts(state["progress"])
-    color = {"finished": "green", "failed": "red", "running": "yellow"}.get(state["status"], "")
+    color = {"finished": "green", "failed": "red", "canceled": "magenta", "running": "yellow"}.get(
+        state["status"], ""
+    )
     table = Table(title=f"job {state['job_id']}", show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 import numpy as np
 
-TERMINAL = ("finished", "failed")
+TERMINAL = ("finished", "failed", "canceled")
 
 
 class ClientError(Exception):
@@ -40,6 +40,15 @@ class JobFailedError(ClientError):
         self.job_id = job_id
         message = detail.get("message") if isinstance(detail, dict) else detail
         Exception.__init__(self, f"job {job_id} failed: {message}")
+
+
+class JobCanceledError(JobFailedError):
+    """Raised by `Client.wait` when the job ends in status "canceled"."""
+
+    def __init__(self, job_id: str, detail: Any) -> None:
+        super().__init__(job_id, detail)
+        message = detail.get("message") if isinstance(detail, dict) else detail
+        Exception.__init__(self, f"job {job_id} was canceled: {message}")
 
 
 class IncompleteBodyError(Exception):
@@ -140,6 +149,9 @@ class Client:
     def job(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/jobs/{job_id}")
 
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        return self._json("POST", f"/v1/jobs/{job_id}/cancel")
+
     def wait(
         self,
         job_id: str | None,
@@ -148,7 +160,7 @@ class Client:
         poll: float = 0.5,
         on_progress: Callable[[dict[str, Any]], None] | None = None,
     ) -> dict[str, Any] | None:
-        """Poll a job until it finishes; raise `JobFailedError` if it fails."""
+        """Poll a job until it finishes; raise `JobFailedError` if it fails or is canceled."""
         if job_id is None:
             return None
         deadline = time.monotonic() + timeout
@@ -158,6 +170,8 @@ class Client:
                 on_progress(state)
             if state["status"] == "failed":
                 raise JobFailedError(job_id, state.get("error") or {"message": "job failed"})
+            if state["status"] == "canceled":
+                raise JobCanceledError(job_id, state.get("error") or {"message": "job canceled"})
             if state["status"] == "finished":
                 return state
             if time.monotonic() > deadline:

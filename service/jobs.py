@@ -2,7 +2,9 @@
 
 A record is the hash ``layerbank:job:<job_id>`` with its kind, its target (feature set, probe or
 model) and the ids of its rq jobs. Status is derived on every read from rq and the store, so an
-API restart rebuilds it from Redis and the store alone.
+API restart rebuilds it from Redis and the store alone. The field ``canceled`` of a canceled job
+contains the time of the cancel. Running rq jobs of the job read it to stop (see
+``workers.jobs``), and a resume deletes it.
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ from typing import Any, Protocol, TypedDict
 from redis import Redis
 from redis.typing import EncodableT, FieldT
 from rq import Queue, Retry
-from rq.exceptions import NoSuchJobError
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Dependency, Job, JobStatus
-from rq.registry import StartedJobRegistry
+from rq.registry import CanceledJobRegistry, StartedJobRegistry
 
 from store import FeatureSet, Store
 from store.errors import StoreError
@@ -34,6 +36,9 @@ FAILURE_TTL = 30 * 24 * 3600
 # Attempts after the first for a block whose worker died or whose job raised. Rewriting a block
 # is safe: its features are stored before its done flag, and a rerun writes the same values.
 BLOCK_RETRIES = 2
+# Field of a job record that contains the time of a cancel. workers.jobs reads it under the same
+# name, because workers cannot import service.
+CANCELED_FIELD = "canceled"
 
 
 class _RqJobOptions(TypedDict):
@@ -254,6 +259,13 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
 
     if done:
         status = "finished"
+    elif record.get(CANCELED_FIELD):
+        status = "canceled"
+        error = {
+            "message": _canceled_message(job_id, record[CANCELED_FIELD], statuses),
+            "field": None,
+            "value": None,
+        }
     elif error is not None:
         status = "failed"
     elif any(s is None for s in statuses):
@@ -301,12 +313,73 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
 
 
 def busy_job(redis: Redis, store: Store, target: str) -> tuple[str, str] | None:
-    """Return (job id, status) of the job of ``target`` while it is queued or running, else None."""
+    """Return (job id, status) of the job of ``target`` while it is queued or running, else None.
+
+    A canceled job counts as busy while an rq job that started before the cancel still runs,
+    because that rq job may still write the target.
+    """
     job_id = active_job_id(redis, target)
     if job_id is None:
         return None
     state = job_state(redis, store, job_id)["status"]
+    if state == "canceled" and _started_count(_statuses(redis, job_id)):
+        return job_id, "canceled but still running"
     return (job_id, state) if state in ("queued", "running") else None
+
+
+# -- cancel ------------------------------------------------------------------------------------
+
+
+def request_cancel(redis: Redis, job_id: str) -> int:
+    """Record a cancel of ``job_id`` and cancel its waiting rq jobs in rq; return how many.
+
+    The cancel is recorded in the job record first, so an rq job that a worker takes while
+    this runs reads it when it starts. rq jobs that already run are left to the worker:
+    extraction blocks finish, and probes, projections and pretraining raise at their next
+    cancel check.
+    """
+    record = load_job(redis, job_id)
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    redis.hset(_key("job", job_id), CANCELED_FIELD, now)
+    waiting = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
+    canceled = 0
+    for job in _fetch(redis, record["rq_ids"]):
+        if job is None or job.get_status(refresh=False) not in waiting:
+            continue
+        try:
+            job.cancel()
+        except InvalidJobOperation:
+            continue  # a concurrent cancel got there first
+        canceled += 1
+    logger.info("job %s: canceled, %d waiting rq jobs canceled in rq", job_id, canceled)
+    return canceled
+
+
+def clear_cancel(redis: Redis, job_id: str) -> None:
+    """Delete the cancel time of ``job_id``, so that its resumed rq jobs run."""
+    redis.hdel(_key("job", job_id), CANCELED_FIELD)
+
+
+def _canceled_message(job_id: str, canceled_at: str, statuses: list[JobStatus | None]) -> str:
+    message = f"canceled by request at {canceled_at}"
+    started = _started_count(statuses)
+    if started:
+        message += (
+            f"; {started} rq jobs that had started still run (an extraction block finishes, "
+            "other jobs stop at their next check)"
+        )
+    return f"{message}; resume it with POST /v1/jobs/{job_id}/resume"
+
+
+def _statuses(redis: Redis, job_id: str) -> list[JobStatus | None]:
+    return [
+        job.get_status(refresh=False) if job else None
+        for job in _fetch(redis, load_job(redis, job_id)["rq_ids"])
+    ]
+
+
+def _started_count(statuses: list[JobStatus | None]) -> int:
+    return sum(status == JobStatus.STARTED for status in statuses)
 
 
 def _release_abandoned(redis: Redis, rq_jobs: list[Job | None]) -> bool:
@@ -351,16 +424,26 @@ def _last_line(job: Job, job_id: str) -> str:
 
 
 def requeue_failed(redis: Redis, job_id: str) -> int:
-    """Put the failed rq jobs of a single-job record back on their queue; return how many."""
+    """Put the failed and canceled rq jobs of a single-job record back on their queue.
+
+    Returns how many were queued again.
+    """
     record = load_job(redis, job_id)
     requeued = 0
     for job in _fetch(redis, record["rq_ids"]):
-        if job is not None and job.get_status(refresh=False) == JobStatus.FAILED:
-            job.meta.pop("error", None)
-            job.save_meta()
+        if job is None:
+            continue
+        status = job.get_status(refresh=False)
+        if status not in (JobStatus.FAILED, JobStatus.CANCELED):
+            continue
+        job.meta.pop("error", None)
+        job.save_meta()
+        if status == JobStatus.FAILED:
             job.requeue()
-            requeued += 1
-    logger.info("job %s: %d failed rq jobs queued again", job_id, requeued)
+        else:
+            CanceledJobRegistry(job.origin, connection=redis).requeue(job)
+        requeued += 1
+    logger.info("job %s: %d failed or canceled rq jobs queued again", job_id, requeued)
     return requeued
 
 
@@ -405,7 +488,12 @@ def result_status(
 def not_complete_message(
     kind: str, result_id: str, status: str, job_id: str | None, error: dict[str, Any] | None
 ) -> str:
-    """Return the 409 message for a result that is not complete: failed or still computing."""
+    """Return the 409 message for a result that is not complete: failed, canceled or computing."""
+    if status == "canceled":
+        return (
+            f"{kind} {result_id!r} is not complete: its job {job_id} was canceled; resume it "
+            f"with POST /v1/jobs/{job_id}/resume or send the same POST again"
+        )
     if status == "failed":
         reason = (error or {}).get("message") or "unknown error"
         return (

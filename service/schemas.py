@@ -79,7 +79,7 @@ class JobPublic(BaseModel):
     job_id: str
     kind: str
     target_id: str
-    status: Literal["queued", "running", "finished", "failed"]
+    status: Literal["queued", "running", "finished", "failed", "canceled"]
     progress: ProgressPublic
     error: ErrorPublic | None = None
     created: str

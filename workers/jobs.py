@@ -2,6 +2,11 @@
 
 Every job catches the project's own errors, records a readable message in the rq job's meta
 (``meta["error"]`` with message, field and value) and re-raises, so the job is marked failed.
+
+A job canceled through the API (``POST /v1/jobs/{id}/cancel``) has a cancel time in its layerbank
+job record. Each rq job reads it when it starts, and probes, projections and pretraining read it
+again while they run, at most once per `CANCEL_CHECK_SECONDS`. On finding it they raise
+`JobCanceledError`, which rq records as a failure without retrying.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from typing import Any, TypeVar, cast
 
 from redis.exceptions import RedisError
 from rq import get_current_job
+from rq.job import Job
 
 from store import NotReadyError, Store, StoreError
 from store.settings import Settings, get_settings
@@ -27,6 +33,16 @@ _stores: dict[str, Store] = {}
 # Redis hash the API's GET /metrics reads; key and field names must match service.metrics, which
 # this module cannot import (nothing imports service).
 METRICS_KEY = "layerbank:metrics"
+# Hash of a layerbank job and its field that contains the time of a cancel; the names must match
+# service.jobs, which this module cannot import.
+JOB_RECORD_KEY = "layerbank:job:{}"
+CANCELED_FIELD = "canceled"
+# Minimum seconds between two reads of the cancel time by a running job.
+CANCEL_CHECK_SECONDS = 1.0
+
+
+class JobCanceledError(WorkersError):
+    """Raised inside an rq job whose layerbank job was canceled through the API."""
 
 
 def _store(settings: Settings) -> Store:
@@ -65,6 +81,59 @@ def _publish_metrics(increments: dict[str, float], latest: dict[str, float]) -> 
         )
 
 
+def _raise_if_canceled(job: Job) -> None:
+    """Raise `JobCanceledError` if the layerbank job of ``job`` has a cancel time."""
+    job_id = job.meta.get("layerbank_job")
+    if not job_id:
+        return
+    canceled_at = job.connection.hget(JOB_RECORD_KEY.format(job_id), CANCELED_FIELD)
+    if canceled_at is None:
+        return
+    # rq retries a failed job while it has retries left, and a canceled job must not run again.
+    job.retries_left = 0
+    when = canceled_at.decode() if isinstance(canceled_at, bytes) else canceled_at
+    raise JobCanceledError(
+        f"canceled by request at {when}; resume it with POST /v1/jobs/{job_id}/resume",
+        field="job_id",
+        value=job_id,
+    )
+
+
+class CancelCheck:
+    """A callable that raises `JobCanceledError` once the current rq job's layerbank job is
+    canceled.
+
+    It reads Redis at most once per ``interval`` seconds, so a training loop may call it every
+    step. A failed read is logged and skipped, so a Redis error never ends a run through this
+    check.
+    """
+
+    def __init__(self, interval: float = CANCEL_CHECK_SECONDS) -> None:
+        self.job = get_current_job()
+        self.interval = interval
+        self._next_check = 0.0
+        self._failures = 0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if self.job is None or now < self._next_check:
+            return
+        self._next_check = now + self.interval
+        try:
+            _raise_if_canceled(self.job)
+        except RedisError:
+            self._failures += 1
+            # One line per failure streak, because a Redis outage fails every check.
+            if self._failures == 1:
+                logger.exception("job %s: reading its cancel time failed", self.job.id)
+            return
+        if self._failures:
+            logger.info(
+                "job %s: cancel time read again after %d failed reads", self.job.id, self._failures
+            )
+            self._failures = 0
+
+
 def recorded_errors(func: F) -> F:
     """Record the message of a failed job in its meta before rq marks it failed."""
 
@@ -82,17 +151,16 @@ def recorded_errors(func: F) -> F:
         logger.info("job %s (rq %s): %s(%s) started", *ids)
         started = time.perf_counter()
         try:
+            if job is not None:
+                _raise_if_canceled(job)
             result = func(*args, **kwargs)
+        except JobCanceledError as exc:
+            logger.info("job %s (rq %s): %s(%s) stopped: %s", *ids, exc.message)
+            _set_meta(error=_error_meta(exc))
+            raise
         except (WorkersError, StoreError) as exc:
             logger.exception("job %s (rq %s): %s(%s) failed", *ids)
-            _set_meta(
-                error={
-                    "message": exc.message,
-                    "field": exc.field,
-                    "value": _jsonable(exc.value),
-                    "type": type(exc).__name__,
-                }
-            )
+            _set_meta(error=_error_meta(exc))
             raise
         except Exception as exc:
             logger.exception("job %s (rq %s): %s(%s) failed", *ids)
@@ -109,6 +177,15 @@ def recorded_errors(func: F) -> F:
         return result
 
     return wrapper  # type: ignore[return-value]
+
+
+def _error_meta(exc: WorkersError | StoreError) -> dict[str, Any]:
+    return {
+        "message": exc.message,
+        "field": exc.field,
+        "value": _jsonable(exc.value),
+        "type": type(exc).__name__,
+    }
 
 
 def _jsonable(value: Any) -> Any:
@@ -179,6 +256,7 @@ def run_probe(probe_id: str) -> dict[str, Any]:
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     total = len(spec["kinds"]) * len(positions)
+    check_canceled = CancelCheck()
 
     # The engines read the Zarr arrays one layer (or one batch of layers) at a time. Memory then
     # contains one layer per split, not layers x items x dim floats, which is about 2.6 GB for
@@ -187,6 +265,7 @@ def run_probe(probe_id: str) -> dict[str, Any]:
 
         def progress(done: int, _total: int, offset: int = kind_index * len(positions)) -> None:
             _set_meta(progress={"done": offset + done, "total": total})
+            check_canceled()
 
         if kind == "adapter":
             kind_rows = _fit_adapters(store, settings, train, test, spec, progress)
@@ -291,7 +370,7 @@ def run_projection(projection_id: str) -> dict[str, Any]:
     """Compute a 2-D projection of one stored layer and write its coordinates."""
     from workers.projections import run_projection as run
 
-    return run(_store(get_settings()), projection_id)
+    return run(_store(get_settings()), projection_id, check_canceled=CancelCheck())
 
 
 def _best_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -321,6 +400,7 @@ def pretrain(name: str, params: dict[str, Any]) -> dict[str, Any]:
         device=settings.resolved_device(),
         data_roots=settings.data_roots,
         progress=progress,
+        check_canceled=CancelCheck(),
     )
     return {
         "model": f"store:{name}",

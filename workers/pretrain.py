@@ -81,6 +81,7 @@ def pretrain_imagegpt(
     device: str = "cpu",
     data_roots: list[Path] | None = None,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
+    check_canceled: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Train a small ImageGPT and save it under ``output_dir``; return the training record.
 
@@ -88,6 +89,10 @@ def pretrain_imagegpt(
     renamed at the end. With ``params.checkpoint_every`` set, the model is also saved at step 0
     and every that many steps, each with its validation loss, under
     ``output_dir/checkpoints/step-<N>/`` (loadable as ``store:<name>@step<N>``).
+
+    ``check_canceled`` is called before every step, so it must be cheap. When it raises, the
+    step checkpoints written so far are deleted, ``output_dir`` is left as it was and the error
+    propagates.
     """
     from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGPTImageProcessor
 
@@ -153,6 +158,8 @@ def pretrain_imagegpt(
 
     model.train()
     for step in range(1, params.steps + 1):
+        if check_canceled is not None:
+            _check_canceled(check_canceled, checkpoints_dir, step)
         batch = torch.randint(len(train_index), (params.batch_size,), generator=generator)
         logits = model(input_ids=train_inputs[batch].to(device)).logits  # (batch, seq, n_colors)
         loss = torch.nn.functional.cross_entropy(
@@ -213,6 +220,16 @@ def pretrain_imagegpt(
         checkpoints=checkpoints_dir if checkpoint_steps else None,
     )
     return record
+
+
+def _check_canceled(check: Callable[[], None], checkpoints_dir: Path, step: int) -> None:
+    """Call ``check``; if it raises, delete the run's step checkpoints and raise again."""
+    try:
+        check()
+    except Exception:
+        shutil.rmtree(checkpoints_dir, ignore_errors=True)
+        logger.info("pretrain: stopped before step %d; step checkpoints deleted", step)
+        raise
 
 
 def _checkpoint_steps(params: PretrainParams) -> set[int]:

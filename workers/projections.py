@@ -22,6 +22,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
@@ -211,8 +212,13 @@ def _umap(features: np.ndarray, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
     return np.asarray(coords, dtype=np.float32), {"engine": "umap-learn", "n_neighbors": neighbors}
 
 
-def run_projection(store: Store, projection_id: str) -> dict[str, Any]:
+def run_projection(
+    store: Store, projection_id: str, *, check_canceled: Callable[[], None] | None = None
+) -> dict[str, Any]:
     """Compute the projection ``projection_id`` from its stored spec and write its arrays.
+
+    ``check_canceled`` is called after the features are read and again before anything is
+    written; it raises to stop a canceled job, which then writes nothing.
 
     Returns
     -------
@@ -237,7 +243,11 @@ def run_projection(store: Store, projection_id: str) -> dict[str, Any]:
     # One read of the layer, then the rows: orthogonal indexing of a zarr array row by row is
     # slower than a full read for the layer sizes a projection is meant for.
     features = featureset.read_position(position)[indices]  # (n_points, dim)
+    if check_canceled is not None:
+        check_canceled()
     coords, info = project(features, spec.method, seed=spec.seed)
+    if check_canceled is not None:
+        check_canceled()
 
     group = store.result_group("projections", projection_id)
     group.create_array("coords", data=coords, overwrite=True)

@@ -1,14 +1,26 @@
-"""Job status and resume."""
+"""Job status, cancel and resume."""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response, status
+from collections.abc import Callable
+from typing import Any
 
-from service.auth import JobQuotaDep
+from fastapi import APIRouter, Response, status
+from redis import Redis
+
+from service.auth import JobQuotaDep, requires_scope
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
-from service.jobs import enqueue_extraction, job_state, load_job, requeue_failed, target_lock
+from service.jobs import (
+    clear_cancel,
+    enqueue_extraction,
+    job_state,
+    load_job,
+    request_cancel,
+    requeue_failed,
+    target_lock,
+)
 from service.schemas import JobPublic
-from store import check_id
+from store import Store, check_id
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -18,6 +30,32 @@ def read_job(job_id: str, store: StoreDep, redis: RedisDep) -> JobPublic:
     """Status, progress and error of a job."""
     check_id(job_id, field="job_id")
     return JobPublic.model_validate(job_state(redis, store, job_id))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=JobPublic,
+    status_code=202,
+    responses={
+        200: {"model": JobPublic, "description": "The job had already ended: the job unchanged."}
+    },
+)
+# Canceling needs the scope that starting a job needs, so a read-only key cannot stop others' work.
+@requires_scope("write")
+def cancel_job(job_id: str, response: Response, store: StoreDep, redis: RedisDep) -> JobPublic:
+    """Cancel a queued or running job; 200 with the job unchanged if it had already ended.
+
+    Queued rq jobs are canceled in rq. Running ones stop at their next check (an extraction
+    block that runs finishes first); resume the job to run what is left.
+    """
+    return _change_job(
+        job_id,
+        response,
+        store,
+        redis,
+        when=("queued", "running"),
+        change=lambda _record: request_cancel(redis, job_id),
+    )
 
 
 @router.post(
@@ -35,22 +73,46 @@ def resume_job(
     queue: QueueDep,
     quota: JobQuotaDep,
 ) -> JobPublic:
-    """Queue a failed job again (only the missing blocks of an extraction); 200 if nothing to do."""
-    check_id(job_id, field="job_id")
-    record = load_job(redis, job_id)
-    # Under the target's lock, a second resume arriving at the same time finds what the first
-    # one queued and queues nothing.
-    with target_lock(redis, record["target"]):
-        state = job_state(redis, store, job_id)
-        if state["status"] != "failed":
-            response.status_code = status.HTTP_200_OK
-            return JobPublic.model_validate(state)
+    """Queue a failed or canceled job again (only the missing blocks of an extraction).
+
+    Returns 200 with the job unchanged when it is queued, running or finished.
+    """
+
+    def resume(record: dict[str, Any]) -> None:
         quota.check()
+        clear_cancel(redis, job_id)
         if record["kind"] == "extraction":
             featureset = store.featureset(record["target"])
             enqueue_extraction(queue, featureset, timeout=settings.block_timeout, job_id=job_id)
         else:
             requeue_failed(redis, job_id)
         quota.record(job_id)
+
+    return _change_job(job_id, response, store, redis, when=("failed", "canceled"), change=resume)
+
+
+def _change_job(
+    job_id: str,
+    response: Response,
+    store: Store,
+    redis: Redis,
+    *,
+    when: tuple[str, ...],
+    change: Callable[[dict[str, Any]], object],
+) -> JobPublic:
+    """Apply ``change`` to the job's record if the job's status is in ``when``; return its state.
+
+    Otherwise the response becomes a 200 with the job unchanged. The state is read and changed
+    under the lock of the job's target, so a cancel, a resume or a new POST for the same target
+    that arrives at the same time finds what this one queued or canceled.
+    """
+    check_id(job_id, field="job_id")
+    record = load_job(redis, job_id)
+    with target_lock(redis, record["target"]):
+        state = job_state(redis, store, job_id)
+        if state["status"] not in when:
+            response.status_code = status.HTTP_200_OK
+            return JobPublic.model_validate(state)
+        change(record)
         state = job_state(redis, store, job_id)
     return JobPublic.model_validate(state)

@@ -29,6 +29,7 @@ EXPECTED_SCOPE: dict[tuple[str, str], str] = {
     ("POST", "/v1/extractions"): "write",
     ("GET", "/v1/jobs/{job_id}"): "read",
     ("POST", "/v1/jobs/{job_id}/resume"): "write",
+    ("POST", "/v1/jobs/{job_id}/cancel"): "write",
     ("GET", "/v1/featuresets"): "read",
     ("GET", "/v1/featuresets/{featureset_id}"): "read",
     ("DELETE", "/v1/featuresets/{featureset_id}"): "admin",

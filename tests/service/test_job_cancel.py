@@ -1,0 +1,331 @@
+"""POST /v1/jobs/{id}/cancel and `layerbank cancel` against the session's API and real workers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from redis import Redis
+from rq import Queue
+from rq.job import Job, JobStatus
+from typer.testing import CliRunner
+
+from service.cli import app
+from service.client import Client, ClientError
+from service.jobs import (
+    busy_job,
+    clear_cancel,
+    enqueue_extraction,
+    job_state,
+    load_job,
+    request_cancel,
+)
+from store import Store
+from tests.conftest import wait_job
+from tests.service.test_requeue import _pending_featureset
+
+ZERO_ID = "0" * 24
+ENDED = ("finished", "failed", "canceled")
+# rq statuses of a job that a worker may still take or still runs.
+PENDING = (JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.STARTED)
+
+
+@pytest.fixture(scope="module")
+def redis(redis_server: Any) -> Iterator[Redis]:
+    connection = Redis.from_url(redis_server.url)
+    yield connection
+    connection.close()
+
+
+def _cancel(client: Client, job_id: str) -> Any:
+    return client.request("POST", f"/v1/jobs/{job_id}/cancel")
+
+
+def _rq_statuses(redis: Redis, job_id: str) -> list[JobStatus | None]:
+    jobs = Job.fetch_many(load_job(redis, job_id)["rq_ids"], connection=redis)
+    return [job.get_status(refresh=False) if job else None for job in jobs]
+
+
+def _wait_rq_idle(redis: Redis, job_id: str, timeout: float = 30.0) -> list[JobStatus | None]:
+    """Wait until no rq job of ``job_id`` is queued or running; return their statuses."""
+    deadline = time.monotonic() + timeout
+    while True:
+        statuses = _rq_statuses(redis, job_id)
+        if not any(status in PENDING for status in statuses):
+            return statuses
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"rq jobs of job {job_id} still pending: {statuses}")
+        time.sleep(0.1)
+
+
+def _wait_rq_started(redis: Redis, job_id: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while JobStatus.STARTED not in _rq_statuses(redis, job_id):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no rq job of job {job_id} started within {timeout}s")
+        time.sleep(0.05)
+
+
+def _slow_extraction(client: Client, model: Path, split: str, limit: int, seed: int) -> Any:
+    """Queue an extraction of blocks of 20 rows, one image per forward pass.
+
+    Each block runs 20 forward passes, so most blocks are still queued when the test cancels
+    the job right after this returns. ``seed`` selects the subset, which keeps the
+    feature set ids of these tests apart from those of other tests.
+    """
+    return client.extract(
+        str(model),
+        "digits",
+        split,
+        layers="all",
+        limit=limit,
+        seed=seed,
+        block_rows=20,
+        batch_size=1,
+    )
+
+
+def test_cancel_queued_extraction_then_resume(
+    client: Client, redis: Redis, tiny_model: Path, stack_dirs: dict[str, Path]
+) -> None:
+    answer = _slow_extraction(client, tiny_model, "train", limit=600, seed=9101)  # 30 blocks
+    job_id, featureset_id = answer["job_id"], answer["featureset_id"]
+
+    response = _cancel(client, job_id)
+
+    assert response.status_code == 202
+    canceled = response.json()
+    assert canceled["status"] == "canceled"
+    assert canceled["error"]["message"].startswith("canceled by request at ")
+    assert f"POST /v1/jobs/{job_id}/resume" in canceled["error"]["message"]
+    statuses = _wait_rq_idle(redis, job_id)
+    assert client.job(job_id)["status"] == "canceled"
+    summary = client.featureset(featureset_id)
+    assert summary["status"] != "complete"
+    written = summary["progress"]["blocks_done"]
+    assert written < 30
+    # Each block was either written before the cancel took effect or canceled in rq, and so
+    # was the finalize job.
+    assert statuses[-1] == JobStatus.CANCELED
+    assert statuses.count(JobStatus.FINISHED) == written, statuses
+    assert statuses.count(JobStatus.CANCELED) == 30 - written + 1, statuses
+    with pytest.raises(ClientError) as not_ready:
+        client.layer_array(featureset_id, 0)
+    assert not_ready.value.status_code == 409
+
+    resumed = client.request("POST", f"/v1/jobs/{job_id}/resume")
+
+    assert resumed.status_code == 202
+    assert resumed.json()["status"] in ("queued", "running")
+    # Only the blocks missing at the resume are queued, plus one finalize job.
+    assert len(load_job(redis, job_id)["rq_ids"]) == 30 - written + 1
+    final = wait_job(client, job_id, timeout=120)
+    assert final is not None and final["status"] == "finished", final
+    assert client.featureset(featureset_id)["status"] == "complete"
+
+    # The same weights under another path give another feature set, extracted without a cancel.
+    copy = stack_dirs["models"] / f"tiny-igpt-{uuid.uuid4().hex[:8]}"
+    shutil.copytree(tiny_model, copy)
+    reference = _slow_extraction(client, copy, "train", limit=600, seed=9101)
+    assert reference["featureset_id"] != featureset_id
+    done = wait_job(client, reference["job_id"], timeout=120)
+    assert done is not None and done["status"] == "finished", done
+    for layer in range(3):
+        np.testing.assert_array_equal(
+            client.layer_array(featureset_id, layer),
+            client.layer_array(reference["featureset_id"], layer),
+        )
+
+
+def _starts(logs: Path, rq_id: str) -> int:
+    """Count the starts of rq job ``rq_id`` in the session workers' logs."""
+    return sum(
+        line.rstrip().endswith(" started")
+        for path in logs.glob("worker-*.log")
+        for line in path.read_text().splitlines()
+        if f"(rq {rq_id}): " in line
+    )
+
+
+def test_cancel_running_pretraining_stops(
+    client: Client, redis: Redis, settings: Any, stack_dirs: dict[str, Path]
+) -> None:
+    name = f"cancel-{uuid.uuid4().hex[:8]}"
+    job_id = client.pretrain(
+        name,
+        n_layer=1,
+        n_embd=16,
+        n_head=1,
+        n_colors=4,
+        batch_size=4,
+        steps=1_000_000,
+        eval_every=1_000_000,
+        checkpoint_every=20,
+    )["job_id"]
+    models_dir = Store(settings.store).models_dir()
+    try:
+        _wait_rq_started(redis, job_id)
+        # Steps are running once a step checkpoint exists.
+        deadline = time.monotonic() + 60
+        while not list(models_dir.glob(f".{name}.*.checkpoints/step-20")):
+            assert time.monotonic() < deadline, "pretraining wrote no step checkpoint"
+            time.sleep(0.05)
+
+        started = time.monotonic()
+        response = _cancel(client, job_id)
+        statuses = _wait_rq_idle(redis, job_id, timeout=15)
+        stopped_after = time.monotonic() - started
+
+        assert response.status_code == 202
+        assert response.json()["status"] == "canceled"
+        assert stopped_after < 8, stopped_after
+        # The rq job failed and was not retried: it started once.
+        assert statuses == [JobStatus.FAILED]
+        assert _starts(stack_dirs["logs"], load_job(redis, job_id)["rq_ids"][0]) == 1
+        state = client.job(job_id)
+        assert state["status"] == "canceled"
+        assert f"POST /v1/jobs/{job_id}/resume" in state["error"]["message"]
+        assert not (models_dir / name).exists()
+        assert list(models_dir.glob(f".{name}.*")) == []
+
+        # A resume deletes the cancel time: the run starts again and keeps running.
+        resumed = client.request("POST", f"/v1/jobs/{job_id}/resume")
+        assert resumed.status_code == 202
+        assert resumed.json()["status"] in ("queued", "running")
+        _wait_rq_started(redis, job_id)
+        time.sleep(1.5)
+        assert _rq_statuses(redis, job_id) == [JobStatus.STARTED]
+        assert client.job(job_id)["status"] == "running"
+    finally:
+        _cancel(client, job_id)
+        _wait_rq_idle(redis, job_id, timeout=15)
+    assert client.job(job_id)["status"] == "canceled"
+
+
+def test_cancel_finished_job_is_200_unchanged(client: Client) -> None:
+    answer = client.extract("pixels", "digits", "test", limit=40, seed=9102, block_rows=20)
+    before = wait_job(client, answer["job_id"], timeout=60)
+    assert before is not None and before["status"] == "finished", before
+
+    response = _cancel(client, answer["job_id"])
+
+    assert response.status_code == 200
+    assert response.json() == before
+    assert client.job(answer["job_id"]) == before
+
+
+def test_cancel_unknown_job_is_404(client: Client) -> None:
+    with pytest.raises(ClientError) as info:
+        client.cancel(ZERO_ID)
+    assert info.value.status_code == 404
+    assert info.value.detail["field"] == "job_id"
+    assert info.value.detail["value"] == ZERO_ID
+    assert "not found" in info.value.detail["message"]
+
+
+def test_cancel_malformed_job_id_names_field(client: Client) -> None:
+    with pytest.raises(ClientError) as info:
+        client.cancel("not-a-job-id")
+    assert 400 <= info.value.status_code < 500
+    assert info.value.detail["field"] == "job_id"
+    assert info.value.detail["value"] == "not-a-job-id"
+
+
+def test_canceled_extraction_allows_new_post_and_delete(
+    client: Client, redis: Redis, tiny_model: Path
+) -> None:
+    first = _slow_extraction(client, tiny_model, "test", limit=450, seed=9103)
+    assert _cancel(client, first["job_id"]).json()["status"] == "canceled"
+    _wait_rq_idle(redis, first["job_id"])
+
+    again = _slow_extraction(client, tiny_model, "test", limit=450, seed=9103)
+
+    assert again["featureset_id"] == first["featureset_id"]
+    assert again["job_id"] != first["job_id"]
+    assert again["created"] is False
+    assert again["status"] == "queued"
+    assert _cancel(client, again["job_id"]).json()["status"] == "canceled"
+    _wait_rq_idle(redis, again["job_id"])
+    response = client.request("DELETE", f"/v1/featuresets/{first['featureset_id']}")
+    assert response.status_code == 204
+    with pytest.raises(ClientError) as gone:
+        client.featureset(first["featureset_id"])
+    assert gone.value.status_code == 404
+
+
+def test_canceled_job_busy_while_block_runs(redis: Redis, tmp_path: Path) -> None:
+    # A queue no worker listens to: the test decides which rq job counts as started.
+    queue = Queue(f"cancel-{uuid.uuid4().hex[:8]}", connection=redis)
+    store = Store(tmp_path / "store")
+    featureset = _pending_featureset(tmp_path / "store")  # four blocks
+    job_id = enqueue_extraction(queue, featureset, timeout=60)
+    rq_jobs = Job.fetch_many(load_job(redis, job_id)["rq_ids"], connection=redis)
+    running = rq_jobs[0]
+    assert running is not None
+    queue.remove(running.id)
+    running.set_status(JobStatus.STARTED)
+
+    assert request_cancel(redis, job_id) == 4  # three blocks and the finalize job
+
+    state = job_state(redis, store, job_id)
+    assert state["status"] == "canceled"
+    assert "1 rq jobs that had started still run" in state["error"]["message"]
+    assert _rq_statuses(redis, job_id) == [JobStatus.STARTED] + [JobStatus.CANCELED] * 4
+    assert queue.count == 0
+    assert busy_job(redis, store, featureset.id) == (job_id, "canceled but still running")
+    running.set_status(JobStatus.FINISHED)
+    assert busy_job(redis, store, featureset.id) is None
+
+    clear_cancel(redis, job_id)
+    assert job_state(redis, store, job_id)["status"] != "canceled"
+    queue.delete(delete_jobs=True)
+
+
+runner = CliRunner()
+
+
+def _run_cli(api_url: str, *args: str) -> Any:
+    return runner.invoke(app, [*args, "--url", api_url], catch_exceptions=False)
+
+
+def test_cli_cancel_prints_status(
+    api_url: str, client: Client, redis: Redis, tiny_model: Path
+) -> None:
+    answer = _slow_extraction(client, tiny_model, "test", limit=460, seed=9104)
+    job_id = answer["job_id"]
+
+    result = _run_cli(api_url, "cancel", job_id, "--json")
+
+    assert result.exit_code == 0, result.stderr
+    assert json.loads(result.stdout)["status"] == "canceled"
+    _wait_rq_idle(redis, job_id)
+    again = _run_cli(api_url, "cancel", job_id)
+    assert again.exit_code == 0, again.stderr
+    assert "canceled" in again.stdout
+    jobs_result = _run_cli(api_url, "jobs", job_id)
+    assert jobs_result.exit_code == 1
+    assert f"error: job {job_id} canceled by request at " in jobs_result.stderr
+    missing = _run_cli(api_url, "cancel", ZERO_ID)
+    assert missing.exit_code == 1
+    assert missing.stderr.startswith("error: HTTP 404: ")
+    assert missing.stderr.count("\n") == 1
+
+
+def test_client_wait_raises_on_canceled_job(client: Client, redis: Redis, tiny_model: Path) -> None:
+    from service.client import JobCanceledError
+
+    answer = _slow_extraction(client, tiny_model, "train", limit=900, seed=9105)
+    client.cancel(answer["job_id"])
+    _wait_rq_idle(redis, answer["job_id"])
+
+    with pytest.raises(JobCanceledError) as info:
+        client.wait(answer["job_id"], timeout=10)
+    assert f"job {answer['job_id']} was canceled: canceled by request at " in str(info.value)
+    assert client.job(answer["job_id"])["status"] in ENDED
