@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
 
 from service.deps import RedisDep, StoreDep
-from service.jobs import active_job_id, job_state, target_lock
+from service.jobs import busy_job, job_state, target_lock
 from store import NotReadyError, check_id
 from store.fsck import check_featureset
 
@@ -54,17 +54,16 @@ def fsck_featureset(
     # NOTE: repair deletes data but needs only the read scope of GET; restrict it to admin keys
     # when auth scopes per query parameter exist.
     with target_lock(redis, featureset_id):
-        job_id = active_job_id(redis, featureset_id)
-        if job_id is not None:
-            state = job_state(redis, store, job_id)
-            if state["status"] in ("queued", "running"):
-                raise NotReadyError(
-                    f"feature set {featureset_id!r} is being written by job {job_id!r}; run fsck "
-                    "with repair after the job has finished or failed",
-                    field="repair",
-                    value=True,
-                    progress=state["progress"],
-                )
+        busy = busy_job(redis, store, featureset_id)
+        if busy is not None:
+            job_id, status = busy
+            raise NotReadyError(
+                f"feature set {featureset_id!r} is being written by job {job_id!r} ({status}); "
+                "run fsck with repair after the job has finished, failed or been canceled",
+                field="repair",
+                value=True,
+                progress=job_state(redis, store, job_id)["progress"],
+            )
         report = check_featureset(store, featureset_id, repair=True)
     if report["repaired"]:
         logger.warning("feature set %s: fsck repair: %s", featureset_id, report["repaired"])

@@ -27,7 +27,8 @@ from service.jobs import (
     load_job,
     request_cancel,
 )
-from store import Store
+from service.routes.fsck import fsck_featureset
+from store import NotReadyError, Store
 from tests.conftest import wait_job
 from tests.service.test_requeue import _pending_featureset
 
@@ -280,8 +281,12 @@ def test_canceled_job_busy_while_block_runs(redis: Redis, tmp_path: Path) -> Non
     assert _rq_statuses(redis, job_id) == [JobStatus.STARTED] + [JobStatus.CANCELED] * 4
     assert queue.count == 0
     assert busy_job(redis, store, featureset.id) == (job_id, "canceled but still running")
+    # fsck with repair could clear the flags of the block that is still being written.
+    with pytest.raises(NotReadyError, match="canceled but still running"):
+        fsck_featureset(featureset.id, store, redis, repair=True)
     running.set_status(JobStatus.FINISHED)
     assert busy_job(redis, store, featureset.id) is None
+    assert fsck_featureset(featureset.id, store, redis, repair=True).featureset_id == featureset.id
 
     clear_cancel(redis, job_id)
     assert job_state(redis, store, job_id)["status"] != "canceled"
