@@ -33,6 +33,12 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="Address the API binds to.")
     port: int = Field(8000, ge=1, le=65535, description="Port the API listens on (1-65535).")
     device: str = Field("auto", description="Worker device: auto, cpu, cuda or cuda:N.")
+    cpu_bf16: bool = Field(
+        False,
+        description="Worker on a CPU: run ImageGPT extraction under bfloat16 autocast, as on "
+        "CUDA. Faster on CPUs with AMX; features then differ from float32 ones by about 0.5% "
+        "(relative norm per layer).",
+    )
     data_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="Directories local datasets may be read from (comma-separated); "

@@ -205,7 +205,12 @@ def extract_blocks(
     split = load_featureset_split(featureset, settings)
     ref = resolve_for_featureset(featureset, settings, store)
     device = settings.resolved_device()
-    model = load_model(ref, device=device, input_policy=spec.processor.get("input_policy"))
+    model = load_model(
+        ref,
+        device=device,
+        input_policy=spec.processor.get("input_policy"),
+        cpu_bf16=settings.cpu_bf16,
+    )
     batch = batch_size or int(featureset.attrs.get("batch_size") or 0)
     batch = batch or default_batch_size(model, device)
     dim = featureset.features.shape[2]

@@ -51,10 +51,18 @@ class PooledModel(Protocol):
 
 
 def load_model(
-    ref: ModelRef, *, device: str = "cpu", input_policy: str | None = None
+    ref: ModelRef,
+    *,
+    device: str = "cpu",
+    input_policy: str | None = None,
+    cpu_bf16: bool = False,
 ) -> PooledModel:
-    """Return the loaded model of ``ref``, reusing the one this process already holds."""
-    key = (ref.location, ref.revision, f"{device}:{input_policy}")
+    """Return the loaded model of ``ref``, reusing the one this process already holds.
+
+    An ImageGPT forward pass runs under bfloat16 autocast on CUDA, and on a CPU too when
+    ``cpu_bf16`` is set; otherwise in float32. Other families always run in float32.
+    """
+    key = (ref.location, ref.revision, f"{device}:{input_policy}:{cpu_bf16}")
     with _cache_lock:
         cached = _cache.get(key)
         if cached is not None:
@@ -62,7 +70,7 @@ def load_model(
     if ref.family == PIXELS:
         model: PooledModel = PixelsModel(ref)
     elif ref.family == "imagegpt":
-        model = ImageGPTAdapter(ref, device=device, input_policy=input_policy)
+        model = ImageGPTAdapter(ref, device=device, input_policy=input_policy, cpu_bf16=cpu_bf16)
     else:
         model = HiddenStatesAdapter(ref, device=device)
     with _cache_lock:
@@ -206,11 +214,14 @@ class ImageGPTAdapter:
 
     input_key = "input_ids"
 
-    def __init__(self, ref: ModelRef, *, device: str, input_policy: str | None) -> None:
+    def __init__(
+        self, ref: ModelRef, *, device: str, input_policy: str | None, cpu_bf16: bool = False
+    ) -> None:
         from transformers import ImageGPTModel
 
         self.ref = ref
         self.device = torch.device(device)
+        self.autocast = self.device.type == "cuda" or (self.device.type == "cpu" and cpu_bf16)
         self.input_policy = input_policy or ref.default_input_policy
         try:
             model = ImageGPTModel.from_pretrained(
@@ -254,8 +265,7 @@ class ImageGPTAdapter:
             policy=self.input_policy,
             sos_token=self.sos_token,
         )
-        autocast = self.device.type == "cuda"
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             pooled = pooled_hidden_states(self.model, input_ids, layers, pooling)
         return pooled.float()
 

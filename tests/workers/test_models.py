@@ -292,6 +292,23 @@ def test_imagegpt_policies_differ(igpt_paths: dict[str, Path]) -> None:
     assert not torch.allclose(sos, plain)
 
 
+def test_imagegpt_cpu_bf16_close_to_float32(igpt_paths: dict[str, Path]) -> None:
+    """With ``cpu_bf16`` the CPU forward pass runs under bfloat16 autocast, as on CUDA."""
+    from workers.models import load_model
+
+    ref = resolve_model(str(igpt_paths["small"]), models_dir=None, allow_hub=False)
+    images = _digits_images(6)
+    exact = load_model(ref, device="cpu").pooled(images, [0, 1, 2], "mean")
+    bf16 = load_model(ref, device="cpu", cpu_bf16=True).pooled(images, [0, 1, 2], "mean")
+
+    assert bf16.dtype == torch.float32
+    # Layer 0 is the embedding sum, before any matmul: the same in both.
+    torch.testing.assert_close(bf16[0], exact[0])
+    assert not torch.equal(bf16[1:], exact[1:])
+    # bfloat16 keeps 8 bits of mantissa: about 2 significant digits per product.
+    torch.testing.assert_close(bf16, exact, rtol=0.05, atol=0.05)
+
+
 def test_imagegpt_palette_512_clusters(tmp_path: Path) -> None:
     from transformers import ImageGPTConfig, ImageGPTImageProcessor, ImageGPTModel
 
@@ -368,9 +385,13 @@ def extraction(tmp_path: Path) -> Callable[..., Any]:
 
     store = Store(tmp_path / "store")
 
-    def run(path: Path, **options: Any) -> Any:
+    def run(path: Path, *, cpu_bf16: bool = False, **options: Any) -> Any:
         settings = Settings(
-            store=str(tmp_path / "store"), device="cpu", allow_hub=False, model_roots=[path.parent]
+            store=str(tmp_path / "store"),
+            device="cpu",
+            allow_hub=False,
+            model_roots=[path.parent],
+            cpu_bf16=cpu_bf16,
         )
         ref = resolve_model(str(path), models_dir=None, allow_hub=False)
         split = load_split("digits", "test", limit=20, seed=0)
@@ -443,6 +464,21 @@ def test_token_cache_extraction_matches_reference(
         rtol=1e-4,
         atol=1e-5,
     )
+
+
+def test_extraction_uses_cpu_bf16_setting(
+    extraction: Callable[..., Any], igpt_paths: dict[str, Path]
+) -> None:
+    from workers.datasets import load_split
+
+    path = igpt_paths["small"]
+    featureset = extraction(path, cpu_bf16=True, input_policy="plain")
+    images = load_split("digits", "test", limit=20, seed=0).images
+    features = np.asarray(featureset.features[:]).astype(np.float32)
+    expected = reference_pooled(path, images, policy="plain")
+
+    assert not np.allclose(features[1:], expected[1:], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(features, expected, rtol=0.05, atol=0.05)
 
 
 def test_resolve_unknown_model_lists_tried(tmp_path: Path) -> None:
