@@ -282,6 +282,7 @@ def run_probe(probe_id: str) -> dict[str, Any]:
                 class_names=class_names,
                 device=settings.resolved_device(),
                 progress=progress,
+                check=check_canceled,
             )
         for row, layer in zip(kind_rows, spec["layers"], strict=True):
             row["layer"] = layer

@@ -555,6 +555,34 @@ def test_progress_is_reported_per_layer(digits: Digits) -> None:
     assert calls == [(1, 3), (2, 3), (3, 3)]
 
 
+class _Stop(Exception):
+    """Raised by a check to stop a fit."""
+
+
+@pytest.mark.parametrize("engine", ["torch", "sklearn"])
+def test_logistic_check_stops_a_fit_early(digits: Digits, engine: str) -> None:
+    """``check`` runs between iterations (torch) or fits (sklearn), so a run stops inside
+    its first batch of layers instead of after it."""
+    calls: list[int] = []
+    progress: list[int] = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        probe(
+            digits,
+            "logistic",
+            {"engine": engine},
+            progress=lambda done, _total: progress.append(done),
+            check=check,
+        )
+    assert len(calls) == 3
+    assert progress == []
+
+
 def test_torch_engine_reports_progress_per_batch(digits: Digits) -> None:
     calls: list[tuple[int, int]] = []
     probe(

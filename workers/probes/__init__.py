@@ -61,6 +61,7 @@ def fit_probes(
     class_names: list[str] | None = None,
     device: str = "cpu",
     progress: Callable[[int, int], None] | None = None,
+    check: Callable[[], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Fit probes of one kind on several layers and score them on the test items.
 
@@ -87,6 +88,9 @@ def fit_probes(
         on the CPU.
     progress
         Called as ``progress(done, total)`` after each layer or batch of layers.
+    check
+        Called without arguments between the iterations of a fit (the torch logistic engine)
+        or between fits; it stops the run by raising, for instance when its job was canceled.
 
     Returns
     -------
@@ -133,6 +137,7 @@ def fit_probes(
         class_names=class_names,
         device=device,
         progress=progress,
+        check=check,
     )
 
     start = time.perf_counter()

@@ -47,6 +47,7 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +95,7 @@ def _fit_sklearn(task: ProbeTask, s: LogisticSettings) -> list[dict[str, Any]]:
         x_val = scaler.transform(x_train[task.val_part])
         grid = []
         for c in s.c_grid:
+            task.check_running()
             model, converged, n_iter = _sklearn_model(x_fit, y_fit, c, s, notes, "validation fit")
             val_acc = accuracy(y_val, model.predict(x_val))
             grid.append({"C": c, "val_accuracy": val_acc, "converged": converged, "n_iter": n_iter})
@@ -215,7 +217,9 @@ def _fit_torch_batch(
     # Validation: every layer x every C, standardised with the fit part's statistics.
     x_fit, x_val = x_train.index_select(1, fit_idx), x_train.index_select(1, val_idx)  # copies
     fit_cov, whole = _standardise_parts_(x_fit, x_val)
-    val_fit, val_run = _fit_grid(x_fit, y_train[fit_idx], s, task.n_classes, fit_cov)
+    val_fit, val_run = _fit_grid(
+        x_fit, y_train[fit_idx], s, task.n_classes, fit_cov, check=task.check_running
+    )
     del x_fit
     val_pred = val_fit.predict(x_val)  # (n_layers, n_C, n_val)
     val_acc = (val_pred == y_train[val_idx]).double().mean(dim=2).cpu().numpy()
@@ -232,7 +236,7 @@ def _fit_torch_batch(
     pick = torch.from_numpy(best).to(device)
     refit.init_from(val_fit.weight[rows, pick][:, None], val_fit.bias[rows, pick][:, None])
     del val_fit
-    run = refit.minimise(s)
+    run = refit.minimise(s, check=task.check_running)
     train_pred = refit.predict(x_all)[:, 0].cpu().numpy()  # (n_layers, n_train)
     test_pred = refit.predict(x_test)[:, 0].cpu().numpy()  # (n_layers, n_test)
     seconds = (time.perf_counter() - start) / n_layers
@@ -310,7 +314,12 @@ def _read_with_ones(
 
 
 def _fit_grid(
-    x: torch.Tensor, y: torch.Tensor, s: LogisticSettings, n_classes: int, cov: torch.Tensor
+    x: torch.Tensor,
+    y: torch.Tensor,
+    s: LogisticSettings,
+    n_classes: int,
+    cov: torch.Tensor,
+    check: Callable[[], None] | None = None,
 ) -> tuple[_BatchedLogistic, _Run]:
     """Fit every layer of ``x`` (n_layers, n_items, dim) with every value of the C grid.
 
@@ -333,7 +342,7 @@ def _fit_grid(
         if first:
             # (n_layers, 1, dim, k) broadcast over the run's values of C
             part.init_from(fit.weight[:, first - 1 : first], fit.bias[:, first - 1 : first])
-        runs.append(part.minimise(s))
+        runs.append(part.minimise(s, check=check))
         fit.init_from_columns(first, part)
     combined = _Run(
         converged=np.concatenate([r.converged for r in runs], 1),
@@ -689,12 +698,13 @@ class _BatchedLogistic:
 
     # -- solver ------------------------------------------------------------------------------
 
-    def minimise(self, s: LogisticSettings) -> _Run:
+    def minimise(self, s: LogisticSettings, check: Callable[[], None] | None = None) -> _Run:
         """Run one L-BFGS per problem until it meets ``tol``, stalls or reaches max_iter.
 
         Each problem has its own curvature history, step length and backtracking line
         search, so no problem waits for or steers another. Each iteration evaluates every
-        problem still running, with one matmul per layer.
+        problem still running, with one matmul per layer. ``check`` is called before each
+        iteration and stops the run by raising.
         """
         n_layers, n_c = self.theta.shape[:2]
         total = n_layers * n_c
@@ -707,6 +717,8 @@ class _BatchedLogistic:
         best, best_iter = norms.copy(), np.zeros(total, dtype=np.int64)
         live = ~(norms <= s.tol) & (s.max_iter > 0)
         while live.any():
+            if check is not None:
+                check()
             solver.keep(live[solver.ids], flat)
             done, failed = solver.step()
             n_iter[solver.ids[done]] += 1

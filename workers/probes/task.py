@@ -50,6 +50,8 @@ class ProbeTask:
     fit_part: np.ndarray  # indices into train: the part that is fitted during validation
     val_part: np.ndarray  # indices into train: the part that scores each grid value
     progress: Progress | None = None
+    # Called often while a fit runs (between iterations); it raises to stop the fit.
+    check: Callable[[], None] | None = None
 
     @property
     def n_classes(self) -> int:
@@ -62,6 +64,11 @@ class ProbeTask:
     def read_layer(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
         """Train and test features of one stored layer as float32 arrays of shape (n, dim)."""
         return _read(self.train, layer, "train"), _read(self.test, layer, "test")
+
+    def check_running(self) -> None:
+        """Call ``check``, which raises when the fit must stop (its job was canceled)."""
+        if self.check is not None:
+            self.check()
 
     def report_progress(self, done: int) -> None:
         """Tell the caller that ``done`` of the requested layers are finished."""
@@ -187,6 +194,7 @@ def prepare_task(
     class_names: list[str] | None,
     device: str,
     progress: Progress | None,
+    check: Callable[[], None] | None = None,
 ) -> ProbeTask:
     """Validate a probe request and build its :class:`ProbeTask`; reads no features."""
     _check_shapes(train, test)
@@ -239,6 +247,7 @@ def prepare_task(
         fit_part=fit_part,
         val_part=val_part,
         progress=progress,
+        check=check,
     )
 
 
