@@ -25,7 +25,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Dependency, Job, JobStatus
 from rq.registry import CanceledJobRegistry, StartedJobRegistry
 
-from store import FeatureSet, Store
+from store import FeatureSet, NotReadyError, Store
 from store.errors import StoreError
 
 logger = logging.getLogger(__name__)
@@ -94,10 +94,11 @@ def save_job(redis: Redis, job_id: str, *, kind: str, target: str, rq_ids: list[
         "kind": kind,
         "target": target,
         "rq_ids": json.dumps(rq_ids),
-        "created": dt.datetime.now(dt.timezone.utc).isoformat(),
     }
     pipe = redis.pipeline()
     pipe.hset(_key("job", job_id), mapping=record)
+    # A resume saves the record again and keeps the time the job was first created.
+    pipe.hsetnx(_key("job", job_id), "created", dt.datetime.now(dt.timezone.utc).isoformat())
     pipe.set(_key("target", target), job_id)
     pipe.execute()
 
@@ -259,6 +260,15 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
 
     if done:
         status = "finished"
+    elif record.get(CANCELED_FIELD) and kind == "extraction" and featureset is None:
+        status = "canceled"
+        error = {
+            "message": f"feature set {record['target']!r} of this canceled job no longer exists "
+            "(it was deleted), so it cannot be resumed; send the same POST /v1/extractions "
+            "again to extract it again",
+            "field": "featureset_id",
+            "value": record["target"],
+        }
     elif record.get(CANCELED_FIELD):
         status = "canceled"
         error = {
@@ -310,6 +320,40 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
         "created": record["created"],
         "result": result if isinstance(result, dict) else None,
     }
+
+
+def require_complete(
+    redis: Redis, store: Store, featureset: FeatureSet, *, field: str = "featureset_id"
+) -> None:
+    """Raise NotReadyError unless ``featureset`` is complete, saying what its job is doing.
+
+    The message points to the next step: wait for a queued or running job, resume a failed or
+    canceled one, or extract again when no job record is left.
+    """
+    if featureset.is_complete:
+        return
+    progress = featureset.progress()
+    job_id = active_job_id(redis, featureset.id)
+    state: dict[str, Any] | None = None
+    if job_id is not None:
+        try:
+            state = job_state(redis, store, job_id)
+        except JobNotFoundError:
+            state = None
+    if state is None:
+        hint = "no job is writing it; send the same POST /v1/extractions again"
+    elif state["status"] in ("queued", "running"):
+        hint = f"wait for its job {job_id} to finish"
+    else:
+        reason = (state["error"] or {}).get("message") or state["status"]
+        hint = f"its job {job_id} is {state['status']} ({reason})"
+    raise NotReadyError(
+        f"{field} {featureset.id!r} is not complete yet ({progress.blocks_done}/"
+        f"{progress.blocks_total} blocks written); {hint}",
+        field=field,
+        value=featureset.id,
+        progress=progress.as_dict(),
+    )
 
 
 def busy_job(redis: Redis, store: Store, target: str) -> tuple[str, str] | None:

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.auth import requires_scope
 from service.deps import RedisDep, SettingsDep, StoreDep
-from service.jobs import busy_job, target_lock
+from service.jobs import busy_job, require_complete, target_lock
 from service.schemas import FeatureSetPublic, FeatureSetsPublic
 from store import FeatureSet, NotReadyError, Store, check_id
 from store.settings import Settings
@@ -61,6 +61,7 @@ async def read_layer(
     layer: int,
     store: StoreDep,
     settings: SettingsDep,
+    redis: RedisDep,
     start: RowQuery = None,
     stop: RowQuery = None,
     format: FormatQuery = "npy",
@@ -79,7 +80,7 @@ async def read_layer(
             meta = {"featureset_id": featureset_id, "layer": layer, "start": first, "stop": last}
             return _array_response(rows, format, meta)
     return await run_in_threadpool(
-        _read_layer, featureset_id, layer, store, settings, start, stop, format
+        _read_layer, featureset_id, layer, store, settings, redis, start, stop, format
     )
 
 
@@ -88,12 +89,13 @@ def _read_layer(
     layer: int,
     store: Store,
     settings: Settings,
+    redis: Redis,
     start: int | None,
     stop: int | None,
     format: str,
 ) -> Response:
     featureset = store.featureset(featureset_id)
-    featureset.require_complete()
+    require_complete(redis, store, featureset)
     featureset.layer_position(layer)
     first, last = featureset.check_rows(start, stop)
     _check_row_limit(last - first, format, settings.max_rows_per_fetch, settings.max_json_rows)
@@ -145,8 +147,8 @@ def delete_featureset(featureset_id: str, store: StoreDep, redis: RedisDep) -> R
         busy = busy_job(redis, store, featureset_id)
         if busy is not None:
             raise NotReadyError(
-                f"feature set {featureset_id!r} is still being written by job {busy[0]!r}; wait "
-                "for the job to finish or fail, then delete it",
+                f"feature set {featureset_id!r} is still being written by job {busy[0]!r} "
+                f"({busy[1]}); wait until the job has stopped, then delete it",
                 field="featureset_id",
                 value=featureset_id,
             )

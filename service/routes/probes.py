@@ -6,10 +6,16 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Query, Response, status
+from redis import Redis
 
 from service.auth import JobQuotaDep
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
-from service.jobs import not_complete_message, result_status, submit_result_job
+from service.jobs import (
+    not_complete_message,
+    require_complete,
+    result_status,
+    submit_result_job,
+)
 from service.plots import confusion_png, layer_curve_png
 from service.schemas import CurvePublic, ProbeCreate, ProbeCreated, ProbePublic, ProbesPublic
 from store import FeatureSet, NotFoundError, NotReadyError, ProbeSpec, Store, StoreError, check_id
@@ -38,7 +44,7 @@ def create_probe(
     quota: JobQuotaDep,
 ) -> ProbeCreated:
     """Fit probes of one or more kinds on every requested layer, as one job."""
-    spec = _probe_spec(body, store)
+    spec = _probe_spec(body, store, queue.connection)
     probe_id = spec.probe_id()
     submission = submit_result_job(
         store,
@@ -67,21 +73,13 @@ def create_probe(
     )
 
 
-def _probe_spec(body: ProbeCreate, store: Store) -> ProbeSpec:
+def _probe_spec(body: ProbeCreate, store: Store, redis: Redis) -> ProbeSpec:
     check_id(body.train_featureset, field="train_featureset")
     check_id(body.test_featureset, field="test_featureset")
     train = store.featureset(body.train_featureset)
     test = store.featureset(body.test_featureset)
     for field, featureset in (("train_featureset", train), ("test_featureset", test)):
-        if not featureset.is_complete:
-            progress = featureset.progress()
-            raise NotReadyError(
-                f"{field} {featureset.id!r} is not complete yet ({progress.blocks_done}/"
-                f"{progress.blocks_total} blocks written); probe it when its job has finished",
-                field=field,
-                value=featureset.id,
-                progress=progress.as_dict(),
-            )
+        require_complete(redis, store, featureset, field=field)
     if test.id == train.id:
         raise StoreError(
             f"test_featureset {test.id!r} is the train_featureset, and test accuracy on the "

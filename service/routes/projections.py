@@ -11,7 +11,12 @@ from fastapi import APIRouter, Response, status
 
 from service.auth import JobQuotaDep
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
-from service.jobs import not_complete_message, result_status, submit_result_job
+from service.jobs import (
+    not_complete_message,
+    require_complete,
+    result_status,
+    submit_result_job,
+)
 from service.plots import scatter_png
 from service.schemas import (
     ProjectionCreate,
@@ -50,7 +55,7 @@ def create_projection(
     """Project a stratified subsample of one layer to 2-D, as one job."""
     check_id(body.featureset, field="featureset")
     featureset = store.featureset(body.featureset)
-    featureset.require_complete()
+    require_complete(queue.connection, store, featureset, field="featureset")
     featureset.layer_position(body.layer)
     # More points than items means all items; the id is computed from the count actually used.
     n_points = min(body.n_points, featureset.n_items)

@@ -120,10 +120,15 @@ def test_cancel_queued_extraction_then_resume(
     with pytest.raises(ClientError) as not_ready:
         client.layer_array(featureset_id, 0)
     assert not_ready.value.status_code == 409
+    # The 409 names the canceled job and its resume, not a wait for a job that will not run.
+    assert f"its job {job_id} is canceled" in str(not_ready.value)
+    assert f"POST /v1/jobs/{job_id}/resume" in str(not_ready.value)
 
     resumed = client.request("POST", f"/v1/jobs/{job_id}/resume")
 
     assert resumed.status_code == 202
+    # A resume keeps the time the job was created.
+    assert resumed.json()["created"] == canceled["created"]
     assert resumed.json()["status"] in ("queued", "running")
     # Only the blocks missing at the resume are queued, plus one finalize job.
     assert len(load_job(redis, job_id)["rq_ids"]) == 30 - written + 1
@@ -259,6 +264,11 @@ def test_canceled_extraction_allows_new_post_and_delete(
     with pytest.raises(ClientError) as gone:
         client.featureset(first["featureset_id"])
     assert gone.value.status_code == 404
+    # The canceled job now points to a new POST, since a resume has no feature set to fill.
+    orphan = client.job(again["job_id"])
+    assert orphan["status"] == "canceled"
+    assert "send the same POST /v1/extractions again" in orphan["error"]["message"]
+    assert orphan["error"]["field"] == "featureset_id"
 
 
 def test_canceled_job_busy_while_block_runs(redis: Redis, tmp_path: Path) -> None:
