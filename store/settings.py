@@ -150,7 +150,8 @@ def load_settings(**values: Any) -> Settings:
         for error in errors:
             field = ".".join(str(part) for part in error["loc"])
             name = field if field in values else env_var_name(field)
-            problems.append(f"invalid {name}={error['input']!r}: {error['msg']}")
+            hint = "; use true or false" if error["type"] == "bool_parsing" else ""
+            problems.append(f"invalid {name}={error['input']!r}: {error['msg']}{hint}")
         first_field = ".".join(str(part) for part in errors[0]["loc"]) if errors else None
         raise SettingsError("; ".join(problems), field=first_field) from None
 

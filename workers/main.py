@@ -64,6 +64,12 @@ def main(argv: list[str] | None = None) -> None:
     add_log_level_argument(parser)
     args = parser.parse_args(argv)
     configure_logging(args.log_level)
+    device = settings.resolved_device()
+    # CUDA always computes ImageGPT features under bfloat16 autocast; a CPU only with the setting.
+    bf16 = device.startswith("cuda") or settings.cpu_bf16
+    logger.info(
+        "worker device %s, ImageGPT forward pass in %s", device, "bfloat16" if bf16 else "float32"
+    )
     run_worker(
         args.redis_url,
         args.queue,

@@ -15,6 +15,8 @@ from store.settings import SettingsError, load_settings
         ("REDIS_URL", "foo://x", "redis://, rediss://, unix://"),
         ("REDIS_URL", "redis://127.0.0.1:notaport/0", "Port could not be cast"),
         ("REDIS_URL", "", "redis://, rediss://, unix://"),
+        ("LAYERBANK_CPU_BF16", "maybe", "use true or false"),
+        ("LAYERBANK_ALLOW_HUB", "2", "use true or false"),
     ],
 )
 def test_settings_invalid_value_named(
