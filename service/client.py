@@ -17,7 +17,20 @@ from typing import Any
 import httpx
 import numpy as np
 
+from store.ids import InvalidIdError, check_id
+
 TERMINAL = ("finished", "failed", "canceled")
+
+
+def _path_id(value: str, field: str) -> str:
+    """Return ``value`` for use in a URL path; an invalid id raises the 422 the API would give.
+
+    Checked here because httpx resolves a value such as ``../x`` before the API sees it.
+    """
+    try:
+        return check_id(value, field=field)
+    except InvalidIdError as exc:
+        raise ClientError(422, {"message": str(exc), "field": field, "value": value}) from None
 
 
 class ClientError(Exception):
@@ -147,10 +160,10 @@ class Client:
         return self._json("POST", "/v1/probes", json=body)
 
     def job(self, job_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/v1/jobs/{job_id}")
+        return self._json("GET", f"/v1/jobs/{_path_id(job_id, 'job_id')}")
 
     def cancel(self, job_id: str) -> dict[str, Any]:
-        return self._json("POST", f"/v1/jobs/{job_id}/cancel")
+        return self._json("POST", f"/v1/jobs/{_path_id(job_id, 'job_id')}/cancel")
 
     def wait(
         self,
@@ -179,7 +192,7 @@ class Client:
             time.sleep(poll)
 
     def featureset(self, featureset_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/v1/featuresets/{featureset_id}")
+        return self._json("GET", f"/v1/featuresets/{_path_id(featureset_id, 'featureset_id')}")
 
     def featuresets(self) -> list[dict[str, Any]]:
         return self._json("GET", "/v1/featuresets")["data"]
@@ -189,7 +202,7 @@ class Client:
     ) -> np.ndarray:
         """Return one layer as a numpy array of shape (rows, dim)."""
         params = {k: v for k, v in (("start", start), ("stop", stop)) if v is not None}
-        path = f"/v1/featuresets/{featureset_id}/layers/{layer}"
+        path = f"/v1/featuresets/{_path_id(featureset_id, 'featureset_id')}/layers/{layer}"
         with self.stream("GET", path, params=params) as response:
             try:
                 return _read_npy(response.iter_bytes())
@@ -207,22 +220,26 @@ class Client:
                 ) from exc
 
     def labels(self, featureset_id: str) -> np.ndarray:
-        response = self.request("GET", f"/v1/featuresets/{featureset_id}/labels")
+        response = self.request(
+            "GET", f"/v1/featuresets/{_path_id(featureset_id, 'featureset_id')}/labels"
+        )
         return np.load(io.BytesIO(response.content), allow_pickle=False)
 
     def probe_result(self, probe_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/v1/probes/{probe_id}")
+        return self._json("GET", f"/v1/probes/{_path_id(probe_id, 'probe_id')}")
 
     def curve(self, probe_id: str) -> dict[str, Any]:
-        return self._json("GET", f"/v1/probes/{probe_id}/curve")
+        return self._json("GET", f"/v1/probes/{_path_id(probe_id, 'probe_id')}/curve")
 
     def curve_png(self, probe_id: str, *, baseline: float | None = None) -> bytes:
         params = {"baseline": baseline} if baseline is not None else {}
-        return self.request("GET", f"/v1/probes/{probe_id}/curve.png", params=params).content
+        return self.request(
+            "GET", f"/v1/probes/{_path_id(probe_id, 'probe_id')}/curve.png", params=params
+        ).content
 
     def fsck(self, featureset_id: str) -> dict[str, Any]:
         """Run the consistency check of a feature set and return its report."""
-        return self._json("GET", f"/v1/featuresets/{featureset_id}/fsck")
+        return self._json("GET", f"/v1/featuresets/{_path_id(featureset_id, 'featureset_id')}/fsck")
 
     def projection(
         self,
@@ -245,10 +262,12 @@ class Client:
 
     def projection_result(self, projection_id: str) -> dict[str, Any]:
         """Return a projection with its coordinates (n_points, 2), item indices and labels."""
-        return self._json("GET", f"/v1/projections/{projection_id}")
+        return self._json("GET", f"/v1/projections/{_path_id(projection_id, 'projection_id')}")
 
     def projection_png(self, projection_id: str) -> bytes:
-        return self.request("GET", f"/v1/projections/{projection_id}.png").content
+        return self.request(
+            "GET", f"/v1/projections/{_path_id(projection_id, 'projection_id')}.png"
+        ).content
 
 
 def _error_detail(response: httpx.Response) -> Any:

@@ -56,3 +56,23 @@ def test_read_npy_long_body_raises() -> None:
 def test_read_npy_not_npy_raises() -> None:
     with pytest.raises(ValueError, match="not an .npy array"):
         _read_npy([b'{"detail": "not an array"}'])
+
+
+@pytest.mark.parametrize("bad_id", ["../../etc", "a b", "ABC"])
+def test_client_rejects_invalid_path_ids(bad_id: str) -> None:
+    """An id that is not one is a 422 naming the field, before httpx resolves ``..`` in it."""
+    from service.client import Client, ClientError
+
+    # Nothing listens on this address: the check must fail before any request is sent.
+    client = Client("http://127.0.0.1:9", retries=0)
+    for call, field in (
+        (client.cancel, "job_id"),
+        (client.featureset, "featureset_id"),
+        (client.curve, "probe_id"),
+        (client.projection_result, "projection_id"),
+    ):
+        with pytest.raises(ClientError) as caught:
+            call(bad_id)
+        assert caught.value.status_code == 422
+        assert caught.value.detail["field"] == field
+        assert repr(bad_id) in str(caught.value)
