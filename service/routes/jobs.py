@@ -24,6 +24,9 @@ from store import Store, check_id
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
+# Store group of the result each kind of single job writes.
+RESULT_GROUPS = {"probe": "probes", "projection": "projections"}
+
 
 @router.get("/{job_id}", response_model=JobPublic)
 def read_job(job_id: str, store: StoreDep, redis: RedisDep) -> JobPublic:
@@ -75,8 +78,17 @@ def resume_job(
 ) -> JobPublic:
     """Queue a failed or canceled job again (only the missing blocks of an extraction).
 
-    Returns 200 with the job unchanged when it is queued, running or finished.
+    Returns 200 with the job unchanged when it is queued, running or finished, or when a later
+    job of the same probe or projection request has completed its result.
     """
+    check_id(job_id, field="job_id")
+    record = load_job(redis, job_id)
+    group = RESULT_GROUPS.get(record["kind"])
+    stored = store.read_result(group, record["target"]) if group else None
+    if stored is not None and stored.get("status") == "complete":
+        # A later POST of the same request computed the result: nothing is left to resume.
+        response.status_code = status.HTTP_200_OK
+        return JobPublic.model_validate(job_state(redis, store, job_id))
 
     def resume(record: dict[str, Any]) -> None:
         quota.check()

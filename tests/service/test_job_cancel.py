@@ -23,6 +23,7 @@ from service.jobs import (
     busy_job,
     clear_cancel,
     enqueue_extraction,
+    enqueue_single,
     job_state,
     load_job,
     request_cancel,
@@ -344,3 +345,24 @@ def test_client_wait_raises_on_canceled_job(client: Client, redis: Redis, tiny_m
         client.wait(answer["job_id"], timeout=10)
     assert f"job {answer['job_id']} was canceled: canceled by request at " in str(info.value)
     assert client.job(answer["job_id"])["status"] in ENDED
+
+
+def test_resume_of_superseded_canceled_probe_is_200(
+    client: Client, redis: Redis, stack_dirs: dict[str, Path]
+) -> None:
+    """A canceled probe job whose result a later job completed has nothing left to resume."""
+    probe_id = uuid.uuid4().hex[:24]
+    # The job goes to the workers' queue under a name no worker serves, so it stays queued.
+    queue = Queue(f"cancel-{uuid.uuid4().hex[:8]}", connection=redis)
+    job_id = enqueue_single(
+        queue, "workers.jobs.run_probe", (probe_id,), kind="probe", target=probe_id, timeout=60
+    )
+    assert _cancel(client, job_id).json()["status"] == "canceled"
+    Store(stack_dirs["store"]).write_result("probes", probe_id, {"status": "complete"})
+
+    response = client.request("POST", f"/v1/jobs/{job_id}/resume")
+
+    assert response.status_code == 200
+    assert response.json()["status"] == "canceled"
+    assert queue.count == 0
+    queue.delete(delete_jobs=True)
