@@ -725,3 +725,12 @@ def test_error_unavailable_device(digits: Digits) -> None:
     error = probe_error(digits, "knn", device="cuda:7")
     assert error.field == "device"
     assert "'cuda:7'" in str(error)
+
+
+@pytest.mark.parametrize("name", ["dtype", "layer_batch", "history_size", "c_batch"])
+def test_error_torch_param_with_sklearn_engine(digits: Digits, name: str) -> None:
+    value = "float32" if name == "dtype" else 2
+    error = probe_error(digits, params={name: value})
+    assert error.field == name
+    assert "engine 'torch' only" in str(error)
+    assert '"engine": "torch"' in str(error)

@@ -38,6 +38,8 @@ DEFAULT_MAX_ITER = {"sklearn": 5000, "torch": 1000}
 # engines choose the optimum's C there. The torch engine's iterations are cheap, so it
 # defaults to 1e-6.
 DEFAULT_TOL = {"sklearn": 1e-5, "torch": 1e-6}
+# Parameters of the torch engine that the sklearn engine has no use for.
+TORCH_ONLY_PARAMS = ("dtype", "layer_batch", "history_size", "c_batch")
 LOGISTIC_PARAMS = ("C", "max_iter", "tol", "dtype", "layer_batch", "history_size", "c_batch")
 DEFAULT_HISTORY = 20
 
@@ -60,6 +62,15 @@ def read_logistic_settings(params: dict[str, Any]) -> LogisticSettings:
     """Validate ``params`` of a logistic probe (see :func:`workers.probes.fit_probes`)."""
     check_known(params, "logistic", LOGISTIC_PARAMS)
     engine = read_choice(params, "engine", "sklearn", ENGINES)
+    if engine != "torch":
+        for name in TORCH_ONLY_PARAMS:
+            if name in params:
+                raise ProbeError(
+                    f"logistic param {name!r} applies to engine 'torch' only, and engine is "
+                    f'{engine!r}; add "engine": "torch" or remove {name!r}',
+                    field=name,
+                    value=params[name],
+                )
     c_grid, _ = read_grid(params, "C", DEFAULT_C_GRID)
     max_iter = read_int(params, "max_iter", DEFAULT_MAX_ITER[engine])
     tol = read_float(params, "tol", DEFAULT_TOL[engine], low=0.0, low_open=True)
