@@ -256,6 +256,8 @@ def run_probe(probe_id: str) -> dict[str, Any]:
     started = time.perf_counter()
     rows: list[dict[str, Any]] = []
     total = len(spec["kinds"]) * len(positions)
+    # Shown from the start: the torch engine reports progress only when a batch of layers ends.
+    _set_meta(progress={"done": 0, "total": total})
     check_canceled = CancelCheck()
 
     # The engines read the Zarr arrays one layer (or one batch of layers) at a time. Memory then
