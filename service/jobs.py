@@ -356,6 +356,44 @@ def require_complete(
     )
 
 
+def list_jobs(
+    redis: Redis,
+    store: Store,
+    *,
+    status: str | None = None,
+    kind: str | None = None,
+    limit: int = 100,
+) -> list[dict[str, Any]]:
+    """Return the states of the recorded jobs, newest first, at most ``limit`` of them.
+
+    ``status`` and ``kind`` keep only the jobs with that status or kind. Every job record is
+    read, so the cost grows with the number of jobs Redis keeps.
+    """
+    job_ids = [
+        _text(key).rsplit(":", 1)[1] for key in redis.scan_iter(match=_key("job", "*"), count=1000)
+    ]
+    pipe = redis.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hmget(_key("job", job_id), ["created", "kind"])
+    fields = pipe.execute()
+    recorded = [
+        (_text(created), job_id)
+        for job_id, (created, job_kind) in zip(job_ids, fields, strict=True)
+        if created is not None and (kind is None or _text(job_kind) == kind)
+    ]
+    states = []
+    for _, job_id in sorted(recorded, reverse=True):
+        try:
+            state = job_state(redis, store, job_id)
+        except JobNotFoundError:
+            continue  # deleted while this ran
+        if status is None or state["status"] == status:
+            states.append(state)
+            if len(states) == limit:
+                break
+    return states
+
+
 def busy_job(redis: Redis, store: Store, target: str) -> tuple[str, str] | None:
     """Return (job id, status) of the job of ``target`` while it is queued or running, else None.
 

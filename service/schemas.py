@@ -86,6 +86,11 @@ class JobPublic(BaseModel):
     result: dict[str, Any] | None = None
 
 
+class JobsPublic(BaseModel):
+    data: list[JobPublic]
+    count: int
+
+
 class FeatureSetPublic(BaseModel):
     featureset_id: str
     status: str

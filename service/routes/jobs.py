@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Response, status
+from fastapi import APIRouter, Query, Response, status
 from redis import Redis
 
 from service.auth import JobQuotaDep, requires_scope
@@ -14,18 +14,42 @@ from service.jobs import (
     clear_cancel,
     enqueue_extraction,
     job_state,
+    list_jobs,
     load_job,
     request_cancel,
     requeue_failed,
     target_lock,
 )
-from service.schemas import JobPublic
+from service.schemas import JobPublic, JobsPublic
 from store import Store, check_id
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
+StatusQuery = Annotated[
+    Literal["queued", "running", "finished", "failed", "canceled"] | None,
+    Query(description="only jobs with this status"),
+]
+KindQuery = Annotated[
+    Literal["extraction", "probe", "projection", "pretrain"] | None,
+    Query(description="only jobs of this kind"),
+]
+LimitQuery = Annotated[int, Query(ge=1, le=1000, description="most jobs returned (1-1000)")]
+
 # Store group of the result each kind of single job writes.
 RESULT_GROUPS = {"probe": "probes", "projection": "projections"}
+
+
+@router.get("", response_model=JobsPublic)
+def list_recent_jobs(
+    store: StoreDep,
+    redis: RedisDep,
+    status: StatusQuery = None,
+    kind: KindQuery = None,
+    limit: LimitQuery = 100,
+) -> JobsPublic:
+    """List jobs, newest first, optionally of one status or kind."""
+    jobs = list_jobs(redis, store, status=status, kind=kind, limit=limit)
+    return JobsPublic(data=[JobPublic.model_validate(job) for job in jobs], count=len(jobs))
 
 
 @router.get("/{job_id}", response_model=JobPublic)

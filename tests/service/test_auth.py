@@ -27,6 +27,7 @@ EMPTY_DB = 6
 # test_auth_every_route_has_expected_scope, so a new route cannot ship without a decision.
 EXPECTED_SCOPE: dict[tuple[str, str], str] = {
     ("POST", "/v1/extractions"): "write",
+    ("GET", "/v1/jobs"): "read",
     ("GET", "/v1/jobs/{job_id}"): "read",
     ("POST", "/v1/jobs/{job_id}/resume"): "write",
     ("POST", "/v1/jobs/{job_id}/cancel"): "write",

@@ -366,3 +366,47 @@ def test_resume_of_superseded_canceled_probe_is_200(
     assert response.json()["status"] == "canceled"
     assert queue.count == 0
     queue.delete(delete_jobs=True)
+
+
+def test_list_jobs_newest_first_and_filtered(client: Client, redis: Redis) -> None:
+    # Jobs on a queue no worker serves stay queued until the test cancels them.
+    queue = Queue(f"list-{uuid.uuid4().hex[:8]}", connection=redis)
+    probe_target, projection_target = uuid.uuid4().hex[:24], uuid.uuid4().hex[:24]
+    older = enqueue_single(
+        queue,
+        "workers.jobs.run_probe",
+        (probe_target,),
+        kind="probe",
+        target=probe_target,
+        timeout=60,
+    )
+    newer = enqueue_single(
+        queue,
+        "workers.jobs.run_projection",
+        (projection_target,),
+        kind="projection",
+        target=projection_target,
+        timeout=60,
+    )
+    _cancel(client, older)
+
+    def listed(**params: Any) -> list[dict[str, Any]]:
+        answer = client.request("GET", "/v1/jobs", params={"limit": 1000, **params}).json()
+        assert answer["count"] == len(answer["data"])
+        return answer["data"]
+
+    every = [job["job_id"] for job in listed()]
+    assert every.index(newer) < every.index(older)
+    canceled = listed(status="canceled")
+    assert older in [job["job_id"] for job in canceled]
+    assert {job["status"] for job in canceled} == {"canceled"}
+    projections = listed(kind="projection")
+    assert newer in [job["job_id"] for job in projections]
+    assert {job["kind"] for job in projections} == {"projection"}
+    assert len(client.request("GET", "/v1/jobs", params={"limit": 1}).json()["data"]) == 1
+    with pytest.raises(ClientError) as bad:
+        client.request("GET", "/v1/jobs", params={"status": "done"})
+    assert bad.value.status_code == 422
+    assert bad.value.detail["field"] == "status"
+    _cancel(client, newer)
+    queue.delete(delete_jobs=True)
