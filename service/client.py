@@ -25,7 +25,7 @@ TERMINAL = ("finished", "failed", "canceled")
 def _path_id(value: str, field: str) -> str:
     """Return ``value`` for use in a URL path; an invalid id raises the 422 the API would give.
 
-    Checked here because httpx resolves a value such as ``../x`` before the API sees it.
+    Checked here because httpx resolves a value such as ``../x`` before the API receives it.
     """
     try:
         return check_id(value, field=field)

@@ -33,7 +33,7 @@ _stores: dict[str, Store] = {}
 # Redis hash the API's GET /metrics reads; key and field names must match service.metrics, which
 # this module cannot import (nothing imports service).
 METRICS_KEY = "layerbank:metrics"
-# Hash of a layerbank job and its field that contains the time of a cancel; the names must match
+# Hash of a layerbank job and its field that contains the time of a cancel. The names must match
 # service.jobs, which this module cannot import.
 JOB_RECORD_KEY = "layerbank:job:{}"
 CANCELED_FIELD = "canceled"

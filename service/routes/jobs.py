@@ -33,7 +33,9 @@ KindQuery = Annotated[
     Literal["extraction", "probe", "projection", "pretrain"] | None,
     Query(description="only jobs of this kind"),
 ]
-LimitQuery = Annotated[int, Query(ge=1, le=1000, description="most jobs returned (1-1000)")]
+LimitQuery = Annotated[
+    int, Query(ge=1, le=1000, description="maximum number of jobs returned (1-1000)")
+]
 
 # Store group of the result each kind of single job writes.
 RESULT_GROUPS = {"probe": "probes", "projection": "projections"}
@@ -105,14 +107,12 @@ def resume_job(
     Returns 200 with the job unchanged when it is queued, running or finished, or when a later
     job of the same probe or projection request has completed its result.
     """
-    check_id(job_id, field="job_id")
-    record = load_job(redis, job_id)
-    group = RESULT_GROUPS.get(record["kind"])
-    stored = store.read_result(group, record["target"]) if group else None
-    if stored is not None and stored.get("status") == "complete":
-        # A later POST of the same request computed the result: nothing is left to resume.
-        response.status_code = status.HTTP_200_OK
-        return JobPublic.model_validate(job_state(redis, store, job_id))
+
+    def result_complete(record: dict[str, Any]) -> bool:
+        # A later POST of the same probe or projection request may have computed the result.
+        group = RESULT_GROUPS.get(record["kind"])
+        stored = store.read_result(group, record["target"]) if group else None
+        return stored is not None and stored.get("status") == "complete"
 
     def resume(record: dict[str, Any]) -> None:
         quota.check()
@@ -124,7 +124,15 @@ def resume_job(
             requeue_failed(redis, job_id)
         quota.record(job_id)
 
-    return _change_job(job_id, response, store, redis, when=("failed", "canceled"), change=resume)
+    return _change_job(
+        job_id,
+        response,
+        store,
+        redis,
+        when=("failed", "canceled"),
+        change=resume,
+        unchanged=result_complete,
+    )
 
 
 def _change_job(
@@ -135,18 +143,20 @@ def _change_job(
     *,
     when: tuple[str, ...],
     change: Callable[[dict[str, Any]], object],
+    unchanged: Callable[[dict[str, Any]], bool] | None = None,
 ) -> JobPublic:
     """Apply ``change`` to the job's record if the job's status is in ``when``; return its state.
 
-    Otherwise the response becomes a 200 with the job unchanged. The state is read and changed
-    under the lock of the job's target, so a cancel, a resume or a new POST for the same target
-    that arrives at the same time finds what this one queued or canceled.
+    Otherwise, or when ``unchanged(record)`` is true, the response becomes a 200 with the job
+    unchanged. The state is read and changed under the lock of the job's target, so a cancel,
+    a resume or a new POST for the same target that arrives at the same time finds what this
+    one queued or canceled.
     """
     check_id(job_id, field="job_id")
     record = load_job(redis, job_id)
     with target_lock(redis, record["target"]):
         state = job_state(redis, store, job_id)
-        if state["status"] not in when:
+        if state["status"] not in when or (unchanged is not None and unchanged(record)):
             response.status_code = status.HTTP_200_OK
             return JobPublic.model_validate(state)
         change(record)

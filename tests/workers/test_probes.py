@@ -268,7 +268,7 @@ def test_torch_objective_matches_sklearn_solution(
 
 
 class _SubnormalWatch(TorchFunctionMode):
-    """Records every torch operation whose floating-point result holds a subnormal number."""
+    """Recorder of every torch operation whose floating-point result contains a subnormal."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -287,9 +287,7 @@ class _SubnormalWatch(TorchFunctionMode):
 
 
 @pytest.mark.parametrize("n_classes", [10, 2])
-def test_torch_objective_of_a_confident_fit_is_exact_without_subnormals(
-    digits: Digits, n_classes: int
-) -> None:
+def test_confident_objective_exact_without_subnormals(digits: Digits, n_classes: int) -> None:
     """Large weights push most float32 probabilities below the smallest normal number, where
     CPUs compute 20 to 100 times slower. The objective keeps them out and stays exact."""
     keep = digits["y_train"] < n_classes if n_classes > 2 else np.isin(digits["y_train"], [3, 8])

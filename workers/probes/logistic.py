@@ -630,7 +630,7 @@ class _BatchedLogistic:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Sum the cross-entropy (m,) and its gradient (m * k, dim + 1) over items ``x``.
 
-        ``w`` holds the weights of the m problems as rows (m * k, dim + 1), possibly followed
+        ``w`` contains the weights of the m problems as rows (m * k, dim + 1), possibly followed
         by rows of zeros. The sums are float64.
         """
         n = x.shape[0]
