@@ -462,6 +462,16 @@ class FeatureSet:
         start, stop = self.check_rows(start, stop)
         return np.asarray(self.labels_array[start:stop])
 
+    def read_item_ids(self) -> np.ndarray:
+        """Return the dataset position of every item, int64 of shape (n_items,)."""
+        return np.asarray(self.item_ids_array[:])
+
+    @property
+    def ids_span_splits(self) -> bool:
+        """Whether an item id names the same item in every split of the dataset (False for
+        feature sets created before this was recorded)."""
+        return bool(self.attrs.get("item_ids_span_splits", False))
+
     def check_rows(self, start: int | None, stop: int | None) -> tuple[int, int]:
         """Return the validated [start, stop) row range; None means the ends."""
         n = self.n_items
@@ -518,6 +528,7 @@ def create_featureset(
     class_names: list[str],
     block_rows: int | None = None,
     n_tokens: int | None = None,
+    ids_span_splits: bool = False,
 ) -> FeatureSet:
     """Create the group of ``spec`` with preallocated arrays, or return the existing one.
 
@@ -527,6 +538,9 @@ def create_featureset(
         One entry per stored layer, ``{"layer": i, "description": ...}``, in spec order.
     labels, item_ids
         Arrays of shape (n_items,).
+    ids_span_splits
+        Whether an item id names the same item in every split of the dataset, so that the
+        items two feature sets of different splits share can be found.
     n_tokens
         Sequence length of the token-level features; required when ``spec.token_layers`` is
         not empty. Without ``block_rows``, blocks are then made small enough that one block of
@@ -610,6 +624,7 @@ def create_featureset(
             "spec": spec.model_dump(),
             "layer_map": layer_map,
             "class_names": class_names,
+            "item_ids_span_splits": ids_span_splits,
             "block_rows": rows,
             "n_blocks": n_blocks,
             "status": STATUS_PENDING,

@@ -137,3 +137,13 @@ def wait_job(client: Any, job_id: str | None, timeout: float = 300.0) -> dict[st
             return state
         time.sleep(0.2)
     raise TimeoutError(f"job {job_id} did not finish within {timeout}s")
+
+
+def rq_starts(logs: Path, rq_id: str) -> int:
+    """Count the starts of rq job ``rq_id`` in the session workers' logs."""
+    return sum(
+        line.rstrip().endswith(" started")
+        for path in logs.glob("worker-*.log")
+        for line in path.read_text().splitlines()
+        if f"(rq {rq_id}): " in line
+    )

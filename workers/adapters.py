@@ -34,8 +34,8 @@ from transformers.models.imagegpt.modeling_imagegpt import ImageGPTBlock
 from workers.errors import ProbeError
 from workers.imagegpt import _layer_norm, _pool
 from workers.probes.metrics import accuracy, classification_metrics
-from workers.probes.params import check_known, read_float, read_int
-from workers.probes.task import DEFAULT_VAL_FRACTION, stratified_split
+from workers.probes.settings import ADAPTER_PARAMS, read_adapter_settings, read_val_fraction
+from workers.probes.task import stratified_split
 
 __all__ = [
     "ADAPTER_PARAMS",
@@ -46,12 +46,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-ADAPTER_PARAMS = ("bottleneck", "epochs", "lr", "weight_decay", "batch_size")
-DEFAULT_BOTTLENECK = 64
-DEFAULT_EPOCHS = 10
-DEFAULT_LR = 1e-3
-DEFAULT_BATCH_SIZE = 64
 
 
 def adapter_parameter_count(dim: int, bottleneck: int) -> int:
@@ -275,21 +269,10 @@ def fit_adapter(
         metrics, ``params``, ``grid`` with the validation accuracy per epoch) plus
         ``trainable_parameters`` (per part, see `AdaptedImageGPT.parameter_counts`).
     """
-    check_known(params, "adapter", ADAPTER_PARAMS)
-    bottleneck = read_int(params, "bottleneck", DEFAULT_BOTTLENECK, low=1, high=65536)
-    epochs = read_int(params, "epochs", DEFAULT_EPOCHS, low=1, high=10_000)
-    lr = read_float(params, "lr", DEFAULT_LR, low=0.0, high=1.0, low_open=True)
-    weight_decay = read_float(params, "weight_decay", 0.0, low=0.0)
-    batch_size = read_int(params, "batch_size", DEFAULT_BATCH_SIZE, low=1, high=65536)
-    fraction = read_float(
-        params,
-        "val_fraction",
-        DEFAULT_VAL_FRACTION,
-        low=0.0,
-        high=1.0,
-        low_open=True,
-        high_open=True,
-    )
+    settings = read_adapter_settings(params)
+    bottleneck, epochs, batch_size = settings.bottleneck, settings.epochs, settings.batch_size
+    lr, weight_decay = settings.lr, settings.weight_decay
+    fraction = read_val_fraction(params)
     classes = np.unique(y_train)
     unseen = np.setdiff1d(np.unique(y_test), classes)
     if len(classes) < 2 or len(unseen):

@@ -27,7 +27,15 @@ class WorkersError(Exception):
         or None when no single field is to blame.
     value
         The offending value as the caller gave it.
+
+    Attributes
+    ----------
+    permanent
+        Whether running the same job again must fail the same way (a bad parameter, a path
+        outside the allowed roots). A worker does not retry a job that raised such an error.
     """
+
+    permanent = False
 
     def __init__(self, message: str, *, field: str | None = None, value: object = None) -> None:
         super().__init__(message)
@@ -50,9 +58,13 @@ class ModelError(WorkersError):
 class ProbeError(WorkersError):
     """Raised when a probe request cannot be fitted on the given features."""
 
+    permanent = True
+
 
 class PathNotAllowedError(WorkersError):
     """Raised when a path resolves outside the configured roots."""
+
+    permanent = True
 
 
 class BusyError(WorkersError):

@@ -161,6 +161,8 @@ def recorded_errors(func: F) -> F:
         except (WorkersError, StoreError) as exc:
             logger.exception("job %s (rq %s): %s(%s) failed", *ids)
             _set_meta(error=_error_meta(exc))
+            if job is not None and getattr(exc, "permanent", False):
+                job.retries_left = 0  # a retry would fail the same way
             raise
         except Exception as exc:
             logger.exception("job %s (rq %s): %s(%s) failed", *ids)

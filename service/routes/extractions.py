@@ -142,6 +142,7 @@ def create_extraction(
                 labels=split.labels,
                 item_ids=split.item_ids,
                 class_names=split.class_names,
+                ids_span_splits=split.ids_span_splits,
                 block_rows=body.block_rows,
                 n_tokens=ref.n_tokens if token_layers else None,
             )

@@ -89,6 +89,7 @@ def _probe_spec(body: ProbeCreate, store: Store, redis: Redis) -> ProbeSpec:
             field="test_featureset",
             value=test.id,
         )
+    _check_disjoint(train, test)
     train_spec, test_spec = train.spec.model_dump(), test.spec.model_dump()
     for name in MATCHING_FIELDS:
         if train_spec[name] != test_spec[name]:
@@ -130,6 +131,14 @@ def _probe_spec(body: ProbeCreate, store: Store, redis: Redis) -> ProbeSpec:
             )
     if not kinds or len(set(kinds)) != len(kinds):
         raise StoreError("kind must name each probe kind once", field="kind", value=body.kind)
+    if "adapter" in kinds and train.spec.model_family != "imagegpt":
+        raise StoreError(
+            f"adapter probes need an ImageGPT model, but feature set {train.id!r} comes from "
+            f"{train.spec.model!r}, a {train.spec.model_family} model; use kind logistic, knn "
+            "or mlp for it",
+            field="kind",
+            value="adapter",
+        )
     params = _params_by_kind(body.params, kinds)
     for kind, kind_params in params.items():
         # The engines' own readers, without torch: a bad parameter fails before queueing.
@@ -142,6 +151,31 @@ def _probe_spec(body: ProbeCreate, store: Store, redis: Redis) -> ProbeSpec:
         params=params,
         seed=body.seed,
     )
+
+
+def _check_disjoint(train: FeatureSet, test: FeatureSet) -> None:
+    """Raise if ``test`` holds items of ``train``, as far as their item ids tell.
+
+    Ids are compared when both sets come from the same dataset and either the same split or
+    a dataset whose ids name the same item in every split (the built-in digits).
+    """
+    same_split = train.spec.split == test.spec.split
+    comparable = train.spec.dataset == test.spec.dataset and (
+        same_split or (train.ids_span_splits and test.ids_span_splits)
+    )
+    if not comparable:
+        return
+    shared = np.intersect1d(train.read_item_ids(), test.read_item_ids()).size
+    if shared:
+        raise StoreError(
+            f"test_featureset {test.id!r} shares {shared} of its {test.n_items} items with "
+            f"train_featureset {train.id!r} (dataset {train.spec.dataset!r}, splits "
+            f"{train.spec.split!r} and {test.spec.split!r}), so its test accuracy would count "
+            "items the probe was trained on; extract a test split with no items in common "
+            '(for the built-in digits, split "train" against split "test")',
+            field="test_featureset",
+            value=test.id,
+        )
 
 
 def _check_same_classes(train: FeatureSet, test: FeatureSet) -> None:

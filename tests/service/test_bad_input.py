@@ -139,6 +139,7 @@ def featuresets(client: Client, tiny_model: Path, data: dict[str, str]) -> dict[
         "tiny_test": (str(tiny_model), "digits", "test", {"limit": 20}),
         "tiny_two_layers": (str(tiny_model), "digits", "train", {"limit": 40, "layers": [0, 1]}),
         "pixels_three": ("pixels", "digits", "train", {"limit": 3}),
+        "pixels_all": ("pixels", "digits", "all", {}),
         "pets": ("pixels", data["pets"], "all", {}),
     }
     ids = {}
@@ -398,7 +399,25 @@ def _cases(data: dict[str, str], fs: dict[str, str], tiny: str, max_body: int) -
             message=("test_featureset", fs["pixels_train"], 'split "test"'),
             value=fs["pixels_train"],
         ),
+        Case(
+            "probe test set holds train items",
+            "POST",
+            post_p,
+            probe(test_featureset=fs["pixels_all"]),
+            field="test_featureset",
+            message=("shares 40 of its 1797 items", "'train' and 'all'", 'split "test"'),
+            value=fs["pixels_all"],
+        ),
         Case("probe unknown kind", "POST", post_p, probe(kind="forest"), field="kind"),
+        Case(
+            "adapter probe on pixels",
+            "POST",
+            post_p,
+            probe(kind="adapter"),
+            field="kind",
+            message=("adapter probes need an ImageGPT model", "'pixels'", "logistic, knn or mlp"),
+            value="adapter",
+        ),
         Case(
             "probe tol overflows to infinity",
             "POST",

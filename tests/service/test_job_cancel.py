@@ -30,7 +30,7 @@ from service.jobs import (
 )
 from service.routes.fsck import fsck_featureset
 from store import NotReadyError, Store
-from tests.conftest import wait_job
+from tests.conftest import rq_starts, wait_job
 from tests.service.test_requeue import _pending_featureset
 
 ZERO_ID = "0" * 24
@@ -151,16 +151,6 @@ def test_cancel_queued_extraction_then_resume(
         )
 
 
-def _starts(logs: Path, rq_id: str) -> int:
-    """Count the starts of rq job ``rq_id`` in the session workers' logs."""
-    return sum(
-        line.rstrip().endswith(" started")
-        for path in logs.glob("worker-*.log")
-        for line in path.read_text().splitlines()
-        if f"(rq {rq_id}): " in line
-    )
-
-
 def test_cancel_running_pretraining_stops(
     client: Client, redis: Redis, settings: Any, stack_dirs: dict[str, Path]
 ) -> None:
@@ -195,7 +185,7 @@ def test_cancel_running_pretraining_stops(
         assert stopped_after < 8, stopped_after
         # The rq job failed and was not retried: it started once.
         assert statuses == [JobStatus.FAILED]
-        assert _starts(stack_dirs["logs"], load_job(redis, job_id)["rq_ids"][0]) == 1
+        assert rq_starts(stack_dirs["logs"], load_job(redis, job_id)["rq_ids"][0]) == 1
         state = client.job(job_id)
         assert state["status"] == "canceled"
         assert f"POST /v1/jobs/{job_id}/resume" in state["error"]["message"]

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from service.client import ClientError
-from tests.conftest import wait_job
+from tests.conftest import rq_starts, wait_job
 from tests.factories import reference_pooled
 
 
@@ -283,7 +283,13 @@ def test_api_process_never_imports_torch(settings: Any) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-def test_probe_failed_job_reports_failed(client: Any, digits_featuresets: dict[str, str]) -> None:
+def test_probe_failed_job_reports_failed(
+    client: Any, settings: Any, stack_dirs: dict[str, Path], digits_featuresets: dict[str, str]
+) -> None:
+    from redis import Redis
+
+    from service.jobs import load_job
+
     # Every k of the grid fits the train set (the API accepts it) but not the part left for
     # fitting after the validation split, which only the job checks.
     answer = client.probe(
@@ -292,6 +298,10 @@ def test_probe_failed_job_reports_failed(client: Any, digits_featuresets: dict[s
     state = wait_job(client, answer["job_id"])
     assert state is not None
     assert state["status"] == "failed"
+    # A bad parameter fails the same way on every run, so the worker does not retry it.
+    redis = Redis.from_url(settings.redis_url)
+    rq_id = load_job(redis, answer["job_id"])["rq_ids"][0]
+    assert rq_starts(stack_dirs["logs"], rq_id) == 1
     result = client.probe_result(answer["probe_id"])
     assert result["status"] == "failed"
     assert "k" in result["error"]["message"]
@@ -355,6 +365,13 @@ def test_pretrain_same_name_other_settings_rejected(client: Any) -> None:
         ("logistic", {"max_itr": 10}, "max_itr"),
         ("knn", {"k": [5000]}, "k"),
         ("mlp", {"dropout": 1.5}, "dropout"),
+        ("logistic", {"val_fraction": 1.5}, "val_fraction"),
+        ("knn", {"val_fraction": 0}, "val_fraction"),
+        ("adapter", {"bottleneck": 0}, "bottleneck"),
+        ("adapter", {"epochs": 100000}, "epochs"),
+        ("adapter", {"lr": "fast"}, "lr"),
+        ("adapter", {"val_fraction": -0.2}, "val_fraction"),
+        ("adapter", {"depth": 2}, "depth"),
     ],
 )
 def test_probe_bad_params_rejected_before_queueing(

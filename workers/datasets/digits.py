@@ -95,6 +95,7 @@ class DigitsSource:
             labels=labels[item_ids],
             class_names=list(DIGITS_CLASS_NAMES),
             item_ids=item_ids.astype(np.int64),
+            ids_span_splits=True,  # every split is a subset of the one table
         )
 
 

@@ -323,6 +323,7 @@ def _load_whole(source: Source, dataset: str, split: str) -> DatasetSplit:
         kind=source.kind,
         limit=None,
         seed=None,
+        ids_span_splits=raw.ids_span_splits,
     )
     logger.info(
         "dataset %s[%s]: %d items of shape %s loaded in %.2fs",
@@ -356,6 +357,7 @@ def _select(whole: DatasetSplit, kind: str, limit: int, seed: int) -> DatasetSpl
         kind=kind,
         limit=limit,
         seed=seed,
+        ids_span_splits=whole.ids_span_splits,
     )
 
 
@@ -370,6 +372,7 @@ def _freeze(
     kind: str,
     limit: int | None,
     seed: int | None,
+    ids_span_splits: bool,
 ) -> DatasetSplit:
     """Build a cacheable DatasetSplit: C-contiguous read-only arrays and their fingerprint."""
     arrays: list[np.ndarray] = [
@@ -398,6 +401,7 @@ def _freeze(
         class_names=class_names,
         fingerprint=fingerprint,
         item_ids=item_ids,
+        ids_span_splits=ids_span_splits,
     )
 
 

@@ -27,12 +27,17 @@ class SourceSplit:
         labels ``"0"`` to ``"<max label>"``).
     item_ids
         Array of shape (n_items,): each item's position in the source dataset.
+    ids_span_splits
+        Whether one item id means the same item in every split of the dataset (the built-in
+        digits, whose splits are subsets of one table). When False, ids number the items of
+        this split only, and ids of two splits cannot be compared.
     """
 
     images: np.ndarray
     labels: np.ndarray
     class_names: list[str] | None
     item_ids: np.ndarray
+    ids_span_splits: bool = False
 
 
 class Source(Protocol):

@@ -39,6 +39,9 @@ class DatasetSplit:
     item_ids
         int64 array of shape (n_items,): the position of each item in the source dataset, in
         increasing order.
+    ids_span_splits
+        Whether an item id names the same item in every split of the dataset; when False,
+        only ids of the same split can be compared.
     """
 
     dataset: str
@@ -48,6 +51,7 @@ class DatasetSplit:
     class_names: list[str]
     fingerprint: str
     item_ids: np.ndarray
+    ids_span_splits: bool = False
 
     @property
     def n_items(self) -> int:

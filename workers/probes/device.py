@@ -20,12 +20,14 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda":
         index = 0 if device.index is None else device.index
         if not torch.cuda.is_available() or index >= torch.cuda.device_count():
-            raise ProbeError(
+            error = ProbeError(
                 f"device {name!r} is not available on this worker "
                 f"({torch.cuda.device_count()} CUDA devices); pass 'cpu' or run on a GPU worker",
                 field="device",
                 value=name,
             )
+            error.permanent = False  # another worker on the same queue may have the device
+            raise error
         return torch.device("cuda", index)
     if device.type != "cpu":
         raise ProbeError(

@@ -6,6 +6,7 @@ readers, so a bad parameter is rejected before a job is queued.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -186,6 +187,56 @@ def read_mlp_settings(params: dict[str, Any]) -> MlpSettings:
     )
 
 
+# -- adapter ---------------------------------------------------------------------------------------
+
+ADAPTER_PARAMS = ("bottleneck", "epochs", "lr", "weight_decay", "batch_size")
+DEFAULT_BOTTLENECK = 64
+DEFAULT_EPOCHS = 10
+DEFAULT_LR = 1e-3
+DEFAULT_BATCH_SIZE = 64
+
+
+@dataclass(frozen=True)
+class AdapterSettings:
+    """Validated hyper-parameters of an adapter probe."""
+
+    bottleneck: int
+    epochs: int
+    lr: float
+    weight_decay: float
+    batch_size: int
+
+
+def read_adapter_settings(params: dict[str, Any]) -> AdapterSettings:
+    """Validate ``params`` of an adapter probe (see :func:`workers.adapters.fit_adapter`)."""
+    check_known(params, "adapter", ADAPTER_PARAMS)
+    return AdapterSettings(
+        bottleneck=read_int(params, "bottleneck", DEFAULT_BOTTLENECK, low=1, high=65536),
+        epochs=read_int(params, "epochs", DEFAULT_EPOCHS, low=1, high=10_000),
+        lr=read_float(params, "lr", DEFAULT_LR, low=0.0, high=1.0, low_open=True),
+        weight_decay=read_float(params, "weight_decay", 0.0, low=0.0),
+        batch_size=read_int(params, "batch_size", DEFAULT_BATCH_SIZE, low=1, high=65536),
+    )
+
+
+# -- shared ----------------------------------------------------------------------------------------
+
+DEFAULT_VAL_FRACTION = 0.2
+
+
+def read_val_fraction(params: Mapping[str, Any]) -> float:
+    """Read ``val_fraction``, the share of train held out to choose hyper-parameters."""
+    return read_float(
+        params,
+        "val_fraction",
+        DEFAULT_VAL_FRACTION,
+        low=0.0,
+        high=1.0,
+        low_open=True,
+        high_open=True,
+    )
+
+
 @dataclass(frozen=True)
 class _Sizes:
     y_train: np.ndarray
@@ -196,8 +247,9 @@ def check_params(kind: str, params: dict[str, Any], n_train: int) -> None:
     """Validate ``params`` of a ``kind`` probe on a train set of ``n_train`` items.
 
     Raises `ProbeError` naming the parameter. Checks that need the validation split (a k grid
-    left empty by it) happen again in the job.
+    left empty by it, a val_fraction that leaves no item out) happen again in the job.
     """
+    read_val_fraction(params)
     if kind == "logistic":
         read_logistic_settings(params)
     elif kind == "knn":
@@ -205,3 +257,5 @@ def check_params(kind: str, params: dict[str, Any], n_train: int) -> None:
         read_knn_settings(params, sizes)
     elif kind == "mlp":
         read_mlp_settings(params)
+    elif kind == "adapter":
+        read_adapter_settings(params)

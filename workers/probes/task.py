@@ -11,11 +11,9 @@ import numpy as np
 
 from workers.errors import ProbeError
 from workers.probes.metrics import classification_metrics
-from workers.probes.params import read_float
+from workers.probes.settings import read_val_fraction
 
 logger = logging.getLogger(__name__)
-
-DEFAULT_VAL_FRACTION = 0.2
 
 Progress = Callable[[int, int], None]
 
@@ -215,15 +213,7 @@ def prepare_task(
             value=len(class_names),
         )
 
-    fraction = read_float(
-        params,
-        "val_fraction",
-        DEFAULT_VAL_FRACTION,
-        low=0.0,
-        high=1.0,
-        low_open=True,
-        high_open=True,
-    )
+    fraction = read_val_fraction(params)
     fit_part, val_part = stratified_split(y_tr, fraction, seed)
     if len(val_part) == 0:
         raise ProbeError(
