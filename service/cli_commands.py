@@ -9,13 +9,14 @@ printed as one line on stderr, without a traceback.
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import httpx
 import typer
@@ -166,17 +167,84 @@ def probe(
     _exit_if_failed(state)
 
 
+JobStatus = Literal["queued", "running", "finished", "failed", "canceled"]
+JobKind = Literal["extraction", "probe", "projection", "pretrain"]
+# Jobs per page of `layerbank jobs` without --limit: a screenful at two lines per job.
+DEFAULT_JOB_LIST_LIMIT = 20
+
+
 def jobs(
-    job_id: Annotated[str, typer.Argument(help="Job id returned by extract or probe.")],
+    job_id: Annotated[
+        str | None,
+        typer.Argument(help="Job id returned by extract or probe; without it, list jobs."),
+    ] = None,
     watch: Annotated[
         bool, typer.Option("--watch", help="Follow the job with a progress bar until it ends.")
     ] = False,
     timeout: TimeoutOption = 3600.0,
+    status: Annotated[
+        JobStatus | None,
+        typer.Option(show_default=False, help="List only jobs with this status."),
+    ] = None,
+    kind: Annotated[
+        JobKind | None,
+        typer.Option(show_default=False, help="List only jobs of this kind."),
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=1000,
+            show_default=False,
+            help="Maximum number of jobs to list (1-1000, default 20).",
+        ),
+    ] = None,
+    before: Annotated[
+        str | None,
+        typer.Option(
+            show_default=False,
+            help="List only jobs created before this job id (the next page of a list).",
+        ),
+    ] = None,
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Show the status and progress of a job; exit code 1 if the job failed or was canceled."""
+    """Show the status and progress of a job, or list jobs newest first without JOB_ID.
+
+    With JOB_ID, the exit code is 1 if the job failed or was canceled.
+    """
+    if job_id is None:
+        if watch:
+            raise typer.BadParameter(
+                "--watch follows one job, so give its JOB_ID", param_hint="--watch"
+            )
+        _list_jobs(
+            url,
+            api_key,
+            as_json,
+            status=status,
+            kind=kind,
+            limit=limit or DEFAULT_JOB_LIST_LIMIT,
+            before=before,
+        )
+        return
+    listing = [
+        name
+        for name, value in (
+            ("--status", status),
+            ("--kind", kind),
+            ("--limit", limit),
+            ("--before", before),
+        )
+        if value is not None
+    ]
+    if listing:
+        raise typer.BadParameter(
+            f"{', '.join(listing)} apply only to the job list. Drop JOB_ID to list jobs, or "
+            "drop the option to show one job",
+            param_hint=listing[0],
+        )
     with _api(url, api_key) as client:
         state = (
             _watch_job(client, job_id, timeout, show=not as_json) if watch else client.job(job_id)
@@ -187,6 +255,32 @@ def jobs(
     else:
         _print_job(state)
     _exit_if_failed(state)
+
+
+def _list_jobs(
+    url: str,
+    api_key: str | None,
+    as_json: bool,
+    *,
+    status: str | None,
+    kind: str | None,
+    limit: int,
+    before: str | None,
+) -> None:
+    """Print one page of the job list, with the command that prints the next page."""
+    with _api(url, api_key) as client:
+        page = client.jobs(status=status, kind=kind, limit=limit, before=before)
+
+    if as_json:
+        _print_json(page)
+        return
+    _print_job_list(page["data"])
+    if page.get("next_before"):
+        console.print(
+            f"more jobs: layerbank jobs --before {page['next_before']} (with the same filters)",
+            markup=False,
+            highlight=False,
+        )
 
 
 def cancel(
@@ -463,11 +557,17 @@ def _print_record(title: str, record: dict[str, Any]) -> None:
     console.print(table)
 
 
+_JOB_STATUS_STYLES = {
+    "finished": "green",
+    "failed": "red",
+    "canceled": "magenta",
+    "running": "yellow",
+}
+
+
 def _print_job(state: dict[str, Any]) -> None:
     completed, total, unit = _progress_counts(state["progress"])
-    color = {"finished": "green", "failed": "red", "canceled": "magenta", "running": "yellow"}.get(
-        state["status"], ""
-    )
+    color = _JOB_STATUS_STYLES.get(state["status"], "")
     table = Table(title=f"job {state['job_id']}", show_header=False, title_justify="left")
     table.add_column("field", style="bold")
     table.add_column("value", overflow="fold")
@@ -481,6 +581,39 @@ def _print_job(state: dict[str, Any]) -> None:
     if state.get("result"):
         table.add_row("result", _cell(state["result"]))
     console.print(table)
+
+
+def _print_job_list(data: list[dict[str, Any]]) -> None:
+    # Two lines per job, so the table fits an 80-column terminal without splitting ids.
+    table = Table(title=f"{len(data)} jobs", title_justify="left", box=box.SIMPLE_HEAD)
+    table.add_column("id\ntarget", no_wrap=True)
+    table.add_column("kind\nstatus", no_wrap=True)
+    table.add_column("progress", no_wrap=True)
+    table.add_column("created\n(UTC)", no_wrap=True)
+    for state in data:
+        completed, total, unit = _progress_counts(state["progress"])
+        status = Text(state["status"], style=_JOB_STATUS_STYLES.get(state["status"], ""))
+        table.add_row(
+            f"{state['job_id']}\n{state['target_id']}",
+            Text.assemble(state["kind"], "\n", status),
+            f"{completed}/{total} {unit}",
+            _utc_date_time(state["created"]),
+        )
+    console.print(table)
+
+
+def _utc_date_time(created: str) -> str:
+    """Return an ISO 8601 time as its UTC date and, on a second line, its UTC time to seconds.
+
+    A value that is not ISO 8601 is returned unchanged.
+    """
+    try:
+        moment = dt.datetime.fromisoformat(created)
+    except ValueError:
+        return created
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(dt.timezone.utc)
+    return moment.strftime("%Y-%m-%d\n%H:%M:%S")
 
 
 def _print_featureset_list(data: list[dict[str, Any]]) -> None:

@@ -162,6 +162,40 @@ class Client:
     def job(self, job_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/jobs/{_path_id(job_id, 'job_id')}")
 
+    def jobs(
+        self,
+        *,
+        status: str | None = None,
+        kind: str | None = None,
+        limit: int | None = None,
+        before: str | None = None,
+    ) -> dict[str, Any]:
+        """Return one page of jobs, newest first: ``{"data", "count", "next_before"}``.
+
+        Pass the page's ``next_before`` as ``before`` to get the next page. It is None after
+        the last page.
+        """
+        params = {
+            name: value
+            for name, value in (("status", status), ("kind", kind), ("limit", limit))
+            if value is not None
+        }
+        if before is not None:
+            params["before"] = _path_id(before, "before")
+        return self._json("GET", "/v1/jobs", params=params)
+
+    def iter_jobs(
+        self, *, status: str | None = None, kind: str | None = None, page_size: int = 100
+    ) -> Iterator[dict[str, Any]]:
+        """Yield every job, newest first, reading ``page_size`` jobs per request."""
+        before = None
+        while True:
+            page = self.jobs(status=status, kind=kind, limit=page_size, before=before)
+            yield from page["data"]
+            before = page.get("next_before")
+            if before is None:
+                return
+
     def cancel(self, job_id: str) -> dict[str, Any]:
         return self._json("POST", f"/v1/jobs/{_path_id(job_id, 'job_id')}/cancel")
 

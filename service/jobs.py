@@ -5,6 +5,9 @@ model) and the ids of its rq jobs. Status is derived on every read from rq and t
 API restart rebuilds it from Redis and the store alone. The field ``canceled`` of a canceled job
 contains the time of the cancel. Running rq jobs of the job read it to stop (see
 ``workers.jobs``), and a resume deletes it.
+
+The sorted set ``layerbank:job-index`` contains every job id, scored by the POSIX time of the
+job's first creation, so ``list_jobs`` reads the newest jobs without scanning every record.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypedDict
 
 from redis import Redis
+from redis.client import Pipeline
 from redis.typing import EncodableT, FieldT
 from rq import Queue, Retry
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
@@ -39,6 +43,12 @@ BLOCK_RETRIES = 2
 # Field of a job record that contains the time of a cancel. workers.jobs reads it under the same
 # name, because workers cannot import service.
 CANCELED_FIELD = "canceled"
+# Sorted set of job ids scored by creation time, and the key set once the records written
+# before the index existed have been added to it.
+INDEX_KEY = "job-index"
+INDEX_BACKFILLED_KEY = "job-index-backfilled"
+# Index entries read per Redis round trip by list_jobs.
+INDEX_PAGE_SIZE = 200
 
 
 class _RqJobOptions(TypedDict):
@@ -90,17 +100,34 @@ def active_job_id(redis: Redis, target: str) -> str | None:
 
 
 def save_job(redis: Redis, job_id: str, *, kind: str, target: str, rq_ids: list[str]) -> None:
+    """Write the record of ``job_id`` and add the job to the index, in one transaction.
+
+    A resume saves the record again. It keeps the time the job was first created, and the
+    job's index score stays that time, so a resumed job keeps its place in the list.
+    """
     record: dict[FieldT, EncodableT] = {
         "kind": kind,
         "target": target,
         "rq_ids": json.dumps(rq_ids),
     }
-    pipe = redis.pipeline()
-    pipe.hset(_key("job", job_id), mapping=record)
-    # A resume saves the record again and keeps the time the job was first created.
-    pipe.hsetnx(_key("job", job_id), "created", dt.datetime.now(dt.timezone.utc).isoformat())
-    pipe.set(_key("target", target), job_id)
-    pipe.execute()
+    key = _key("job", job_id)
+
+    def write(pipe: Pipeline) -> None:
+        # WATCH on the record makes the transaction retry if "created" changes after this read.
+        stored = pipe.hget(key, "created")
+        created = _text(stored) if stored else dt.datetime.now(dt.timezone.utc).isoformat()
+        pipe.multi()
+        pipe.hset(key, mapping=record)
+        pipe.hsetnx(key, "created", created)
+        pipe.zadd(_key(INDEX_KEY), {job_id: _created_score(created)})
+        pipe.set(_key("target", target), job_id)
+
+    redis.transaction(write, key)
+
+
+def _created_score(created: str) -> float:
+    """Return the index score of a record's ``created`` time: POSIX seconds."""
+    return dt.datetime.fromisoformat(created).timestamp()
 
 
 def load_job(redis: Redis, job_id: str) -> dict[str, Any]:
@@ -356,6 +383,14 @@ def require_complete(
     )
 
 
+@dataclass(frozen=True)
+class JobsPage:
+    """Job states of one page of the job list, and the ``before`` value of the next page."""
+
+    jobs: list[dict[str, Any]]
+    next_before: str | None
+
+
 def list_jobs(
     redis: Redis,
     store: Store,
@@ -363,35 +398,173 @@ def list_jobs(
     status: str | None = None,
     kind: str | None = None,
     limit: int = 100,
-) -> list[dict[str, Any]]:
-    """Return the states of the recorded jobs, newest first, at most ``limit`` of them.
+    before: str | None = None,
+) -> JobsPage:
+    """Return the states of at most ``limit`` jobs, newest first, from the job index.
 
-    ``status`` and ``kind`` keep only the jobs with that status or kind. Every job record is
-    read, so the cost grows with the number of jobs Redis keeps.
+    ``status`` and ``kind`` keep only the jobs with that status or kind. ``before`` is a job id:
+    only jobs created strictly before it are listed, where jobs with the same creation time are
+    ordered by id, descending. ``next_before`` is the id of the last job returned when another
+    job matches after it, else None. With a ``status`` filter, finding that out reads job states
+    until one more match is found, so the last page of a rare status reads the rest of the index.
     """
-    job_ids = [
-        _text(key).rsplit(":", 1)[1] for key in redis.scan_iter(match=_key("job", "*"), count=1000)
-    ]
-    pipe = redis.pipeline(transaction=False)
-    for job_id in job_ids:
-        pipe.hmget(_key("job", job_id), ["created", "kind"])
-    fields = pipe.execute()
-    recorded = [
-        (_text(created), job_id)
-        for job_id, (created, job_kind) in zip(job_ids, fields, strict=True)
-        if created is not None and (kind is None or _text(job_kind) == kind)
-    ]
-    states = []
-    for _, job_id in sorted(recorded, reverse=True):
+    _backfill_index(redis)
+    cursor = _before_cursor(redis, before) if before is not None else None
+    states: list[dict[str, Any]] = []
+    for job_id in _indexed_jobs(redis, cursor, kind):
+        if len(states) == limit and status is None:
+            return JobsPage(states, next_before=states[-1]["job_id"])
         try:
             state = job_state(redis, store, job_id)
         except JobNotFoundError:
-            continue  # deleted while this ran
-        if status is None or state["status"] == status:
-            states.append(state)
-            if len(states) == limit:
-                break
-    return states
+            _forget_if_missing(redis, job_id)  # deleted while this ran
+            continue
+        if status is not None and state["status"] != status:
+            continue
+        if len(states) == limit:
+            return JobsPage(states, next_before=states[-1]["job_id"])
+        states.append(state)
+    return JobsPage(states, next_before=None)
+
+
+def _indexed_jobs(
+    redis: Redis, cursor: tuple[float, str] | None, kind: str | None
+) -> Iterator[str]:
+    """Yield the ids of the recorded jobs of ``kind`` after ``cursor``, newest first.
+
+    Index entries whose record is gone are removed from the index and skipped.
+    """
+    for entries in _index_pages(redis, cursor):
+        pipe = redis.pipeline(transaction=False)
+        for job_id, _ in entries:
+            pipe.hmget(_key("job", job_id), ["created", "kind"])
+        fields = pipe.execute()
+        for (job_id, _), (created, job_kind) in zip(entries, fields, strict=True):
+            if created is None:
+                _forget_if_missing(redis, job_id)
+                continue
+            if kind is None or (job_kind is not None and _text(job_kind) == kind):
+                yield job_id
+
+
+def _index_pages(
+    redis: Redis, cursor: tuple[float, str] | None
+) -> Iterator[list[tuple[str, float]]]:
+    """Yield the index entries (job id, score) after ``cursor`` in pages, newest first.
+
+    The order is score descending, then id descending, as ZREVRANGEBYSCORE returns it. Each
+    page starts from the (score, id) of the last entry read rather than from an offset, so
+    entries that are added or removed while this runs never make it skip or repeat one.
+    """
+    index = _key(INDEX_KEY)
+    if cursor is None:
+        page = _entries(
+            redis.zrevrangebyscore(
+                index, "+inf", "-inf", start=0, num=INDEX_PAGE_SIZE, withscores=True
+            )
+        )
+        if not page:
+            return
+        yield page
+        cursor = (page[-1][1], page[-1][0])
+    while True:
+        score, last_id = cursor
+        pipe = redis.pipeline(transaction=False)
+        # The entries with the cursor's score, then the next page of lower scores.
+        pipe.zrevrangebyscore(index, score, score, withscores=True)
+        pipe.zrevrangebyscore(
+            index, f"({score!r}", "-inf", start=0, num=INDEX_PAGE_SIZE, withscores=True
+        )
+        ties, lower = pipe.execute()
+        page = [entry for entry in _entries(ties) if entry[0] < last_id] + _entries(lower)
+        if not page:
+            return
+        yield page
+        cursor = (page[-1][1], page[-1][0])
+
+
+def _entries(rows: Any) -> list[tuple[str, float]]:
+    """Return the (member, score) rows of a ZREVRANGEBYSCORE WITHSCORES as (job id, score)."""
+    return [(_text(member), float(score)) for member, score in rows]
+
+
+def _before_cursor(redis: Redis, before: str) -> tuple[float, str]:
+    """Return the index position (score, id) of job ``before``.
+
+    Raises JobNotFoundError when ``before`` has no job record.
+    """
+    created = redis.hget(_key("job", before), "created")
+    if created is None:
+        _forget_if_missing(redis, before)
+        raise JobNotFoundError(
+            f"before {before!r} is not a recorded job; pass the id of a job in the list, such "
+            "as the next_before value of the previous page",
+            field="before",
+            value=before,
+        )
+    score = redis.zscore(_key(INDEX_KEY), before)
+    if score is None:
+        # A record that an API process without the index wrote after the backfill ran.
+        score = _created_score(_text(created))
+        redis.zadd(_key(INDEX_KEY), {before: score})
+    return float(score), before
+
+
+# Removes an index entry only while its job record is missing, so that an entry read as stale
+# is never removed after the record was written again.
+_FORGET_IF_MISSING = """
+if redis.call('EXISTS', KEYS[2]) == 0 then
+    return redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 0
+"""
+
+
+def _forget_if_missing(redis: Redis, job_id: str) -> None:
+    removed = redis.eval(_FORGET_IF_MISSING, 2, _key(INDEX_KEY), _key("job", job_id), job_id)
+    if removed:
+        logger.info("job %s: record not found, removed from the job index", job_id)
+
+
+def _backfill_index(redis: Redis) -> None:
+    """Add the job records written before the index existed to it, once per Redis database.
+
+    API processes that find the marker key missing at the same time all run this. That is
+    safe because each adds the same entries with the same scores, and the marker is set only
+    after a full pass.
+
+    NOTE: during a rolling upgrade, a record that an API process of the previous version
+    writes after the marker is set has no index entry, so the list leaves it out.
+    """
+    if redis.exists(_key(INDEX_BACKFILLED_KEY)):
+        return
+    added = 0
+    batch: list[str] = []
+    for key in redis.scan_iter(match=_key("job", "*"), count=1000):
+        batch.append(_text(key).rsplit(":", 1)[1])
+        if len(batch) == 1000:
+            added += _index_records(redis, batch)
+            batch = []
+    added += _index_records(redis, batch)
+    redis.set(_key(INDEX_BACKFILLED_KEY), dt.datetime.now(dt.timezone.utc).isoformat())
+    logger.info("job index backfilled: %d job records added", added)
+
+
+def _index_records(redis: Redis, job_ids: list[str]) -> int:
+    """Add ``job_ids`` to the index scored by their records' creation time; return how many."""
+    if not job_ids:
+        return 0
+    pipe = redis.pipeline(transaction=False)
+    for job_id in job_ids:
+        pipe.hget(_key("job", job_id), "created")
+    scores = {
+        job_id: _created_score(_text(created))
+        for job_id, created in zip(job_ids, pipe.execute(), strict=True)
+        if created is not None  # deleted since the scan, or a partial record
+    }
+    if scores:
+        redis.zadd(_key(INDEX_KEY), scores)
+    return len(scores)
 
 
 def busy_job(redis: Redis, store: Store, target: str) -> tuple[str, str] | None:

@@ -89,6 +89,11 @@ class JobPublic(BaseModel):
 class JobsPublic(BaseModel):
     data: list[JobPublic]
     count: int
+    next_before: str | None = Field(
+        default=None,
+        description="Value of before that lists the next page, which is the id of the last "
+        "job in data. Null when no more jobs match.",
+    )
 
 
 class FeatureSetPublic(BaseModel):

@@ -36,6 +36,13 @@ KindQuery = Annotated[
 LimitQuery = Annotated[
     int, Query(ge=1, le=1000, description="maximum number of jobs returned (1-1000)")
 ]
+BeforeQuery = Annotated[
+    str | None,
+    Query(
+        description="a job id: only jobs created before that job; pass the next_before value "
+        "of the previous page"
+    ),
+]
 
 # Store group of the result each kind of single job writes.
 RESULT_GROUPS = {"probe": "probes", "projection": "projections"}
@@ -48,10 +55,21 @@ def list_recent_jobs(
     status: StatusQuery = None,
     kind: KindQuery = None,
     limit: LimitQuery = 100,
+    before: BeforeQuery = None,
 ) -> JobsPublic:
-    """List jobs, newest first, optionally of one status or kind."""
-    jobs = list_jobs(redis, store, status=status, kind=kind, limit=limit)
-    return JobsPublic(data=[JobPublic.model_validate(job) for job in jobs], count=len(jobs))
+    """List jobs, newest first, optionally of one status or kind, a page at a time.
+
+    Jobs created at the same time are ordered by id, descending, so following next_before
+    from page to page lists every job once.
+    """
+    if before is not None:
+        check_id(before, field="before")
+    page = list_jobs(redis, store, status=status, kind=kind, limit=limit, before=before)
+    return JobsPublic(
+        data=[JobPublic.model_validate(job) for job in page.jobs],
+        count=len(page.jobs),
+        next_before=page.next_before,
+    )
 
 
 @router.get("/{job_id}", response_model=JobPublic)
