@@ -37,6 +37,7 @@ from service.auth import (
 from service.dashboard import install_dashboard
 from service.jobs import JobNotFoundError
 from service.metrics import install_metrics
+from service.query import check_query
 from service.routes import (
     catalog,
     claims,
@@ -393,7 +394,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         summary="Feature store and probing service for vision transformers.",
         # Every route needs an API key with the scope of its method unless marked public.
-        dependencies=[Depends(authorize)],
+        # Unknown or repeated query parameters are a 422 instead of being ignored.
+        dependencies=[Depends(authorize), Depends(check_query)],
         responses=ERROR_RESPONSES,
         lifespan=_lifespan,
     )

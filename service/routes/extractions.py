@@ -48,7 +48,7 @@ def create_extraction(
             allow_list=settings.model_allow_list,
         )
     except ModelError:
-        _raise_if_pretraining(redis, store, body.model)
+        raise_if_pretraining(redis, store, body.model)
         raise
     layers = ref.check_layers(body.layers)
     pooling = check_pooling(ref, body.pooling)
@@ -165,7 +165,7 @@ def create_extraction(
     )
 
 
-def _raise_if_pretraining(redis: Redis, store: Store, model: str) -> None:
+def raise_if_pretraining(redis: Redis, store: Store, model: str, *, field: str = "model") -> None:
     """Raise NotReadyError when ``model`` is ``store:<name>`` and a job still pretrains it."""
     model = model.strip()
     name = model.removeprefix("store:").partition("@step")[0].strip()
@@ -177,7 +177,7 @@ def _raise_if_pretraining(redis: Redis, store: Store, model: str) -> None:
         raise NotReadyError(
             f"model {model!r} is not ready: its pretraining job {job_id!r} is {state}; wait for "
             f"the job to finish (GET /v1/jobs/{job_id}), then send this request again",
-            field="model",
+            field=field,
             value=model,
         )
 

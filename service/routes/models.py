@@ -11,6 +11,7 @@ from fastapi import APIRouter, Response, status
 from service.auth import JobQuotaDep
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
 from service.jobs import active_job_id, enqueue_single, job_state, running_params, target_lock
+from service.routes.extractions import raise_if_pretraining
 from service.schemas import (
     CheckpointPublic,
     CheckpointsPublic,
@@ -199,11 +200,13 @@ def _local_checkpoints(roots: list[Path]) -> list[Path]:
 
 
 @router.get("/models/{name}/checkpoints", response_model=CheckpointsPublic)
-def list_checkpoints(name: str, store: StoreDep) -> CheckpointsPublic:
+def list_checkpoints(name: str, store: StoreDep, redis: RedisDep) -> CheckpointsPublic:
     """Checkpoints saved while pretraining store:<name>, with their validation loss."""
     check_name(name, field="name")
     model_dir = store.models_dir() / name
     if not (model_dir / "config.json").is_file():
+        # A running pretraining keeps its step checkpoints aside until its last step.
+        raise_if_pretraining(redis, store, f"store:{name}", field="name")
         raise NotFoundError(
             f"model store:{name} not found; list models with GET /v1/models",
             field="name",

@@ -174,6 +174,12 @@ def test_cancel_running_pretraining_stops(
         while not list(models_dir.glob(f".{name}.*.checkpoints/step-20")):
             assert time.monotonic() < deadline, "pretraining wrote no step checkpoint"
             time.sleep(0.05)
+        # Its checkpoints are listed once it ends: until then a 409 names the running job.
+        with pytest.raises(ClientError) as listing:
+            client.request("GET", f"/v1/models/{name}/checkpoints")
+        assert listing.value.status_code == 409
+        assert listing.value.detail["field"] == "name"
+        assert job_id in listing.value.detail["message"]
 
         started = time.monotonic()
         response = _cancel(client, job_id)

@@ -372,6 +372,7 @@ def test_pretrain_same_name_other_settings_rejected(client: Any) -> None:
         ("adapter", {"lr": "fast"}, "lr"),
         ("adapter", {"val_fraction": -0.2}, "val_fraction"),
         ("adapter", {"depth": 2}, "depth"),
+        ("logistic", {"C": [float(c) for c in range(1, 102)]}, "C"),
     ],
 )
 def test_probe_bad_params_rejected_before_queueing(

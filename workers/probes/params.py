@@ -13,6 +13,9 @@ from typing import Any
 from workers.errors import ProbeError
 
 COMMON_PARAMS = frozenset({"engine", "val_fraction"})
+# Most values one hyper-parameter grid may list. Each value is a fit per layer, so a longer
+# grid would hold a worker for hours; a finer search belongs in several requests.
+MAX_GRID_VALUES = 100
 
 
 def check_known(params: Mapping[str, Any], kind: str, allowed: Collection[str]) -> None:
@@ -137,6 +140,13 @@ def read_grid(
             f"{name} grid is empty; pass a number or a non-empty list of numbers",
             field=name,
             value=value,
+        )
+    if len(values) > MAX_GRID_VALUES:
+        raise ProbeError(
+            f"{name} grid has {len(values)} values, more than the maximum of "
+            f"{MAX_GRID_VALUES}; pass at most {MAX_GRID_VALUES} distinct values",
+            field=name,
+            value=len(values),
         )
     for item in values:
         if integer:

@@ -1,0 +1,50 @@
+"""Query strings: an unknown parameter or a repeated single-valued one is a 422 naming it."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+MISSING = "0" * 24
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "words"),
+    [
+        ("/v1/featuresets?status=failed", "status", ["'status'", "no query parameters"]),
+        ("/v1/probes?limit=5", "limit", ["'limit'", "GET /v1/probes"]),
+        ("/v1/jobs?staus=failed", "staus", ["'staus'", "before, kind, limit, status"]),
+        (f"/v1/featuresets/{MISSING}/layers/0?rows=5", "rows", ["'rows'", "format, start, stop"]),
+        ("/healthz?verbose=1", "verbose", ["'verbose'", "no query parameters"]),
+    ],
+)
+def test_unknown_query_parameter_is_422(
+    api_url: str, path: str, field: str, words: list[str]
+) -> None:
+    response = httpx.get(api_url + path)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert detail["field"] == field
+    for word in words:
+        assert word in detail["message"]
+
+
+def test_repeated_query_parameter_is_422(api_url: str) -> None:
+    response = httpx.get(f"{api_url}/v1/jobs?status=failed&status=finished")
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert detail["field"] == "status"
+    assert detail["value"] == ["failed", "finished"]
+    assert "pass it once" in detail["message"]
+
+
+def test_list_query_parameter_may_repeat(api_url: str) -> None:
+    # probe takes one id per checkpoint: repeating it is the API, so the ids are looked up.
+    response = httpx.get(f"{api_url}/v1/claims/accuracy-vs-loss?probe={MISSING}&probe={'1' * 24}")
+    assert response.status_code == 404, response.text
+    assert response.json()["detail"]["field"] == "probe"
+
+
+def test_declared_query_parameters_accepted(api_url: str) -> None:
+    response = httpx.get(f"{api_url}/v1/jobs?status=failed&kind=probe&limit=3")
+    assert response.status_code == 200, response.text
