@@ -5,10 +5,11 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -43,7 +44,7 @@ class LayerbankGroup(TyperGroup):
             _exit_with_error(f"Redis failed: {exc}")
 
 
-def _exit_with_error(message: str) -> None:
+def _exit_with_error(message: str) -> NoReturn:
     typer.echo(f"error: {' '.join(message.split())}", err=True)
     raise typer.Exit(1)
 
@@ -65,6 +66,26 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """Return a socket bound to ``host``:``port``, or exit with one error line if that fails."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    # As uvicorn does: a port whose last connections are closing can be bound again, while a
+    # port with a listening socket still cannot.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        reason = exc.strerror or str(exc)
+        _exit_with_error(
+            f"cannot listen on {host}:{port} ({reason}); stop what uses that port or pass "
+            "another with --port"
+        )
+    sock.set_inheritable(True)
+    return sock
 
 
 @app.command()
@@ -101,6 +122,9 @@ def up(
     # (the first call reads it as the workers will, the second as the API will).
     load_settings(store=str(store_path))
     settings = load_settings(store=str(store_path), host=host, port=port)
+    # The API's socket is bound before Redis and workers start, so a busy port ends the
+    # command with one line and nothing to clean up.
+    api_socket = _bind(host, port)
     if redis_url is None:
         redis_server = RedisServer(free_port(), store_path.parent / "redis", persistent=True)
         redis_url = redis_server.start().url
@@ -114,6 +138,7 @@ def up(
         )
         if redis_server is not None:
             redis_server.stop()
+        api_socket.close()
         raise typer.Exit(2)
     env = {"LAYERBANK_STORE": str(store_path), "REDIS_URL": redis_url}
     log_dir = store_path.parent / "logs"
@@ -128,9 +153,13 @@ def up(
             "[yellow]open mode: no API keys are checked; anyone who can reach "
             f"{host}:{port} on this machine can use the API[/yellow]"
         )
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host=host, port=port, log_level="info")
+    )
     try:
-        uvicorn.run(create_app(settings), host=host, port=port, log_level="info")
+        server.run(sockets=[api_socket])
     finally:
+        api_socket.close()
         # Workers first, while Redis still runs, so they can finish or give back their jobs.
         supervisor.stop()
         if redis_server is not None:

@@ -360,7 +360,10 @@ def fetch(
     with _api(url, api_key) as client:
         array = client.layer_array(featureset_id, layer, start=start, stop=stop)
         try:
-            np.save(output, array, allow_pickle=False)
+            # Through a file object, np.save writes the name given; with a path it would add
+            # .npy to a name without it.
+            with output.open("wb") as file:
+                np.save(file, array, allow_pickle=False)
         except OSError as exc:
             raise CommandError(f"cannot write {output}: {exc.strerror or exc}") from exc
 
@@ -694,7 +697,7 @@ def _print_probe_rows(result: dict[str, Any]) -> None:
         "train acc",
         "val acc",
         "test acc",
-        "±95%",
+        "test 95% CI",
         "params",
         "converged",
     ):
@@ -708,8 +711,8 @@ def _print_probe_rows(result: dict[str, Any]) -> None:
             _fraction(row.get("train_accuracy")),
             _fraction(row.get("val_accuracy")),
             _fraction(row.get("test_accuracy")),
-            _fraction(row.get("test_accuracy_ci95")),
-            _cell(row.get("params", {})),
+            _interval(row.get("test_accuracy_ci95")),
+            _params_text(row.get("params", {})),
             str(row.get("converged", "")),
             style=style,
         )
@@ -722,6 +725,20 @@ def _status_text(status: str) -> Text:
 
 def _fraction(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, (int, float)) else "-"
+
+
+def _interval(value: Any) -> str:
+    """Format a [low, high] pair of fractions as "low-high", or "-" when it is missing."""
+    if isinstance(value, (list, tuple)) and len(value) == 2:
+        return f"{_fraction(value[0])}-{_fraction(value[1])}"
+    return "-"
+
+
+def _params_text(params: Any) -> str:
+    """Format chosen hyper-parameters as "name=value" pairs, one per line."""
+    if not isinstance(params, dict):
+        return _cell(params)
+    return "\n".join(f"{name}={_cell(value)}" for name, value in params.items())
 
 
 def _cell(value: Any) -> str:

@@ -692,7 +692,14 @@ def requeue_failed(redis: Redis, job_id: str) -> int:
         if status not in (JobStatus.FAILED, JobStatus.CANCELED):
             continue
         job.meta.pop("error", None)
+        # The run starts from the beginning, so the progress of the last run is reset.
+        old_progress = job.meta.get("progress") or {}
+        if "total" in old_progress:
+            job.meta["progress"] = {"done": 0, "total": old_progress["total"]}
         job.save_meta()
+        # A run that failed or was canceled used up its retries (a cancel sets them to 0).
+        # The requeue saves the job, so the resumed run gets the retries of a new job.
+        job.retries_left = BLOCK_RETRIES
         if status == JobStatus.FAILED:
             job.requeue()
         else:

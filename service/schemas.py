@@ -7,12 +7,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 MAX_BATCH_SIZE = 4096
+# Request bodies reject unknown fields and convert no types: JSON true is not the integer 1,
+# and "3" is not 3.
+REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True)
 
 
 class ExtractionCreate(BaseModel):
     """Request body of POST /v1/extractions."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     model: str = Field(
         ...,
@@ -122,7 +125,7 @@ class FeatureSetsPublic(BaseModel):
 class ProbeCreate(BaseModel):
     """Request body of POST /v1/probes."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     train_featureset: str
     test_featureset: str
@@ -168,7 +171,7 @@ class CurvePublic(BaseModel):
 class PretrainCreate(BaseModel):
     """Request body of POST /v1/pretrain: a small ImageGPT trained on a stored dataset."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     name: str = Field(..., min_length=1, max_length=64, examples=["digits-igpt"])
     dataset: str = "digits"
@@ -227,7 +230,7 @@ class CheckpointsPublic(BaseModel):
 class ProjectionCreate(BaseModel):
     """Request body of POST /v1/projections."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = REQUEST_CONFIG
 
     featureset: str
     layer: int = Field(..., ge=0)

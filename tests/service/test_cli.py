@@ -214,6 +214,18 @@ def test_probes_lists_and_shows_result(api_url: str, cli_probe: dict[str, Any]) 
     assert one["status"] == "complete"
 
 
+def test_probes_table_shows_interval_and_params(
+    api_url: str, cli_probe: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COLUMNS", "100")
+    result = run_cli(api_url, "probes", cli_probe["probe_id"])
+    assert result.exit_code == 0, result.stderr
+    for row in cli_probe["result"]["rows"]:
+        low, high = row["test_accuracy_ci95"]
+        assert f"{low:.4f}-{high:.4f}" in result.stdout
+    assert f"k={cli_probe['result']['rows'][0]['params']['k']}" in result.stdout
+
+
 def test_jobs_json_matches_api(api_url: str, client: Any, cli_probe: dict[str, Any]) -> None:
     body = run_json(api_url, "jobs", cli_probe["job_id"])
     assert body == client.job(cli_probe["job_id"])
@@ -336,6 +348,16 @@ def test_fetch_writes_npy_slice(
     saved = np.load(output)
     expected = client.layer_array(cli_featuresets["test"], 1)[10:30]
     np.testing.assert_array_equal(saved, expected)
+
+
+def test_fetch_writes_name_without_suffix(
+    api_url: str, cli_featuresets: dict[str, str], tmp_path: Path
+) -> None:
+    output = tmp_path / "layer1"
+    record = run_json(api_url, "fetch", cli_featuresets["test"], "1", "-o", str(output))
+    assert record["path"] == str(output)
+    assert np.load(output).shape == (200, 32)
+    assert not output.with_suffix(".npy").exists()
 
 
 def test_fetch_missing_output_is_usage_error(api_url: str, cli_featuresets: dict[str, str]) -> None:

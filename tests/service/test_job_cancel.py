@@ -20,6 +20,7 @@ from typer.testing import CliRunner
 from service.cli import app
 from service.client import Client, ClientError
 from service.jobs import (
+    BLOCK_RETRIES,
     busy_job,
     clear_cancel,
     enqueue_extraction,
@@ -202,6 +203,10 @@ def test_cancel_running_pretraining_stops(
         resumed = client.request("POST", f"/v1/jobs/{job_id}/resume")
         assert resumed.status_code == 202
         assert resumed.json()["status"] in ("queued", "running")
+        assert resumed.json()["progress"]["done"] == 0
+        # The resumed run may be retried after a worker dies, as a new job may.
+        rq_job = Job.fetch(load_job(redis, job_id)["rq_ids"][0], connection=redis)
+        assert rq_job.retries_left == BLOCK_RETRIES
         _wait_rq_started(redis, job_id)
         time.sleep(1.5)
         assert _rq_statuses(redis, job_id) == [JobStatus.STARTED]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -116,3 +117,26 @@ def test_worker_starts_beside_store_folder(
     log = tmp_path / "worker.log"
     process = start_worker(url, burst=True, log_file=log, name="beside-store")
     assert process.wait(timeout=120) == 0, log.read_text()
+
+
+def test_up_busy_port_one_error_line(tmp_path: Path) -> None:
+    """A port another process listens on ends `up` with one line, before Redis or a worker."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
+        result = subprocess.run(
+            [sys.executable, "-m", "service.cli", "up", "--port", str(port)]
+            + ["--store", str(tmp_path / "store")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith(f"error: cannot listen on 127.0.0.1:{port}")
+    assert "--port" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "redis").exists()
+    assert not (tmp_path / "logs").exists()
