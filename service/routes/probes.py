@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Annotated, Any
 
 import numpy as np
@@ -22,6 +23,8 @@ from store import FeatureSet, NotFoundError, NotReadyError, ProbeSpec, Store, St
 from store.spec import PROBE_KINDS
 from workers.probes.settings import check_params
 from workers.probes.task import check_classes
+
+logger = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/probes", tags=["probes"])
 
@@ -221,8 +224,13 @@ def _params_by_kind(params: dict[str, Any], kinds: list[str]) -> dict[str, dict[
 def _read_probe(store: Store, redis: Any, probe_id: str) -> dict[str, Any]:
     check_id(probe_id, field="probe_id")
     stored = store.read_result("probes", probe_id)
-    if stored is None:
-        raise NotFoundError(f"probe {probe_id!r} not found", field="probe_id", value=probe_id)
+    # A record without a spec is one whose creation was interrupted: nothing to show.
+    if stored is None or "spec" not in stored:
+        raise NotFoundError(
+            f"probe {probe_id!r} not found; list probes with GET /v1/probes",
+            field="probe_id",
+            value=probe_id,
+        )
     status, job_id, error = result_status(redis, store, probe_id, stored.get("status"))
     return {
         "probe_id": probe_id,
@@ -238,9 +246,13 @@ def _read_probe(store: Store, redis: Any, probe_id: str) -> dict[str, Any]:
 @router.get("", response_model=ProbesPublic)
 def list_probes(store: StoreDep, redis: RedisDep) -> ProbesPublic:
     """List all probe results in the store."""
-    data = [
-        ProbePublic.model_validate(_read_probe(store, redis, i)) for i in store.result_ids("probes")
-    ]
+    data = []
+    for probe_id in store.result_ids("probes"):
+        try:
+            data.append(ProbePublic.model_validate(_read_probe(store, redis, probe_id)))
+        except NotFoundError:
+            # Deleted while listing, or a record whose creation was interrupted.
+            logger.warning("probe %s: no readable record, left out of the list", probe_id)
     return ProbesPublic(data=data, count=len(data))
 
 

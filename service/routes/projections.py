@@ -159,10 +159,15 @@ def _complete_arrays(
 @router.get("", response_model=ProjectionsPublic)
 def list_projections(store: StoreDep, redis: RedisDep) -> ProjectionsPublic:
     """List all projections in the store, without their coordinates."""
-    data = [
-        ProjectionPublic.model_validate(_read_projection(store, redis, i, arrays=False))
-        for i in store.result_ids("projections")
-    ]
+    data = []
+    for projection_id in store.result_ids("projections"):
+        try:
+            stored = _read_projection(store, redis, projection_id, arrays=False)
+        except NotFoundError:
+            # Deleted while listing, or a record whose creation was interrupted.
+            logger.warning("projection %s: no readable record, left out of the list", projection_id)
+            continue
+        data.append(ProjectionPublic.model_validate(stored))
     return ProjectionsPublic(data=data, count=len(data))
 
 

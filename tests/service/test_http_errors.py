@@ -185,3 +185,21 @@ def test_busy_error_is_503_with_retry_after() -> None:
     assert response.status_code == 503
     assert response.headers["retry-after"] == "30"
     assert b"retry in a minute" in response.body
+
+
+@pytest.mark.parametrize("kind", ["probes", "projections"])
+def test_result_without_spec_left_out(http_client: TestClient, kind: str) -> None:
+    """A result group whose creation stopped before its spec was written is not served."""
+    from store import Store
+
+    store = Store(http_client.app.state.settings.store)  # type: ignore[attr-defined]
+    result_id = new_job_id()
+    store.write_result(kind, result_id, {"status": "complete"})
+
+    listing = http_client.get(f"/v1/{kind}")
+    one = http_client.get(f"/v1/{kind}/{result_id}")
+
+    assert listing.status_code == 200, listing.text
+    assert result_id not in listing.text
+    assert one.status_code == 404, one.text
+    assert one.json()["detail"]["value"] == result_id
