@@ -505,6 +505,12 @@ def check_pooling(ref: ModelRef, pooling: str) -> str:
 
 def processor_spec(ref: ModelRef, input_policy: str | None) -> dict[str, Any]:
     """Return the processor settings that determine the model's inputs, for the feature-set id."""
+    if ref.family != "imagegpt" and input_policy is not None:
+        raise ModelError(
+            f"input_policy applies to ImageGPT models only, not {ref.family}; remove it",
+            field="input_policy",
+            value=input_policy,
+        )
     if ref.family == PIXELS:
         return {"scale": "x/255"}
     if ref.family == "imagegpt":
@@ -531,11 +537,13 @@ def processor_spec(ref: ModelRef, input_policy: str | None) -> dict[str, Any]:
             "size": [int(size["height"]), int(size["width"])],
             "input_policy": policy,
         }
-    if input_policy is not None:
+    if not ref.processor:
         raise ModelError(
-            f"input_policy applies to ImageGPT models only, not {ref.family}",
-            field="input_policy",
-            value=input_policy,
+            f"model {ref.ref!r} has no preprocessor_config.json, so its image size and "
+            "normalisation are unknown; save the image processor beside the weights with "
+            "AutoImageProcessor.from_pretrained(...).save_pretrained(<model dir>)",
+            field="model",
+            value=ref.ref,
         )
     keep = {k: v for k, v in ref.processor.items() if not k.startswith("_")}
     return {

@@ -46,8 +46,9 @@ def _point(store: Store, probe_id: str, kind: str, layer: int | None) -> dict[st
         rows = [row for row in rows if row["layer"] == layer]
     if len(rows) != 1:
         layers = sorted({row["layer"] for row in stored["rows"] if row["kind"] == kind})
+        which = "in all" if layer is None else f"for layer {layer}"
         raise StoreError(
-            f"probe {probe_id!r} has {len(rows)} {kind} rows for layer {layer!r} (its {kind} "
+            f"probe {probe_id!r} has {len(rows)} {kind} rows {which} (its {kind} "
             f"layers: {layers}); pass layer= with one of them, or the kind it was fitted with",
             field="layer",
             value=layer,
@@ -102,6 +103,14 @@ def _spearman(x: list[float], y: list[float]) -> float | None:
 
 
 def _claim(store: Store, probe: list[str], kind: str, layer: int | None) -> ClaimPublic:
+    repeated = sorted({probe_id for probe_id in probe if probe.count(probe_id) > 1})
+    if repeated:
+        raise StoreError(
+            f"probe {repeated[0]!r} is listed {probe.count(repeated[0])} times, and each "
+            "checkpoint counts once in the correlation; list each probe once",
+            field="probe",
+            value=repeated[0],
+        )
     points = sorted(
         (_point(store, probe_id, kind, layer) for probe_id in probe),
         key=lambda point: point["step"],

@@ -127,6 +127,14 @@ def data(stack_dirs: dict[str, Path]) -> dict[str, str]:
     unsupported.mkdir(parents=True, exist_ok=True)
     (unsupported / "config.json").write_text(json.dumps({"model_type": "bert_generation_x"}))
     refs["unsupported_model"] = str(unsupported)
+    from transformers import ViTConfig, ViTModel
+
+    no_processor = stack_dirs["models"] / "bad-input-vit-no-processor"
+    config = ViTConfig(
+        hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32
+    )
+    ViTModel(config).save_pretrained(no_processor)
+    refs["vit_no_processor"] = str(no_processor)
     return refs
 
 
@@ -180,6 +188,23 @@ def _cases(data: dict[str, str], fs: dict[str, str], tiny: str, max_body: int) -
             post_x,
             _extraction(model=data["unsupported_model"]),
             field="model",
+        ),
+        Case(
+            "model without image processor",
+            "POST",
+            post_x,
+            _extraction(model=data["vit_no_processor"]),
+            field="model",
+            message=("preprocessor_config.json", "save_pretrained"),
+        ),
+        Case(
+            "input policy for pixels",
+            "POST",
+            post_x,
+            _extraction(input_policy="sos"),
+            field="input_policy",
+            message=("ImageGPT models only", "pixels"),
+            value="sos",
         ),
         Case(
             "layer out of range",

@@ -103,6 +103,20 @@ def test_claim_several_layers_without_layer_422(client: Any, probes: list[str]) 
         client.request("GET", "/v1/claims/accuracy-vs-loss", params={"probe": probes})
     assert caught.value.status_code == 422
     assert caught.value.detail["field"] == "layer"
+    assert "layer None" not in caught.value.detail["message"]
+
+
+def test_claim_repeated_probe_422(client: Any, probes: list[str]) -> None:
+    with pytest.raises(ClientError) as caught:
+        client.request(
+            "GET",
+            "/v1/claims/accuracy-vs-loss",
+            params={"probe": [probes[0], *probes], "layer": 2},
+        )
+    assert caught.value.status_code == 422
+    assert caught.value.detail["field"] == "probe"
+    assert caught.value.detail["value"] == probes[0]
+    assert "listed 2 times" in caught.value.detail["message"]
 
 
 def test_confusion_png(client: Any, probes: list[str]) -> None:
