@@ -223,16 +223,31 @@ def _blocks_in_flight(redis: Redis, featureset_id: str) -> dict[int, Job]:
 
 
 def enqueue_single(
-    queue: Queue, func: str, args: tuple[Any, ...], *, kind: str, target: str, timeout: int
+    queue: Queue,
+    func: str,
+    args: tuple[Any, ...],
+    *,
+    kind: str,
+    target: str,
+    timeout: int,
+    total: int | None = None,
 ) -> str:
+    """Queue one rq job for ``target`` and record it as a layerbank job; return the job id.
+
+    ``total`` is the job's unit count when known before it starts (layers to probe, steps to
+    train), so its progress reads 0 of that from the start.
+    """
     job_id = new_job_id()
+    meta: dict[str, Any] = {"layerbank_job": job_id}
+    if total is not None:
+        meta["progress"] = {"done": 0, "total": total}
     job = queue.enqueue_call(
         func,
         args=args,
         timeout=timeout,
         result_ttl=RESULT_TTL,
         failure_ttl=FAILURE_TTL,
-        meta={"layerbank_job": job_id},
+        meta=meta,
         description=f"{kind} {target}",
         # A probe, projection or pretraining run is rerun from the start when its worker dies:
         # each writes its result only at the end.
@@ -802,6 +817,7 @@ def submit_result_job(
     func: str,
     kind: str,
     timeout: int,
+    total: int | None = None,
 ) -> Submission:
     """Queue the job computing ``<group>/<result_id>`` unless it is complete or being computed.
 
@@ -821,7 +837,7 @@ def submit_result_job(
         quota.check()
         store.write_result(group, result_id, attrs)
         job_id = enqueue_single(
-            queue, func, (result_id,), kind=kind, target=result_id, timeout=timeout
+            queue, func, (result_id,), kind=kind, target=result_id, timeout=timeout, total=total
         )
         quota.record(job_id)
     return Submission(job_id, "queued", created=stored is None)

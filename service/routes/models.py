@@ -113,6 +113,7 @@ def create_pretraining(
             kind="pretrain",
             target=target,
             timeout=settings.pretrain_timeout,
+            total=body.steps,
         )
         quota.record(job_id)
     return PretrainPublic(model=f"store:{name}", job_id=job_id, status="queued", created=True)

@@ -64,6 +64,7 @@ def create_probe(
         },
         func="workers.jobs.run_probe",
         kind="probe",
+        total=len(spec.kinds) * len(spec.layers),
         timeout=settings.probe_timeout,
     )
     if submission.status == "complete":

@@ -427,3 +427,21 @@ def test_job_of_deleted_featureset_says_deleted(client: Any) -> None:
     assert after["status"] == "failed"
     assert "no longer exists (it was deleted)" in after["error"]["message"]
     assert "POST /v1/extractions again" in after["error"]["message"]
+
+
+def test_probe_job_progress_total_from_start(
+    client: Any, digits_featuresets: dict[str, str]
+) -> None:
+    answer = client.probe(
+        digits_featuresets["train"],
+        digits_featuresets["test"],
+        kind=["knn", "logistic"],
+        layers=[0, 1, 2],
+        params={"knn": {"k": [3]}, "logistic": {"C": [0.5]}},
+        seed=11,
+    )
+    # Layers times kinds, whether the job is still queued or already running.
+    assert client.job(answer["job_id"])["progress"]["total"] == 6
+    state = wait_job(client, answer["job_id"])
+    assert state is not None and state["status"] == "finished", state
+    assert (state["progress"]["done"], state["progress"]["total"]) == (6, 6)
