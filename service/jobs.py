@@ -17,7 +17,7 @@ import json
 import logging
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol, TypedDict
 
@@ -88,6 +88,19 @@ def target_lock(redis: Redis, target: str, timeout: float = 60.0) -> Iterator[No
             lock.release()
         except Exception:  # the lock expired: another request may proceed, which is safe
             logger.exception("lock on %s expired before release", target)
+
+
+@contextmanager
+def inputs_locked(redis: Redis, featureset_ids: list[str]) -> Iterator[None]:
+    """Hold the locks of the feature sets a new job reads, in id order, while it is queued.
+
+    A delete of a feature set takes the same lock, so it either runs before the request (which
+    then finds no feature set) or after the job is recorded (and then waits for the job).
+    """
+    with ExitStack() as stack:
+        for featureset_id in sorted(set(featureset_ids)):
+            stack.enter_context(target_lock(redis, featureset_id))
+        yield
 
 
 def _text(value: bytes | str) -> str:

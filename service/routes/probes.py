@@ -12,6 +12,7 @@ from redis import Redis
 from service.auth import JobQuotaDep
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
 from service.jobs import (
+    inputs_locked,
     not_complete_message,
     require_complete,
     result_status,
@@ -47,26 +48,29 @@ def create_probe(
     quota: JobQuotaDep,
 ) -> ProbeCreated:
     """Fit probes of one or more kinds on every requested layer, as one job."""
-    spec = _probe_spec(body, store, queue.connection)
-    probe_id = spec.probe_id()
-    submission = submit_result_job(
-        store,
-        queue,
-        quota,
-        group="probes",
-        result_id=probe_id,
-        attrs={
-            "probe_id": probe_id,
-            "spec": spec.model_dump(),
-            "status": "pending",
-            "rows": [],
-            "best": {},
-        },
-        func="workers.jobs.run_probe",
-        kind="probe",
-        total=len(spec.kinds) * len(spec.layers),
-        timeout=settings.probe_timeout,
-    )
+    check_id(body.train_featureset, field="train_featureset")
+    check_id(body.test_featureset, field="test_featureset")
+    with inputs_locked(queue.connection, [body.train_featureset, body.test_featureset]):
+        spec = _probe_spec(body, store, queue.connection)
+        probe_id = spec.probe_id()
+        submission = submit_result_job(
+            store,
+            queue,
+            quota,
+            group="probes",
+            result_id=probe_id,
+            attrs={
+                "probe_id": probe_id,
+                "spec": spec.model_dump(),
+                "status": "pending",
+                "rows": [],
+                "best": {},
+            },
+            func="workers.jobs.run_probe",
+            kind="probe",
+            total=len(spec.kinds) * len(spec.layers),
+            timeout=settings.probe_timeout,
+        )
     if submission.status == "complete":
         response.status_code = status.HTTP_200_OK
     return ProbeCreated(

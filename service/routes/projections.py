@@ -12,6 +12,7 @@ from fastapi import APIRouter, Response, status
 from service.auth import JobQuotaDep
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
 from service.jobs import (
+    inputs_locked,
     not_complete_message,
     require_complete,
     result_status,
@@ -54,33 +55,33 @@ def create_projection(
 ) -> ProjectionCreated:
     """Project a stratified subsample of one layer to 2-D, as one job."""
     check_id(body.featureset, field="featureset")
-    featureset = store.featureset(body.featureset)
-    require_complete(queue.connection, store, featureset, field="featureset")
-    featureset.layer_position(body.layer)
-    # More points than items means all items; the id is computed from the count actually used.
-    n_points = min(body.n_points, featureset.n_items)
-    clamped = n_points < body.n_points
-    check_request(body.method, n_points, featureset.n_items if clamped else None)
-    spec = ProjectionSpec(
-        featureset=featureset.id,
-        layer=body.layer,
-        method=body.method,
-        n_points=n_points,
-        seed=body.seed,
-    )
-    projection_id = spec.projection_id()
-
-    submission = submit_result_job(
-        store,
-        queue,
-        quota,
-        group="projections",
-        result_id=projection_id,
-        attrs={"projection_id": projection_id, "spec": spec.model_dump(), "status": "pending"},
-        func="workers.jobs.run_projection",
-        kind="projection",
-        timeout=settings.probe_timeout,
-    )
+    with inputs_locked(queue.connection, [body.featureset]):
+        featureset = store.featureset(body.featureset)
+        require_complete(queue.connection, store, featureset, field="featureset")
+        featureset.layer_position(body.layer)
+        # More points than items means all items; the id is computed from the count used.
+        n_points = min(body.n_points, featureset.n_items)
+        clamped = n_points < body.n_points
+        check_request(body.method, n_points, featureset.n_items if clamped else None)
+        spec = ProjectionSpec(
+            featureset=featureset.id,
+            layer=body.layer,
+            method=body.method,
+            n_points=n_points,
+            seed=body.seed,
+        )
+        projection_id = spec.projection_id()
+        submission = submit_result_job(
+            store,
+            queue,
+            quota,
+            group="projections",
+            result_id=projection_id,
+            attrs={"projection_id": projection_id, "spec": spec.model_dump(), "status": "pending"},
+            func="workers.jobs.run_projection",
+            kind="projection",
+            timeout=settings.probe_timeout,
+        )
     job_id = submission.job_id
     if submission.status == "complete":
         response.status_code = status.HTTP_200_OK

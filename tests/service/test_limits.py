@@ -287,3 +287,36 @@ def test_extract_model_still_pretraining_is_409(workerless: TestClient) -> None:
     assert spaced.status_code == 409
     assert unknown.status_code == 422
     assert "pretrain it with POST /v1/pretrain first" in unknown.json()["detail"]["message"]
+
+
+@pytest.mark.parametrize("kind", ["probe", "projection"])
+def test_new_job_waits_for_featureset_lock(
+    workerless: TestClient, redis_server: Any, tmp_path: Path, kind: str
+) -> None:
+    """A probe or projection POST holds its feature sets' lock, which a delete takes too, so a
+    delete can never run between the POST's checks and the job it records."""
+    import threading
+
+    from service.jobs import inputs_locked
+    from tests.store.test_read_path import _complete_featureset
+
+    train, _ = _complete_featureset(tmp_path / "store")
+    test, _ = _complete_featureset(tmp_path / "store")
+    if kind == "probe":
+        path = "/v1/probes"
+        body = {"train_featureset": train.id, "test_featureset": test.id, "kind": "knn"}
+    else:
+        path, body = "/v1/projections", {"featureset": test.id, "layer": 0, "method": "pca"}
+    answers: list[Any] = []
+    redis = Redis.from_url(_redis_url(redis_server, FRESH_DB))
+    with inputs_locked(redis, [test.id]):
+        thread = threading.Thread(target=lambda: answers.append(workerless.post(path, json=body)))
+        thread.start()
+        thread.join(timeout=1.5)
+        waited = thread.is_alive()
+    thread.join(timeout=30)
+    deleted = workerless.delete(f"/v1/featuresets/{test.id}")
+
+    assert waited
+    assert answers[0].status_code == 202, answers[0].text
+    assert deleted.status_code == 409, deleted.text
