@@ -18,6 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.console import Console
 from typer.core import TyperGroup
 
+from service.cli_commands import ApiKeyOption
 from service.cli_commands import register as register_api_commands
 from service.cli_keys import keys_app
 from store.errors import StoreError
@@ -183,6 +184,7 @@ def demo(
     ] = "http://127.0.0.1:8000",
     output: Annotated[Path, typer.Option(help="directory for the curve PNG")] = Path("demo-output"),
     steps: Annotated[int, typer.Option(min=1, help="pretraining steps")] = 1000,
+    api_key: ApiKeyOption = None,
 ) -> None:
     """Pretrain a small ImageGPT on digits, extract every layer, probe, print and plot."""
     import httpx
@@ -198,7 +200,7 @@ def demo(
 
     terminate_on_sigterm()
     stack = None
-    client = Client(url, timeout=120)
+    client = Client(url, api_key=api_key, timeout=120)
     try:
         health: dict[str, object] | None = client.health()
     except httpx.TransportError:

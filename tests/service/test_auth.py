@@ -509,3 +509,33 @@ def test_cli_up_non_loopback_without_keys_refused(
     assert result.exit_code == 2
     assert result.output.startswith("refusing to bind to 0.0.0.0")
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_demo_sends_api_key(auth_app: FastAPI, keys: dict[str, str], tmp_path: Path) -> None:
+    """The demo sends its --api-key: a read key reaches the scope check (403), not 401."""
+    import threading
+
+    import uvicorn
+
+    from service.cli import app as cli
+    from service.launcher import free_port, wait_for_http
+
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(auth_app, host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_http(f"{url}/healthz")
+        result = CliRunner().invoke(
+            cli,
+            ["demo", "--url", url, "--output", str(tmp_path), "--api-key", keys["read"]],
+        )
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+    assert result.exit_code == 1, result.output
+    assert "demo failed: HTTP 403" in result.stderr
+    assert "write" in result.stderr
