@@ -373,6 +373,10 @@ def test_pretrain_same_name_other_settings_rejected(client: Any) -> None:
         ("adapter", {"val_fraction": -0.2}, "val_fraction"),
         ("adapter", {"depth": 2}, "depth"),
         ("logistic", {"C": [float(c) for c in range(1, 102)]}, "C"),
+        ("mlp", {"hidden": 100_000_000}, "hidden"),
+        ("mlp", {"max_epochs": 10**9}, "max_epochs"),
+        ("mlp", {"patience": 10**9}, "patience"),
+        ("knn", {"chunk_size": 10**6}, "chunk_size"),
     ],
 )
 def test_probe_bad_params_rejected_before_queueing(

@@ -581,6 +581,28 @@ def test_logistic_check_stops_a_fit_early(digits: Digits, engine: str) -> None:
     assert progress == []
 
 
+def test_mlp_check_stops_between_epochs(digits: Digits) -> None:
+    """An MLP fit calls ``check`` before each epoch, so a cancel stops it inside a layer."""
+    calls: list[int] = []
+    progress: list[int] = []
+
+    def check() -> None:
+        calls.append(1)
+        if len(calls) == 3:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        probe(
+            digits,
+            "mlp",
+            {"max_epochs": 50, "patience": 50},
+            progress=lambda done, _total: progress.append(done),
+            check=check,
+        )
+    assert len(calls) == 3
+    assert progress == []
+
+
 def test_torch_engine_reports_progress_per_batch(digits: Digits) -> None:
     calls: list[tuple[int, int]] = []
     probe(

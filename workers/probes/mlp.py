@@ -110,6 +110,7 @@ def _train(
         best_state: dict[str, torch.Tensor] = {}
         best_epoch, stale = 0, 0
         for epoch in range(1, s.max_epochs + 1):
+            task.check_running()
             model.train()
             for batch in torch.randperm(len(y_fit), generator=order).split(s.batch_size):
                 batch = batch.to(device)

@@ -93,6 +93,8 @@ def read_logistic_settings(params: dict[str, Any]) -> LogisticSettings:
 DEFAULT_K_GRID = (1, 5, 10, 20, 50, 100, 200)
 DEFAULT_TEMPERATURE = 0.07
 DEFAULT_TRAIN_EVAL_ITEMS = 5000
+# Largest similarity block an explicit chunk_size may ask for: 2**28 float32 values, 1 GiB.
+MAX_SIMILARITY_ELEMENTS = 2**28
 KNN_PARAMS = ("k", "temperature", "chunk_size", "train_eval_items")
 
 
@@ -119,6 +121,15 @@ def read_knn_settings(params: dict[str, Any], task: TrainSizes) -> KnnSettings:
     train_eval_items = read_int(params, "train_eval_items", DEFAULT_TRAIN_EVAL_ITEMS)
 
     n_train, n_fit = len(task.y_train), len(task.fit_part)
+    if chunk_size is not None and chunk_size * n_train > MAX_SIMILARITY_ELEMENTS:
+        largest = max(1, MAX_SIMILARITY_ELEMENTS // n_train)
+        raise ProbeError(
+            f"chunk_size={chunk_size} rows against {n_train} train items makes similarity "
+            f"blocks of {chunk_size * n_train * 4 / 2**30:.1f} GiB; pass chunk_size <= "
+            f"{largest}, or leave it out to size blocks to the memory budget",
+            field="chunk_size",
+            value=chunk_size,
+        )
     if explicit and k_grid[-1] > n_train:
         raise ProbeError(
             f"k={k_grid[-1]} is larger than the train set ({n_train} items); pass k <= {n_train}",
@@ -146,6 +157,11 @@ def read_knn_settings(params: dict[str, Any], task: TrainSizes) -> KnnSettings:
 # -- mlp -------------------------------------------------------------------------------------------
 
 MLP_PARAMS = ("hidden", "dropout", "lr", "weight_decay", "max_epochs", "patience", "batch_size")
+# Largest hidden width: with a 1,280-wide layer (ViT-H) that is 21 M weights, and the Adam state
+# of the whole network stays under 1 GiB.
+MAX_MLP_HIDDEN = 16384
+# Most epochs of an MLP or adapter probe.
+MAX_EPOCHS = 10_000
 
 
 @dataclass(frozen=True)
@@ -177,13 +193,13 @@ def read_mlp_settings(params: dict[str, Any]) -> MlpSettings:
     check_known(params, "mlp", MLP_PARAMS)
     read_choice(params, "engine", "torch", ("torch",))
     return MlpSettings(
-        hidden=read_int(params, "hidden", 256),
+        hidden=read_int(params, "hidden", 256, high=MAX_MLP_HIDDEN),
         dropout=read_float(params, "dropout", 0.2, low=0.0, high=1.0, high_open=True),
         lr=read_float(params, "lr", 1e-3, low=0.0, low_open=True),
         weight_decay=read_float(params, "weight_decay", 1e-2, low=0.0),
-        max_epochs=read_int(params, "max_epochs", 200),
-        patience=read_int(params, "patience", 20),
-        batch_size=read_int(params, "batch_size", 256),
+        max_epochs=read_int(params, "max_epochs", 200, high=MAX_EPOCHS),
+        patience=read_int(params, "patience", 20, high=MAX_EPOCHS),
+        batch_size=read_int(params, "batch_size", 256, high=65536),
     )
 
 
@@ -212,7 +228,7 @@ def read_adapter_settings(params: dict[str, Any]) -> AdapterSettings:
     check_known(params, "adapter", ADAPTER_PARAMS)
     return AdapterSettings(
         bottleneck=read_int(params, "bottleneck", DEFAULT_BOTTLENECK, low=1, high=65536),
-        epochs=read_int(params, "epochs", DEFAULT_EPOCHS, low=1, high=10_000),
+        epochs=read_int(params, "epochs", DEFAULT_EPOCHS, low=1, high=MAX_EPOCHS),
         lr=read_float(params, "lr", DEFAULT_LR, low=0.0, high=1.0, low_open=True),
         weight_decay=read_float(params, "weight_decay", 0.0, low=0.0),
         batch_size=read_int(params, "batch_size", DEFAULT_BATCH_SIZE, low=1, high=65536),
