@@ -467,10 +467,11 @@ class FeatureSet:
         return np.asarray(self.item_ids_array[:])
 
     @property
-    def ids_span_splits(self) -> bool:
-        """Whether an item id names the same item in every split of the dataset (False for
-        feature sets created before this was recorded)."""
-        return bool(self.attrs.get("item_ids_span_splits", False))
+    def ids_span_splits(self) -> bool | None:
+        """Whether an item id names the same item in every split of the dataset, or None for
+        a feature set created before this was recorded."""
+        recorded = self.attrs.get("item_ids_span_splits")
+        return None if recorded is None else bool(recorded)
 
     def check_rows(self, start: int | None, stop: int | None) -> tuple[int, int]:
         """Return the validated [start, stop) row range; None means the ends."""

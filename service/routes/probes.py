@@ -161,15 +161,28 @@ def _probe_spec(body: ProbeCreate, store: Store, redis: Redis) -> ProbeSpec:
     )
 
 
+def _ids_span_splits(featureset: FeatureSet) -> bool:
+    """Return whether the item ids of ``featureset`` name the same items in every split."""
+    recorded = featureset.ids_span_splits
+    if recorded is None:
+        # Created before this was recorded: of the sources, only digits numbers its items
+        # across splits.
+        return featureset.spec.dataset == "digits"
+    return recorded
+
+
 def _check_disjoint(train: FeatureSet, test: FeatureSet) -> None:
     """Raise if ``test`` holds items of ``train``, as far as their item ids tell.
 
-    Ids are compared when both sets come from the same dataset and either the same split or
-    a dataset whose ids name the same item in every split (the built-in digits).
+    Ids are compared when both sets come from the same split of the same dataset (the same
+    reference, or the same content under another reference), or from two splits of a dataset
+    whose ids name the same item in every split (the built-in digits).
     """
     same_split = train.spec.split == test.spec.split
-    comparable = train.spec.dataset == test.spec.dataset and (
-        same_split or (train.ids_span_splits and test.ids_span_splits)
+    same_content = same_split and train.spec.dataset_fingerprint == test.spec.dataset_fingerprint
+    same_dataset = train.spec.dataset == test.spec.dataset
+    comparable = same_content or (
+        same_dataset and (same_split or (_ids_span_splits(train) and _ids_span_splits(test)))
     )
     if not comparable:
         return

@@ -671,3 +671,52 @@ def test_http_error_unregistered_status_code() -> None:
     assert response.status_code == 499
     message = json.loads(bytes(response.body))["detail"]["message"]
     assert message == "GET /v1/models: client closed request"
+
+
+def test_overlap_found_in_sets_without_id_scope(
+    featuresets: dict[str, str], stack_dirs: dict[str, Path]
+) -> None:
+    """Digits feature sets stored before the id scope was recorded are still compared."""
+    import zarr
+
+    from service.routes.probes import _check_disjoint
+    from store import Store, StoreError
+
+    store = Store(stack_dirs["store"])
+    for name in ("pixels_train", "pixels_all"):
+        group = zarr.open_group(store.zarr_store, path=f"featuresets/{featuresets[name]}")
+        group.attrs.pop("item_ids_span_splits")
+    train, test = (store.featureset(featuresets[n]) for n in ("pixels_train", "pixels_all"))
+    assert train.ids_span_splits is None
+    with pytest.raises(StoreError) as caught:
+        _check_disjoint(train, test)
+    assert caught.value.field == "test_featureset"
+    assert "shares 40 of its 1797 items" in caught.value.message
+
+
+def test_overlap_found_under_other_path_spelling(
+    client: Client, api_url: str, stack_dirs: dict[str, Path]
+) -> None:
+    """The same file under two spellings of its path has the same fingerprint, so the ids of
+    one split are compared."""
+    root = stack_dirs["data"] / "bad-input"
+    rng = np.random.default_rng(7)
+    path = root / "spelling.npz"
+    images = rng.integers(0, 255, (12, 8, 8, 3), dtype=np.uint8)
+    np.savez(path, images=images, labels=np.arange(12) % 3)
+    ids = []
+    for reference in (f"npz:{path}", f"npz:{root}//./spelling.npz"):
+        answer = client.extract("pixels", reference, "all")
+        state = wait_job(client, answer["job_id"], timeout=120)
+        assert state is None or state["status"] == "finished", state
+        ids.append(answer["featureset_id"])
+    assert ids[0] != ids[1]
+
+    response = httpx.post(
+        f"{api_url}/v1/probes",
+        json={"train_featureset": ids[0], "test_featureset": ids[1], "kind": "knn"},
+    )
+
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"]["field"] == "test_featureset"
+    assert "shares 12 of its 12 items" in response.json()["detail"]["message"]
