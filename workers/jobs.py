@@ -206,7 +206,13 @@ def extract_block(featureset_id: str, block: int) -> dict[str, Any]:
     def on_batch(done: int, total: int) -> None:
         _set_meta(progress={"rows_done": done, "rows_total": total})
 
-    result = run(_store(settings), featureset_id, block, settings=settings, on_batch=on_batch)
+    store = _store(settings)
+    result = run(store, featureset_id, block, settings=settings, on_batch=on_batch)
+    # The block that completes the set marks it complete. The finalize job does the same, but
+    # rq can leave a job whose dependencies finished waiting for a later maintenance pass.
+    featureset = store.featureset(featureset_id)
+    if not featureset.is_complete and not featureset.missing_blocks():
+        featureset.mark_complete()
     if not result.skipped:
         _publish_metrics(
             {

@@ -411,3 +411,22 @@ def test_list_jobs_newest_first_and_filtered(client: Client, redis: Redis) -> No
     assert bad.value.detail["field"] == "status"
     _cancel(client, newer)
     queue.delete(delete_jobs=True)
+
+
+def test_last_block_completes_set_without_finalize(
+    client: Client, redis: Redis, tiny_model: Path
+) -> None:
+    """rq may hold back a finalize job whose dependencies finished; the block job that writes
+    the last block marks the set complete itself."""
+    answer = _slow_extraction(client, tiny_model, "test", limit=40, seed=9231)
+    finalize = Job.fetch(load_job(redis, answer["job_id"])["rq_ids"][-1], connection=redis)
+    assert finalize.description.startswith("finalize")
+    finalize.cancel()
+
+    deadline = time.monotonic() + 120
+    while client.featureset(answer["featureset_id"])["status"] != "complete":
+        assert time.monotonic() < deadline, client.featureset(answer["featureset_id"])
+        time.sleep(0.2)
+
+    assert finalize.get_status(refresh=True) == JobStatus.CANCELED
+    assert client.job(answer["job_id"])["status"] == "finished"
