@@ -57,6 +57,10 @@ def check_query(request: Request) -> None:
     route = request.scope.get("route")
     if not isinstance(route, APIRoute) or not request.query_params:
         return
+    if not route.include_in_schema:
+        # Pages and /metrics are not part of the JSON API: a browser bookmark with a tracking
+        # parameter or a scraper's own parameters must still load them.
+        return
     names, many = _declared(route)
     where = f"{request.method} {route.path}"
     for name in request.query_params:

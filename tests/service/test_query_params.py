@@ -48,3 +48,9 @@ def test_list_query_parameter_may_repeat(api_url: str) -> None:
 def test_declared_query_parameters_accepted(api_url: str) -> None:
     response = httpx.get(f"{api_url}/v1/jobs?status=failed&kind=probe&limit=3")
     assert response.status_code == 200, response.text
+
+
+def test_dashboard_page_ignores_query(api_url: str) -> None:
+    response = httpx.get(f"{api_url}/dashboard?tab=jobs&utm_source=mail")
+    assert response.status_code == 200, response.text
+    assert "text/html" in response.headers["content-type"]
