@@ -22,7 +22,7 @@ from service.plots import confusion_png, layer_curve_png
 from service.schemas import CurvePublic, ProbeCreate, ProbeCreated, ProbePublic, ProbesPublic
 from store import FeatureSet, NotFoundError, NotReadyError, ProbeSpec, Store, StoreError, check_id
 from store.spec import PROBE_KINDS
-from workers.probes.settings import check_params
+from workers.probes.settings import check_params, normalise_params
 from workers.probes.task import check_classes
 
 logger = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ def _probe_spec(body: ProbeCreate, store: Store, redis: Redis) -> ProbeSpec:
     for kind, kind_params in params.items():
         # The engines' own readers, without torch: a bad parameter fails before queueing.
         check_params(kind, kind_params, train.n_items)
+        params[kind] = normalise_params(kind, kind_params)
     return ProbeSpec(
         train_featureset=train.id,
         test_featureset=test.id,

@@ -449,3 +449,31 @@ def test_probe_job_progress_total_from_start(
     state = wait_job(client, answer["job_id"])
     assert state is not None and state["status"] == "finished", state
     assert (state["progress"]["done"], state["progress"]["total"]) == (6, 6)
+
+
+def test_equal_grids_share_one_probe_id(client: Any, digits_featuresets: dict[str, str]) -> None:
+    """A grid is stored as the engines read it, so its spelling does not change the probe id."""
+    ids = {
+        client.probe(
+            digits_featuresets["train"],
+            digits_featuresets["test"],
+            kind="logistic",
+            layers=[1],
+            params={"C": grid},
+            seed=21,
+        )["probe_id"]
+        for grid in ([1.0], 1, [1, 1.0])
+    }
+    ordered = {
+        client.probe(
+            digits_featuresets["train"],
+            digits_featuresets["test"],
+            kind="knn",
+            layers=[1],
+            params={"k": grid},
+            seed=21,
+        )["probe_id"]
+        for grid in ([3, 1], [1, 3, 3])
+    }
+    assert len(ids) == 1
+    assert len(ordered) == 1

@@ -259,6 +259,22 @@ class _Sizes:
     fit_part: np.ndarray
 
 
+# The hyper-parameter grid of each kind that has one, and whether its values are integers.
+GRID_PARAMS = {"logistic": ("C", False), "knn": ("k", True)}
+
+
+def normalise_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Return ``params`` with the grid as the engines read it: distinct values in increasing
+    order, all of one number type. Equal requests then get one probe id, whichever way the
+    grid was written (``1`` or ``[1.0, 1.0]``). Call it after `check_params`."""
+    grid = GRID_PARAMS.get(kind)
+    if grid is None or grid[0] not in params:
+        return dict(params)
+    name, integer = grid
+    values, _ = read_grid(params, name, (), integer=integer)
+    return {**params, name: values}
+
+
 def check_params(kind: str, params: dict[str, Any], n_train: int) -> None:
     """Validate ``params`` of a ``kind`` probe on a train set of ``n_train`` items.
 
