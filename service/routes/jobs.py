@@ -21,7 +21,7 @@ from service.jobs import (
     target_lock,
 )
 from service.schemas import JobPublic, JobsPublic
-from store import Store, check_id
+from store import NotFoundError, Store, check_id
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -133,6 +133,9 @@ def resume_job(
         return stored is not None and stored.get("status") == "complete"
 
     def resume(record: dict[str, Any]) -> None:
+        group = RESULT_GROUPS.get(record["kind"])
+        if group is not None:
+            _require_result_inputs(store, record["kind"], group, record["target"])
         quota.check()
         clear_cancel(redis, job_id)
         if record["kind"] == "extraction":
@@ -151,6 +154,29 @@ def resume_job(
         change=resume,
         unchanged=result_complete,
     )
+
+
+def _require_result_inputs(store: Store, kind: str, group: str, result_id: str) -> None:
+    """Raise NotFoundError when the result of a probe or projection job, or a feature set it
+    reads, was deleted: running the job again could only fail."""
+    stored = store.read_result(group, result_id)
+    if stored is None or "spec" not in stored:
+        raise NotFoundError(
+            f"{kind} {result_id!r} of this job no longer exists (deleted with its feature set); "
+            f"send the same POST /v1/{group} again",
+            field=f"{kind}_id",
+            value=result_id,
+        )
+    spec = stored["spec"]
+    inputs = [spec.get("train_featureset"), spec.get("test_featureset"), spec.get("featureset")]
+    for featureset_id in filter(None, inputs):
+        if store.find_featureset(featureset_id) is None:
+            raise NotFoundError(
+                f"feature set {featureset_id!r} that {kind} {result_id!r} reads no longer "
+                f"exists; extract it again, then send the same POST /v1/{group} again",
+                field="featureset_id",
+                value=featureset_id,
+            )
 
 
 def _change_job(

@@ -430,3 +430,32 @@ def test_last_block_completes_set_without_finalize(
 
     assert finalize.get_status(refresh=True) == JobStatus.CANCELED
     assert client.job(answer["job_id"])["status"] == "finished"
+
+
+@pytest.mark.parametrize("deleted", ["result", "featureset"])
+def test_resume_with_deleted_input_is_404(
+    client: Client, redis: Redis, stack_dirs: dict[str, Path], deleted: str
+) -> None:
+    """A canceled probe whose result or feature set was deleted cannot run again: the resume
+    says so at once instead of queueing a run that fails."""
+    probe_id, featureset_id = uuid.uuid4().hex[:24], uuid.uuid4().hex[:24]
+    if deleted == "featureset":
+        spec = {"train_featureset": featureset_id, "test_featureset": featureset_id}
+        Store(stack_dirs["store"]).write_result("probes", probe_id, {"spec": spec})
+    queue = Queue(f"cancel-{uuid.uuid4().hex[:8]}", connection=redis)
+    job_id = enqueue_single(
+        queue, "workers.jobs.run_probe", (probe_id,), kind="probe", target=probe_id, timeout=60
+    )
+    assert _cancel(client, job_id).json()["status"] == "canceled"
+
+    with pytest.raises(ClientError) as caught:
+        client.request("POST", f"/v1/jobs/{job_id}/resume")
+
+    assert caught.value.status_code == 404
+    expected = {"result": ("probe_id", probe_id), "featureset": ("featureset_id", featureset_id)}
+    field, value = expected[deleted]
+    assert caught.value.detail["field"] == field
+    assert caught.value.detail["value"] == value
+    assert "POST /v1/probes again" in caught.value.detail["message"]
+    assert queue.count == 0
+    queue.delete(delete_jobs=True)
