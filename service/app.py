@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import AsyncIterator, Mapping
@@ -149,6 +150,14 @@ def _json_value(value: Any, limit: int = 200) -> Any:
         return value if math.isfinite(value) else repr(value)
     if isinstance(value, str):
         return value if len(value) <= limit else value[:limit] + "..."
+    if isinstance(value, (list, dict)):
+        try:
+            text = json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            pass  # not JSON as it is: fall back to its repr below
+        else:
+            if len(text) <= limit:
+                return value
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "..."
 
@@ -266,6 +275,9 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
                 else _json_value(error.get("input")),
             }
         )
+    # For a union such as Literal["all"] | list[int], "should be 'all'" helps least, so the
+    # problems of the other alternatives come first (the sort is stable).
+    problems.sort(key=lambda problem: "literal[" in str(problem.get("location", "")))
     first = (
         problems[0] if problems else {"field": None, "message": "invalid request", "value": None}
     )
@@ -273,7 +285,8 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     label = first["location"] if first.get("type") == "extra_forbidden" else first["field"]
     message = f"{label or 'request'}: {first['message']}"
     if first["value"] is not None:
-        message += f" (got {first['value']!r})"
+        # As JSON, the language of the request: true, not Python's True.
+        message += f" (got {json.dumps(first['value'])})"
     if len(problems) > 1:
         message += f"; {len(problems) - 1} more problem(s) under errors"
     logger.info("%s %s -> 422: %s", request.method, request.url.path, message)

@@ -251,7 +251,10 @@ def demo(
     try:
         run_demo(client, output, steps=steps, console=console)
     except ClientError as exc:
-        err.print(f"demo failed: {exc}")
+        hint = ""
+        if exc.status_code == 401:
+            hint = "; pass a write key with --api-key or LAYERBANK_API_KEY"
+        err.print(f"demo failed: {exc}{hint}", markup=False)
         raise typer.Exit(1) from None
     finally:
         client.close()

@@ -241,7 +241,8 @@ def jobs(
     ]
     if listing:
         raise typer.BadParameter(
-            f"{', '.join(listing)} apply only to the job list. Drop JOB_ID to list jobs, or "
+            f"{', '.join(listing)} {'applies' if len(listing) == 1 else 'apply'} only to the "
+            "job list. Drop JOB_ID to list jobs, or "
             "drop the option to show one job",
             param_hint=listing[0],
         )

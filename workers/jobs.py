@@ -193,6 +193,8 @@ def _error_meta(exc: WorkersError | StoreError) -> dict[str, Any]:
 def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
+    if isinstance(value, (list, tuple)) and len(value) <= 100:
+        return [_jsonable(item) for item in value]  # a grid such as [1200] stays a list
     return repr(value)
 
 

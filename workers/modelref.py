@@ -539,8 +539,9 @@ def processor_spec(ref: ModelRef, input_policy: str | None) -> dict[str, Any]:
         }
     if not ref.processor:
         raise ModelError(
-            f"model {ref.ref!r} has no preprocessor_config.json, so its image size and "
-            "normalisation are unknown; save the image processor beside the weights with "
+            f"model {ref.ref!r} has no image processor settings (preprocessor_config.json is "
+            "missing or empty), so its image size and normalisation are unknown; save the "
+            "image processor beside the weights with "
             "AutoImageProcessor.from_pretrained(...).save_pretrained(<model dir>)",
             field="model",
             value=ref.ref,

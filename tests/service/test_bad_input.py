@@ -488,6 +488,15 @@ def _cases(data: dict[str, str], fs: dict[str, str], tiny: str, max_body: int) -
             post_proj,
             {"featureset": fs["pixels_test"], "layer": True, "method": "pca"},
             field="layer",
+            message=("valid integer", "(got true)"),
+        ),
+        Case(
+            "extraction layers of floats",
+            "POST",
+            post_x,
+            _extraction(layers=[1.0]),
+            field="layers",
+            message=("valid integer", "(got 1.0)"),
         ),
         Case(
             "projection layer as text",

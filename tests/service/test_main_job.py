@@ -305,6 +305,7 @@ def test_probe_failed_job_reports_failed(
     result = client.probe_result(answer["probe_id"])
     assert result["status"] == "failed"
     assert "k" in result["error"]["message"]
+    assert result["error"]["value"] == [1297]
     with pytest.raises(ClientError) as info:
         client.curve(answer["probe_id"])
     assert info.value.status_code == 409
