@@ -396,7 +396,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         client, key_store.async_redis = key_store.async_redis, None
-        await client.aclose()
+        if client is not None:  # None when another lifespan of the same app closed it first
+            await client.aclose()
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

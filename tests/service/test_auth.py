@@ -511,7 +511,9 @@ def test_cli_up_non_loopback_without_keys_refused(
     assert len(result.output.strip().splitlines()) == 1
 
 
-def test_demo_sends_api_key(auth_app: FastAPI, keys: dict[str, str], tmp_path: Path) -> None:
+def test_demo_sends_api_key(
+    settings: Settings, redis_server: Any, keys: dict[str, str], tmp_path: Path
+) -> None:
     """The demo sends its --api-key: a read key reaches the scope check (403), not 401."""
     import threading
 
@@ -520,10 +522,17 @@ def test_demo_sends_api_key(auth_app: FastAPI, keys: dict[str, str], tmp_path: P
     from service.cli import app as cli
     from service.launcher import free_port, wait_for_http
 
-    port = free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(auth_app, host="127.0.0.1", port=port, log_level="warning")
+    # An app of its own: the module's app is in use by the TestClient of the other tests.
+    keyed = create_app(
+        settings.model_copy(
+            update={
+                "redis_url": _redis_url(redis_server, KEYS_DB),
+                "store": str(tmp_path / "store"),
+            }
+        )
     )
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(keyed, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     url = f"http://127.0.0.1:{port}"
@@ -531,7 +540,7 @@ def test_demo_sends_api_key(auth_app: FastAPI, keys: dict[str, str], tmp_path: P
         wait_for_http(f"{url}/healthz")
         result = CliRunner().invoke(
             cli,
-            ["demo", "--url", url, "--output", str(tmp_path), "--api-key", keys["read"]],
+            ["demo", "--url", url, "--output", str(tmp_path / "out"), "--api-key", keys["read"]],
         )
     finally:
         server.should_exit = True

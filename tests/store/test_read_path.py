@@ -23,12 +23,14 @@ LAYERS, N_ITEMS, DIM, BLOCK_ROWS = [0, 2, 5], 150, 6, 64
 
 def _complete_featureset(root: Path, dtype: str = "float16") -> tuple[FeatureSet, np.ndarray]:
     """Write a complete feature set of random features; return it and the float32 values."""
+    # Each call stands for a different dataset: its own name and its own content fingerprint.
+    token = uuid.uuid4().hex[:16]
     spec = FeatureSetSpec(
         model="tiny-igpt",
         model_revision="rev-1",
         model_family="imagegpt",
-        dataset=f"digits-{uuid.uuid4().hex[:8]}",
-        dataset_fingerprint="0" * 16,
+        dataset=f"digits-{token[:8]}",
+        dataset_fingerprint=token,
         split="test",
         layers=LAYERS,
         pooling="mean",
