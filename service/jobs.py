@@ -29,7 +29,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Dependency, Job, JobStatus
 from rq.registry import CanceledJobRegistry, StartedJobRegistry
 
-from store import FeatureSet, NotReadyError, Store
+from store import FeatureSet, NotFoundError, NotReadyError, Store
 from store.errors import StoreError
 
 logger = logging.getLogger(__name__)
@@ -306,6 +306,9 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
         last = rq_jobs[-1] if rq_jobs else None
         meta_progress = (last.meta.get("progress") if last else None) or {}
         done = statuses[-1] == JobStatus.FINISHED if statuses else False
+        if statuses and statuses[-1] is None and _target_complete(store, kind, record["target"]):
+            # rq deletes a finished job after RESULT_TTL; the stored result still shows the end.
+            done = True
         progress_public = {
             "done": int(meta_progress.get("done", 1 if done else 0)),
             "total": int(meta_progress.get("total", 1)),
@@ -375,6 +378,20 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
         "created": record["created"],
         "result": result if isinstance(result, dict) else None,
     }
+
+
+def _target_complete(store: Store, kind: str, target: str) -> bool:
+    """Return whether the result a probe, projection or pretraining job writes is complete."""
+    if kind in ("probe", "projection"):
+        stored = store.read_result(f"{kind}s", target)
+        return stored is not None and stored.get("status") == "complete"
+    if kind == "pretrain" and target.startswith("model-"):
+        try:
+            models_dir = store.models_dir()
+        except NotFoundError:  # a store without local model folders
+            return False
+        return (models_dir / target.removeprefix("model-") / "config.json").is_file()
+    return False
 
 
 def require_complete(

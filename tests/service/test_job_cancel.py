@@ -459,3 +459,25 @@ def test_resume_with_deleted_input_is_404(
     assert "POST /v1/probes again" in caught.value.detail["message"]
     assert queue.count == 0
     queue.delete(delete_jobs=True)
+
+
+def test_probe_job_finished_after_rq_forgets_it(
+    client: Client, redis: Redis, stack_dirs: dict[str, Path]
+) -> None:
+    """rq deletes a finished job after its result TTL; the job still reads finished while its
+    result is complete, not failed as if it had been lost."""
+    probe_id = uuid.uuid4().hex[:24]
+    queue = Queue(f"expired-{uuid.uuid4().hex[:8]}", connection=redis)
+    job_id = enqueue_single(
+        queue, "workers.jobs.run_probe", (probe_id,), kind="probe", target=probe_id, timeout=60
+    )
+    Job.fetch(load_job(redis, job_id)["rq_ids"][0], connection=redis).delete()
+    lost = client.job(job_id)
+    Store(stack_dirs["store"]).write_result("probes", probe_id, {"status": "complete"})
+
+    finished = client.job(job_id)
+
+    assert lost["status"] == "failed"
+    assert finished["status"] == "finished"
+    assert finished["error"] is None
+    queue.delete(delete_jobs=True)
