@@ -13,7 +13,7 @@ from service.jobs import active_job_id, busy_job, enqueue_extraction, job_state,
 from service.schemas import ExtractionCreate, ExtractionPublic
 from store import FeatureSetSpec, NotReadyError, Store, create_featureset
 from store.settings import Settings
-from workers.datasets import load_split
+from workers.datasets import canonical_reference, load_split
 from workers.errors import ModelError
 from workers.modelref import ModelRef, check_pooling, processor_spec, resolve_model
 
@@ -53,8 +53,10 @@ def create_extraction(
     layers = ref.check_layers(body.layers)
     pooling = check_pooling(ref, body.pooling)
     processor = processor_spec(ref, body.input_policy)
+    # One spelling per local path, so that the same file gives the same feature set id.
+    dataset = canonical_reference(body.dataset)
     split = load_split(
-        body.dataset,
+        dataset,
         body.split,
         limit=body.limit,
         seed=body.seed,
@@ -65,7 +67,7 @@ def create_extraction(
     limit, seed = body.limit, body.seed
     if limit is not None:
         whole = load_split(
-            body.dataset,
+            dataset,
             body.split,
             image_column=body.image_column,
             label_column=body.label_column,
@@ -82,7 +84,7 @@ def create_extraction(
         model_revision=ref.revision,
         model_family=ref.family,
         processor=processor,
-        dataset=body.dataset,
+        dataset=dataset,
         dataset_fingerprint=split.fingerprint,
         split=body.split,
         limit=limit,
@@ -157,7 +159,7 @@ def create_extraction(
         featureset_id,
         job_id,
         ref.ref,
-        body.dataset,
+        dataset,
         body.split,
     )
     return ExtractionPublic(

@@ -703,29 +703,34 @@ def test_overlap_found_in_sets_without_id_scope(
     assert "shares 40 of its 1797 items" in caught.value.message
 
 
-def test_overlap_found_under_other_path_spelling(
+def test_path_spellings_share_id_and_copies_overlap(
     client: Client, api_url: str, stack_dirs: dict[str, Path]
 ) -> None:
-    """The same file under two spellings of its path has the same fingerprint, so the ids of
-    one split are compared."""
+    """Two spellings of one path give one feature set. A copy of the file gives another, but it
+    has the same fingerprint, so the ids of one split are compared."""
+    import shutil
+
     root = stack_dirs["data"] / "bad-input"
     rng = np.random.default_rng(7)
     path = root / "spelling.npz"
     images = rng.integers(0, 255, (12, 8, 8, 3), dtype=np.uint8)
     np.savez(path, images=images, labels=np.arange(12) % 3)
+    shutil.copy(path, root / "spelling-copy.npz")
     ids = []
-    for reference in (f"npz:{path}", f"npz:{root}//./spelling.npz"):
+    spellings = (f"npz:{path}", f"npz:{root}//./spelling.npz", f"npz:{root}/spelling-copy.npz")
+    for reference in spellings:
         answer = client.extract("pixels", reference, "all")
         state = wait_job(client, answer["job_id"], timeout=120)
         assert state is None or state["status"] == "finished", state
         ids.append(answer["featureset_id"])
-    assert ids[0] != ids[1]
 
     response = httpx.post(
         f"{api_url}/v1/probes",
-        json={"train_featureset": ids[0], "test_featureset": ids[1], "kind": "knn"},
+        json={"train_featureset": ids[0], "test_featureset": ids[2], "kind": "knn"},
     )
 
+    assert ids[0] == ids[1]
+    assert ids[0] != ids[2]
     assert response.status_code == 422, response.text
     assert response.json()["detail"]["field"] == "test_featureset"
     assert "shares 12 of its 12 items" in response.json()["detail"]["message"]

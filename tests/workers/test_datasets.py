@@ -1241,3 +1241,20 @@ def test_undecodable_pil_image_is_named(tmp_path: Path) -> None:
     path.write_bytes(path.read_bytes()[:-300])
     with Image.open(path) as image, pytest.raises(DatasetError, match="cut.png cannot be decoded"):
         to_rgb_uint8(image, item="cut.png")
+
+
+@pytest.mark.parametrize(
+    ("reference", "canonical"),
+    [
+        ("npz:/data//./x.npz", "npz:/data/x.npz"),
+        ("imagefolder:data/./pets/", "imagefolder:data/pets"),
+        ("npz:/data/../x.npz", "npz:/data/../x.npz"),
+        ("digits", "digits"),
+        ("hf:user/name", "hf:user/name"),
+        ("cifar:/", "cifar:/"),
+    ],
+)
+def test_canonical_reference_one_spelling(reference: str, canonical: str) -> None:
+    from workers.datasets import canonical_reference
+
+    assert canonical_reference(reference) == canonical

@@ -7,7 +7,7 @@ Hugging Face split is read), so the API process can fingerprint datasets cheaply
 """
 
 from workers.datasets.images import to_rgb_uint8
-from workers.datasets.loader import clear_cache, list_datasets, load_split
+from workers.datasets.loader import canonical_reference, clear_cache, list_datasets, load_split
 from workers.datasets.split import DatasetSplit
 from workers.errors import DatasetError, PathNotAllowedError
 
@@ -15,6 +15,7 @@ __all__ = [
     "DatasetError",
     "DatasetSplit",
     "PathNotAllowedError",
+    "canonical_reference",
     "clear_cache",
     "list_datasets",
     "load_split",

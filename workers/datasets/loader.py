@@ -126,6 +126,27 @@ def load_split(
     return _copy(subset)
 
 
+# Reference prefixes whose rest is a local path.
+PATH_PREFIXES = ("npz", "imagefolder", "cifar", "hf-disk")
+
+
+def canonical_reference(dataset: str) -> str:
+    """Return ``dataset`` with the path of a local reference written one way.
+
+    Repeated slashes and ``.`` segments are dropped, so ``npz:/data//./x.npz`` and
+    ``npz:/data/x.npz`` name one dataset and one feature set. ``..`` segments are kept: with a
+    symbolic link before them, dropping them could name another file.
+    """
+    prefix, colon, rest = dataset.partition(":")
+    if not colon or prefix not in PATH_PREFIXES or not rest:
+        return dataset
+    parts = [part for part in rest.split("/") if part not in ("", ".")]
+    path = "/".join(parts)
+    if rest.startswith("/"):
+        path = "/" + path
+    return f"{prefix}:{path or rest}"
+
+
 def open_source(
     dataset: str,
     *,
@@ -138,7 +159,7 @@ def open_source(
     if not colon and dataset == "digits":
         _reject_columns(dataset, image_column, label_column)
         return DigitsSource(dataset)
-    if prefix in ("npz", "imagefolder", "cifar", "hf-disk"):
+    if prefix in PATH_PREFIXES:
         path = resolve_dataset_path(rest, reference=dataset, allowed_roots=allowed_roots)
         if prefix == "hf-disk":
             return SavedSource(dataset, path, image_column=image_column, label_column=label_column)
