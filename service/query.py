@@ -14,6 +14,7 @@ from fastapi import Request
 from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 
+from service.auth import is_public
 from store import StoreError
 
 _SEQUENCES = (list, tuple, set, frozenset)
@@ -57,9 +58,9 @@ def check_query(request: Request) -> None:
     route = request.scope.get("route")
     if not isinstance(route, APIRoute) or not request.query_params:
         return
-    if not route.include_in_schema:
-        # Pages and /metrics are not part of the JSON API: a browser bookmark with a tracking
-        # parameter or a scraper's own parameters must still load them.
+    if not route.include_in_schema or is_public(route.endpoint):
+        # Pages, /metrics and the open health check are read by browsers, scrapers and load
+        # balancers, which may add parameters of their own (tracking, cache busting).
         return
     names, many = _declared(route)
     where = f"{request.method} {route.path}"

@@ -162,8 +162,9 @@ def _require_result_inputs(store: Store, kind: str, group: str, result_id: str) 
     stored = store.read_result(group, result_id)
     if stored is None or "spec" not in stored:
         raise NotFoundError(
-            f"{kind} {result_id!r} of this job no longer exists (deleted with its feature set); "
-            f"send the same POST /v1/{group} again",
+            f"{kind} {result_id!r} of this job no longer exists: it was deleted with a feature "
+            f"set it read; extract that feature set again if it is gone, then send the same "
+            f"POST /v1/{group} again",
             field=f"{kind}_id",
             value=result_id,
         )

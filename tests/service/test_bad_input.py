@@ -240,6 +240,14 @@ def _cases(data: dict[str, str], fs: dict[str, str], tiny: str, max_body: int) -
         ),
         Case("unknown split", "POST", post_x, _extraction(split="validation"), field="split"),
         Case(
+            "dataset path with NUL",
+            "POST",
+            post_x,
+            _extraction(dataset=data["pets"] + "\u0000"),
+            field="dataset",
+            message=("control characters",),
+        ),
+        Case(
             "split missing", "POST", post_x, {"model": "pixels", "dataset": "digits"}, field="split"
         ),
         Case(

@@ -374,6 +374,7 @@ def test_pretrain_same_name_other_settings_rejected(client: Any) -> None:
         ("adapter", {"val_fraction": -0.2}, "val_fraction"),
         ("adapter", {"depth": 2}, "depth"),
         ("logistic", {"C": [float(c) for c in range(1, 102)]}, "C"),
+        ("logistic", {"C": [1.0] * 101 + [float(c) for c in range(2, 102)]}, "C"),
         ("mlp", {"hidden": 100_000_000}, "hidden"),
         ("mlp", {"max_epochs": 10**9}, "max_epochs"),
         ("mlp", {"patience": 10**9}, "patience"),
@@ -463,7 +464,7 @@ def test_equal_grids_share_one_probe_id(client: Any, digits_featuresets: dict[st
             params={"C": grid},
             seed=21,
         )["probe_id"]
-        for grid in ([1.0], 1, [1, 1.0])
+        for grid in ([1.0], 1, [1, 1.0], [1.0] * 150)
     }
     ordered = {
         client.probe(

@@ -34,6 +34,13 @@ def resolve_dataset_path(raw: str, *, reference: str, allowed_roots: Sequence[Pa
     DatasetError
         When the reference has no path or the path does not exist.
     """
+    if any(ord(char) < 32 or ord(char) == 127 for char in raw):
+        raise DatasetError(
+            f"dataset {reference!r} contains control characters in its path; write the path "
+            "without them",
+            field="dataset",
+            value=reference,
+        )
     if not raw:
         raise DatasetError(
             f"dataset {reference!r} has no path after the prefix; write it as "

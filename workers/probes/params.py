@@ -141,17 +141,18 @@ def read_grid(
             field=name,
             value=value,
         )
-    if len(values) > MAX_GRID_VALUES:
-        raise ProbeError(
-            f"{name} grid has {len(values)} values, more than the maximum of "
-            f"{MAX_GRID_VALUES}; pass at most {MAX_GRID_VALUES} distinct values",
-            field=name,
-            value=len(values),
-        )
     for item in values:
         if integer:
             _check_int(name, item, int(low) + (1 if low_open else 0), None)
         else:
             _check_float(name, item, low, None, low_open, False)
     cast = int if integer else float
-    return sorted({cast(v) for v in values}), explicit
+    grid = sorted({cast(v) for v in values})
+    if len(grid) > MAX_GRID_VALUES:
+        raise ProbeError(
+            f"{name} grid has {len(grid)} distinct values, more than the maximum of "
+            f"{MAX_GRID_VALUES}; pass at most {MAX_GRID_VALUES}",
+            field=name,
+            value=len(grid),
+        )
+    return grid, explicit
