@@ -49,3 +49,8 @@ def check_name(value: str, *, field: str = "name") -> str:
             value=value,
         )
     return value
+
+
+def has_control_characters(text: str) -> bool:
+    """Return whether ``text`` contains an ASCII control character (NUL, newline, DEL, ...)."""
+    return any(ord(char) < 32 or ord(char) == 127 for char in text)

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from store.ids import has_control_characters
 from workers.errors import ModelError, PathNotAllowedError
 
 logger = logging.getLogger(__name__)
@@ -231,7 +232,7 @@ def resolve_model(
             value=ref,
         )
     ref = ref.strip()
-    if any(ord(char) < 32 or ord(char) == 127 for char in ref):
+    if has_control_characters(ref):
         raise ModelError(
             f"model {ref!r} contains control characters; pass a hub id, a local "
             "directory, store:<name> or pixels",

@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from store.ids import has_control_characters
 from workers.errors import DatasetError, PathNotAllowedError
 
 __all__ = ["FileStamp", "check_allowed", "resolve_dataset_path", "stamp_files", "stamp_tree"]
@@ -34,7 +35,7 @@ def resolve_dataset_path(raw: str, *, reference: str, allowed_roots: Sequence[Pa
     DatasetError
         When the reference has no path or the path does not exist.
     """
-    if any(ord(char) < 32 or ord(char) == 127 for char in raw):
+    if has_control_characters(raw):
         raise DatasetError(
             f"dataset {reference!r} contains control characters in its path; write the path "
             "without them",
