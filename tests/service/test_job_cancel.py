@@ -76,6 +76,19 @@ def _wait_rq_started(redis: Redis, job_id: str, timeout: float = 60.0) -> None:
         time.sleep(0.05)
 
 
+def _idle_probe_job(redis: Redis) -> tuple[Queue, str, str]:
+    """Queue a probe job for a new probe id on a queue no worker serves, so it stays queued.
+
+    Returns the queue (the test deletes it at the end), the probe id and the job id.
+    """
+    probe_id = uuid.uuid4().hex[:24]
+    queue = Queue(f"idle-{uuid.uuid4().hex[:8]}", connection=redis)
+    job_id = enqueue_single(
+        queue, "workers.jobs.run_probe", (probe_id,), kind="probe", target=probe_id, timeout=60
+    )
+    return queue, probe_id, job_id
+
+
 def _slow_extraction(client: Client, model: Path, split: str, limit: int, seed: int) -> Any:
     """Queue an extraction of blocks of 20 rows, one image per forward pass.
 
@@ -356,12 +369,7 @@ def test_resume_of_superseded_canceled_probe_is_200(
     client: Client, redis: Redis, stack_dirs: dict[str, Path]
 ) -> None:
     """A canceled probe job whose result a later job completed has nothing left to resume."""
-    probe_id = uuid.uuid4().hex[:24]
-    # The job goes to the workers' queue under a name no worker serves, so it stays queued.
-    queue = Queue(f"cancel-{uuid.uuid4().hex[:8]}", connection=redis)
-    job_id = enqueue_single(
-        queue, "workers.jobs.run_probe", (probe_id,), kind="probe", target=probe_id, timeout=60
-    )
+    queue, probe_id, job_id = _idle_probe_job(redis)
     assert _cancel(client, job_id).json()["status"] == "canceled"
     Store(stack_dirs["store"]).write_result("probes", probe_id, {"status": "complete"})
 
@@ -440,16 +448,13 @@ def test_last_block_completes_set_without_finalize(
 def test_resume_with_deleted_input_is_404(
     client: Client, redis: Redis, stack_dirs: dict[str, Path], deleted: str
 ) -> None:
-    """A canceled probe whose result or feature set was deleted cannot run again: the resume
-    says so at once instead of queueing a run that fails."""
-    probe_id, featureset_id = uuid.uuid4().hex[:24], uuid.uuid4().hex[:24]
+    """A canceled probe whose result or feature set was deleted cannot run again, so the
+    resume returns 404 at once instead of queueing a run that fails."""
+    queue, probe_id, job_id = _idle_probe_job(redis)
+    featureset_id = uuid.uuid4().hex[:24]
     if deleted == "featureset":
         spec = {"train_featureset": featureset_id, "test_featureset": featureset_id}
         Store(stack_dirs["store"]).write_result("probes", probe_id, {"spec": spec})
-    queue = Queue(f"cancel-{uuid.uuid4().hex[:8]}", connection=redis)
-    job_id = enqueue_single(
-        queue, "workers.jobs.run_probe", (probe_id,), kind="probe", target=probe_id, timeout=60
-    )
     assert _cancel(client, job_id).json()["status"] == "canceled"
 
     with pytest.raises(ClientError) as caught:
@@ -470,11 +475,7 @@ def test_probe_job_finished_after_rq_forgets_it(
 ) -> None:
     """rq deletes a finished job after its result TTL; the job still reads finished while its
     result is complete, not failed as if it had been lost."""
-    probe_id = uuid.uuid4().hex[:24]
-    queue = Queue(f"expired-{uuid.uuid4().hex[:8]}", connection=redis)
-    job_id = enqueue_single(
-        queue, "workers.jobs.run_probe", (probe_id,), kind="probe", target=probe_id, timeout=60
-    )
+    queue, probe_id, job_id = _idle_probe_job(redis)
     Job.fetch(load_job(redis, job_id)["rq_ids"][0], connection=redis).delete()
     lost = client.job(job_id)
     Store(stack_dirs["store"]).write_result("probes", probe_id, {"status": "complete"})
@@ -491,12 +492,8 @@ def test_resume_resets_progress_and_retries(
     client: Client, redis: Redis, stack_dirs: dict[str, Path]
 ) -> None:
     """The resumed run starts over: its progress reads 0 of the same total until it reports."""
-    probe_id = uuid.uuid4().hex[:24]
-    # A queue no worker serves, so the resumed job stays queued while the test reads it.
-    queue = Queue(f"resume-{uuid.uuid4().hex[:8]}", connection=redis)
-    job_id = enqueue_single(
-        queue, "workers.jobs.run_probe", (probe_id,), kind="probe", target=probe_id, timeout=60
-    )
+    # The resumed job stays queued while the test reads it.
+    queue, probe_id, job_id = _idle_probe_job(redis)
     rq_job = Job.fetch(load_job(redis, job_id)["rq_ids"][0], connection=redis)
     rq_job.meta["progress"] = {"done": 3, "total": 5}
     rq_job.save_meta()

@@ -455,27 +455,19 @@ def test_probe_job_progress_total_from_start(
 
 def test_equal_grids_share_one_probe_id(client: Any, digits_featuresets: dict[str, str]) -> None:
     """A grid is stored as the engines read it, so its spelling does not change the probe id."""
-    ids = {
-        client.probe(
+
+    def probe_id(kind: str, params: dict[str, Any]) -> str:
+        answer = client.probe(
             digits_featuresets["train"],
             digits_featuresets["test"],
-            kind="logistic",
+            kind=kind,
             layers=[1],
-            params={"C": grid},
+            params=params,
             seed=21,
-        )["probe_id"]
-        for grid in ([1.0], 1, [1, 1.0], [1.0] * 150)
-    }
-    ordered = {
-        client.probe(
-            digits_featuresets["train"],
-            digits_featuresets["test"],
-            kind="knn",
-            layers=[1],
-            params={"k": grid},
-            seed=21,
-        )["probe_id"]
-        for grid in ([3, 1], [1, 3, 3])
-    }
-    assert len(ids) == 1
-    assert len(ordered) == 1
+        )
+        return str(answer["probe_id"])
+
+    c_ids = {probe_id("logistic", {"C": grid}) for grid in ([1.0], 1, [1, 1.0], [1.0] * 150)}
+    k_ids = {probe_id("knn", {"k": grid}) for grid in ([3, 1], [1, 3, 3])}
+    assert len(c_ids) == 1
+    assert len(k_ids) == 1

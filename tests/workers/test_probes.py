@@ -557,10 +557,17 @@ class _Stop(Exception):
     """Raised by a check to stop a fit."""
 
 
-@pytest.mark.parametrize("engine", ["torch", "sklearn"])
-def test_logistic_check_stops_a_fit_early(digits: Digits, engine: str) -> None:
-    """``check`` runs between iterations (torch) or fits (sklearn), so a run stops inside
-    its first batch of layers instead of after it."""
+@pytest.mark.parametrize(
+    ("kind", "params"),
+    [
+        ("logistic", {"engine": "torch"}),
+        ("logistic", {"engine": "sklearn"}),
+        ("mlp", {"max_epochs": 50, "patience": 50}),
+    ],
+)
+def test_check_stops_fit_inside_layer(digits: Digits, kind: str, params: dict[str, Any]) -> None:
+    """``check`` runs between L-BFGS iterations (torch), values of C (sklearn) or epochs (MLP),
+    so a canceled run stops inside its first layer or batch of layers instead of after it."""
     calls: list[int] = []
     progress: list[int] = []
 
@@ -572,30 +579,8 @@ def test_logistic_check_stops_a_fit_early(digits: Digits, engine: str) -> None:
     with pytest.raises(_Stop):
         probe(
             digits,
-            "logistic",
-            {"engine": engine},
-            progress=lambda done, _total: progress.append(done),
-            check=check,
-        )
-    assert len(calls) == 3
-    assert progress == []
-
-
-def test_mlp_check_stops_between_epochs(digits: Digits) -> None:
-    """An MLP fit calls ``check`` before each epoch, so a cancel stops it inside a layer."""
-    calls: list[int] = []
-    progress: list[int] = []
-
-    def check() -> None:
-        calls.append(1)
-        if len(calls) == 3:
-            raise _Stop
-
-    with pytest.raises(_Stop):
-        probe(
-            digits,
-            "mlp",
-            {"max_epochs": 50, "patience": 50},
+            kind,
+            params,
             progress=lambda done, _total: progress.append(done),
             check=check,
         )
