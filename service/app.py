@@ -154,7 +154,7 @@ def _json_value(value: Any, limit: int = 200) -> Any:
         try:
             text = json.dumps(value, allow_nan=False)
         except (TypeError, ValueError):
-            pass  # not JSON as it is: fall back to its repr below
+            pass  # Not JSON as it is, so its repr below is used.
         else:
             if len(text) <= limit:
                 return value
@@ -396,7 +396,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         client, key_store.async_redis = key_store.async_redis, None
-        if client is not None:  # None when another lifespan of the same app closed it first
+        if client is not None:  # None when another lifespan of the same app closed it.
             await client.aclose()
 
 

@@ -1,4 +1,4 @@
-"""Rejection of query parameters that a route does not declare, or repeats of single ones.
+"""Checks that reject query parameters a route does not declare, and repeats of single ones.
 
 FastAPI ignores query parameters that no route parameter names, so a typo such as
 ``?staus=failed`` would return the whole unfiltered list. The app runs `check_query` on every
@@ -34,22 +34,23 @@ def _accepts_many(annotation: object) -> bool:
 def _query_fields(dependant: Dependant) -> typing.Iterator[typing.Any]:
     """Yield the query parameter fields of ``dependant`` and of its dependencies."""
     yield from dependant.query_params
-    for sub in dependant.dependencies:
-        yield from _query_fields(sub)
+    for dependency in dependant.dependencies:
+        yield from _query_fields(dependency)
 
 
 def _declared(route: APIRoute) -> tuple[frozenset[str], frozenset[str]]:
     """Return the query parameter names of ``route`` and those of them that take a list."""
-    known: tuple[frozenset[str], frozenset[str]] | None = getattr(route, _CACHE_ATTRIBUTE, None)
-    if known is None:
+    # Stored on the route itself, because routes are not hashable and cannot key a cache.
+    cached: tuple[frozenset[str], frozenset[str]] | None = getattr(route, _CACHE_ATTRIBUTE, None)
+    if cached is None:
         fields = list(_query_fields(route.dependant))
         names = frozenset(field.alias for field in fields)
-        many = frozenset(
+        list_names = frozenset(
             field.alias for field in fields if _accepts_many(field.field_info.annotation)
         )
-        known = (names, many)
-        setattr(route, _CACHE_ATTRIBUTE, known)  # routes are not hashable, so no lru_cache
-    return known
+        cached = (names, list_names)
+        setattr(route, _CACHE_ATTRIBUTE, cached)
+    return cached
 
 
 def check_query(request: Request) -> None:
@@ -62,7 +63,7 @@ def check_query(request: Request) -> None:
         # Pages, /metrics and the open health check are read by browsers, scrapers and load
         # balancers, which may add parameters of their own (tracking, cache busting).
         return
-    names, many = _declared(route)
+    names, list_names = _declared(route)
     where = f"{request.method} {route.path}"
     for name in request.query_params:
         if name not in names:
@@ -77,7 +78,7 @@ def check_query(request: Request) -> None:
                 value=request.query_params[name],
             )
         values = request.query_params.getlist(name)
-        if len(values) > 1 and name not in many:
+        if len(values) > 1 and name not in list_names:
             raise StoreError(
                 f"query parameter {name!r} is given {len(values)} times ({', '.join(values)}) "
                 f"for {where}; pass it once",

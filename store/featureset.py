@@ -297,11 +297,12 @@ class FeatureSet:
 
     def mark_complete(self) -> bool:
         """Set status "complete" if every block is written; return whether it is complete."""
-        # Read from the store, not this handle: fsck with repair may have set it back to pending.
+        # Read from the store, not this handle, because fsck with repair may have set it back
+        # to pending.
         stored = zarr.open_group(self.store.zarr_store, path=self.path, mode="r").attrs
         if stored.get("status") == STATUS_COMPLETE:
             self._attrs = dict(stored)
-            return True  # a block job or an earlier finalize marked it
+            return True  # A block job or an earlier finalize already marked it.
         missing = self.missing_blocks()
         if missing:
             logger.info("feature set %s: %d blocks still missing", self.id, len(missing))

@@ -162,7 +162,7 @@ def recorded_errors(func: F) -> F:
             logger.exception("job %s (rq %s): %s(%s) failed", *ids)
             _set_meta(error=_error_meta(exc))
             if job is not None and getattr(exc, "permanent", False):
-                job.retries_left = 0  # a retry would fail the same way
+                job.retries_left = 0  # A retry would fail the same way.
             raise
         except Exception as exc:
             logger.exception("job %s (rq %s): %s(%s) failed", *ids)
@@ -194,7 +194,7 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, (list, tuple)) and len(value) <= 100:
-        return [_jsonable(item) for item in value]  # a grid such as [1200] stays a list
+        return [_jsonable(item) for item in value]  # A grid such as [1200] stays a list.
     return repr(value)
 
 

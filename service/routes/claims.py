@@ -46,9 +46,9 @@ def _point(store: Store, probe_id: str, kind: str, layer: int | None) -> dict[st
         rows = [row for row in rows if row["layer"] == layer]
     if len(rows) != 1:
         layers = sorted({row["layer"] for row in stored["rows"] if row["kind"] == kind})
-        which = "in all" if layer is None else f"for layer {layer}"
+        layer_text = "in all" if layer is None else f"for layer {layer}"
         raise StoreError(
-            f"probe {probe_id!r} has {len(rows)} {kind} rows {which} (its {kind} "
+            f"probe {probe_id!r} has {len(rows)} {kind} rows {layer_text} (its {kind} "
             f"layers: {layers}); pass layer= with one of them, or the kind it was fitted with",
             field="layer",
             value=layer,

@@ -173,7 +173,7 @@ def _ids_span_splits(featureset: FeatureSet) -> bool:
 
 
 def _check_disjoint(train: FeatureSet, test: FeatureSet) -> None:
-    """Raise if ``test`` holds items of ``train``, as far as their item ids tell.
+    """Raise if ``test`` contains items of ``train``, as far as their item ids show.
 
     Ids are compared when both sets come from the same split of the same dataset (the same
     reference, or the same content under another reference), or from two splits of a dataset

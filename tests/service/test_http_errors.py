@@ -197,9 +197,9 @@ def test_result_without_spec_left_out(http_client: TestClient, kind: str) -> Non
     store.write_result(kind, result_id, {"status": "complete"})
 
     listing = http_client.get(f"/v1/{kind}")
-    one = http_client.get(f"/v1/{kind}/{result_id}")
+    single = http_client.get(f"/v1/{kind}/{result_id}")
 
     assert listing.status_code == 200, listing.text
     assert result_id not in listing.text
-    assert one.status_code == 404, one.text
-    assert one.json()["detail"]["value"] == result_id
+    assert single.status_code == 404, single.text
+    assert single.json()["detail"]["value"] == result_id

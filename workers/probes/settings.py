@@ -160,7 +160,7 @@ MLP_PARAMS = ("hidden", "dropout", "lr", "weight_decay", "max_epochs", "patience
 # Largest hidden width: with a 1,280-wide layer (ViT-H) that is 21 M weights, and the Adam state
 # of the whole network stays under 1 GiB.
 MAX_MLP_HIDDEN = 16384
-# Most epochs of an MLP or adapter probe.
+# Maximum number of epochs of an MLP or adapter probe.
 MAX_EPOCHS = 10_000
 
 
