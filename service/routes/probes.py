@@ -115,7 +115,8 @@ def _probe_spec(body: ProbeCreate, store: Store, redis: Redis) -> ProbeSpec:
             value=body.test_featureset,
         )
 
-    _check_same_classes(train, test)
+    train_labels = train.read_labels()
+    _check_same_classes(train, test, train_labels)
 
     layers = train.layers if body.layers == "all" else body.layers
     if not layers:
@@ -150,7 +151,7 @@ def _probe_spec(body: ProbeCreate, store: Store, redis: Redis) -> ProbeSpec:
     params = _params_by_kind(body.params, kinds)
     for kind, kind_params in params.items():
         # The engines' own readers, without torch: a bad parameter fails before queueing.
-        check_params(kind, kind_params, train.n_items)
+        check_params(kind, kind_params, train_labels)
         params[kind] = normalise_params(kind, kind_params)
     return ProbeSpec(
         train_featureset=train.id,
@@ -200,7 +201,7 @@ def _check_disjoint(train: FeatureSet, test: FeatureSet) -> None:
         )
 
 
-def _check_same_classes(train: FeatureSet, test: FeatureSet) -> None:
+def _check_same_classes(train: FeatureSet, test: FeatureSet, train_labels: np.ndarray) -> None:
     """Raise unless the labels of ``test`` name the same classes as those of ``train``.
 
     Names derived from labels ("0", "1", ...) cover the classes up to the largest label of
@@ -217,7 +218,7 @@ def _check_same_classes(train: FeatureSet, test: FeatureSet) -> None:
                 field="test_featureset",
                 value=test.id,
             )
-    check_classes(train.read_labels(), test.read_labels(), "train_featureset", "test_featureset")
+    check_classes(train_labels, test.read_labels(), "train_featureset", "test_featureset")
 
 
 def _params_by_kind(params: dict[str, Any], kinds: list[str]) -> dict[str, dict[str, Any]]:

@@ -253,6 +253,23 @@ def read_val_fraction(params: Mapping[str, Any]) -> float:
     )
 
 
+def validation_count(class_count: int, fraction: float) -> int:
+    """Return how many of a class's ``class_count`` train items the validation part takes:
+    ``round(fraction * class_count)``, keeping at least one item for fitting."""
+    return min(int(round(fraction * class_count)), class_count - 1)
+
+
+def require_validation_items(n_val: int, fraction: float, n_train: int) -> None:
+    """Raise `ProbeError` when the validation split of ``n_train`` items holds none."""
+    if n_val == 0:
+        raise ProbeError(
+            f"val_fraction={fraction!r} leaves no validation items out of {n_train}; "
+            "pass a larger val_fraction",
+            field="val_fraction",
+            value=fraction,
+        )
+
+
 @dataclass(frozen=True)
 class _Sizes:
     y_train: np.ndarray
@@ -275,17 +292,21 @@ def normalise_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
     return {**params, name: values}
 
 
-def check_params(kind: str, params: dict[str, Any], n_train: int) -> None:
-    """Validate ``params`` of a ``kind`` probe on a train set of ``n_train`` items.
+def check_params(kind: str, params: dict[str, Any], y_train: np.ndarray) -> None:
+    """Validate ``params`` of a ``kind`` probe on a train set with labels ``y_train``.
 
-    Raises `ProbeError` naming the parameter. Checks that need the validation split (a k grid
-    left empty by it, a val_fraction that leaves no item out) happen again in the job.
+    Raises `ProbeError` naming the parameter. The sizes of the validation split come from the
+    class counts, as in the job, so a k grid left empty by the split fails here too.
     """
-    read_val_fraction(params)
+    fraction = read_val_fraction(params)
+    n_train = len(y_train)
+    counts = np.unique(y_train, return_counts=True)[1]
+    n_val = sum(validation_count(int(count), fraction) for count in counts)
+    require_validation_items(n_val, fraction, n_train)
     if kind == "logistic":
         read_logistic_settings(params)
     elif kind == "knn":
-        sizes = _Sizes(np.empty(n_train), np.empty(n_train))
+        sizes = _Sizes(np.empty(n_train), np.empty(n_train - n_val))
         read_knn_settings(params, sizes)
     elif kind == "mlp":
         read_mlp_settings(params)

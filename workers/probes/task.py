@@ -11,7 +11,11 @@ import numpy as np
 
 from workers.errors import ProbeError
 from workers.probes.metrics import classification_metrics
-from workers.probes.settings import read_val_fraction
+from workers.probes.settings import (
+    read_val_fraction,
+    require_validation_items,
+    validation_count,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -145,8 +149,7 @@ def stratified_split(y: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     for c in np.unique(y):
         idx = np.flatnonzero(y == c)
         rng.shuffle(idx)
-        n_val = min(int(round(fraction * len(idx))), len(idx) - 1)
-        val.append(idx[:n_val])
+        val.append(idx[: validation_count(len(idx), fraction)])
     val_part = np.sort(np.concatenate(val))
     fit_part = np.setdiff1d(np.arange(len(y)), val_part)
     return fit_part, val_part
@@ -215,13 +218,7 @@ def prepare_task(
 
     fraction = read_val_fraction(params)
     fit_part, val_part = stratified_split(y_tr, fraction, seed)
-    if len(val_part) == 0:
-        raise ProbeError(
-            f"val_fraction={fraction!r} leaves no validation items out of {len(y_tr)}; "
-            "pass a larger val_fraction",
-            field="val_fraction",
-            value=fraction,
-        )
+    require_validation_items(len(val_part), fraction, len(y_tr))
     names = None if class_names is None else [str(class_names[c]) for c in classes]
     return ProbeTask(
         kind=kind,
