@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __all__ = [
     "DatasetError",
+    "JobCanceledError",
     "ModelError",
     "PathNotAllowedError",
     "ProbeError",
@@ -59,6 +60,10 @@ class ProbeError(WorkersError):
     """Raised when a probe request cannot be fitted on the given features."""
 
     permanent = True
+
+
+class JobCanceledError(WorkersError):
+    """Raised inside an rq job whose layerbank job was canceled through the API."""
 
 
 class PathNotAllowedError(WorkersError):

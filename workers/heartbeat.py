@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import math
 import threading
+from types import TracebackType
 
 from redis.client import Pipeline
 from redis.exceptions import RedisError
@@ -29,6 +30,8 @@ from rq.executions import Execution
 from rq.job import Job
 from rq.queue import Queue
 from rq.worker import WorkerStatus
+
+from workers.errors import JobCanceledError
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +82,29 @@ class HeartbeatWorker(SimpleWorker):
         # an interval above 90 s would let it expire between two beats.
         kwargs.setdefault("job_monitoring_interval", max(1, math.ceil(heartbeat_interval)))
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def handle_exception(
+        self,
+        job: Job,
+        exc_type: type[BaseException],
+        exc_value: BaseException,
+        traceback: TracebackType | None,
+    ) -> None:
+        """Log a job stopped by a cancel in one INFO line, and any other error as rq does.
+
+        rq logs every exception of a job at ERROR level with its traceback. A cancel is a
+        requested end, and the job function already logged it, so it gets no traceback.
+        Exception handlers pushed on the worker run in both cases.
+        """
+        if not isinstance(exc_value, JobCanceledError):
+            super().handle_exception(job, exc_type, exc_value, traceback)
+            return
+        logger.info("Worker %s: rq job %s stopped by a cancel", self.name, job.id)
+        for handler in self._exc_handlers:
+            # rq's rule: a handler that returns a falsy value other than None ends the chain.
+            go_on = handler(job, exc_type, exc_value, traceback)
+            if go_on is not None and not go_on:
+                break
 
     @property
     def dequeue_timeout(self) -> int:
