@@ -36,7 +36,7 @@ from service.auth import (
     log_redis_outage,
 )
 from service.dashboard import install_dashboard
-from service.jobs import JobNotFoundError
+from service.jobs import JobNotFoundError, JobNotResumableError
 from service.metrics import install_metrics
 from service.query import check_query
 from service.routes import (
@@ -72,6 +72,7 @@ STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
     (LimitExceededError, 413),
     (JobQuotaError, 429),
     (JobNotFoundError, 404),
+    (JobNotResumableError, 409),
     (NotFoundError, 404),
     (NotReadyError, 409),
     (InvalidIdError, 422),
@@ -321,6 +322,12 @@ def _allowed_methods(request: Request) -> list[str]:
     return known + sorted(methods - set(_METHOD_ORDER))
 
 
+def _route_matches(request: Request, path: str) -> bool:
+    """Return whether a route of the app matches ``path`` (any method)."""
+    scope = {**request.scope, "path": path}
+    return any(route.matches(scope)[0] != Match.NONE for route in request.app.routes)
+
+
 def _http_message(
     request: Request, exc: StarletteHTTPException, headers: Mapping[str, str] | None
 ) -> str:
@@ -337,6 +344,9 @@ def _http_message(
         # A detail written for this error is kept, and only the default phrases get a hint.
         return f"{target}: {exc.detail}"
     if exc.status_code == 404:
+        trimmed = request.url.path.rstrip("/")
+        if trimmed and trimmed != request.url.path and _route_matches(request, trimmed):
+            return f"{target} not found: routes have no trailing slash; use {trimmed}"
         return (
             f"{target} not found: no route matches this path, and an id containing / or %2F "
             "makes it a different path; list the routes with GET /docs or GET /openapi.json"
@@ -412,6 +422,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         dependencies=[Depends(authorize), Depends(check_query)],
         responses=ERROR_RESPONSES,
         lifespan=_lifespan,
+        # Starlette's redirect to the path without its trailing slash builds the Location from
+        # the Host header, which the client controls. The 404 names the path to use instead.
+        redirect_slashes=False,
     )
     app.state.settings = settings
     app.state.store = Store(settings.store)

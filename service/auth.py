@@ -117,7 +117,8 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"model": ErrorResponse, "description": "No such feature set, job, probe or model."},
     409: {
         "model": ErrorResponse,
-        "description": "The resource is not complete yet or a job still writes it.",
+        "description": "The resource is not complete yet, a job still writes it, or a job "
+        "cannot be resumed.",
     },
     413: {"model": ErrorResponse, "description": "The request exceeds a configured limit."},
     422: {"model": ValidationErrorResponse, "description": "Invalid request."},

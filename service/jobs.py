@@ -43,6 +43,11 @@ BLOCK_RETRIES = 2
 # Field of a job record that contains the time of a cancel. workers.jobs reads it under the same
 # name, because workers cannot import service.
 CANCELED_FIELD = "canceled"
+# Fields a worker writes into a job record when the job's work ends complete: the time and, for
+# an extraction, the feature set's progress then. The names must match workers.jobs. They keep a
+# finished job reading finished after its target is deleted or its rq jobs expire.
+FINISHED_FIELD = "finished"
+FINISHED_PROGRESS_FIELD = "finished_progress"
 # Sorted set of job ids scored by creation time, and the key set once the records written
 # before the index existed have been added to it.
 INDEX_KEY = "job-index"
@@ -61,6 +66,10 @@ class _RqJobOptions(TypedDict):
 
 class JobNotFoundError(StoreError):
     """Raised when a job id has no record in Redis."""
+
+
+class JobNotResumableError(StoreError):
+    """Raised when a resume is requested for a job whose failure a rerun would repeat."""
 
 
 def _key(*parts: str) -> str:
@@ -131,6 +140,7 @@ def save_job(redis: Redis, job_id: str, *, kind: str, target: str, rq_ids: list[
         created = _text(stored) if stored else dt.datetime.now(dt.timezone.utc).isoformat()
         pipe.multi()
         pipe.hset(key, mapping=record)
+        pipe.hdel(key, FINISHED_FIELD, FINISHED_PROGRESS_FIELD)  # a resume runs the work again
         pipe.hsetnx(key, "created", created)
         pipe.zadd(_key(INDEX_KEY), {job_id: _created_score(created)})
         pipe.set(_key("target", target), job_id)
@@ -295,19 +305,32 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
         # Status before progress: a block finishing between the two reads must not show a
         # complete feature set with a block missing.
         done = bool(featureset and featureset.is_complete)
-        progress = featureset.progress() if featureset else None
+        if featureset is not None:
+            progress = featureset.progress().as_dict()
+        elif record.get(FINISHED_FIELD) or (
+            statuses and all(s == JobStatus.FINISHED for s in statuses)
+        ):
+            # The set was deleted after the job completed it: the job still finished. Records
+            # written before workers recorded the end have only rq's statuses to show it.
+            done = True
+            progress = json.loads(record.get(FINISHED_PROGRESS_FIELD) or "{}")
+        else:
+            progress = {}
         progress_public = {
-            "done": progress.blocks_done if progress else 0,
-            "total": progress.blocks_total if progress else 0,
-            "items_done": progress.items_done if progress else 0,
-            "items_total": progress.items_total if progress else 0,
+            "done": progress.get("blocks_done", 0),
+            "total": progress.get("blocks_total", 0),
+            "items_done": progress.get("items_done", 0),
+            "items_total": progress.get("items_total", 0),
         }
     else:
         last = rq_jobs[-1] if rq_jobs else None
         meta_progress = (last.meta.get("progress") if last else None) or {}
-        done = statuses[-1] == JobStatus.FINISHED if statuses else False
+        done = bool(record.get(FINISHED_FIELD)) or (
+            statuses[-1] == JobStatus.FINISHED if statuses else False
+        )
         if statuses and statuses[-1] is None and _target_complete(store, kind, record["target"]):
-            # rq deletes a finished job after RESULT_TTL; the stored result still shows the end.
+            # rq deletes a finished job after RESULT_TTL; the stored result still shows the end
+            # for records written before workers recorded the end in them.
             done = True
         progress_public = {
             "done": int(meta_progress.get("done", 1 if done else 0)),

@@ -11,7 +11,9 @@ again while they run, at most once per `CANCEL_CHECK_SECONDS`. On finding it the
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -23,7 +25,7 @@ from rq.job import Job
 
 from store import NotReadyError, Store, StoreError
 from store.settings import Settings, get_settings
-from workers.errors import ProbeError, WorkersError
+from workers.errors import JobCanceledError, ProbeError, WorkersError
 
 logger = logging.getLogger(__name__)
 
@@ -37,12 +39,21 @@ METRICS_KEY = "layerbank:metrics"
 # service.jobs, which this module cannot import.
 JOB_RECORD_KEY = "layerbank:job:{}"
 CANCELED_FIELD = "canceled"
+# Fields of the same hash that record when the job's work ended and, for an extraction, the
+# feature set's progress then. A job reads finished from them after its target is deleted.
+FINISHED_FIELD = "finished"
+FINISHED_PROGRESS_FIELD = "finished_progress"
+# Sets fields of a job record only while the record exists, so that a late worker never
+# writes a partial record of a job whose record was removed.
+_HSET_IF_EXISTS = """
+if redis.call('exists', KEYS[1]) == 1 then
+    redis.call('hset', KEYS[1], unpack(ARGV))
+    return 1
+end
+return 0
+"""
 # Minimum seconds between two reads of the cancel time by a running job.
 CANCEL_CHECK_SECONDS = 1.0
-
-
-class JobCanceledError(WorkersError):
-    """Raised inside an rq job whose layerbank job was canceled through the API."""
 
 
 def _store(settings: Settings) -> Store:
@@ -79,6 +90,26 @@ def _publish_metrics(increments: dict[str, float], latest: dict[str, float]) -> 
         logger.exception(
             "job %s (rq %s): metrics not published", job.meta.get("layerbank_job", "-"), job.id
         )
+
+
+def _record_finished(progress: dict[str, int] | None = None) -> None:
+    """Record in the current job's layerbank job record that its work ended complete.
+
+    A Redis error is logged: the stored result already shows the end, and the record only
+    keeps the job reading finished after its target is deleted.
+    """
+    job = get_current_job()
+    job_id = job.meta.get("layerbank_job") if job is not None else None
+    if job is None or not job_id:
+        return
+    now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    fields: list[str] = [FINISHED_FIELD, now]
+    if progress is not None:
+        fields += [FINISHED_PROGRESS_FIELD, json.dumps(progress)]
+    try:
+        job.connection.eval(_HSET_IF_EXISTS, 1, JOB_RECORD_KEY.format(job_id), *fields)
+    except RedisError:
+        logger.exception("job %s (rq %s): end not recorded", job_id, job.id)
 
 
 def _raise_if_canceled(job: Job) -> None:
@@ -187,6 +218,7 @@ def _error_meta(exc: WorkersError | StoreError) -> dict[str, Any]:
         "field": exc.field,
         "value": _jsonable(exc.value),
         "type": type(exc).__name__,
+        "permanent": bool(getattr(exc, "permanent", False)),
     }
 
 
@@ -215,6 +247,8 @@ def extract_block(featureset_id: str, block: int) -> dict[str, Any]:
     featureset = store.featureset(featureset_id)
     if not featureset.is_complete and not featureset.missing_blocks():
         featureset.mark_complete()
+    if featureset.is_complete:
+        _record_finished(featureset.progress().as_dict())
     if not result.skipped:
         _publish_metrics(
             {
@@ -242,6 +276,7 @@ def finalize_featureset(featureset_id: str) -> dict[str, Any]:
             value=featureset_id,
             progress=progress.as_dict(),
         )
+    _record_finished(featureset.progress().as_dict())
     return {"featureset_id": featureset_id, "status": "complete"}
 
 
@@ -316,6 +351,7 @@ def run_probe(probe_id: str) -> dict[str, Any]:
         {"probe_fits": 1, "probe_fit_seconds": fit_seconds}, {"last_probe_fit_seconds": fit_seconds}
     )
     logger.info("probe %s: %d rows stored in %.1fs", probe_id, len(rows), fit_seconds)
+    _record_finished()
     return {"probe_id": probe_id, "rows": len(rows)}
 
 
@@ -383,7 +419,9 @@ def run_projection(projection_id: str) -> dict[str, Any]:
     """Compute a 2-D projection of one stored layer and write its coordinates."""
     from workers.projections import run_projection as run
 
-    return run(_store(get_settings()), projection_id, check_canceled=CancelCheck())
+    result = run(_store(get_settings()), projection_id, check_canceled=CancelCheck())
+    _record_finished()
+    return result
 
 
 def _best_rows(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -415,6 +453,7 @@ def pretrain(name: str, params: dict[str, Any]) -> dict[str, Any]:
         progress=progress,
         check_canceled=CancelCheck(),
     )
+    _record_finished()
     return {
         "model": f"store:{name}",
         "final_val_loss": record["final_val_loss"],

@@ -11,6 +11,7 @@ from redis import Redis
 from service.auth import JobQuotaDep, requires_scope
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
 from service.jobs import (
+    JobNotResumableError,
     clear_cancel,
     enqueue_extraction,
     job_state,
@@ -133,6 +134,14 @@ def resume_job(
         return stored is not None and stored.get("status") == "complete"
 
     def resume(record: dict[str, Any]) -> None:
+        error = job_state(redis, store, job_id)["error"] or {}
+        if error.get("permanent"):
+            raise JobNotResumableError(
+                f"job {job_id} failed on a value that a rerun would fail on again: "
+                f"{error.get('message')}; send the POST again with a corrected value instead",
+                field=error.get("field") or "job_id",
+                value=error.get("value") if error.get("field") else job_id,
+            )
         group = RESULT_GROUPS.get(record["kind"])
         if group is not None:
             _require_result_inputs(store, record["kind"], group, record["target"])

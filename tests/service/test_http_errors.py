@@ -72,6 +72,19 @@ def test_404_unknown_path_json_body(http_client: TestClient) -> None:
     assert response.json()["detail"]["message"].startswith("PUT /v1/no-such-route not found")
 
 
+def test_trailing_slash_is_404_naming_path(http_client: TestClient) -> None:
+    """No redirect, whose Location would come from the Host header: a 404 naming the path."""
+    response = http_client.get(
+        "/v1/featuresets/", headers={"Host": "elsewhere.invalid"}, follow_redirects=False
+    )
+
+    assert response.status_code == 404
+    assert "location" not in response.headers
+    message = response.json()["detail"]["message"]
+    assert message.endswith("routes have no trailing slash; use /v1/featuresets")
+    assert "elsewhere" not in message
+
+
 def test_abandoned_job_error_names_job_id(http_client: TestClient, settings: Settings) -> None:
     """A job whose worker died with no retries left gives a resume hint with its own id."""
     redis = Redis.from_url(settings.redis_url)

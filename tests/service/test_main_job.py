@@ -283,6 +283,41 @@ def test_api_process_never_imports_torch(settings: Any) -> None:
     assert result.returncode == 0, result.stderr[-2000:]
 
 
+def _queue_stored_probe(
+    settings: Any, featuresets: dict[str, str], params: dict[str, Any]
+) -> tuple[str, str]:
+    """Store a probe spec and queue its job without the API's checks, as for a spec stored
+    before a check existed; return the probe id and the job id."""
+    import uuid
+
+    from redis import Redis
+    from rq import Queue
+
+    from service.jobs import enqueue_single
+    from store import Store
+
+    probe_id = uuid.uuid4().hex[:24]
+    spec = {
+        "train_featureset": featuresets["train"],
+        "test_featureset": featuresets["test"],
+        "layers": [0],
+        "kinds": ["knn"],
+        "params": {"knn": params},
+        "seed": 0,
+    }
+    attrs = {"probe_id": probe_id, "spec": spec, "status": "pending", "rows": [], "best": {}}
+    Store(settings.store).write_result("probes", probe_id, attrs)
+    job_id = enqueue_single(
+        Queue(settings.queue, connection=Redis.from_url(settings.redis_url)),
+        "workers.jobs.run_probe",
+        (probe_id,),
+        kind="probe",
+        target=probe_id,
+        timeout=300,
+    )
+    return probe_id, job_id
+
+
 def test_probe_failed_job_reports_failed(
     client: Any, settings: Any, stack_dirs: dict[str, Path], digits_featuresets: dict[str, str]
 ) -> None:
@@ -290,24 +325,22 @@ def test_probe_failed_job_reports_failed(
 
     from service.jobs import load_job
 
-    # Every k of the grid fits the train set (the API accepts it) but not the part left for
-    # fitting after the validation split, which only the job checks.
-    answer = client.probe(
-        digits_featuresets["train"], digits_featuresets["test"], kind="knn", params={"k": [1297]}
-    )
-    state = wait_job(client, answer["job_id"])
+    # Every k of the grid fits the train set but not the part left for fitting after the
+    # validation split, which the job checks again.
+    probe_id, job_id = _queue_stored_probe(settings, digits_featuresets, {"k": [1297]})
+    state = wait_job(client, job_id)
     assert state is not None
     assert state["status"] == "failed"
     # A bad parameter fails the same way on every run, so the worker does not retry it.
     redis = Redis.from_url(settings.redis_url)
-    rq_id = load_job(redis, answer["job_id"])["rq_ids"][0]
+    rq_id = load_job(redis, job_id)["rq_ids"][0]
     assert rq_starts(stack_dirs["logs"], rq_id) == 1
-    result = client.probe_result(answer["probe_id"])
+    result = client.probe_result(probe_id)
     assert result["status"] == "failed"
     assert "k" in result["error"]["message"]
     assert result["error"]["value"] == [1297]
     with pytest.raises(ClientError) as info:
-        client.curve(answer["probe_id"])
+        client.curve(probe_id)
     assert info.value.status_code == 409
     assert "failed" in info.value.detail["message"]
 
@@ -379,6 +412,7 @@ def test_pretrain_same_name_other_settings_rejected(client: Any) -> None:
         ("mlp", {"max_epochs": 10**9}, "max_epochs"),
         ("mlp", {"patience": 10**9}, "patience"),
         ("knn", {"chunk_size": 10**6}, "chunk_size"),
+        ("mlp", {"val_fraction": 0.001}, "val_fraction"),
     ],
 )
 def test_probe_bad_params_rejected_before_queueing(
@@ -401,38 +435,100 @@ def test_resume_finished_job_is_200(client: Any, digits_featuresets: dict[str, s
     assert response.json()["status"] == "finished"
 
 
-def test_resume_failed_probe_runs_it_again(
+def test_probe_k_emptied_by_split_is_422(client: Any, digits_featuresets: dict[str, str]) -> None:
+    """k=1296 is below the 1,297 train items but above the items left for fitting once the
+    validation part is held out. The API computes the split sizes from the class counts."""
+    with pytest.raises(ClientError) as info:
+        client.probe(
+            digits_featuresets["train"],
+            digits_featuresets["test"],
+            kind="knn",
+            params={"k": [1296]},
+        )
+
+    assert info.value.status_code == 422
+    assert info.value.detail["field"] == "k"
+    assert info.value.detail["value"] == [1296]
+    assert "validation split" in info.value.detail["message"]
+
+
+def test_resume_of_probe_failed_on_value_is_409(
     client: Any, settings: Any, digits_featuresets: dict[str, str]
 ) -> None:
+    """A probe whose k the worker rejects fails without retries. A resume would fail the same
+    way, so it is rejected with the job's own error instead of run again."""
     from redis import Redis
     from rq.job import Job
 
     from service.jobs import load_job
 
-    answer = client.probe(
-        digits_featuresets["train"], digits_featuresets["test"], kind="knn", params={"k": [1296]}
-    )
-    state = wait_job(client, answer["job_id"])
+    _, job_id = _queue_stored_probe(settings, digits_featuresets, {"k": [1296]})
+    state = wait_job(client, job_id)
     assert state is not None and state["status"] == "failed", state
     redis = Redis.from_url(settings.redis_url)
-    rq_id = load_job(redis, answer["job_id"])["rq_ids"][0]
+    rq_id = load_job(redis, job_id)["rq_ids"][0]
     runs_before = len(Job.fetch(rq_id, connection=redis).results())
-    response = client.request("POST", f"/v1/jobs/{answer['job_id']}/resume")
-    assert response.status_code == 202
-    again = wait_job(client, answer["job_id"])
-    assert again is not None and again["status"] == "failed"
-    assert len(Job.fetch(rq_id, connection=redis).results()) == runs_before + 1
+
+    with pytest.raises(ClientError) as refused:
+        client.request("POST", f"/v1/jobs/{job_id}/resume")
+
+    assert refused.value.status_code == 409
+    assert refused.value.detail["field"] == state["error"]["field"] == "k"
+    assert refused.value.detail["value"] == state["error"]["value"]
+    assert state["error"]["message"] in refused.value.detail["message"]
+    assert "send the POST again with a corrected value" in refused.value.detail["message"]
+    assert client.job(job_id)["status"] == "failed"
+    assert len(Job.fetch(rq_id, connection=redis).results()) == runs_before
 
 
-def test_job_of_deleted_featureset_says_deleted(client: Any) -> None:
+def test_finished_extraction_stays_finished_after_delete(client: Any, settings: Any) -> None:
+    """A job's status is how its work ended: deleting the feature set it completed later
+    leaves it finished, with the progress it ended at."""
+    from redis import Redis
+
+    from service.jobs import FINISHED_FIELD, FINISHED_PROGRESS_FIELD
+
     answer = client.extract("pixels", "digits", "test", limit=23, seed=5)
     state = wait_job(client, answer["job_id"])
     assert state is not None and state["status"] == "finished", state
     client.request("DELETE", f"/v1/featuresets/{answer['featureset_id']}")
+
     after = client.job(answer["job_id"])
-    assert after["status"] == "failed"
-    assert "no longer exists (it was deleted)" in after["error"]["message"]
-    assert "POST /v1/extractions again" in after["error"]["message"]
+
+    assert after["status"] == "finished"
+    assert after["error"] is None
+    assert after["progress"] == state["progress"]
+    assert after["progress"]["items_done"] == after["progress"]["items_total"] == 23
+    # A record written before workers recorded the end: rq's finished jobs still show it.
+    redis = Redis.from_url(settings.redis_url)
+    redis.hdel(f"layerbank:job:{answer['job_id']}", FINISHED_FIELD, FINISHED_PROGRESS_FIELD)
+    assert client.job(answer["job_id"])["status"] == "finished"
+
+
+def test_probe_job_finished_after_deletes(client: Any, settings: Any) -> None:
+    """Deleting the feature set a finished probe read (which deletes the probe result) and
+    rq's deletion of the finished rq job leave the probe job finished."""
+    from redis import Redis
+    from rq.job import Job
+
+    from service.jobs import load_job
+
+    ids = {}
+    for split, limit in (("train", 60), ("test", 30)):
+        extraction = client.extract("pixels", "digits", split, limit=limit, seed=7103)
+        assert wait_job(client, extraction["job_id"])["status"] == "finished"
+        ids[split] = extraction["featureset_id"]
+    answer = client.probe(ids["train"], ids["test"], kind="knn", params={"k": [1]})
+    assert wait_job(client, answer["job_id"])["status"] == "finished"
+    redis = Redis.from_url(settings.redis_url)
+    Job.fetch(load_job(redis, answer["job_id"])["rq_ids"][0], connection=redis).delete()
+    client.request("DELETE", f"/v1/featuresets/{ids['train']}")
+    client.request("DELETE", f"/v1/featuresets/{ids['test']}")
+
+    after = client.job(answer["job_id"])
+
+    assert after["status"] == "finished", after
+    assert after["error"] is None
 
 
 def test_probe_job_progress_total_from_start(
