@@ -22,6 +22,7 @@ router = APIRouter(tags=["dashboard"], include_in_schema=False)
 
 @router.get("/")
 @router.get("/dashboard")
+@router.get("/dashboard/")  # a trailing slash is not redirected
 @public
 def read_dashboard() -> FileResponse:
     """Serve the dashboard page."""

@@ -200,7 +200,7 @@ CURVE_LOADED = (
 
 
 def test_dashboard_served_at_root_and_path(api_url: str) -> None:
-    for path in ("/", "/dashboard"):
+    for path in ("/", "/dashboard", "/dashboard/"):
         response = httpx.get(f"{api_url}{path}")
         assert response.status_code == 200
         assert response.headers["content-type"].startswith("text/html")
