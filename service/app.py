@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -21,6 +22,7 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 from redis.exceptions import RedisError
 from rq import Queue
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -36,7 +38,12 @@ from service.auth import (
     log_redis_outage,
 )
 from service.dashboard import install_dashboard
-from service.jobs import JobNotFoundError, JobNotResumableError
+from service.jobs import (
+    PRUNE_INTERVAL,
+    JobNotFoundError,
+    JobNotResumableError,
+    prune_jobs_if_due,
+)
 from service.metrics import install_metrics
 from service.query import check_query
 from service.routes import (
@@ -402,12 +409,37 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     # app (one loop) opens and closes it.
     key_store: KeyStore = app.state.key_store
     key_store.async_redis = AsyncRedis.from_url(settings.redis_url)
+    pruning = (
+        asyncio.create_task(_prune_job_records(app)) if settings.job_retention_days > 0 else None
+    )
     try:
         yield
     finally:
+        if pruning is not None:
+            pruning.cancel()
         client, key_store.async_redis = key_store.async_redis, None
         if client is not None:  # None when another lifespan of the same app closed it.
             await client.aclose()
+
+
+async def _prune_job_records(app: FastAPI) -> None:
+    """Delete old records of ended jobs, once per PRUNE_INTERVAL across the deployment.
+
+    Every API process tries a few times per interval, so the pass still runs on time when the
+    process that ran the last one has stopped.
+    """
+    settings: Settings = app.state.settings
+    while True:
+        try:
+            await run_in_threadpool(
+                prune_jobs_if_due,
+                app.state.redis,
+                app.state.store,
+                older_than_days=settings.job_retention_days,
+            )
+        except (RedisError, StoreError):
+            logger.exception("pruning old job records failed; the next pass tries again")
+        await asyncio.sleep(PRUNE_INTERVAL / 6)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

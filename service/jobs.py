@@ -15,11 +15,12 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol, TypedDict
+from typing import Any, Protocol, TypedDict, cast
 
 from redis import Redis
 from redis.client import Pipeline
@@ -54,6 +55,12 @@ INDEX_KEY = "job-index"
 INDEX_BACKFILLED_KEY = "job-index-backfilled"
 # Index entries read per Redis round trip by list_jobs.
 INDEX_PAGE_SIZE = 200
+# Statuses of a job whose work has ended, whose record prune_jobs may delete.
+ENDED_STATUSES = ("finished", "failed", "canceled")
+# Key an API process sets, for PRUNE_INTERVAL seconds, when it starts a pruning pass, so that
+# one process in the deployment prunes per interval.
+PRUNE_MARKER_KEY = "job-prune"
+PRUNE_INTERVAL = 3600
 
 
 class _RqJobOptions(TypedDict):
@@ -633,6 +640,73 @@ def _index_records(redis: Redis, job_ids: list[str]) -> int:
     if scores:
         redis.zadd(_key(INDEX_KEY), scores)
     return len(scores)
+
+
+# Deletes a job record, its index entry and its target's pointer to it (only if the pointer
+# still names this job), in one step.
+_DELETE_JOB = """
+redis.call('DEL', KEYS[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+if redis.call('GET', KEYS[3]) == ARGV[1] then
+    redis.call('DEL', KEYS[3])
+end
+return 1
+"""
+
+
+def prune_jobs(redis: Redis, store: Store, *, older_than_days: float) -> int:
+    """Delete the records of ended jobs created more than ``older_than_days`` days ago.
+
+    A job that is queued or running keeps its record whatever its age. Each job is checked and
+    deleted under the lock of its target, so a resume or cancel at the same time either runs
+    first or finds no job. Returns the number of records deleted.
+    """
+    _backfill_index(redis)
+    cutoff = time.time() - older_than_days * 86400.0
+    index = _key(INDEX_KEY)
+    deleted = kept = 0
+    while True:
+        # Entries kept by earlier pages stay at the head of the range, so the page skips them.
+        page = redis.zrangebyscore(index, "-inf", cutoff, start=kept, num=INDEX_PAGE_SIZE)
+        if not page:
+            return deleted
+        for raw in page:
+            job_id = _text(cast(bytes, raw))
+            try:
+                target = load_job(redis, job_id)["target"]
+            except JobNotFoundError:
+                _forget_if_missing(redis, job_id)
+                continue
+            with target_lock(redis, target):
+                try:
+                    ended = job_state(redis, store, job_id)["status"] in ENDED_STATUSES
+                except JobNotFoundError:
+                    ended = True  # deleted by another pass meanwhile
+                if not ended:
+                    kept += 1
+                    continue
+                keys = (_key("job", job_id), index, _key("target", target))
+                redis.eval(_DELETE_JOB, len(keys), *keys, job_id)
+                deleted += 1
+
+
+def prune_jobs_if_due(redis: Redis, store: Store, *, older_than_days: float) -> int | None:
+    """Run `prune_jobs` unless retention is off (0 days) or a process of the deployment ran it
+    in the last PRUNE_INTERVAL seconds.
+
+    Returns the number of records deleted, or None when the pass did not run.
+    """
+    if older_than_days <= 0:
+        return None
+    if not redis.set(_key(PRUNE_MARKER_KEY), time.time(), nx=True, ex=PRUNE_INTERVAL):
+        return None
+    deleted = prune_jobs(redis, store, older_than_days=older_than_days)
+    logger.info(
+        "job records pruned: %d records of jobs that ended and were created over %g days ago",
+        deleted,
+        older_than_days,
+    )
+    return deleted
 
 
 def busy_job(redis: Redis, store: Store, target: str) -> tuple[str, str] | None:

@@ -59,6 +59,12 @@ class Settings(BaseSettings):
         "An idle worker drops out of /healthz three intervals plus 60 s after its last one.",
     )
     probe_timeout: int = Field(3600, description="Seconds one probe job may run.")
+    job_retention_days: float = Field(
+        30.0,
+        ge=0,
+        description="Days after its creation that the record of an ended job (finished, failed "
+        "or canceled) is deleted; 0 keeps every record.",
+    )
     pretrain_timeout: int = Field(7200, description="Seconds one pretraining job may run.")
     max_rows_per_fetch: int = Field(1_000_000, description="Rows one layer fetch may return.")
     max_json_rows: int = Field(1000, description="Rows a JSON layer fetch may return.")

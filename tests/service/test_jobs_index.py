@@ -23,11 +23,16 @@ from typer.testing import CliRunner
 from service.cli import app
 from service.client import Client, ClientError
 from service.jobs import (
+    FINISHED_FIELD,
     INDEX_BACKFILLED_KEY,
     INDEX_KEY,
+    PRUNE_INTERVAL,
+    PRUNE_MARKER_KEY,
     _key,
     list_jobs,
     new_job_id,
+    prune_jobs,
+    prune_jobs_if_due,
     request_cancel,
     save_job,
 )
@@ -499,3 +504,58 @@ def test_cli_jobs_unknown_before(api_url: str) -> None:
     assert result.exit_code == 1
     assert result.stderr.startswith("error: HTTP 404: before ")
     assert missing in result.stderr
+
+
+# -- pruning old records ---------------------------------------------------------------------
+
+
+def _days_since(when: dt.datetime) -> float:
+    return (dt.datetime.now(dt.timezone.utc) - when).total_seconds() / 86400.0
+
+
+def test_prune_deletes_old_ended_jobs_only(
+    api: Client, redis: Redis, recorder: Recorder, stack_dirs: dict[str, Any]
+) -> None:
+    old = dt.datetime(2000, 1, 1, tzinfo=dt.timezone.utc)
+    queued = recorder.record(old)
+    canceled = recorder.record(old + dt.timedelta(hours=1))
+    request_cancel(redis, canceled)
+    finished = recorder.record(old + dt.timedelta(hours=2))
+    # What a worker writes when the job's work ends complete.
+    redis.hset(_key("job", finished), FINISHED_FIELD, "2000-01-01T03:00:00+00:00")
+    recent = recorder.record(old + dt.timedelta(days=3))
+    request_cancel(redis, recent)
+    store = Store(str(stack_dirs["store"]))
+
+    deleted = prune_jobs(redis, store, older_than_days=_days_since(old + dt.timedelta(days=2)))
+
+    assert deleted == 2
+    for job_id in (canceled, finished):
+        assert not redis.exists(_key("job", job_id))
+        assert redis.zscore(INDEX, job_id) is None
+        assert redis.get(_key("target", recorder.targets[job_id])) is None
+        with pytest.raises(ClientError) as gone:
+            api.job(job_id)
+        assert gone.value.status_code == 404
+    for job_id in (queued, recent):
+        assert api.job(job_id)["status"] in ("queued", "canceled")
+        assert redis.zscore(INDEX, job_id) is not None
+
+
+def test_prune_if_due_once_per_interval(
+    redis: Redis, recorder: Recorder, stack_dirs: dict[str, Any]
+) -> None:
+    old = dt.datetime(2000, 2, 1, tzinfo=dt.timezone.utc)
+    first, second = recorder.record(old), recorder.record(old)
+    request_cancel(redis, first)
+    request_cancel(redis, second)
+    store = Store(str(stack_dirs["store"]))
+    days = _days_since(old + dt.timedelta(days=1))
+    redis.delete(_key(PRUNE_MARKER_KEY))
+
+    assert prune_jobs_if_due(redis, store, older_than_days=0) is None
+    assert prune_jobs_if_due(redis, store, older_than_days=days) == 2
+    request_cancel(redis, recorder.record(old))
+    assert prune_jobs_if_due(redis, store, older_than_days=days) is None
+    assert redis.ttl(_key(PRUNE_MARKER_KEY)) > PRUNE_INTERVAL - 60
+    redis.delete(_key(PRUNE_MARKER_KEY))
