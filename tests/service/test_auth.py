@@ -59,6 +59,7 @@ EXPECTED_SCOPE: dict[tuple[str, str], str] = {
     # The dashboard page and its static files hold no data: its script calls the API with the
     # key the user enters. A mount such as /static has no dependencies at all.
     ("GET", "/dashboard"): "public",
+    ("GET", "/dashboard/"): "public",
     ("GET", "/"): "public",
     ("GET", "/static"): "public",
     ("GET", "/healthz"): "public",
