@@ -738,18 +738,33 @@ def request_cancel(redis: Redis, job_id: str) -> int:
     record = load_job(redis, job_id)
     now = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     redis.hset(_key("job", job_id), CANCELED_FIELD, now)
-    waiting = {JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED}
-    canceled = 0
-    for job in _fetch(redis, record["rq_ids"]):
-        if job is None or job.get_status(refresh=False) not in waiting:
-            continue
-        try:
-            job.cancel()
-        except InvalidJobOperation:
-            continue  # a concurrent cancel got there first
-        canceled += 1
+    canceled = sum(_cancel_waiting(job) for job in _fetch(redis, record["rq_ids"]) if job)
     logger.info("job %s: canceled, %d waiting rq jobs canceled in rq", job_id, canceled)
     return canceled
+
+
+def _cancel_waiting(job: Job) -> bool:
+    """Cancel ``job`` in rq if it was waiting when fetched; return whether it was canceled.
+
+    A worker may take the job between the fetch and the cancel. rq then raises, and the job
+    runs: it reads the cancel recorded in the layerbank job record when it starts.
+    """
+    if job.get_status(refresh=False) not in (
+        JobStatus.QUEUED,
+        JobStatus.DEFERRED,
+        JobStatus.SCHEDULED,
+    ):
+        return False
+    try:
+        job.cancel()
+    except InvalidJobOperation:
+        return False  # a concurrent cancel got there first
+    except ValueError as exc:
+        # rq's cancel of a job that has just started looks up its execution, which the
+        # worker may not have written yet.
+        logger.info("rq job %s started while it was canceled (%s); it stops itself", job.id, exc)
+        return False
+    return True
 
 
 def clear_cancel(redis: Redis, job_id: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,10 @@ class Store:
             group = zarr.open_group(self.zarr_store, path=prefix, mode="r")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
             return []
-        return sorted(name for name, _ in group.groups())
+        with warnings.catch_warnings():
+            # zarr warns of, and skips, a child without its zarr.json: a delete in progress.
+            warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
+            return sorted(name for name, _ in group.groups())
 
     # -- groups of other kinds --------------------------------------------------------------
 

@@ -33,10 +33,19 @@ RowQuery = Annotated[int | None, Query(ge=0, description="first row (default 0)"
 @router.get("", response_model=FeatureSetsPublic)
 def list_featuresets(store: StoreDep) -> FeatureSetsPublic:
     """List all feature sets in the store with their status."""
-    data = [
-        FeatureSetPublic.model_validate(store.featureset(i).summary())
-        for i in store.featureset_ids()
-    ]
+    data = []
+    for featureset_id in store.featureset_ids():
+        try:
+            featureset = store.find_featureset(featureset_id)
+            summary = featureset.summary() if featureset is not None else None
+        except Exception:
+            # A delete that runs while the list reads the set removes files under it.
+            store.forget(featureset_id)
+            if store.find_featureset(featureset_id) is not None:
+                raise
+            summary = None
+        if summary is not None:  # None: deleted since the ids were listed
+            data.append(FeatureSetPublic.model_validate(summary))
     return FeatureSetsPublic(data=data, count=len(data))
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -216,3 +217,28 @@ def test_result_without_spec_left_out(http_client: TestClient, kind: str) -> Non
     assert result_id not in listing.text
     assert single.status_code == 404, single.text
     assert single.json()["detail"]["value"] == result_id
+
+
+@pytest.mark.parametrize("state", ["metadata deleted", "spec not written"])
+def test_featureset_list_skips_incomplete_group(http_client: TestClient, state: str) -> None:
+    """A delete removes a set's files one by one, and a creation writes the spec last: a list
+    that runs meanwhile leaves the set out instead of failing."""
+    import zarr
+
+    from tests.service.test_requeue import _pending_featureset
+
+    store = http_client.app.state.store  # type: ignore[attr-defined]
+    kept = _pending_featureset(Path(store.root))
+    going = _pending_featureset(Path(store.root))
+    if state == "metadata deleted":
+        (Path(store.root) / "featuresets" / going.id / "zarr.json").unlink()
+    else:
+        zarr.open_group(store.zarr_store, path=f"featuresets/{going.id}", mode="w")
+    store.forget(going.id)
+
+    response = http_client.get("/v1/featuresets")
+
+    assert response.status_code == 200, response.text
+    listed = [entry["featureset_id"] for entry in response.json()["data"]]
+    assert kept.id in listed
+    assert going.id not in listed

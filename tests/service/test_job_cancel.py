@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from redis import Redis
 from rq import Queue
+from rq.executions import ExecutionRegistry
 from rq.job import Job, JobStatus
 from typer.testing import CliRunner
 
@@ -21,6 +22,7 @@ from service.cli import app
 from service.client import Client, ClientError
 from service.jobs import (
     BLOCK_RETRIES,
+    _cancel_waiting,
     busy_job,
     clear_cancel,
     enqueue_extraction,
@@ -509,3 +511,22 @@ def test_resume_resets_progress_and_retries(
     assert (progress["done"], progress["total"]) == (0, 5)
     assert Job.fetch(rq_job.id, connection=redis).retries_left == BLOCK_RETRIES
     queue.delete(delete_jobs=True)
+
+
+def test_cancel_of_rq_job_starting_meanwhile(redis: Redis) -> None:
+    """A worker takes the rq job between the cancel's read and its rq cancel, and rq has not
+    written the execution yet: the cancel skips that rq job instead of failing."""
+    queue = Queue(f"idle-{uuid.uuid4().hex[:8]}", connection=redis)
+    rq_job = queue.enqueue("workers.jobs.run_probe", "0" * 24)
+    read_by_cancel = Job.fetch(rq_job.id, connection=redis)
+    # What a worker has written when it starts the job: the status and the job's execution
+    # registry entry, whose execution hash comes next.
+    rq_job.set_status(JobStatus.STARTED)
+    executions = ExecutionRegistry(rq_job.id, connection=redis)
+    redis.zadd(executions.key, {uuid.uuid4().hex: time.time() + 60})
+
+    assert _cancel_waiting(read_by_cancel) is False
+
+    assert rq_job.get_status(refresh=True) == JobStatus.STARTED
+    queue.delete(delete_jobs=True)
+    redis.delete(executions.key)
