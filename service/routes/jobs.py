@@ -12,6 +12,7 @@ from service.auth import JobQuotaDep, requires_scope
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
 from service.jobs import (
     JobNotResumableError,
+    active_job_id,
     clear_cancel,
     enqueue_extraction,
     job_state,
@@ -134,6 +135,16 @@ def resume_job(
         return stored is not None and stored.get("status") == "complete"
 
     def resume(record: dict[str, Any]) -> None:
+        newer = active_job_id(redis, record["target"])
+        if newer is not None and newer != job_id:
+            # Resuming this job would run the work a second time, beside the newer job.
+            raise JobNotResumableError(
+                f"job {job_id} was superseded by job {newer}, which a later request started "
+                f"for the same {record['kind']} (status {job_state(redis, store, newer)['status']}"
+                f"); follow GET /v1/jobs/{newer}, or resume that job if it stopped",
+                field="job_id",
+                value=job_id,
+            )
         error = job_state(redis, store, job_id)["error"] or {}
         if error.get("permanent"):
             raise JobNotResumableError(

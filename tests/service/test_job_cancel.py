@@ -383,6 +383,27 @@ def test_resume_of_superseded_canceled_probe_is_200(
     queue.delete(delete_jobs=True)
 
 
+def test_resume_of_job_superseded_by_newer_is_409(client: Client, redis: Redis) -> None:
+    """A later request for the same probe started a newer job: resuming the canceled one
+    would compute the result twice at once, so the resume names the newer job instead."""
+    queue, probe_id, job_id = _idle_probe_job(redis)
+    assert _cancel(client, job_id).json()["status"] == "canceled"
+    newer = enqueue_single(
+        queue, "workers.jobs.run_probe", (probe_id,), kind="probe", target=probe_id, timeout=60
+    )
+
+    with pytest.raises(ClientError) as refused:
+        client.request("POST", f"/v1/jobs/{job_id}/resume")
+
+    assert refused.value.status_code == 409
+    assert refused.value.detail["field"] == "job_id"
+    assert f"superseded by job {newer}" in refused.value.detail["message"]
+    assert "status queued" in refused.value.detail["message"]
+    assert client.job(job_id)["status"] == "canceled"
+    assert queue.count == 1
+    queue.delete(delete_jobs=True)
+
+
 def test_list_jobs_newest_first_and_filtered(client: Client, redis: Redis) -> None:
     # Jobs on a queue no worker serves stay queued until the test cancels them.
     queue = Queue(f"list-{uuid.uuid4().hex[:8]}", connection=redis)
