@@ -107,6 +107,12 @@ class HeartbeatWorker(SimpleWorker):
                 break
 
     @property
+    def stop_requested(self) -> bool:
+        """Whether a warm shutdown was requested (SIGINT, SIGTERM or rq's shutdown command)."""
+        # rq 3.0 sets these attributes on such a request.
+        return bool(self._stop_requested or self._shutdown_requested_date is not None)
+
+    @property
     def dequeue_timeout(self) -> int:
         """Seconds one blocking wait for a job lasts, which is the idle worker's heartbeat interval.
 
@@ -135,8 +141,7 @@ class HeartbeatWorker(SimpleWorker):
         """
         # rq 3.0 sets these attributes when a warm shutdown is requested (SIGINT, SIGTERM or the
         # shutdown command), and birth_date in register_birth at start-up.
-        stopping = self._stop_requested or self._shutdown_requested_date is not None
-        if stopping or self.birth_date is None:
+        if self.stop_requested or self.birth_date is None:
             return False
         queue_keys = [
             worker_registration.WORKERS_BY_QUEUE_KEY % name for name in self.queue_names()

@@ -64,10 +64,21 @@ def _store(settings: Settings) -> Store:
 
 
 def _set_meta(**values: Any) -> None:
+    """Update the current rq job's meta; a Redis error is logged and the job goes on."""
     job = get_current_job()
-    if job is not None:
-        job.meta.update(values)
+    if job is None:
+        return
+    job.meta.update(values)
+    try:
         job.save_meta()
+    except RedisError as exc:
+        # Progress is for display only: a Redis outage must not fail the block or fit.
+        logger.warning(
+            "job %s (rq %s): progress not saved: %s",
+            job.meta.get("layerbank_job", "-"),
+            job.id,
+            exc,
+        )
 
 
 def _publish_metrics(increments: dict[str, float], latest: dict[str, float]) -> None:

@@ -11,8 +11,10 @@ import importlib
 import logging
 import os
 import socket
+import time
 
 from redis import Redis
+from redis.exceptions import RedisError
 from rq import Queue
 
 from store.logs import add_log_level_argument, configure_logging
@@ -25,6 +27,9 @@ logger = logging.getLogger(__name__)
 # imports are broken fails at once instead of failing every job.
 importlib.import_module("workers.jobs")
 
+# Seconds between two PINGs to Redis after rq's loop stopped on an error.
+RECONNECT_INTERVAL = 2.0
+
 
 def run_worker(
     redis_url: str,
@@ -35,20 +40,50 @@ def run_worker(
     log_level: str = "INFO",
     heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
 ) -> None:
-    """Process jobs from ``queue`` until stopped (or until it is empty, with ``burst``)."""
+    """Process jobs from ``queue`` until stopped (or until it is empty, with ``burst``).
+
+    rq's loop stops on any error it does not expect, such as Redis going away while a job ends.
+    The worker then waits until Redis responds to a PING and starts the loop again, so an outage of Redis
+    does not end the process. A requested stop (SIGINT, SIGTERM) ends it.
+    """
     connection = Redis.from_url(redis_url)
     worker_name = name or f"layerbank-{socket.gethostname()}-{os.getpid()}"
-    worker = HeartbeatWorker(
-        [Queue(queue, connection=connection)],
-        connection=connection,
-        name=worker_name,
-        heartbeat_interval=heartbeat_interval,
-    )
-    logger.info("worker %s up on queue %s", worker_name, queue)
-    try:
-        worker.work(burst=burst, logging_level=log_level, with_scheduler=False)
-    finally:
-        logger.info("worker %s down", worker_name)
+    while True:
+        worker = HeartbeatWorker(
+            [Queue(queue, connection=connection)],
+            connection=connection,
+            name=worker_name,
+            heartbeat_interval=heartbeat_interval,
+        )
+        logger.info("worker %s up on queue %s", worker_name, queue)
+        try:
+            worker.work(burst=burst, logging_level=log_level, with_scheduler=False)
+        except RedisError as exc:  # rq's clean-up after its loop needs Redis too
+            logger.error("worker %s: Redis failed while the worker stopped: %s", worker_name, exc)
+        finally:
+            logger.info("worker %s down", worker_name)
+        if burst or worker.stop_requested:
+            return
+        logger.error(
+            "worker %s stopped on an error; it starts again once Redis responds", worker_name
+        )
+        if not _wait_for_redis(connection, worker):
+            return
+        try:
+            worker.register_death()  # its registration may have survived the outage
+        except RedisError:
+            continue
+
+
+def _wait_for_redis(connection: Redis, worker: HeartbeatWorker) -> bool:
+    """Wait until Redis responds to a PING; return False if a stop is requested meanwhile."""
+    while not worker.stop_requested:
+        try:
+            connection.ping()
+            return True
+        except RedisError:
+            time.sleep(RECONNECT_INTERVAL)
+    return False
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -168,6 +168,27 @@ def test_busy_worker_reregisters_during_job(connection: Redis, start: StartWorke
     _check_runs_jobs(queue, process, log_file)
 
 
+def test_busy_worker_survives_redis_outage(
+    private_redis: RedisServer, connection: Redis, start: StartWorker
+) -> None:
+    """Redis stops while a job runs and is still down when the job ends, so rq cannot record
+    the end. The worker process stays up, registers again once Redis is back and takes jobs."""
+    name = "registration-outage"
+    process, log_file = start(name)
+    _wait_listed(connection, name, log_file, "its start")
+    queue = Queue(name, connection=connection)
+    queue.enqueue("time.sleep", 3)
+    _wait_busy(connection, name, log_file)
+
+    private_redis.stop()
+    time.sleep(5)  # the job ends while Redis is down
+    assert process.poll() is None, log_file.read_text()
+    private_redis.start()
+
+    _wait_listed(connection, name, log_file, "Redis came back")
+    _check_runs_jobs(queue, process, log_file)
+
+
 def test_stopping_worker_not_reregistered(connection: Redis, start: StartWorker) -> None:
     name = "registration-stopping"
     process, log_file = start(name)
