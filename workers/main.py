@@ -43,8 +43,8 @@ def run_worker(
     """Process jobs from ``queue`` until stopped (or until it is empty, with ``burst``).
 
     rq's loop stops on any error it does not expect, such as Redis going away while a job ends.
-    The worker then waits until Redis responds to a PING and starts the loop again, so an outage of Redis
-    does not end the process. A requested stop (SIGINT, SIGTERM) ends it.
+    The worker then waits until Redis responds to a PING and starts the loop again, so an
+    outage of Redis does not end the process. A requested stop (SIGINT, SIGTERM) ends it.
     """
     connection = Redis.from_url(redis_url)
     worker_name = name or f"layerbank-{socket.gethostname()}-{os.getpid()}"
