@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import re
 import shutil
 import time
 import uuid
@@ -99,6 +100,7 @@ def pretrain_imagegpt(
     from workers.imagegpt import build_input_ids, quantize
 
     started = time.perf_counter()
+    _remove_leftovers(output_dir)
     torch.manual_seed(params.seed)
     split = load_split(params.dataset, params.split, allowed_roots=data_roots)
     n, height, width, _ = split.images.shape
@@ -220,6 +222,23 @@ def pretrain_imagegpt(
         checkpoints=checkpoints_dir if checkpoint_steps else None,
     )
     return record
+
+
+def _remove_leftovers(output_dir: Path) -> None:
+    """Delete the step checkpoints and partial saves that earlier runs for ``output_dir`` left.
+
+    A run whose worker was killed leaves them beside the model folder. The API starts one run
+    per model name at a time, so no other run still writes them.
+    """
+    pattern = re.compile(
+        rf"^\.{re.escape(output_dir.name)}\.[0-9a-f]{{32}}\.(checkpoints|partial)$"
+    )
+    if not output_dir.parent.is_dir():
+        return
+    for path in output_dir.parent.iterdir():
+        if pattern.match(path.name):
+            shutil.rmtree(path, ignore_errors=True)
+            logger.info("pretrain: deleted %s, left by an earlier run that stopped", path)
 
 
 def _check_canceled(check: Callable[[], None], checkpoints_dir: Path, step: int) -> None:
