@@ -208,8 +208,8 @@ def demo(
     except ClientError:
         health = {}
     if health is not None and not {"status", "redis", "workers"} <= set(health):
-        err.print(f"{url} answers, but not as a layerbank API; pass --url with a free port")
-        raise typer.Exit(1)
+        client.close()
+        _exit_with_error(f"{url} responds, but not as a layerbank API; pass --url with a free port")
     if health is None:
         try:
             host, port = embedded_stack_address(url)

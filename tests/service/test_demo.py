@@ -105,6 +105,38 @@ def test_demo_url_without_port_exit_two(monkeypatch: pytest.MonkeyPatch, tmp_pat
     assert not (tmp_path / "out").exists()
 
 
+def test_demo_url_of_other_server_one_error_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A port where another HTTP server listens gets one error line, not a started stack."""
+    import threading
+    from http.server import HTTPServer, SimpleHTTPRequestHandler
+
+    from service import cli, launcher
+
+    class QuietHandler(SimpleHTTPRequestHandler):
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # its lines would mix with the CLI's stderr
+
+    monkeypatch.setattr(launcher, "terminate_on_sigterm", lambda: None)
+    server = HTTPServer(("127.0.0.1", 0), QuietHandler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        result = CliRunner().invoke(
+            cli.app, ["demo", "--url", url, "--output", str(tmp_path / "out")]
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert result.exit_code == 1
+    assert result.stderr.splitlines() == [
+        f"error: {url} responds, but not as a layerbank API; pass --url with a free port"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
 def test_progress_printer_prints_tenths() -> None:
     import io
 
