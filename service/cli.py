@@ -133,8 +133,9 @@ def up(
     key_store = KeyStore(Redis.from_url(redis_url))
     if not _is_loopback(host) and (settings.auth == "off" or key_store.count() == 0):
         err.print(
-            f"[red]refusing to bind to {host}: API keys are off or none exist; create one "
-            "with `layerbank keys create` (REDIS_URL set) or bind to 127.0.0.1[/red]",
+            f"error: refusing to bind to {host}: API keys are off or none exist; create one "
+            "with `layerbank keys create` (REDIS_URL set) or bind to 127.0.0.1",
+            markup=False,
             soft_wrap=True,
         )
         if redis_server is not None:
@@ -246,7 +247,11 @@ def demo(
                 raise TimeoutError("layerbank up exited")
         except TimeoutError:
             stop_process(stack)
-            err.print(f"the embedded stack did not start; its output is in {stack_log}")
+            err.print(
+                f"error: the embedded stack did not start; its output is in {stack_log}",
+                markup=False,
+                soft_wrap=True,
+            )
             raise typer.Exit(1) from None
     try:
         run_demo(client, output, steps=steps, console=console)
@@ -254,7 +259,7 @@ def demo(
         hint = ""
         if exc.status_code == 401:
             hint = "; pass a write key with --api-key or LAYERBANK_API_KEY"
-        err.print(f"demo failed: {exc}{hint}", markup=False)
+        err.print(f"error: demo failed: {exc}{hint}", markup=False, soft_wrap=True)
         raise typer.Exit(1) from None
     finally:
         client.close()

@@ -508,7 +508,7 @@ def test_cli_up_non_loopback_without_keys_refused(
         ],
     )
     assert result.exit_code == 2
-    assert result.output.startswith("refusing to bind to 0.0.0.0")
+    assert result.output.startswith("error: refusing to bind to 0.0.0.0")
     assert len(result.output.strip().splitlines()) == 1
 
 
@@ -547,5 +547,5 @@ def test_demo_sends_api_key(
         server.should_exit = True
         thread.join(timeout=10)
     assert result.exit_code == 1, result.output
-    assert "demo failed: HTTP 403" in result.stderr
+    assert "error: demo failed: HTTP 403" in result.stderr
     assert "write" in result.stderr
