@@ -357,6 +357,19 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
             "field": "featureset_id",
             "value": record["target"],
         }
+    elif (
+        record.get(CANCELED_FIELD)
+        and kind in ("probe", "projection")
+        and store.read_result(f"{kind}s", record["target"]) is None
+    ):
+        status = "canceled"
+        error = {
+            "message": f"{kind} {record['target']!r} of this canceled job no longer exists (it "
+            "was deleted with a feature set it read), so it cannot be resumed; extract that "
+            f"feature set again if it is gone, then send the same POST /v1/{kind}s again",
+            "field": f"{kind}_id",
+            "value": record["target"],
+        }
     elif record.get(CANCELED_FIELD):
         status = "canceled"
         error = {

@@ -493,6 +493,19 @@ def test_resume_with_deleted_input_is_404(
     queue.delete(delete_jobs=True)
 
 
+def test_canceled_probe_without_result_says_not_resumable(client: Client, redis: Redis) -> None:
+    """A canceled probe job whose result was deleted does not advise a resume that would 404."""
+    queue, probe_id, job_id = _idle_probe_job(redis)
+
+    error = _cancel(client, job_id).json()["error"]
+
+    assert "cannot be resumed" in error["message"]
+    assert "/resume" not in error["message"]
+    assert error["field"] == "probe_id"
+    assert error["value"] == probe_id
+    queue.delete(delete_jobs=True)
+
+
 def test_probe_job_finished_after_rq_forgets_it(
     client: Client, redis: Redis, stack_dirs: dict[str, Path]
 ) -> None:
