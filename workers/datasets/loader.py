@@ -515,8 +515,9 @@ def _require_two_classes(
     present = np.unique(labels)
     if present.size < 2:
         raise DatasetError(
-            f"{what} contains one class only ({class_names[int(present[0])]!r}); probes need at "
-            f"least two, so {advice}",
+            f"{what} contains one class only ({class_names[int(present[0])]!r}); every layerbank "
+            "dataset needs at least two classes, pretraining included, because its feature sets "
+            f"are made for probes; {advice}",
             field=field,
             value=value,
         )
