@@ -762,7 +762,8 @@ def _cancel_waiting(job: Job) -> bool:
     A worker may take the job between the fetch and the cancel. rq then raises, and the job
     runs: it reads the cancel recorded in the layerbank job record when it starts.
     """
-    if job.get_status(refresh=False) not in (
+    # Read again: workers take jobs while the cancel goes through the list.
+    if job.get_status(refresh=True) not in (
         JobStatus.QUEUED,
         JobStatus.DEFERRED,
         JobStatus.SCHEDULED,
