@@ -34,7 +34,13 @@ from transformers.models.imagegpt.modeling_imagegpt import ImageGPTBlock
 from workers.errors import ProbeError
 from workers.imagegpt import _layer_norm, _pool
 from workers.probes.metrics import accuracy, classification_metrics
-from workers.probes.settings import ADAPTER_PARAMS, read_adapter_settings, read_val_fraction
+from workers.probes.settings import (
+    ADAPTER_PARAMS,
+    AdapterFitShape,
+    check_adapter_memory,
+    read_adapter_settings,
+    read_val_fraction,
+)
 from workers.probes.task import stratified_split
 
 __all__ = [
@@ -217,6 +223,39 @@ def _update_feature_statistics(
     norm.momentum = 0.1
 
 
+def _train_epoch(
+    model: AdaptedImageGPT,
+    optimizer: torch.optim.Optimizer,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    order: torch.Tensor,
+    batch_size: int,
+    epoch: int,
+) -> float:
+    """Take one optimizer step per batch of the items in ``order``; return the last batch's
+    loss. Raises `ProbeError` naming ``lr`` when a loss is NaN or infinite."""
+    model.train()
+    total = torch.zeros((), device=input_ids.device)
+    loss = total
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size].to(input_ids.device)
+        loss = F.cross_entropy(model(input_ids[batch]), labels[batch])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total = total + loss.detach()
+    # NaN and infinity survive the sum, so one check per epoch finds any diverged batch.
+    if not math.isfinite(float(total)):
+        lr = optimizer.param_groups[0]["lr"]
+        raise ProbeError(
+            f"the adapter fit diverged at epoch {epoch} (training loss {float(total)}) with "
+            f"lr={lr!r}; lower lr",
+            field="lr",
+            value=lr,
+        )
+    return float(loss.detach())
+
+
 def _predict(model: AdaptedImageGPT, input_ids: torch.Tensor, batch_size: int) -> np.ndarray:
     model.eval()
     predictions = []
@@ -293,6 +332,19 @@ def fit_adapter(
             value=fraction,
         )
 
+    config: ImageGPTConfig = transformer.config
+    # Probes stored before the API checked the estimate reach this check only here.
+    check_adapter_memory(
+        settings,
+        AdapterFitShape(
+            seq_len=int(train_ids.shape[1]),
+            dim=int(config.n_embd),
+            inner_dim=int(config.n_inner or 4 * config.n_embd),
+            layer=layer,
+            max_batch_items=max(len(fit_part), len(test_ids)),
+        ),
+    )
+
     started = time.perf_counter()
     torch.manual_seed(seed)
     model = AdaptedImageGPT(
@@ -306,19 +358,11 @@ def fit_adapter(
     best_state, best_val, best_epoch = copy.deepcopy(model.state_dict()), -1.0, 0
 
     for epoch in range(1, epochs + 1):
-        model.train()
         order = fit_index[torch.randperm(len(fit_index), generator=generator)]
-        for start in range(0, len(order), batch_size):
-            batch = order[start : start + batch_size].to(train_ids.device)
-            loss = F.cross_entropy(model(train_ids[batch]), y_fit_all[batch])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+        loss = _train_epoch(model, optimizer, train_ids, y_fit_all, order, batch_size, epoch)
         _update_feature_statistics(model, train_ids[fit_index], batch_size)
         val_accuracy = accuracy(val_labels, _predict(model, train_ids[val_part], batch_size))
-        grid.append(
-            {"epoch": epoch, "val_accuracy": val_accuracy, "train_loss": float(loss.detach())}
-        )
+        grid.append({"epoch": epoch, "val_accuracy": val_accuracy, "train_loss": loss})
         logger.debug(
             "adapter layer %d: epoch %d/%d val accuracy %.4f", layer, epoch, epochs, val_accuracy
         )

@@ -21,8 +21,15 @@ from service.jobs import (
 from service.plots import confusion_png, layer_curve_png
 from service.schemas import CurvePublic, ProbeCreate, ProbeCreated, ProbePublic, ProbesPublic
 from store import FeatureSet, NotFoundError, NotReadyError, ProbeSpec, Store, StoreError, check_id
+from store.settings import Settings
 from store.spec import PROBE_KINDS
-from workers.probes.settings import check_params, normalise_params
+from workers.modelref import resolve_model
+from workers.probes.settings import (
+    AdapterFitShape,
+    check_params,
+    fit_part_size,
+    normalise_params,
+)
 from workers.probes.task import check_classes
 
 logger = logging.getLogger(__name__)
@@ -51,7 +58,7 @@ def create_probe(
     check_id(body.train_featureset, field="train_featureset")
     check_id(body.test_featureset, field="test_featureset")
     with inputs_locked(queue.connection, [body.train_featureset, body.test_featureset]):
-        spec = _probe_spec(body, store, queue.connection)
+        spec = _probe_spec(body, store, queue.connection, settings)
         probe_id = spec.probe_id()
         submission = submit_result_job(
             store,
@@ -81,11 +88,11 @@ def create_probe(
     )
 
 
-def _probe_spec(body: ProbeCreate, store: Store, redis: Redis) -> ProbeSpec:
+def _probe_spec(body: ProbeCreate, store: Store, redis: Redis, settings: Settings) -> ProbeSpec:
     check_id(body.train_featureset, field="train_featureset")
     check_id(body.test_featureset, field="test_featureset")
-    train = store.featureset(body.train_featureset)
-    test = store.featureset(body.test_featureset)
+    train = _body_featureset(store, body.train_featureset, "train_featureset")
+    test = _body_featureset(store, body.test_featureset, "test_featureset")
     for field, featureset in (("train_featureset", train), ("test_featureset", test)):
         require_complete(redis, store, featureset, field=field)
     if test.id == train.id:
@@ -110,7 +117,8 @@ def _probe_spec(body: ProbeCreate, store: Store, redis: Redis) -> ProbeSpec:
     if train.features.shape[2] != test.features.shape[2]:
         raise StoreError(
             f"train and test feature sets differ in dim ({train.features.shape[2]} vs "
-            f"{test.features.shape[2]})",
+            f"{test.features.shape[2]}); extract both splits with the same model, layers and "
+            "pooling",
             field="test_featureset",
             value=body.test_featureset,
         )
@@ -150,8 +158,14 @@ def _probe_spec(body: ProbeCreate, store: Store, redis: Redis) -> ProbeSpec:
         )
     params = _params_by_kind(body.params, kinds)
     for kind, kind_params in params.items():
+        adapter_shape = None
+        if kind == "adapter":
+            n_fit = fit_part_size(kind_params, train_labels)
+            adapter_shape = _adapter_fit_shape(
+                store, settings, train, max(layers), n_fit, test.n_items
+            )
         # The engines' own readers, without torch: a bad parameter fails before queueing.
-        check_params(kind, kind_params, train_labels)
+        check_params(kind, kind_params, train_labels, adapter_shape=adapter_shape)
         params[kind] = normalise_params(kind, kind_params)
     return ProbeSpec(
         train_featureset=train.id,
@@ -160,6 +174,42 @@ def _probe_spec(body: ProbeCreate, store: Store, redis: Redis) -> ProbeSpec:
         kinds=kinds,
         params=params,
         seed=body.seed,
+    )
+
+
+def _body_featureset(store: Store, featureset_id: str, field: str) -> FeatureSet:
+    """Return the feature set named by request field ``field``; a 404 names that field."""
+    try:
+        return store.featureset(featureset_id)
+    except NotFoundError as exc:
+        raise NotFoundError(
+            f"{field} {featureset_id!r}: feature set not found; list feature sets with "
+            "GET /v1/featuresets",
+            field=field,
+            value=featureset_id,
+        ) from exc
+
+
+def _adapter_fit_shape(
+    store: Store, settings: Settings, train: FeatureSet, layer: int, n_fit: int, n_test: int
+) -> AdapterFitShape:
+    """Return the sizes of the adapter fit on ``layer``, from the config of the model that the
+    worker loads (resolved with the arguments of `workers.extract.resolve_for_featureset`)."""
+    ref = resolve_model(
+        train.spec.model,
+        models_dir=store.models_dir() if store.local_root else None,
+        allowed_roots=settings.model_roots,
+        allow_hub=settings.allow_hub,
+        allow_list=settings.model_allow_list,
+    )
+    config = ref.vision_config
+    dim = int(config.get("n_embd", train.features.shape[2]))
+    return AdapterFitShape(
+        seq_len=int(ref.n_tokens or 1),
+        dim=dim,
+        inner_dim=int(config.get("n_inner") or 4 * dim),
+        layer=layer,
+        max_batch_items=max(n_fit, n_test),
     )
 
 
@@ -345,9 +395,9 @@ def read_curve_png(
         rows_by_kind.setdefault(row["kind"], []).append(row)
     train = store.featureset(probe["spec"]["train_featureset"]).spec
     title = f"{train.model} on {train.dataset}: probe accuracy per layer ({train.pooling} pooling)"
-    png = layer_curve_png(
-        rows_by_kind, title=title, baseline=baseline, reference=_reference_points(reference)
-    )
+    points = _reference_points(reference)
+    _check_reference_layers(points, reference, [row["layer"] for row in probe["rows"]])
+    png = layer_curve_png(rows_by_kind, title=title, baseline=baseline, reference=points)
     return Response(png, media_type="image/png")
 
 
@@ -373,6 +423,23 @@ def _reference_points(text: str | None) -> list[tuple[int, float]]:
     return points
 
 
+def _check_reference_layers(
+    points: list[tuple[int, float]], text: str | None, layers: list[int]
+) -> None:
+    """Raise unless every reference point lies within the probe's layer range (the x-axis)."""
+    if not layers:
+        return
+    low, high = min(layers), max(layers)
+    for layer, _ in points:
+        if not low <= layer <= high:
+            raise StoreError(
+                f"reference point at layer {layer} is outside the probe's layers {low}..{high}; "
+                f"pass reference points at layers {low}..{high}",
+                field="reference",
+                value=text,
+            )
+
+
 @router.get(
     "/{probe_id}/confusion.png",
     responses={200: {"content": {"image/png": {}}}},
@@ -387,12 +454,20 @@ def read_confusion_png(
 ) -> Response:
     """Test confusion matrix of one probe kind on one layer as a PNG."""
     probe = _complete_probe(store, redis, probe_id)
-    rows = [row for row in probe["rows"] if row["kind"] == kind and row["layer"] == layer]
+    kind_rows = [row for row in probe["rows"] if row["kind"] == kind]
+    if not kind_rows:
+        fitted_kinds = sorted({row["kind"] for row in probe["rows"]})
+        raise StoreError(
+            f"probe {probe_id!r} has no {kind!r} rows; pass kind as one of {fitted_kinds}",
+            field="kind",
+            value=kind,
+        )
+    rows = [row for row in kind_rows if row["layer"] == layer]
     if not rows:
-        fitted = sorted({(row["kind"], row["layer"]) for row in probe["rows"]})
-        raise NotFoundError(
-            f"probe {probe_id!r} has no {kind} row for layer {layer}; fitted "
-            f"(kind, layer) pairs: {fitted}",
+        fitted_layers = sorted(row["layer"] for row in kind_rows)
+        raise StoreError(
+            f"layer {layer} is not among the layers of {kind} probe {probe_id!r}; pass one of "
+            f"{fitted_layers}",
             field="layer",
             value=layer,
         )

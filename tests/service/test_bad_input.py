@@ -481,7 +481,7 @@ def _cases(data: dict[str, str], fs: dict[str, str], tiny: str, max_body: int) -
             post_p,
             probe(train_featureset=MISSING_ID),
             status=(404,),
-            field="featureset_id",
+            field="train_featureset",
         ),
         Case(
             "tsne on 3 points",

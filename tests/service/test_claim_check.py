@@ -127,12 +127,13 @@ def test_confusion_png(client: Any, probes: list[str]) -> None:
     _save_png("confusion.png", response.content)
 
 
-def test_confusion_png_unknown_layer_404(client: Any, probes: list[str]) -> None:
+def test_confusion_png_unknown_layer_422(client: Any, probes: list[str]) -> None:
     with pytest.raises(ClientError) as caught:
         client.request(
             "GET", f"/v1/probes/{probes[-1]}/confusion.png", params={"kind": "logistic", "layer": 0}
         )
-    assert caught.value.status_code == 404
+    assert caught.value.status_code == 422
+    assert caught.value.detail["field"] == "layer"
 
 
 def test_curve_png_with_reference_points(client: Any, probes: list[str]) -> None:

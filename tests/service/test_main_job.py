@@ -413,6 +413,10 @@ def test_pretrain_same_name_other_settings_rejected(client: Any) -> None:
         ("mlp", {"patience": 10**9}, "patience"),
         ("knn", {"chunk_size": 10**6}, "chunk_size"),
         ("mlp", {"val_fraction": 0.001}, "val_fraction"),
+        ("mlp", {"lr": 1e300}, "lr"),
+        ("mlp", {"weight_decay": 1e300}, "weight_decay"),
+        ("logistic", {"engine": "torch", "history_size": 10**9}, "history_size"),
+        ("adapter", {"batch_size": 65536, "bottleneck": 65536}, "bottleneck"),
     ],
 )
 def test_probe_bad_params_rejected_before_queueing(

@@ -13,6 +13,7 @@ seed gives identical results on the CPU.
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from workers.errors import ProbeError
 from workers.probes.device import resolve_device
 from workers.probes.metrics import accuracy
 from workers.probes.settings import MlpSettings
@@ -92,7 +94,11 @@ def _train(
     y_val: np.ndarray,
 ) -> tuple[nn.Module, list[float], int, bool]:
     """Train with early stopping; returns the best model, the validation curve, the best
-    epoch (1-based) and whether patience ran out before ``max_epochs``."""
+    epoch (1-based) and whether patience ran out before ``max_epochs``.
+
+    Raises `ProbeError` naming ``lr`` when a training loss is NaN or infinite, rather than
+    keeping a diverged network's chance-level scores.
+    """
     forked = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=forked):
         torch.manual_seed(task.seed)
@@ -112,11 +118,22 @@ def _train(
         for epoch in range(1, s.max_epochs + 1):
             task.check_running()
             model.train()
+            total = torch.zeros((), device=device)
             for batch in torch.randperm(len(y_fit), generator=order).split(s.batch_size):
                 batch = batch.to(device)
                 optimizer.zero_grad()
-                loss_fn(model(x_fit[batch]), y_fit[batch]).backward()
+                loss = loss_fn(model(x_fit[batch]), y_fit[batch])
+                loss.backward()
                 optimizer.step()
+                total = total + loss.detach()
+            # NaN and infinity survive the sum, so one check per epoch finds any diverged batch.
+            if not math.isfinite(float(total)):
+                raise ProbeError(
+                    f"the MLP fit diverged at epoch {epoch} (training loss {float(total)}) "
+                    f"with lr={s.lr!r}; lower lr",
+                    field="lr",
+                    value=s.lr,
+                )
             curve.append(accuracy(y_val, _predict(model, x_val)))
             if best_epoch == 0 or curve[-1] > curve[best_epoch - 1]:
                 best_epoch, stale = epoch, 0

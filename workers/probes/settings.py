@@ -6,14 +6,21 @@ readers, so a bad parameter is rejected before a job is queued.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from workers.errors import ProbeError
-from workers.probes.params import check_known, read_choice, read_float, read_grid, read_int
+from workers.probes.params import (
+    MAX_GRID_VALUES,
+    check_known,
+    read_choice,
+    read_float,
+    read_grid,
+    read_int,
+)
 
 
 class TrainSizes(Protocol):
@@ -43,6 +50,12 @@ DEFAULT_TOL = {"sklearn": 1e-5, "torch": 1e-6}
 TORCH_ONLY_PARAMS = ("dtype", "layer_batch", "history_size", "c_batch")
 LOGISTIC_PARAMS = ("C", "max_iter", "tol", "dtype", "layer_batch", "history_size", "c_batch")
 DEFAULT_HISTORY = 20
+# L-BFGS curvature pairs per problem. Each pair stores two vectors of the problem's size, so the
+# history dominates the solver's memory; beyond a few dozen pairs L-BFGS gains little.
+MAX_HISTORY_SIZE = 100
+# Layers fitted together by the torch engine: more than the hidden states of any supported
+# model (ImageGPT-large has 49). An explicit layer_batch bypasses the memory budget.
+MAX_LAYER_BATCH = 128
 
 
 @dataclass(frozen=True)
@@ -80,11 +93,12 @@ def read_logistic_settings(params: dict[str, Any]) -> LogisticSettings:
     dtype = read_choice(params, "dtype", "float64", ("float32", "float64"))
     layer_batch = params.get("layer_batch")
     if layer_batch is not None:
-        layer_batch = read_int(params, "layer_batch", 1)
-    history = read_int(params, "history_size", DEFAULT_HISTORY)
+        layer_batch = read_int(params, "layer_batch", 1, high=MAX_LAYER_BATCH)
+    history = read_int(params, "history_size", DEFAULT_HISTORY, high=MAX_HISTORY_SIZE)
     c_batch = params.get("c_batch")
     if c_batch is not None:
-        c_batch = read_int(params, "c_batch", 1)
+        # A run never takes more values of C than the grid holds.
+        c_batch = read_int(params, "c_batch", 1, high=MAX_GRID_VALUES)
     return LogisticSettings(engine, c_grid, max_iter, tol, dtype, layer_batch, history, c_batch)
 
 
@@ -162,6 +176,15 @@ MLP_PARAMS = ("hidden", "dropout", "lr", "weight_decay", "max_epochs", "patience
 MAX_MLP_HIDDEN = 16384
 # Maximum number of epochs of an MLP or adapter probe.
 MAX_EPOCHS = 10_000
+# Largest MLP mini-batch: with the largest hidden width, each of its activation tensors takes
+# 0.5 GiB.
+MAX_MLP_BATCH_SIZE = 8192
+# Largest learning rate of the AdamW fits (MLP and adapter). Adam moves each weight by about
+# lr per step, so a larger rate only makes the fit diverge.
+MAX_LR = 1.0
+# AdamW multiplies each weight by 1 - lr * weight_decay per step. With lr <= MAX_LR this bound
+# keeps the factor in [0, 1), so weight decay cannot flip or blow up the weights.
+MAX_WEIGHT_DECAY = 1.0
 
 
 @dataclass(frozen=True)
@@ -195,11 +218,11 @@ def read_mlp_settings(params: dict[str, Any]) -> MlpSettings:
     return MlpSettings(
         hidden=read_int(params, "hidden", 256, high=MAX_MLP_HIDDEN),
         dropout=read_float(params, "dropout", 0.2, low=0.0, high=1.0, high_open=True),
-        lr=read_float(params, "lr", 1e-3, low=0.0, low_open=True),
-        weight_decay=read_float(params, "weight_decay", 1e-2, low=0.0),
+        lr=read_float(params, "lr", 1e-3, low=0.0, high=MAX_LR, low_open=True),
+        weight_decay=read_float(params, "weight_decay", 1e-2, low=0.0, high=MAX_WEIGHT_DECAY),
         max_epochs=read_int(params, "max_epochs", 200, high=MAX_EPOCHS),
         patience=read_int(params, "patience", 20, high=MAX_EPOCHS),
-        batch_size=read_int(params, "batch_size", 256, high=65536),
+        batch_size=read_int(params, "batch_size", 256, high=MAX_MLP_BATCH_SIZE),
     )
 
 
@@ -210,6 +233,18 @@ DEFAULT_BOTTLENECK = 64
 DEFAULT_EPOCHS = 10
 DEFAULT_LR = 1e-3
 DEFAULT_BATCH_SIZE = 64
+# A bottleneck is meant to be narrower than the model; ImageGPT-large is 1,536 wide.
+MAX_BOTTLENECK = 4096
+# Items per adapter mini-batch; each item is a whole image sequence through the model.
+MAX_ADAPTER_BATCH_SIZE = 4096
+# Max memory of one adapter fit, as `adapter_fit_bytes` estimates it. A worker shares its
+# machine with the API, Redis and other workers (``layerbank up --workers N``), so one fit gets
+# a few GiB. Without this bound, batch_size and bottleneck within their own caps can request
+# hundreds of GiB. The out-of-memory killer then stops the worker, and the next one on rq's
+# retry.
+MAX_ADAPTER_FIT_BYTES = 4 * 2**30
+# Bytes the fit allocates regardless of its sizes (allocator arenas, thread pools).
+ADAPTER_FIT_OVERHEAD_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -227,11 +262,102 @@ def read_adapter_settings(params: dict[str, Any]) -> AdapterSettings:
     """Validate ``params`` of an adapter probe (see :func:`workers.adapters.fit_adapter`)."""
     check_known(params, "adapter", ADAPTER_PARAMS)
     return AdapterSettings(
-        bottleneck=read_int(params, "bottleneck", DEFAULT_BOTTLENECK, low=1, high=65536),
+        bottleneck=read_int(params, "bottleneck", DEFAULT_BOTTLENECK, low=1, high=MAX_BOTTLENECK),
         epochs=read_int(params, "epochs", DEFAULT_EPOCHS, low=1, high=MAX_EPOCHS),
-        lr=read_float(params, "lr", DEFAULT_LR, low=0.0, high=1.0, low_open=True),
-        weight_decay=read_float(params, "weight_decay", 0.0, low=0.0),
-        batch_size=read_int(params, "batch_size", DEFAULT_BATCH_SIZE, low=1, high=65536),
+        lr=read_float(params, "lr", DEFAULT_LR, low=0.0, high=MAX_LR, low_open=True),
+        weight_decay=read_float(params, "weight_decay", 0.0, low=0.0, high=MAX_WEIGHT_DECAY),
+        batch_size=read_int(
+            params, "batch_size", DEFAULT_BATCH_SIZE, low=1, high=MAX_ADAPTER_BATCH_SIZE
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class AdapterFitShape:
+    """The sizes of an adapter fit that its memory grows with, apart from its parameters."""
+
+    seq_len: int  # tokens per image: height x width of the processor's size
+    dim: int  # model width, n_embd
+    inner_dim: int  # feed-forward width, n_inner (4 * n_embd when the config leaves it out)
+    layer: int  # deepest probed hidden-state index: the blocks that get adapters
+    max_batch_items: int  # max items per batch: the larger of the fit part and the test split
+
+
+def adapter_fit_bytes(shape: AdapterFitShape, batch_size: int, bottleneck: int) -> int:
+    """Estimate the peak memory in bytes of `workers.adapters.fit_adapter` on ``shape.layer``.
+
+    Autograd keeps about 18 * dim + 3 * inner_dim float32 values per item and token for each
+    block up to ``layer``, and the backward pass needs about one block more for gradients.
+    The two adapters of a block add 4 * bottleneck values (down-projection and GELU outputs),
+    and the backward pass one bottleneck-wide gradient. The adapter parameters exist six
+    times: weights, gradients, two AdamW moments and two copies of the best state. The
+    coefficients come from counting the saved tensors. Measured peak RSS of real CPU fits
+    stays below the estimate (docs/probes.md, "Adapter memory").
+    """
+    items = min(batch_size, shape.max_batch_items)
+    blocks = shape.layer
+    per_block = 18 * shape.dim + 3 * shape.inner_dim
+    if blocks:
+        per_token = (blocks + 1) * per_block + (4 * blocks + 1) * bottleneck
+    else:
+        # Only the head trains: the embeddings are computed without a backward pass.
+        per_token = 3 * shape.dim
+    activations = 4 * items * shape.seq_len * per_token
+    adapter_weights = 2 * blocks * (2 * shape.dim * bottleneck + shape.dim + bottleneck)
+    return activations + 6 * 4 * adapter_weights + ADAPTER_FIT_OVERHEAD_BYTES
+
+
+def _largest_fitting(upper: int, fits: Callable[[int], bool]) -> int:
+    """Return the largest value in [1, upper] for which ``fits`` holds, or 0 if none does."""
+    low, high = 0, upper
+    while low < high:
+        middle = (low + high + 1) // 2
+        if fits(middle):
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def check_adapter_memory(settings: AdapterSettings, shape: AdapterFitShape) -> None:
+    """Raise `ProbeError` when the estimated peak memory of the fit exceeds the limit.
+
+    The error names ``bottleneck`` when the requested one is above the default and the default
+    would fit, else ``batch_size``, with the largest value that fits.
+    """
+    batch_size, bottleneck = settings.batch_size, settings.bottleneck
+    needed = adapter_fit_bytes(shape, batch_size, bottleneck)
+    if needed <= MAX_ADAPTER_FIT_BYTES:
+        return
+
+    def fits_batch(value: int) -> bool:
+        return adapter_fit_bytes(shape, value, bottleneck) <= MAX_ADAPTER_FIT_BYTES
+
+    def fits_bottleneck(value: int) -> bool:
+        return adapter_fit_bytes(shape, batch_size, value) <= MAX_ADAPTER_FIT_BYTES
+
+    largest_batch = _largest_fitting(min(batch_size, shape.max_batch_items), fits_batch)
+    largest_bottleneck = _largest_fitting(bottleneck, fits_bottleneck)
+    if bottleneck > DEFAULT_BOTTLENECK and largest_bottleneck >= DEFAULT_BOTTLENECK:
+        field, value, fix = "bottleneck", bottleneck, f"pass bottleneck <= {largest_bottleneck}"
+        if largest_batch:
+            fix += f" (or batch_size <= {largest_batch})"
+    elif largest_batch:
+        field, value, fix = "batch_size", batch_size, f"pass batch_size <= {largest_batch}"
+    else:
+        field, value = "batch_size", batch_size
+        fix = (
+            "even batch_size 1 does not fit at this bottleneck; pass a smaller bottleneck, "
+            "probe a lower layer, or use kind logistic, knn or mlp"
+        )
+    raise ProbeError(
+        f"an adapter fit on layer {shape.layer} with batch_size={batch_size} and "
+        f"bottleneck={bottleneck} needs an estimated {needed / 2**30:.1f} GiB "
+        f"({min(batch_size, shape.max_batch_items)} items x {shape.seq_len} tokens, width "
+        f"{shape.dim}), more than the limit of {MAX_ADAPTER_FIT_BYTES / 2**30:g} GiB per fit; "
+        f"{fix}",
+        field=field,
+        value=value,
     )
 
 
@@ -292,23 +418,38 @@ def normalise_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
     return {**params, name: values}
 
 
-def check_params(kind: str, params: dict[str, Any], y_train: np.ndarray) -> None:
+def fit_part_size(params: Mapping[str, Any], y_train: np.ndarray) -> int:
+    """Return the items of the fit part of a train set with labels ``y_train``, as the job
+    splits it: each class gives `validation_count` items to the validation part."""
+    fraction = read_val_fraction(params)
+    counts = np.unique(y_train, return_counts=True)[1]
+    n_val = sum(validation_count(int(count), fraction) for count in counts)
+    require_validation_items(n_val, fraction, len(y_train))
+    return len(y_train) - n_val
+
+
+def check_params(
+    kind: str,
+    params: dict[str, Any],
+    y_train: np.ndarray,
+    *,
+    adapter_shape: AdapterFitShape | None = None,
+) -> None:
     """Validate ``params`` of a ``kind`` probe on a train set with labels ``y_train``.
 
     Raises `ProbeError` naming the parameter. The sizes of the validation split come from the
-    class counts, as in the job, so a k grid left empty by the split fails here too.
+    class counts, as in the job, so a k grid left empty by the split fails here too. With
+    ``adapter_shape``, an adapter probe whose estimated memory exceeds the limit fails too.
     """
-    fraction = read_val_fraction(params)
-    n_train = len(y_train)
-    counts = np.unique(y_train, return_counts=True)[1]
-    n_val = sum(validation_count(int(count), fraction) for count in counts)
-    require_validation_items(n_val, fraction, n_train)
+    n_fit = fit_part_size(params, y_train)
     if kind == "logistic":
         read_logistic_settings(params)
     elif kind == "knn":
-        sizes = _Sizes(np.empty(n_train), np.empty(n_train - n_val))
+        sizes = _Sizes(np.empty(len(y_train)), np.empty(n_fit))
         read_knn_settings(params, sizes)
     elif kind == "mlp":
         read_mlp_settings(params)
     elif kind == "adapter":
-        read_adapter_settings(params)
+        settings = read_adapter_settings(params)
+        if adapter_shape is not None:
+            check_adapter_memory(settings, adapter_shape)
