@@ -59,6 +59,12 @@ class Settings(BaseSettings):
         "An idle worker drops out of /healthz three intervals plus 60 s after its last one.",
     )
     probe_timeout: int = Field(3600, description="Seconds one probe job may run.")
+    adapter_fit_gib: float = Field(
+        4.0,
+        gt=0,
+        description="GiB of memory one adapter probe fit may use, as estimated from its sizes "
+        "before it is queued; set it to what one fit may take on the workers' device.",
+    )
     job_retention_days: float = Field(
         30.0,
         ge=0,

@@ -31,6 +31,7 @@ from transformers import ImageGPTConfig, ImageGPTModel
 from transformers.activations import ACT2FN
 from transformers.models.imagegpt.modeling_imagegpt import ImageGPTBlock
 
+from store.settings import get_settings
 from workers.errors import ProbeError
 from workers.imagegpt import _layer_norm, _pool
 from workers.probes.metrics import accuracy, classification_metrics
@@ -40,6 +41,7 @@ from workers.probes.settings import (
     check_adapter_memory,
     read_adapter_settings,
     read_val_fraction,
+    require_validation_items,
 )
 from workers.probes.task import stratified_split
 
@@ -324,13 +326,7 @@ def fit_adapter(
     y_fit_all = torch.from_numpy(np.searchsorted(classes, y_train)).to(train_ids.device)
     y_test_idx = np.searchsorted(classes, y_test)
     fit_part, val_part = stratified_split(np.searchsorted(classes, y_train), fraction, seed)
-    if len(val_part) == 0:
-        raise ProbeError(
-            f"val_fraction={fraction!r} leaves no validation items out of "
-            f"{len(y_train)}; pass a larger val_fraction",
-            field="val_fraction",
-            value=fraction,
-        )
+    require_validation_items(len(val_part), fraction, len(y_train))
 
     config: ImageGPTConfig = transformer.config
     # Probes stored before the API checked the estimate reach this check only here.
@@ -343,6 +339,7 @@ def fit_adapter(
             layer=layer,
             max_batch_items=max(len(fit_part), len(test_ids)),
         ),
+        int(get_settings().adapter_fit_gib * 2**30),
     )
 
     started = time.perf_counter()

@@ -165,7 +165,13 @@ def _probe_spec(body: ProbeCreate, store: Store, redis: Redis, settings: Setting
                 store, settings, train, max(layers), n_fit, test.n_items
             )
         # The engines' own readers, without torch: a bad parameter fails before queueing.
-        check_params(kind, kind_params, train_labels, adapter_shape=adapter_shape)
+        check_params(
+            kind,
+            kind_params,
+            train_labels,
+            adapter_shape=adapter_shape,
+            adapter_limit=int(settings.adapter_fit_gib * 2**30),
+        )
         params[kind] = normalise_params(kind, kind_params)
     return ProbeSpec(
         train_featureset=train.id,

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from store.settings import Settings
 from workers.errors import ProbeError
 from workers.probes import settings as probe_settings
 
@@ -21,6 +22,9 @@ READERS: dict[str, Callable[[dict[str, Any]], Any]] = {
     "adapter": probe_settings.read_adapter_settings,
     "logistic": probe_settings.read_logistic_settings,
 }
+
+# The default of LAYERBANK_ADAPTER_FIT_GIB, in bytes.
+LIMIT = int(Settings().adapter_fit_gib * 2**30)
 
 
 @pytest.mark.parametrize(
@@ -167,7 +171,7 @@ def test_adapter_memory_names_bottleneck() -> None:
     settings = probe_settings.read_adapter_settings({"bottleneck": 4096, "batch_size": 4096})
 
     with pytest.raises(ProbeError) as info:
-        probe_settings.check_adapter_memory(settings, _tiny_shape())
+        probe_settings.check_adapter_memory(settings, _tiny_shape(), LIMIT)
 
     assert info.value.field == "bottleneck"
     assert info.value.value == 4096
@@ -180,10 +184,10 @@ def test_adapter_memory_names_batch_size() -> None:
     """imagegpt-small (1,024 tokens, width 512) at layer 12: the default batch is too large."""
     shape = _tiny_shape(seq_len=1024, dim=512, inner_dim=2048, layer=12, max_batch_items=40000)
     settings = probe_settings.read_adapter_settings({})
-    limit = probe_settings.MAX_ADAPTER_FIT_BYTES
+    limit = LIMIT
 
     with pytest.raises(ProbeError) as info:
-        probe_settings.check_adapter_memory(settings, shape)
+        probe_settings.check_adapter_memory(settings, shape, LIMIT)
 
     assert info.value.field == "batch_size"
     largest = int(info.value.message.rsplit("batch_size <= ", 1)[1])
@@ -193,7 +197,7 @@ def test_adapter_memory_names_batch_size() -> None:
 
 def test_adapter_memory_defaults_fit() -> None:
     settings = probe_settings.read_adapter_settings({})
-    probe_settings.check_adapter_memory(settings, _tiny_shape())
+    probe_settings.check_adapter_memory(settings, _tiny_shape(), LIMIT)
 
 
 MEASURE_SCRIPT = """
@@ -238,3 +242,16 @@ def test_adapter_memory_estimate_bounds_measured_peak(tiny_inputs: dict[str, Any
 
     assert measured <= estimate
     assert estimate <= 2 * measured
+
+
+def test_adapter_memory_limit_follows_setting() -> None:
+    """imagegpt-small at layer 12 with the default batch needs about 50 GiB: over the default
+    limit, within a limit raised for a large GPU."""
+    shape = _tiny_shape(seq_len=1024, dim=512, inner_dim=2048, layer=12, max_batch_items=40000)
+    settings = probe_settings.read_adapter_settings({})
+
+    with pytest.raises(ProbeError) as info:
+        probe_settings.check_adapter_memory(settings, shape, LIMIT)
+    probe_settings.check_adapter_memory(settings, shape, 64 * 2**30)
+
+    assert "LAYERBANK_ADAPTER_FIT_GIB" in info.value.message

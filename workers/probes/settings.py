@@ -237,12 +237,11 @@ DEFAULT_BATCH_SIZE = 64
 MAX_BOTTLENECK = 4096
 # Items per adapter mini-batch; each item is a whole image sequence through the model.
 MAX_ADAPTER_BATCH_SIZE = 4096
-# Max memory of one adapter fit, as `adapter_fit_bytes` estimates it. A worker shares its
-# machine with the API, Redis and other workers (``layerbank up --workers N``), so one fit gets
-# a few GiB. Without this bound, batch_size and bottleneck within their own caps can request
+# The memory limit of one adapter fit, as `adapter_fit_bytes` estimates it, is the setting
+# LAYERBANK_ADAPTER_FIT_GIB (default 4 GiB: a CPU worker shares its machine with the API, Redis
+# and other workers). Without it, batch_size and bottleneck within their own caps can request
 # hundreds of GiB. The out-of-memory killer then stops the worker, and the next one on rq's
 # retry.
-MAX_ADAPTER_FIT_BYTES = 4 * 2**30
 # Bytes the fit allocates regardless of its sizes (allocator arenas, thread pools).
 ADAPTER_FIT_OVERHEAD_BYTES = 64 * 2**20
 
@@ -319,22 +318,22 @@ def _largest_fitting(upper: int, fits: Callable[[int], bool]) -> int:
     return low
 
 
-def check_adapter_memory(settings: AdapterSettings, shape: AdapterFitShape) -> None:
-    """Raise `ProbeError` when the estimated peak memory of the fit exceeds the limit.
+def check_adapter_memory(settings: AdapterSettings, shape: AdapterFitShape, limit: int) -> None:
+    """Raise `ProbeError` when the estimated peak memory of the fit exceeds ``limit`` bytes.
 
     The error names ``bottleneck`` when the requested one is above the default and the default
     would fit, else ``batch_size``, with the largest value that fits.
     """
     batch_size, bottleneck = settings.batch_size, settings.bottleneck
     needed = adapter_fit_bytes(shape, batch_size, bottleneck)
-    if needed <= MAX_ADAPTER_FIT_BYTES:
+    if needed <= limit:
         return
 
     def fits_batch(value: int) -> bool:
-        return adapter_fit_bytes(shape, value, bottleneck) <= MAX_ADAPTER_FIT_BYTES
+        return adapter_fit_bytes(shape, value, bottleneck) <= limit
 
     def fits_bottleneck(value: int) -> bool:
-        return adapter_fit_bytes(shape, batch_size, value) <= MAX_ADAPTER_FIT_BYTES
+        return adapter_fit_bytes(shape, batch_size, value) <= limit
 
     largest_batch = _largest_fitting(min(batch_size, shape.max_batch_items), fits_batch)
     largest_bottleneck = _largest_fitting(bottleneck, fits_bottleneck)
@@ -354,7 +353,8 @@ def check_adapter_memory(settings: AdapterSettings, shape: AdapterFitShape) -> N
         f"an adapter fit on layer {shape.layer} with batch_size={batch_size} and "
         f"bottleneck={bottleneck} needs an estimated {needed / 2**30:.1f} GiB "
         f"({min(batch_size, shape.max_batch_items)} items x {shape.seq_len} tokens, width "
-        f"{shape.dim}), more than the limit of {MAX_ADAPTER_FIT_BYTES / 2**30:g} GiB per fit; "
+        f"{shape.dim}), more than the limit of {limit / 2**30:g} GiB per fit "
+        "(LAYERBANK_ADAPTER_FIT_GIB); "
         f"{fix}",
         field=field,
         value=value,
@@ -434,12 +434,14 @@ def check_params(
     y_train: np.ndarray,
     *,
     adapter_shape: AdapterFitShape | None = None,
+    adapter_limit: int = 4 * 2**30,
 ) -> None:
     """Validate ``params`` of a ``kind`` probe on a train set with labels ``y_train``.
 
     Raises `ProbeError` naming the parameter. The sizes of the validation split come from the
     class counts, as in the job, so a k grid left empty by the split fails here too. With
-    ``adapter_shape``, an adapter probe whose estimated memory exceeds the limit fails too.
+    ``adapter_shape``, an adapter probe whose estimated memory exceeds ``adapter_limit`` bytes
+    fails too.
     """
     n_fit = fit_part_size(params, y_train)
     if kind == "logistic":
@@ -452,4 +454,4 @@ def check_params(
     elif kind == "adapter":
         settings = read_adapter_settings(params)
         if adapter_shape is not None:
-            check_adapter_memory(settings, adapter_shape)
+            check_adapter_memory(settings, adapter_shape, adapter_limit)
