@@ -108,14 +108,18 @@ class Store:
             return None
         return info.st_ino, info.st_mtime_ns
 
-    def featureset(self, featureset_id: str) -> FeatureSet:
-        """Return the feature set ``featureset_id`` or raise `NotFoundError`."""
+    def featureset(self, featureset_id: str, *, field: str = "featureset_id") -> FeatureSet:
+        """Return the feature set ``featureset_id`` or raise `NotFoundError`.
+
+        ``field`` is the request field that named the id, which the error names.
+        """
         featureset = self.find_featureset(featureset_id)
         if featureset is None:
+            named_by = "" if field == "featureset_id" else f" (from {field})"
             raise NotFoundError(
-                f"feature set {featureset_id!r} not found; list feature sets with "
+                f"feature set {featureset_id!r}{named_by} not found; list feature sets with "
                 "GET /v1/featuresets",
-                field="featureset_id",
+                field=field,
                 value=featureset_id,
             )
         return featureset

@@ -91,8 +91,8 @@ def create_probe(
 def _probe_spec(body: ProbeCreate, store: Store, redis: Redis, settings: Settings) -> ProbeSpec:
     check_id(body.train_featureset, field="train_featureset")
     check_id(body.test_featureset, field="test_featureset")
-    train = _body_featureset(store, body.train_featureset, "train_featureset")
-    test = _body_featureset(store, body.test_featureset, "test_featureset")
+    train = store.featureset(body.train_featureset, field="train_featureset")
+    test = store.featureset(body.test_featureset, field="test_featureset")
     for field, featureset in (("train_featureset", train), ("test_featureset", test)):
         require_complete(redis, store, featureset, field=field)
     if test.id == train.id:
@@ -181,19 +181,6 @@ def _probe_spec(body: ProbeCreate, store: Store, redis: Redis, settings: Setting
         params=params,
         seed=body.seed,
     )
-
-
-def _body_featureset(store: Store, featureset_id: str, field: str) -> FeatureSet:
-    """Return the feature set named by request field ``field``; a 404 names that field."""
-    try:
-        return store.featureset(featureset_id)
-    except NotFoundError as exc:
-        raise NotFoundError(
-            f"{field} {featureset_id!r}: feature set not found; list feature sets with "
-            "GET /v1/featuresets",
-            field=field,
-            value=featureset_id,
-        ) from exc
 
 
 def _adapter_fit_shape(

@@ -56,15 +56,7 @@ def create_projection(
     """Project a stratified subsample of one layer to 2-D, as one job."""
     check_id(body.featureset, field="featureset")
     with inputs_locked(queue.connection, [body.featureset]):
-        try:
-            featureset = store.featureset(body.featureset)
-        except NotFoundError as exc:
-            raise NotFoundError(
-                f"featureset {body.featureset!r}: feature set not found; list feature sets with "
-                "GET /v1/featuresets",
-                field="featureset",
-                value=body.featureset,
-            ) from exc
+        featureset = store.featureset(body.featureset, field="featureset")
         require_complete(queue.connection, store, featureset, field="featureset")
         featureset.layer_position(body.layer)
         # More points than items means all items; the id is computed from the count used.
