@@ -147,3 +147,23 @@ def rq_starts(logs: Path, rq_id: str) -> int:
         for line in path.read_text().splitlines()
         if f"(rq {rq_id}): " in line
     )
+
+
+@pytest.fixture(scope="session")
+def digits_featuresets(client: Any, tiny_model: Path) -> dict[str, str]:
+    """Train and test feature sets of the tiny model on digits, several blocks each."""
+    ids = {}
+    for split in ("train", "test"):
+        answer = client.extract(
+            str(tiny_model),
+            "digits",
+            split,
+            layers="all",
+            pooling="mean",
+            block_rows=256,
+            batch_size=64,
+        )
+        state = wait_job(client, answer["job_id"])
+        assert state is not None and state["status"] == "finished", state
+        ids[split] = answer["featureset_id"]
+    return ids

@@ -16,26 +16,6 @@ from tests.conftest import rq_starts, wait_job
 from tests.factories import reference_pooled
 
 
-@pytest.fixture(scope="module")
-def digits_featuresets(client: Any, tiny_model: Path) -> dict[str, str]:
-    """Train and test feature sets of the tiny model on digits, several blocks each."""
-    ids = {}
-    for split in ("train", "test"):
-        answer = client.extract(
-            str(tiny_model),
-            "digits",
-            split,
-            layers="all",
-            pooling="mean",
-            block_rows=256,
-            batch_size=64,
-        )
-        state = wait_job(client, answer["job_id"])
-        assert state is not None and state["status"] == "finished", state
-        ids[split] = answer["featureset_id"]
-    return ids
-
-
 def test_extraction_layer_matches_direct_forward(
     client: Any, tiny_model: Path, digits_featuresets: dict[str, str]
 ) -> None:

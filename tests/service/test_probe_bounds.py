@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,44 +22,21 @@ def _error(client: Any, method: str, path: str, **kwargs: Any) -> tuple[int, dic
 
 
 @pytest.fixture(scope="module")
-def tiny_featuresets(client: Any, tiny_model: Path) -> dict[str, str]:
-    """Train and test feature sets of the tiny ImageGPT (width 32, 8x8 images) on digits.
-
-    The request matches the one in test_main_job, so one session extracts them once.
-    """
-    ids = {}
-    for split in ("train", "test"):
-        answer = client.extract(
-            str(tiny_model),
-            "digits",
-            split,
-            layers="all",
-            pooling="mean",
-            block_rows=256,
-            batch_size=64,
-        )
-        state = wait_job(client, answer["job_id"])
-        assert state is not None and state["status"] == "finished", state
-        ids[split] = answer["featureset_id"]
-    return ids
-
-
-@pytest.fixture(scope="module")
-def logistic_probe(client: Any, tiny_featuresets: dict[str, str]) -> str:
+def logistic_probe(client: Any, digits_featuresets: dict[str, str]) -> str:
     """A complete logistic probe on layers 0-2."""
     answer = client.probe(
-        tiny_featuresets["train"], tiny_featuresets["test"], kind="logistic", params={"C": 1.0}
+        digits_featuresets["train"], digits_featuresets["test"], kind="logistic", params={"C": 1.0}
     )
     state = wait_job(client, answer["job_id"])
     assert state is None or state["status"] == "finished", state
     return str(answer["probe_id"])
 
 
-def test_adapter_over_memory_limit_is_422(client: Any, tiny_featuresets: dict[str, str]) -> None:
+def test_adapter_over_memory_limit_is_422(client: Any, digits_featuresets: dict[str, str]) -> None:
     with pytest.raises(ClientError) as info:
         client.probe(
-            tiny_featuresets["train"],
-            tiny_featuresets["test"],
+            digits_featuresets["train"],
+            digits_featuresets["test"],
             kind="adapter",
             layers=[1],
             params={"epochs": 1, "batch_size": 4096, "bottleneck": 4096},
@@ -75,10 +51,10 @@ def test_adapter_over_memory_limit_is_422(client: Any, tiny_featuresets: dict[st
     assert "pass bottleneck <= " in detail["message"]
 
 
-def test_adapter_defaults_accepted(client: Any, tiny_featuresets: dict[str, str]) -> None:
+def test_adapter_defaults_accepted(client: Any, digits_featuresets: dict[str, str]) -> None:
     answer = client.probe(
-        tiny_featuresets["train"],
-        tiny_featuresets["test"],
+        digits_featuresets["train"],
+        digits_featuresets["test"],
         kind="adapter",
         layers=[1],
         params={"epochs": 1},
@@ -90,11 +66,11 @@ def test_adapter_defaults_accepted(client: Any, tiny_featuresets: dict[str, str]
 
 @pytest.mark.parametrize("field", ["train_featureset", "test_featureset"])
 def test_probe_unknown_featureset_names_field(
-    client: Any, tiny_featuresets: dict[str, str], field: str
+    client: Any, digits_featuresets: dict[str, str], field: str
 ) -> None:
     body = {
-        "train_featureset": tiny_featuresets["train"],
-        "test_featureset": tiny_featuresets["test"],
+        "train_featureset": digits_featuresets["train"],
+        "test_featureset": digits_featuresets["test"],
         "kind": "logistic",
         field: UNKNOWN_ID,
     }
@@ -117,29 +93,20 @@ def test_projection_unknown_featureset_names_field(client: Any) -> None:
     assert detail["value"] == UNKNOWN_ID
 
 
-def test_confusion_unfitted_layer_is_422(client: Any, logistic_probe: str) -> None:
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [({"kind": "logistic", "layer": 7}, "layer"), ({"kind": "knn", "layer": 1}, "kind")],
+)
+def test_confusion_unfitted_kind_or_layer_is_422(
+    client: Any, logistic_probe: str, params: dict[str, Any], field: str
+) -> None:
     status, detail = _error(
-        client,
-        "GET",
-        f"/v1/probes/{logistic_probe}/confusion.png",
-        params={"kind": "logistic", "layer": 7},
+        client, "GET", f"/v1/probes/{logistic_probe}/confusion.png", params=params
     )
 
     assert status == 422
-    assert detail["field"] == "layer"
-    assert detail["value"] == 7
-
-
-def test_confusion_unfitted_kind_is_422(client: Any, logistic_probe: str) -> None:
-    status, detail = _error(
-        client,
-        "GET",
-        f"/v1/probes/{logistic_probe}/confusion.png",
-        params={"kind": "knn", "layer": 1},
-    )
-
-    assert status == 422
-    assert detail["field"] == "kind"
+    assert detail["field"] == field
+    assert detail["value"] == params[field]
 
 
 def test_curve_reference_outside_layers_is_422(client: Any, logistic_probe: str) -> None:
