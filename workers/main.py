@@ -76,13 +76,18 @@ def run_worker(
 
 
 def _wait_for_redis(connection: Redis, worker: HeartbeatWorker) -> bool:
-    """Wait until Redis responds to a PING; return False if a stop is requested meanwhile."""
+    """Wait until Redis responds to a PING; return False if a stop is requested meanwhile.
+
+    The first PING comes after one interval, so an error that is not Redis's restarts the loop
+    at most once per interval.
+    """
     while not worker.stop_requested:
+        time.sleep(RECONNECT_INTERVAL)
         try:
             connection.ping()
             return True
         except RedisError:
-            time.sleep(RECONNECT_INTERVAL)
+            continue
     return False
 
 
