@@ -737,6 +737,23 @@ def busy_job(redis: Redis, store: Store, target: str) -> tuple[str, str] | None:
     return (job_id, state) if state in ("queued", "running") else None
 
 
+def require_stopped(redis: Redis, store: Store, target: str, *, field: str, value: object) -> None:
+    """Raise NotReadyError while a canceled job of ``target`` still runs an rq job.
+
+    A new job for the target would otherwise compute it beside the canceled one until that one
+    reaches its next cancel check.
+    """
+    busy = busy_job(redis, store, target)
+    if busy is not None and busy[1] == "canceled but still running":
+        raise NotReadyError(
+            f"job {busy[0]} for the same work was canceled and is still stopping (a probe, "
+            "projection or pretraining stops at its next check); send the request again in a "
+            f"few seconds, or follow GET /v1/jobs/{busy[0]}",
+            field=field,
+            value=value,
+        )
+
+
 # -- cancel ------------------------------------------------------------------------------------
 
 
@@ -990,6 +1007,7 @@ def submit_result_job(
             state = job_state(redis, store, existing_job)
             if state["status"] in ("queued", "running"):
                 return Submission(existing_job, state["status"], created=False)
+            require_stopped(redis, store, result_id, field=f"{kind}_id", value=result_id)
         quota.check()
         store.write_result(group, result_id, attrs)
         job_id = enqueue_single(

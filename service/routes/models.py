@@ -10,7 +10,14 @@ from fastapi import APIRouter, Response, status
 
 from service.auth import JobQuotaDep
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
-from service.jobs import active_job_id, enqueue_single, job_state, running_params, target_lock
+from service.jobs import (
+    active_job_id,
+    enqueue_single,
+    job_state,
+    require_stopped,
+    running_params,
+    target_lock,
+)
 from service.routes.extractions import raise_if_pretraining
 from service.schemas import (
     CheckpointPublic,
@@ -105,6 +112,7 @@ def create_pretraining(
             return PretrainPublic(
                 model=f"store:{name}", job_id=existing, status="running", created=False
             )
+        require_stopped(redis, store, target, field="name", value=name)
         quota.check()
         job_id = enqueue_single(
             queue,

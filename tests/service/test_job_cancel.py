@@ -566,3 +566,29 @@ def test_cancel_of_rq_job_starting_meanwhile(redis: Redis) -> None:
     assert rq_job.get_status(refresh=True) == JobStatus.STARTED
     queue.delete(delete_jobs=True)
     redis.delete(executions.key)
+
+
+def test_new_post_while_canceled_job_stops_is_409(client: Client, redis: Redis) -> None:
+    """A canceled pretraining whose rq job still runs would train beside a new job for the same
+    name, so the same POST is a 409 until the canceled run has stopped."""
+    name = f"stopping-{uuid.uuid4().hex[:8]}"
+    queue = Queue(f"idle-{uuid.uuid4().hex[:8]}", connection=redis)
+    job_id = enqueue_single(
+        queue,
+        "workers.jobs.pretrain",
+        (name, {}),
+        kind="pretrain",
+        target=f"model-{name}",
+        timeout=60,
+    )
+    # A worker has taken the rq job and runs it until its next cancel check.
+    Job.fetch(load_job(redis, job_id)["rq_ids"][0], connection=redis).set_status(JobStatus.STARTED)
+    assert _cancel(client, job_id).json()["status"] == "canceled"
+
+    with pytest.raises(ClientError) as refused:
+        client.pretrain(name, n_layer=1, n_embd=16, n_head=1, steps=2)
+
+    assert refused.value.status_code == 409
+    assert refused.value.detail["field"] == "name"
+    assert f"job {job_id} for the same work was canceled" in refused.value.detail["message"]
+    queue.delete(delete_jobs=True)
