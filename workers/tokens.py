@@ -105,9 +105,20 @@ def cached_tokens(
 
 
 def _write_cache(store: Store, key: str, tokens: np.ndarray, attrs: dict[str, Any]) -> None:
+    """Write the cache of ``key``; leave it to another writer that creates it at the same time.
+
+    Two workers that miss the cache at once both write it. Quantisation is deterministic, so
+    both write identical values. The one whose create of the group or array comes second gets
+    zarr's error and stops, and the first one sets the complete flag.
+    """
+    try:
+        _write_cache_once(store, key, tokens, attrs)
+    except (zarr.errors.ContainsGroupError, zarr.errors.ContainsArrayError) as exc:
+        logger.info("token cache %s: another writer created it meanwhile (%s)", key, exc)
+
+
+def _write_cache_once(store: Store, key: str, tokens: np.ndarray, attrs: dict[str, Any]) -> None:
     path = f"{TOKENS_KIND}/{key}"
-    # NOTE: two workers that miss the cache at once both write it. Quantisation is
-    # deterministic, so both write identical values, and neither deletes the other's group.
     group = zarr.open_group(store.zarr_store, path=path, mode="a")
     if "tokens" in group and group_array(group, "tokens").shape != tokens.shape:
         del group["tokens"]
