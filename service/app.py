@@ -330,9 +330,9 @@ def _allowed_methods(request: Request) -> list[str]:
 
 
 def _route_matches(request: Request, path: str) -> bool:
-    """Return whether a route of the app matches ``path`` (any method)."""
+    """Return whether a route of the app takes the request's method on ``path``."""
     scope = {**request.scope, "path": path}
-    return any(route.matches(scope)[0] != Match.NONE for route in request.app.routes)
+    return any(route.matches(scope)[0] == Match.FULL for route in request.app.routes)
 
 
 def _http_message(
@@ -352,7 +352,8 @@ def _http_message(
         return f"{target}: {exc.detail}"
     if exc.status_code == 404:
         trimmed = request.url.path.rstrip("/")
-        if trimmed and trimmed != request.url.path and _route_matches(request, trimmed):
+        # The raw path, because an id of %2F also ends the decoded path with a slash.
+        if path.endswith("/") and trimmed and _route_matches(request, trimmed):
             return f"{target} not found: routes have no trailing slash; use {trimmed}"
         return (
             f"{target} not found: no route matches this path, and an id containing / or %2F "

@@ -348,6 +348,18 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
 
     if done:
         status = "finished"
+    elif record.get(CANCELED_FIELD) and active_job_id(redis, record["target"]) not in (
+        None,
+        job_id,
+    ):
+        status = "canceled"
+        newer = active_job_id(redis, record["target"])
+        error = {
+            "message": f"canceled by request at {record[CANCELED_FIELD]}; a later request "
+            f"started job {newer} for the same work, so follow GET /v1/jobs/{newer} instead",
+            "field": None,
+            "value": None,
+        }
     elif record.get(CANCELED_FIELD) and kind == "extraction" and featureset is None:
         status = "canceled"
         error = {

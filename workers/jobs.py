@@ -54,6 +54,9 @@ return 0
 """
 # Minimum seconds between two reads of the cancel time by a running job.
 CANCEL_CHECK_SECONDS = 1.0
+# Minimum seconds between two warnings of a failed progress update, and when the next may come.
+META_WARNING_SECONDS = 30
+_next_meta_warning = 0.0
 
 
 def _store(settings: Settings) -> Store:
@@ -73,12 +76,17 @@ def _set_meta(**values: Any) -> None:
         job.save_meta()
     except RedisError as exc:
         # Progress is for display only: a Redis outage must not fail the block or fit.
-        logger.warning(
-            "job %s (rq %s): progress not saved: %s",
-            job.meta.get("layerbank_job", "-"),
-            job.id,
-            exc,
-        )
+        global _next_meta_warning
+        if time.monotonic() >= _next_meta_warning:
+            _next_meta_warning = time.monotonic() + META_WARNING_SECONDS
+            logger.warning(
+                "job %s (rq %s): progress not saved (%s); the next such warning comes %d s "
+                "later at the earliest",
+                job.meta.get("layerbank_job", "-"),
+                job.id,
+                exc,
+                META_WARNING_SECONDS,
+            )
 
 
 def _publish_metrics(increments: dict[str, float], latest: dict[str, float]) -> None:
@@ -276,7 +284,11 @@ def extract_block(featureset_id: str, block: int) -> dict[str, Any]:
 def finalize_featureset(featureset_id: str) -> dict[str, Any]:
     """Mark a feature set complete once every block is written."""
     store = _store(get_settings())
-    featureset = store.featureset(featureset_id)
+    featureset = store.find_featureset(featureset_id)
+    if featureset is None:
+        # rq can run a held-back finalize job late, after the set was deleted.
+        logger.info("feature set %s: deleted before its finalize job ran", featureset_id)
+        return {"featureset_id": featureset_id, "status": "deleted"}
     if not featureset.mark_complete():
         missing = featureset.missing_blocks()
         progress = featureset.progress()

@@ -219,6 +219,20 @@ def test_result_without_spec_left_out(http_client: TestClient, kind: str) -> Non
     assert single.json()["detail"]["value"] == result_id
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("DELETE", "/v1/extractions/"), ("GET", "/v1/featuresets/%2F")],
+)
+def test_404_no_slash_hint_where_it_misleads(
+    http_client: TestClient, method: str, path: str
+) -> None:
+    """No route takes DELETE on /v1/extractions, and %2F is an id, not a trailing slash."""
+    response = http_client.request(method, path)
+
+    assert response.status_code == 404
+    assert "trailing slash" not in response.json()["detail"]["message"]
+
+
 @pytest.mark.parametrize("state", ["metadata deleted", "spec not written"])
 def test_featureset_list_skips_incomplete_group(http_client: TestClient, state: str) -> None:
     """A delete removes a set's files one by one, and a creation writes the spec last: a list

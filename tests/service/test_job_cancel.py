@@ -401,7 +401,10 @@ def test_resume_of_job_superseded_by_newer_is_409(client: Client, redis: Redis) 
     assert refused.value.detail["field"] == "job_id"
     assert f"superseded by job {newer}" in refused.value.detail["message"]
     assert "status queued" in refused.value.detail["message"]
-    assert client.job(job_id)["status"] == "canceled"
+    superseded = client.job(job_id)
+    assert superseded["status"] == "canceled"
+    assert f"follow GET /v1/jobs/{newer} instead" in superseded["error"]["message"]
+    assert "/resume" not in superseded["error"]["message"]
     assert queue.count == 1
     queue.delete(delete_jobs=True)
 
@@ -566,6 +569,21 @@ def test_cancel_of_rq_job_starting_meanwhile(redis: Redis) -> None:
     assert rq_job.get_status(refresh=True) == JobStatus.STARTED
     queue.delete(delete_jobs=True)
     redis.delete(executions.key)
+
+
+def test_finalize_of_deleted_set_finishes(redis: Redis, settings: Any) -> None:
+    """rq can run a held-back finalize job after its feature set was deleted: it ends without
+    an error, as there is nothing left to finalize."""
+    queue = Queue(settings.queue, connection=redis)
+    rq_job = queue.enqueue("workers.jobs.finalize_featureset", uuid.uuid4().hex[:24])
+
+    deadline = time.monotonic() + 60
+    while rq_job.get_status(refresh=True) not in (JobStatus.FINISHED, JobStatus.FAILED):
+        assert time.monotonic() < deadline, rq_job.get_status()
+        time.sleep(0.1)
+
+    assert rq_job.get_status() == JobStatus.FINISHED, rq_job.meta.get("error")
+    assert rq_job.return_value()["status"] == "deleted"
 
 
 def test_new_post_while_canceled_job_stops_is_409(client: Client, redis: Redis) -> None:
