@@ -207,6 +207,10 @@ class FeatureSet:
         return [int(b) for b in np.flatnonzero(~self.done_blocks())]
 
     def progress(self) -> Progress:
+        if self.is_complete:
+            # Every done flag is set: mark_complete checks them, and a repair that clears one
+            # sets the status back to pending. Reading the flags costs one object per block.
+            return Progress(self.n_blocks, self.n_blocks, self.n_items, self.n_items)
         done = self.done_blocks()
         items_done = sum(
             self.block_range(int(b))[1] - self.block_range(int(b))[0] for b in np.flatnonzero(done)

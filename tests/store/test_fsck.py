@@ -156,6 +156,8 @@ def test_check_featureset_repair_then_rewrite(store: Store) -> None:
     reopened = store.featureset(featureset.id)
     assert reopened.is_complete is False
     assert reopened.missing_blocks() == [2]
+    # The progress of a complete set is not read from the flags, so a repair must reopen it.
+    assert reopened.progress().blocks_done == reopened.n_blocks - 1
 
     # What a resumed block job does: write the block again, then finalize.
     start, stop = reopened.block_range(2)
