@@ -266,8 +266,8 @@ def test_api_process_never_imports_torch(settings: Any) -> None:
 def _queue_stored_probe(
     settings: Any, featuresets: dict[str, str], params: dict[str, Any]
 ) -> tuple[str, str]:
-    """Store a probe spec and queue its job without the API's checks, as for a spec stored
-    before a check existed; return the probe id and the job id."""
+    """Store a probe spec and queue its job without the API's checks, as a spec stored before
+    a check existed would be. Returns the probe id and the job id."""
     import uuid
 
     from redis import Redis

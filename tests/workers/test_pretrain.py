@@ -10,7 +10,7 @@ from workers.pretrain import PretrainParams, pretrain_imagegpt
 
 def test_run_deletes_leftovers_of_killed_runs(tmp_path: Path) -> None:
     """A run whose worker was killed leaves step checkpoints and partial saves beside the model
-    folder; the next run of the same name deletes them, and those of other names stay."""
+    folder. The next run of the same name deletes them, and those of other names stay."""
     models = tmp_path / "models"
     mine = [models / f".tiny.{uuid.uuid4().hex}.{kind}" for kind in ("checkpoints", "partial")]
     other = models / f".tiny.v2.{uuid.uuid4().hex}.checkpoints"

@@ -183,7 +183,7 @@ MAX_MLP_BATCH_SIZE = 8192
 # lr per step, so a larger rate only makes the fit diverge.
 MAX_LR = 1.0
 # AdamW multiplies each weight by 1 - lr * weight_decay per step. With lr <= MAX_LR this bound
-# keeps the factor in [0, 1), so weight decay cannot flip or blow up the weights.
+# keeps the factor between 0 and 1, so weight decay cannot flip or blow up the weights.
 MAX_WEIGHT_DECAY = 1.0
 
 
@@ -386,7 +386,7 @@ def validation_count(class_count: int, fraction: float) -> int:
 
 
 def require_validation_items(n_val: int, fraction: float, n_train: int) -> None:
-    """Raise `ProbeError` when the validation split of ``n_train`` items holds none."""
+    """Raise `ProbeError` when the validation split of ``n_train`` items contains none."""
     if n_val == 0:
         raise ProbeError(
             f"val_fraction={fraction!r} leaves no validation items out of {n_train}; "
