@@ -346,14 +346,12 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
         if done and last is not None:
             result = last.return_value(refresh=False)
 
+    # A later request for the same target may have started a newer job than this one.
+    newer = active_job_id(redis, record["target"]) if record.get(CANCELED_FIELD) else None
     if done:
         status = "finished"
-    elif record.get(CANCELED_FIELD) and active_job_id(redis, record["target"]) not in (
-        None,
-        job_id,
-    ):
+    elif newer not in (None, job_id):
         status = "canceled"
-        newer = active_job_id(redis, record["target"])
         error = {
             "message": f"canceled by request at {record[CANCELED_FIELD]}; a later request "
             f"started job {newer} for the same work, so follow GET /v1/jobs/{newer} instead",
@@ -376,9 +374,7 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
     ):
         status = "canceled"
         error = {
-            "message": f"{kind} {record['target']!r} of this canceled job no longer exists (it "
-            "was deleted with a feature set it read), so it cannot be resumed; extract that "
-            f"feature set again if it is gone, then send the same POST /v1/{kind}s again",
+            "message": deleted_result_message(kind, record["target"]),
             "field": f"{kind}_id",
             "value": record["target"],
         }
@@ -433,6 +429,15 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
         "created": record["created"],
         "result": result if isinstance(result, dict) else None,
     }
+
+
+def deleted_result_message(kind: str, result_id: str) -> str:
+    """Return the message for a probe or projection job whose result was deleted."""
+    return (
+        f"{kind} {result_id!r} of this job no longer exists (it was deleted with a feature set "
+        f"it read), so the job cannot be resumed; extract that feature set again if it is "
+        f"gone, then send the same POST /v1/{kind}s again"
+    )
 
 
 def _target_complete(store: Store, kind: str, target: str) -> bool:
@@ -786,12 +791,12 @@ def request_cancel(redis: Redis, job_id: str) -> int:
 
 
 def _cancel_waiting(job: Job) -> bool:
-    """Cancel ``job`` in rq if it was waiting when fetched; return whether it was canceled.
+    """Cancel ``job`` in rq if it is waiting; return whether it was canceled.
 
-    A worker may take the job between the fetch and the cancel. rq then raises, and the job
-    runs: it reads the cancel recorded in the layerbank job record when it starts.
+    The status is read again because workers take jobs while a cancel goes through the rq jobs
+    of an extraction. A job a worker has taken runs, and stops at the cancel recorded in the
+    layerbank job record.
     """
-    # Read again: workers take jobs while the cancel goes through the list.
     if job.get_status(refresh=True) not in (
         JobStatus.QUEUED,
         JobStatus.DEFERRED,

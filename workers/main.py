@@ -7,6 +7,7 @@ process, never in a fork, so a model loaded once (and a CUDA context) is reused 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -69,10 +70,9 @@ def run_worker(
         )
         if not _wait_for_redis(connection, worker):
             return
-        try:
-            worker.register_death()  # its registration may have survived the outage
-        except RedisError:
-            continue
+        # Its registration may have survived the outage. A failure here leaves it to expire.
+        with contextlib.suppress(RedisError):
+            worker.register_death()
 
 
 def _wait_for_redis(connection: Redis, worker: HeartbeatWorker) -> bool:

@@ -14,6 +14,7 @@ from service.jobs import (
     JobNotResumableError,
     active_job_id,
     clear_cancel,
+    deleted_result_message,
     enqueue_extraction,
     job_state,
     list_jobs,
@@ -182,9 +183,7 @@ def _require_result_inputs(store: Store, kind: str, group: str, result_id: str) 
     stored = store.read_result(group, result_id)
     if stored is None or "spec" not in stored:
         raise NotFoundError(
-            f"{kind} {result_id!r} of this job no longer exists: it was deleted with a feature "
-            f"set it read; extract that feature set again if it is gone, then send the same "
-            f"POST /v1/{group} again",
+            deleted_result_message(kind, result_id),
             field=f"{kind}_id",
             value=result_id,
         )
