@@ -247,20 +247,14 @@ def demo(
                 raise TimeoutError("layerbank up exited")
         except TimeoutError:
             stop_process(stack)
-            err.print(
-                f"error: the embedded stack did not start; its output is in {stack_log}",
-                markup=False,
-                soft_wrap=True,
-            )
-            raise typer.Exit(1) from None
+            _exit_with_error(f"the embedded stack did not start; its output is in {stack_log}")
     try:
         run_demo(client, output, steps=steps, console=console)
     except ClientError as exc:
         hint = ""
         if exc.status_code == 401:
             hint = "; pass a write key with --api-key or LAYERBANK_API_KEY"
-        err.print(f"error: demo failed: {exc}{hint}", markup=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        _exit_with_error(f"demo failed: {exc}{hint}")
     finally:
         client.close()
         # The stack stops its workers before Redis. Killing it before it is done would leave
