@@ -37,7 +37,7 @@ from workers.imagegpt import _layer_norm, _pool
 from workers.probes.metrics import accuracy, classification_metrics
 from workers.probes.settings import (
     ADAPTER_PARAMS,
-    AdapterFitShape,
+    adapter_fit_shape,
     check_adapter_memory,
     read_adapter_settings,
     read_val_fraction,
@@ -328,14 +328,12 @@ def fit_adapter(
     fit_part, val_part = stratified_split(np.searchsorted(classes, y_train), fraction, seed)
     require_validation_items(len(val_part), fraction, len(y_train))
 
-    config: ImageGPTConfig = transformer.config
     # Probes stored before the API checked the estimate reach this check only here.
     check_adapter_memory(
         settings,
-        AdapterFitShape(
+        adapter_fit_shape(
+            transformer.config.to_dict(),
             seq_len=int(train_ids.shape[1]),
-            dim=int(config.n_embd),
-            inner_dim=int(config.n_inner or 4 * config.n_embd),
             layer=layer,
             max_batch_items=max(len(fit_part), len(test_ids)),
         ),

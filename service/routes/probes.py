@@ -26,6 +26,7 @@ from store.spec import PROBE_KINDS
 from workers.modelref import resolve_model
 from workers.probes.settings import (
     AdapterFitShape,
+    adapter_fit_shape,
     check_params,
     fit_part_size,
     normalise_params,
@@ -195,14 +196,10 @@ def _adapter_fit_shape(
         allow_hub=settings.allow_hub,
         allow_list=settings.model_allow_list,
     )
-    config = ref.vision_config
-    dim = int(config.get("n_embd", train.features.shape[2]))
-    return AdapterFitShape(
-        seq_len=int(ref.n_tokens or 1),
-        dim=dim,
-        inner_dim=int(config.get("n_inner") or 4 * dim),
-        layer=layer,
-        max_batch_items=max(n_fit, n_test),
+    # The stored width is used as n_embd when the config leaves it out.
+    config = {"n_embd": train.features.shape[2], **ref.vision_config}
+    return adapter_fit_shape(
+        config, seq_len=int(ref.n_tokens or 1), layer=layer, max_batch_items=max(n_fit, n_test)
     )
 
 

@@ -282,6 +282,20 @@ class AdapterFitShape:
     max_batch_items: int  # max items per batch: the larger of the fit part and the test split
 
 
+def adapter_fit_shape(
+    config: Mapping[str, Any], *, seq_len: int, layer: int, max_batch_items: int
+) -> AdapterFitShape:
+    """Return the fit sizes of an ImageGPT with ``config`` (its config.json as a mapping)."""
+    dim = int(config["n_embd"])
+    return AdapterFitShape(
+        seq_len=seq_len,
+        dim=dim,
+        inner_dim=int(config.get("n_inner") or 4 * dim),
+        layer=layer,
+        max_batch_items=max_batch_items,
+    )
+
+
 def adapter_fit_bytes(shape: AdapterFitShape, batch_size: int, bottleneck: int) -> int:
     """Estimate the peak memory in bytes of `workers.adapters.fit_adapter` on ``shape.layer``.
 
