@@ -242,17 +242,17 @@ def test_featureset_list_skips_incomplete_group(http_client: TestClient, state: 
     from tests.service.test_requeue import _pending_featureset
 
     store = http_client.app.state.store  # type: ignore[attr-defined]
-    kept = _pending_featureset(Path(store.root))
-    going = _pending_featureset(Path(store.root))
+    intact_set = _pending_featureset(Path(store.root))
+    incomplete_set = _pending_featureset(Path(store.root))
     if state == "metadata deleted":
-        (Path(store.root) / "featuresets" / going.id / "zarr.json").unlink()
+        (Path(store.root) / "featuresets" / incomplete_set.id / "zarr.json").unlink()
     else:
-        zarr.open_group(store.zarr_store, path=f"featuresets/{going.id}", mode="w")
-    store.forget(going.id)
+        zarr.open_group(store.zarr_store, path=f"featuresets/{incomplete_set.id}", mode="w")
+    store.forget(incomplete_set.id)
 
     response = http_client.get("/v1/featuresets")
 
     assert response.status_code == 200, response.text
     listed = [entry["featureset_id"] for entry in response.json()["data"]]
-    assert kept.id in listed
-    assert going.id not in listed
+    assert intact_set.id in listed
+    assert incomplete_set.id not in listed
