@@ -49,6 +49,9 @@ CANCELED_FIELD = "canceled"
 # finished job reading finished after its target is deleted or its rq jobs expire.
 FINISHED_FIELD = "finished"
 FINISHED_PROGRESS_FIELD = "finished_progress"
+# Field of an extraction's job record that contains its feature set's progress when the set was
+# deleted, so a job that ended unfinished still shows how far it got.
+DELETED_PROGRESS_FIELD = "progress_at_delete"
 # Sorted set of job ids scored by creation time, and the key set once the records written
 # before the index existed have been added to it.
 INDEX_KEY = "job-index"
@@ -147,7 +150,8 @@ def save_job(redis: Redis, job_id: str, *, kind: str, target: str, rq_ids: list[
         created = _text(stored) if stored else dt.datetime.now(dt.timezone.utc).isoformat()
         pipe.multi()
         pipe.hset(key, mapping=record)
-        pipe.hdel(key, FINISHED_FIELD, FINISHED_PROGRESS_FIELD)  # a resume runs the work again
+        # A resume runs the work again.
+        pipe.hdel(key, FINISHED_FIELD, FINISHED_PROGRESS_FIELD, DELETED_PROGRESS_FIELD)
         pipe.hsetnx(key, "created", created)
         pipe.zadd(_key(INDEX_KEY), {job_id: _created_score(created)})
         pipe.set(_key("target", target), job_id)
@@ -322,7 +326,7 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
             done = True
             progress = json.loads(record.get(FINISHED_PROGRESS_FIELD) or "{}")
         else:
-            progress = {}
+            progress = json.loads(record.get(DELETED_PROGRESS_FIELD) or "{}")
         progress_public = {
             "done": progress.get("blocks_done", 0),
             "total": progress.get("blocks_total", 0),
@@ -737,6 +741,24 @@ def prune_jobs_if_due(redis: Redis, store: Store, *, older_than_days: float) -> 
         older_than_days,
     )
     return deleted
+
+
+def record_progress_at_delete(redis: Redis, target: str, progress: dict[str, int]) -> None:
+    """Write a feature set's ``progress`` into the record of the last job for it, before the
+    set is deleted."""
+    job_id = active_job_id(redis, target)
+    if job_id is None:
+        return
+    key = _key("job", job_id)
+
+    def write(pipe: Pipeline) -> None:
+        # A record pruned meanwhile stays deleted: one field alone is no job record.
+        if not pipe.exists(key):
+            return
+        pipe.multi()
+        pipe.hset(key, DELETED_PROGRESS_FIELD, json.dumps(progress))
+
+    redis.transaction(write, key)
 
 
 def busy_job(redis: Redis, store: Store, target: str) -> tuple[str, str] | None:

@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 
 from service.auth import requires_scope
 from service.deps import RedisDep, SettingsDep, StoreDep
-from service.jobs import busy_job, require_complete, target_lock
+from service.jobs import busy_job, record_progress_at_delete, require_complete, target_lock
 from service.schemas import FeatureSetPublic, FeatureSetsPublic
 from store import FeatureSet, NotReadyError, Store, check_id
 from store.settings import Settings
@@ -152,7 +152,7 @@ def delete_featureset(featureset_id: str, store: StoreDep, redis: RedisDep) -> R
     """Delete a feature set with the probe results and projections computed from it (admin)."""
     check_id(featureset_id, field="featureset_id")
     with target_lock(redis, featureset_id):
-        store.featureset(featureset_id)
+        featureset = store.featureset(featureset_id)
         busy = busy_job(redis, store, featureset_id)
         if busy is not None:
             raise NotReadyError(
@@ -166,6 +166,7 @@ def delete_featureset(featureset_id: str, store: StoreDep, redis: RedisDep) -> R
             _check_not_computing(store, redis, featureset_id, kind, result_id)
         for kind, result_id in dependents:
             _delete_group(store, f"{kind}/{result_id}")
+        record_progress_at_delete(redis, featureset_id, featureset.progress().as_dict())
         _delete_group(store, f"featuresets/{featureset_id}")
         store.forget(featureset_id)
     logger.info("feature set %s deleted with %d dependent results", featureset_id, len(dependents))

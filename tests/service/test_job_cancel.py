@@ -282,6 +282,7 @@ def test_canceled_extraction_allows_new_post_and_delete(
     assert again["status"] == "queued"
     assert _cancel(client, again["job_id"]).json()["status"] == "canceled"
     _wait_rq_idle(redis, again["job_id"])
+    before = client.job(again["job_id"])["progress"]
     response = client.request("DELETE", f"/v1/featuresets/{first['featureset_id']}")
     assert response.status_code == 204
     with pytest.raises(ClientError) as gone:
@@ -292,6 +293,9 @@ def test_canceled_extraction_allows_new_post_and_delete(
     assert orphan["status"] == "canceled"
     assert "send the same POST /v1/extractions again" in orphan["error"]["message"]
     assert orphan["error"]["field"] == "featureset_id"
+    # The progress is the set's at the delete, not an empty 0 of 0.
+    assert orphan["progress"] == before
+    assert orphan["progress"]["total"] > 0
 
 
 def test_canceled_job_busy_while_block_runs(redis: Redis, tmp_path: Path) -> None:
