@@ -837,6 +837,22 @@ def test_missing_path_is_rejected(tmp_path: Path) -> None:
         load_split(f"npz:{tmp_path / 'absent.npz'}", "all")
 
 
+def test_missing_folder_before_dotdot_is_rejected(tiny_npz: Path) -> None:
+    """The system cannot open a path through a missing folder, so neither does the loader,
+    which would otherwise give one file a second feature-set id."""
+    reference = f"npz:{tiny_npz.parent}/missing/../{tiny_npz.name}"
+    with pytest.raises(DatasetError, match="does not exist") as caught:
+        load_split(reference, "all")
+    assert caught.value.field == "dataset"
+    assert caught.value.value == reference
+
+
+def test_dotdot_through_a_folder_loads(tiny_npz: Path) -> None:
+    (tiny_npz.parent / "sub").mkdir()
+    split = load_split(f"npz:{tiny_npz.parent}/sub/../{tiny_npz.name}", "all")
+    assert split.n_items == load_split(f"npz:{tiny_npz}", "all").n_items
+
+
 def test_path_outside_the_roots_is_not_allowed(tmp_path: Path, tiny_npz: Path) -> None:
     root = tmp_path / "allowed"
     root.mkdir()

@@ -57,6 +57,15 @@ def resolve_dataset_path(raw: str, *, reference: str, allowed_roots: Sequence[Pa
             field="dataset",
             value=reference,
         )
+    # Path.resolve() removes "missing/.." as text, while the system's lookup fails on it. Such a
+    # path would load the file under a second spelling and give it a second feature-set id.
+    if not os.path.exists(raw):
+        raise DatasetError(
+            f"dataset {reference!r}: {raw} does not exist (a folder in it is missing, "
+            f"although {path} exists); write the path as {path}",
+            field="dataset",
+            value=reference,
+        )
     return path
 
 
