@@ -54,3 +54,17 @@ def check_name(value: str, *, field: str = "name") -> str:
 def has_control_characters(text: str) -> bool:
     """Return whether ``text`` contains an ASCII control character (NUL, newline, DEL, ...)."""
     return any(ord(char) < 32 or ord(char) == 127 for char in text)
+
+
+def canonical_path(text: str) -> str:
+    """Return the local path ``text`` with repeated slashes, ``.`` segments and a trailing
+    slash dropped, so that one file or folder has one spelling in ids.
+
+    ``..`` segments are kept: with a symbolic link before them, dropping them could name
+    another file. An empty result keeps ``text`` as it is.
+    """
+    parts = [part for part in text.split("/") if part not in ("", ".")]
+    path = "/".join(parts)
+    if text.startswith("/"):
+        path = "/" + path
+    return path or text

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from store.ids import has_control_characters
+from store.ids import canonical_path, has_control_characters
 from workers.errors import ModelError, PathNotAllowedError
 
 logger = logging.getLogger(__name__)
@@ -239,7 +239,11 @@ def resolve_model(
             field="model",
             value=ref,
         )
-    if allow_list is not None and ref != PIXELS and ref not in allow_list:
+    looks_like_path = ref.startswith(("/", ".", "~")) or os.sep in ref and Path(ref).exists()
+    if looks_like_path:
+        # One spelling per directory, so that one checkpoint gives one feature-set id.
+        ref = _path_spelling(ref)
+    if allow_list is not None and ref != PIXELS and ref not in _allowed_spellings(allow_list):
         raise ModelError(
             f"model {ref!r} is not in the allow-list of this service; allowed: "
             f"{', '.join(sorted(allow_list))}",
@@ -274,7 +278,6 @@ def resolve_model(
         return _resolve_directory(ref, path, source="store")
 
     tried: list[str] = []
-    looks_like_path = ref.startswith(("/", ".", "~")) or os.sep in ref and Path(ref).exists()
     if looks_like_path:
         path = Path(ref).expanduser()
         resolved = path.resolve()
@@ -289,9 +292,16 @@ def resolve_model(
                 field="model",
                 value=ref,
             )
-        if (resolved / "config.json").is_file():
+        if not path.is_dir() and resolved.is_dir():
+            # Path.resolve() removes "missing/.." as text, while the system's lookup fails.
+            tried.append(
+                f"local path {ref!r}: no such directory (a folder in it is missing); write it "
+                f"as {str(resolved)!r}"
+            )
+        elif (resolved / "config.json").is_file():
             return _resolve_directory(ref, resolved, source="local")
-        tried.append(f"local path {ref!r}: no config.json there")
+        else:
+            tried.append(f"local path {ref!r}: no config.json there")
     else:
         tried.append(f"local path {ref!r}: no such directory")
 
@@ -353,6 +363,24 @@ def _resolve_checkpoint(ref: str, model_dir: Path, step: str) -> ModelRef:
             value=ref,
         )
     return _resolve_directory(ref, path, source="store")
+
+
+def _path_spelling(ref: str) -> str:
+    """Return a local model path written one way.
+
+    A relative path keeps a leading ``./``, because without it the path would read as a hub id.
+    """
+    if not ref.startswith(("/", ".", "~")) and os.sep in ref:
+        return canonical_path(ref)
+    spelled = canonical_path(ref)
+    return spelled if spelled.startswith(("/", ".", "~")) else f"./{spelled}"
+
+
+def _allowed_spellings(allow_list: Sequence[str]) -> set[str]:
+    """Return the allow-list with each local path written as `_path_spelling` writes it."""
+    return {
+        _path_spelling(item) if item.startswith(("/", ".", "~")) else item for item in allow_list
+    }
 
 
 def _resolve_directory(ref: str, path: Path, *, source: str) -> ModelRef:

@@ -198,6 +198,36 @@ def test_models_safetensors_preferred_over_pickle(tiny_model: Path, tmp_path: Pa
     assert model is not None
 
 
+@pytest.mark.parametrize("spelling", ["{dir}/", "{parent}//./{name}", "{parent}/./{name}/."])
+def test_model_path_spellings_one_ref(tiny_model: Path, spelling: str) -> None:
+    """One checkpoint directory is one model reference, so one feature-set id."""
+    from workers.modelref import resolve_model
+
+    written = spelling.format(dir=tiny_model, parent=tiny_model.parent, name=tiny_model.name)
+    plain = resolve_model(str(tiny_model), models_dir=None, allow_hub=False)
+    other = resolve_model(written, models_dir=None, allow_hub=False)
+    assert other.ref == plain.ref == str(tiny_model)
+
+
+def test_allow_list_path_matches_other_spelling(tiny_model: Path) -> None:
+    from workers.modelref import resolve_model
+
+    allowed = [f"{tiny_model}/", "store:approved"]
+    ref = resolve_model(f"{tiny_model}//.", models_dir=None, allow_hub=False, allow_list=allowed)
+    assert ref.ref == str(tiny_model)
+
+
+def test_model_path_through_missing_folder_rejected(tiny_model: Path) -> None:
+    from workers.errors import ModelError
+    from workers.modelref import resolve_model
+
+    written = f"{tiny_model.parent}/missing/../{tiny_model.name}"
+    with pytest.raises(ModelError, match="no such directory") as caught:
+        resolve_model(written, models_dir=None, allow_hub=False)
+    assert caught.value.field == "model"
+    assert caught.value.value == written
+
+
 def test_models_allow_list_rejects_other_models(
     settings: Settings, redis_server: Any, roots: dict[str, Path]
 ) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from store.ids import canonical_path
 from workers.datasets.cifar import CifarSource
 from workers.datasets.digits import (
     DIGITS_CLASS_NAMES,
@@ -140,11 +141,7 @@ def canonical_reference(dataset: str) -> str:
     prefix, colon, rest = dataset.partition(":")
     if not colon or prefix not in PATH_PREFIXES or not rest:
         return dataset
-    parts = [part for part in rest.split("/") if part not in ("", ".")]
-    path = "/".join(parts)
-    if rest.startswith("/"):
-        path = "/" + path
-    return f"{prefix}:{path or rest}"
+    return f"{prefix}:{canonical_path(rest)}"
 
 
 def open_source(
