@@ -13,6 +13,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     LAYERBANK_HOST=0.0.0.0 \
     LAYERBANK_PORT=8000
 
+# A font with Chinese, Japanese and Korean characters, for class names in those scripts in the
+# PNG figures (service/plots.py falls back to it).
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends fonts-wqy-microhei \
+    && rm -rf /var/lib/apt/lists/*
+
 WORKDIR /app
 
 COPY pyproject.toml README.md* ./

@@ -10,7 +10,29 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib import font_manager  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+# Fonts matplotlib falls back to, in this order, for characters DejaVu Sans lacks (Chinese,
+# Japanese and Korean class names). Only installed ones are listed, because matplotlib logs a
+# "not found" warning for a missing family each time it looks one up. The Docker image installs
+# the first.
+FALLBACK_FONTS = (
+    "WenQuanYi Micro Hei",
+    "Noto Sans CJK JP",
+    "Noto Sans CJK SC",
+    "Noto Sans CJK KR",
+    "Droid Sans Fallback",
+)
+
+
+def font_families() -> list[str]:
+    """Return DejaVu Sans followed by the installed fonts of `FALLBACK_FONTS`."""
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    return ["DejaVu Sans", *(name for name in FALLBACK_FONTS if name in installed)]
+
+
+plt.rcParams["font.family"] = font_families()
 
 
 def layer_curve_png(

@@ -1,0 +1,39 @@
+"""PNG figures: class names in scripts that matplotlib's default font lacks."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+from matplotlib import font_manager
+
+from service import plots
+
+CJK_NAMES = ["猫", "고양이", "ねこ", "cat"]
+
+
+def _installed_fallbacks() -> list[str]:
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    return [name for name in plots.FALLBACK_FONTS if name in installed]
+
+
+def test_font_families_start_with_default() -> None:
+    families = plots.font_families()
+    assert families[0] == "DejaVu Sans"
+    assert families[1:] == _installed_fallbacks()
+
+
+def test_cjk_class_names_have_glyphs() -> None:
+    if not _installed_fallbacks():
+        pytest.skip(
+            "matplotlib knows no CJK font: run tests/install_fonts.sh, and delete matplotlib's "
+            "font cache if it was built before the install"
+        )
+    matrix = np.array([[3, 1, 0, 0], [0, 4, 0, 0], [1, 0, 2, 1], [0, 0, 0, 5]])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        png = plots.confusion_png(matrix, class_names=CJK_NAMES, title="猫 / cat")
+    missing = [str(w.message) for w in caught if "missing from font" in str(w.message)]
+    assert missing == []
+    assert png.startswith(b"\x89PNG")
