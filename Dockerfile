@@ -26,10 +26,9 @@ COPY store ./store
 COPY workers ./workers
 COPY service ./service
 
-# prometheus_client serves GET /metrics; it is installed here until pyproject.toml lists it.
 RUN python -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" \
         > /tmp/torch-constraint.txt \
-    && pip install --constraint /tmp/torch-constraint.txt . "prometheus_client>=0.20" \
+    && pip install --constraint /tmp/torch-constraint.txt . \
     && rm /tmp/torch-constraint.txt
 
 # Named volumes copy ownership from the image, so the non-root user can write the store and
