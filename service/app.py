@@ -90,6 +90,22 @@ STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
 ]
 
 
+class SafeJSONResponse(JSONResponse):
+    """A JSON response that can also carry strings with lone surrogates.
+
+    A request may contain the JSON escape \\ud800, which Python reads as a lone surrogate that
+    UTF-8 cannot encode. A body containing one, such as the error naming that value, is
+    written with every non-ASCII character escaped, so the client reads back what it sent.
+    """
+
+    def render(self, content: Any) -> bytes:
+        try:
+            return super().render(content)
+        except UnicodeEncodeError:
+            text = json.dumps(content, ensure_ascii=True, allow_nan=False, separators=(",", ":"))
+            return text.encode("ascii")
+
+
 def error_body(exc: StoreError | WorkersError) -> dict[str, Any]:
     value = _json_safe(exc.value)
     body: dict[str, Any] = {"detail": {"message": exc.message, "field": exc.field, "value": value}}
@@ -104,12 +120,12 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     level = logging.ERROR if code >= 500 and code != 503 else logging.INFO
     logger.log(level, "%s %s -> %d: %s", request.method, request.url.path, code, exc.message)
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, BusyError) else None
-    return JSONResponse(error_body(exc), status_code=code, headers=headers)
+    return SafeJSONResponse(error_body(exc), status_code=code, headers=headers)
 
 
 async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
     log_redis_outage(f"{request.method} {request.url.path}", exc)
-    return JSONResponse(
+    return SafeJSONResponse(
         {
             "detail": {
                 "message": "Redis is unavailable, so jobs and results cannot be read or queued; "
@@ -304,7 +320,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         "value": first["value"],
         "errors": problems,
     }
-    return JSONResponse({"detail": detail}, status_code=422)
+    return SafeJSONResponse({"detail": detail}, status_code=422)
 
 
 # Methods in an Allow header come in this order, and any others follow in alphabetical order.
@@ -380,12 +396,38 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         # A 405 raised by a mount, such as StaticFiles, matches no route and keeps its header.
         if allowed:
             headers = {**(exc.headers or {}), "Allow": ", ".join(allowed)}
+    if exc.status_code == 400 and exc.detail == _BODY_PARSE_DETAIL:
+        return _body_parse_error(request, exc.__cause__)
     message = _http_message(request, exc, headers)
     logger.info("%s %s -> %d: %s", request.method, request.url.path, exc.status_code, message)
-    return JSONResponse(
+    return SafeJSONResponse(
         {"detail": {"message": message, "field": None, "value": None}},
         status_code=exc.status_code,
         headers=headers,
+    )
+
+
+# The detail FastAPI gives a body whose parsing raised anything but a JSONDecodeError, such as
+# invalid UTF-8 or JSON nested deeper than Python's recursion limit.
+_BODY_PARSE_DETAIL = "There was an error parsing the body"
+
+
+def _body_parse_error(request: Request, cause: BaseException | None) -> JSONResponse:
+    """Return the 422 for a JSON body that could not be decoded, naming the reason."""
+    if isinstance(cause, UnicodeDecodeError):
+        byte = cause.object[cause.start]
+        reason = (
+            f"the body is not valid UTF-8 (byte 0x{byte:02x} at position {cause.start}); "
+            "send the JSON encoded as UTF-8"
+        )
+    elif isinstance(cause, RecursionError):
+        reason = "the body's JSON is nested too deeply to parse; send a flatter JSON object"
+    else:
+        reason = f"the body could not be read as JSON ({cause!r}); send a JSON object"
+    message = f"body: {reason}"
+    logger.info("%s %s -> 422: %s", request.method, request.url.path, message)
+    return SafeJSONResponse(
+        {"detail": {"message": message, "field": "body", "value": None}}, status_code=422
     )
 
 
@@ -458,6 +500,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # Starlette's redirect to the path without its trailing slash builds the Location from
         # the Host header, which the client controls. The 404 names the path to use instead.
         redirect_slashes=False,
+        default_response_class=SafeJSONResponse,
     )
     app.state.settings = settings
     app.state.store = Store(settings.store)
