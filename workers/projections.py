@@ -37,6 +37,7 @@ __all__ = [
     "METHODS",
     "MIN_POINTS",
     "PCA_DIMS_BEFORE_TSNE",
+    "DegenerateLayerError",
     "ProjectionError",
     "ProjectionSpec",
     "method_available",
@@ -59,6 +60,13 @@ UMAP_NEIGHBORS = 15
 
 class ProjectionError(WorkersError):
     """Raised when a projection request cannot be computed (too few points, missing package)."""
+
+
+class DegenerateLayerError(ProjectionError):
+    """Raised when a layer's features give no usable projection: every sampled item has the
+    same features, or the method returns NaN or infinite coordinates."""
+
+    permanent = True
 
 
 class ProjectionSpec(BaseModel):
@@ -212,6 +220,43 @@ def _umap(features: np.ndarray, seed: int) -> tuple[np.ndarray, dict[str, Any]]:
     return np.asarray(coords, dtype=np.float32), {"engine": "umap-learn", "n_neighbors": neighbors}
 
 
+def check_features_vary(features: np.ndarray, layer: int) -> None:
+    """Raise `DegenerateLayerError` when all rows of ``features`` (n_points, dim) are equal.
+
+    PCA divides by the total variance and t-SNE scales by a standard deviation, so a layer
+    without variance would give NaN coordinates or ratios.
+    """
+    if len(features) > 0 and not np.any(features != features[0]):
+        raise DegenerateLayerError(
+            f"layer {layer} has the same features for all {len(features)} sampled items, so "
+            "it has no variance to project (for example a dataset whose images are all "
+            "identical); project another layer, or extract features from images that differ",
+            field="layer",
+            value=layer,
+        )
+
+
+def check_result_finite(coords: np.ndarray, info: dict[str, Any], method: str, layer: int) -> None:
+    """Raise `DegenerateLayerError` when ``coords`` or PCA's explained variance ratios contain
+    NaN or infinity, so that such a result is never stored as complete."""
+    n_non_finite = int(np.count_nonzero(~np.isfinite(coords)))
+    ratios = np.asarray(info.get("explained_variance_ratio", []), dtype=np.float64)
+    if n_non_finite == 0 and np.all(np.isfinite(ratios)):
+        return
+    found = (
+        f"{n_non_finite} of its {coords.size} coordinates are NaN or infinite"
+        if n_non_finite
+        else "its explained variance ratios are NaN or infinite"
+    )
+    raise DegenerateLayerError(
+        f"the {method} projection of layer {layer} failed: {found}, because the layer's "
+        "features vary too little (or are too large) for floating-point arithmetic; project "
+        "another layer, or try another method",
+        field="layer",
+        value=layer,
+    )
+
+
 def run_projection(
     store: Store, projection_id: str, *, check_canceled: Callable[[], None] | None = None
 ) -> dict[str, Any]:
@@ -245,7 +290,9 @@ def run_projection(
     features = featureset.read_position(position)[indices]  # (n_points, dim)
     if check_canceled is not None:
         check_canceled()
+    check_features_vary(features, spec.layer)
     coords, info = project(features, spec.method, seed=spec.seed)
+    check_result_finite(coords, info, spec.method, spec.layer)
     if check_canceled is not None:
         check_canceled()
 

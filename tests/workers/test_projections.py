@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from store import FeatureSet, FeatureSetSpec, Store, create_featureset
+from store.settings import Settings
 from workers.projections import (
     MIN_POINTS,
+    DegenerateLayerError,
     ProjectionError,
     ProjectionSpec,
     check_request,
     project,
+    run_projection,
     tsne_perplexity,
 )
 
@@ -90,3 +95,103 @@ def test_check_request_small_featureset_names_its_size() -> None:
         check_request("tsne", 3, n_items=3)
     assert info.value.field == "featureset"
     assert "only 3 items" in info.value.message
+
+
+def _pixels_featureset(store: Store, data_dir: Path, images: np.ndarray) -> FeatureSet:
+    """Extract the "pixels" model's only layer (layer 0) from ``images`` saved as an .npz."""
+    from workers.datasets import load_split
+    from workers.extract import extract_block
+    from workers.modelref import PIXELS, processor_spec, resolve_model
+
+    labels = np.arange(len(images)) % 2
+    path = data_dir / "images.npz"
+    np.savez(path, images=images, labels=labels)
+    split = load_split(f"npz:{path}", "all")
+    ref = resolve_model(PIXELS, models_dir=None, allow_hub=False)
+    spec = FeatureSetSpec(
+        model=ref.ref,
+        model_revision=ref.revision,
+        model_family=ref.family,
+        processor=processor_spec(ref, None),
+        dataset=f"npz:{path}",
+        dataset_fingerprint=split.fingerprint,
+        split="all",
+        limit=None,
+        seed=0,
+        layers=[0],
+        pooling="mean",
+    )
+    featureset = create_featureset(
+        store,
+        spec,
+        layer_map=ref.layer_map(spec.layers, spec.pooling),
+        dim=int(split.images[0].size),
+        labels=split.labels,
+        item_ids=split.item_ids,
+        class_names=split.class_names,
+    )
+    settings = Settings(store=str(store.root), device="cpu", allow_hub=False, data_roots=[data_dir])
+    extract_block(store, featureset.id, 0, settings=settings)
+    featureset.mark_complete()  # the extraction's finalize job does this in the service
+    return store.featureset(featureset.id)
+
+
+def _submit(store: Store, featureset: FeatureSet, method: str) -> str:
+    """Store a pending projection of layer 0 as POST /v1/projections does, and return its id."""
+    spec = ProjectionSpec(featureset=featureset.id, layer=0, method=method, n_points=40)
+    projection_id = spec.projection_id()
+    attrs = {"projection_id": projection_id, "spec": spec.model_dump(), "status": "pending"}
+    store.write_result("projections", projection_id, attrs)
+    return projection_id
+
+
+@pytest.mark.parametrize("method", ["pca", "tsne"])
+def test_run_projection_constant_layer_fails(tmp_path: Path, method: str) -> None:
+    store = Store(tmp_path / "store")
+    featureset = _pixels_featureset(store, tmp_path, np.zeros((40, 8, 8, 3), np.uint8))
+    projection_id = _submit(store, featureset, method)
+    with pytest.raises(DegenerateLayerError) as caught:
+        run_projection(store, projection_id)
+    assert caught.value.field == "layer"
+    assert caught.value.value == 0
+    assert caught.value.permanent
+    assert "layer 0 has the same features for all 40 sampled items" in caught.value.message
+    assert "no variance" in caught.value.message
+    assert "project another layer" in caught.value.message
+    stored = store.read_result("projections", projection_id)
+    assert stored is not None
+    assert stored["status"] == "pending"
+    assert "coords" not in store.result_group("projections", projection_id, mode="r")
+
+
+def test_run_projection_nan_coords_not_stored(tmp_path: Path) -> None:
+    # Rows that differ only by float32 subnormals pass the variance check, but t-SNE divides
+    # by a standard deviation that underflows, which gives NaN coordinates.
+    store = Store(tmp_path / "store")
+    featureset = _pixels_featureset(store, tmp_path, np.zeros((40, 8, 8, 3), np.uint8))
+    rng = np.random.default_rng(0)
+    tiny = (rng.integers(0, 2, size=(1, 40, 8 * 8 * 3)) * 1e-45).astype(np.float32)
+    assert np.any(tiny != 0)
+    featureset.write_block(0, tiny)
+    projection_id = _submit(store, featureset, "tsne")
+    with pytest.raises(DegenerateLayerError) as caught:
+        run_projection(store, projection_id)
+    assert caught.value.field == "layer"
+    assert "coordinates are NaN or infinite" in caught.value.message
+    assert "another layer" in caught.value.message
+    stored = store.read_result("projections", projection_id)
+    assert stored is not None
+    assert stored["status"] == "pending"
+
+
+def test_run_projection_varying_layer_completes(tmp_path: Path) -> None:
+    store = Store(tmp_path / "store")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(40, 8, 8, 3), dtype=np.uint8)
+    featureset = _pixels_featureset(store, tmp_path, images)
+    projection_id = _submit(store, featureset, "pca")
+    run_projection(store, projection_id)
+    stored = store.read_result("projections", projection_id)
+    assert stored is not None
+    assert stored["status"] == "complete"
+    assert np.all(np.isfinite(stored["info"]["explained_variance_ratio"]))
