@@ -33,7 +33,12 @@ class ExtractionCreate(BaseModel):
         "plain uses no start token. Default: the policy the checkpoint was trained with, else "
         "plain.",
     )
-    dtype: Literal["float32", "float16"] = "float32"
+    dtype: Literal["float32", "float16"] = Field(
+        "float32",
+        description="Stored dtype of the features. A block with values beyond float16's "
+        "largest finite value (65504) fails the job with an error naming dtype, as does a "
+        "model output of NaN or infinity (naming features); such values are never stored.",
+    )
     token_layers: list[int] = Field(
         default_factory=list,
         max_length=1024,

@@ -53,3 +53,10 @@ class LayoutError(StoreError):
 class DamagedChunkError(StoreError):
     """Raised when a stored object of a complete feature set is missing, truncated or fails
     its checksum."""
+
+
+class NonFiniteFeaturesError(StoreError):
+    """Raised when a block's features contain NaN or infinity, from the model or from the cast
+    to the stored dtype. A rerun computes the same values, so the worker does not retry it."""
+
+    permanent = True

@@ -37,7 +37,7 @@ from zarr.codecs import Crc32cCodec
 
 from store.arrays import group_array
 from store.chunks import ShardReader, damaged_error
-from store.errors import LayoutError, NotReadyError, StoreError
+from store.errors import LayoutError, NonFiniteFeaturesError, NotReadyError, StoreError
 from store.spec import FeatureSetSpec
 
 if TYPE_CHECKING:
@@ -244,18 +244,16 @@ class FeatureSet:
                 field="features",
                 value=features.shape,
             )
-        if not np.all(np.isfinite(features)):
-            raise StoreError(
-                f"block {block} of feature set {self.id!r} has non-finite features; the model "
-                "produced NaN or infinity, so the block was not written",
-                field="features",
-                value=block,
+        stored = self._stored(block, features, self.features.dtype, "features")
+        stored_tokens = None
+        if self.token_features is not None and token_features is not None:
+            stored_tokens = self._stored(
+                block, token_features, self.token_features.dtype, "token features"
             )
         try:
-            self.features[:, start:stop, :] = features.astype(self.features.dtype, copy=False)
-            if self.token_features is not None and token_features is not None:
-                stored = token_features.astype(self.token_features.dtype, copy=False)
-                self.token_features[:, start:stop] = stored
+            self.features[:, start:stop, :] = stored
+            if self.token_features is not None and stored_tokens is not None:
+                self.token_features[:, start:stop] = stored_tokens
             # The flag goes last: a worker killed before this line leaves the block marked missing.
             self.blocks_done_array[block] = True
         except OSError as exc:
@@ -269,6 +267,31 @@ class FeatureSet:
                 value=self.store.root,
             ) from exc
         logger.debug("feature set %s: block %d rows %d..%d written", self.id, block, start, stop)
+
+    def _stored(self, block: int, values: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
+        """Return ``values`` cast to the stored ``dtype``, or raise NonFiniteFeaturesError if
+        they contain NaN or infinity before or after the cast."""
+        field = name.replace(" ", "_")
+        if not np.all(np.isfinite(values)):
+            raise NonFiniteFeaturesError(
+                f"block {block} of feature set {self.id!r} has non-finite {name}; the model "
+                "produced NaN or infinity, so the block was not written",
+                field=field,
+                value=block,
+            )
+        with np.errstate(over="ignore"):
+            stored = values.astype(dtype, copy=False)
+        if not np.all(np.isfinite(stored)):
+            largest = float(np.abs(values).max())
+            limit = float(np.finfo(dtype).max)
+            raise NonFiniteFeaturesError(
+                f"block {block} of feature set {self.id!r} has {name} up to {largest:.4g} in "
+                f"magnitude, beyond the {limit:.0f} that dtype {dtype.name} holds, so the block "
+                "was not written; send the extraction again with dtype float32",
+                field="dtype",
+                value=dtype.name,
+            )
+        return stored
 
     def _check_token_block(self, block: int, token_features: np.ndarray | None) -> None:
         if self.token_features is None:
@@ -290,13 +313,6 @@ class FeatureSet:
                 f"{expected}, got {shape}",
                 field="token_features",
                 value=shape,
-            )
-        if not np.all(np.isfinite(token_features)):
-            raise StoreError(
-                f"block {block} of feature set {self.id!r} has non-finite token features; the "
-                "model produced NaN or infinity, so the block was not written",
-                field="token_features",
-                value=block,
             )
 
     def mark_complete(self) -> bool:

@@ -282,8 +282,14 @@ def _array_response(array: np.ndarray, format: str, meta: dict[str, object]) -> 
     if format == "json":
         import json
 
+        data = array.tolist()
+        if array.dtype.kind == "f" and not np.isfinite(array).all():
+            # JSON has no NaN or Infinity. Blocks are checked when written, so only a set
+            # written before that check or damaged on disk can contain them.
+            data = np.where(np.isfinite(array), array, None).tolist()
         body = json.dumps(
-            {**meta, "shape": list(array.shape), "dtype": str(array.dtype), "data": array.tolist()}
+            {**meta, "shape": list(array.shape), "dtype": str(array.dtype), "data": data},
+            allow_nan=False,
         )
         return Response(body, media_type="application/json")
     buffer = io.BytesIO()
