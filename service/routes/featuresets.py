@@ -286,7 +286,9 @@ def _array_response(array: np.ndarray, format: str, meta: dict[str, object]) -> 
         if array.dtype.kind == "f" and not np.isfinite(array).all():
             # JSON has no NaN or Infinity. Blocks are checked when written, so only a set
             # written before that check or damaged on disk can contain them.
-            data = np.where(np.isfinite(array), array, None).tolist()
+            cleaned = array.astype(object)
+            cleaned[~np.isfinite(array)] = None
+            data = cleaned.tolist()
         body = json.dumps(
             {**meta, "shape": list(array.shape), "dtype": str(array.dtype), "data": data},
             allow_nan=False,
