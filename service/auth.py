@@ -598,6 +598,21 @@ def check_extraction_size(n_layers: int, n_items: int, settings: Settings) -> No
         )
 
 
+def check_block_count(n_items: int, block_rows: int, settings: Settings) -> None:
+    """Raise `LimitExceededError` if ``block_rows`` splits an extraction into too many blocks."""
+    n_blocks = -(-n_items // block_rows)
+    limit = settings.max_blocks_per_extraction
+    if n_blocks > limit:
+        raise LimitExceededError(
+            f"block_rows {block_rows} splits {n_items} items into {n_blocks} blocks (one rq job "
+            f"each), but one extraction may have at most {limit} "
+            f"(LAYERBANK_MAX_BLOCKS_PER_EXTRACTION); send block_rows >= "
+            f"{-(-n_items // limit)} or leave it out",
+            field="block_rows",
+            value=block_rows,
+        )
+
+
 # -- ASGI middleware -----------------------------------------------------------------------------
 
 

@@ -555,6 +555,7 @@ def create_featureset(
     class_names: list[str],
     block_rows: int | None = None,
     n_tokens: int | None = None,
+    max_blocks: int | None = None,
     ids_span_splits: bool = False,
 ) -> FeatureSet:
     """Create the group of ``spec`` with preallocated arrays, or return the existing one.
@@ -572,6 +573,9 @@ def create_featureset(
         Sequence length of the token-level features; required when ``spec.token_layers`` is
         not empty. Without ``block_rows``, blocks are then made small enough that one block of
         token features is about 64 MiB.
+    max_blocks
+        Without ``block_rows``, blocks are made large enough that the set has at most this
+        many.
     """
     featureset_id = spec.featureset_id()
     existing = store.find_featureset(featureset_id)
@@ -591,6 +595,8 @@ def create_featureset(
     if n_token_layers and n_tokens and block_rows is None:
         token_row_bytes = n_token_layers * n_tokens * dim * np.dtype(spec.dtype).itemsize
         rows = min(rows, max(1, TARGET_TOKEN_BLOCK_BYTES // token_row_bytes))
+    if max_blocks is not None and block_rows is None:
+        rows = max(rows, -(-n_items // max_blocks))
     rows = max(1, min(rows, n_items))
     n_blocks = math.ceil(n_items / rows)
     path = f"featuresets/{featureset_id}"

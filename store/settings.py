@@ -91,6 +91,12 @@ class Settings(BaseSettings):
     max_items_per_extraction: int = Field(
         2_000_000, ge=1, description="Dataset items one extraction may store."
     )
+    max_blocks_per_extraction: int = Field(
+        4096,
+        ge=1,
+        description="Blocks one extraction may have; each block is one rq job, so a smaller "
+        "block_rows is rejected and the default block size grows to fit.",
+    )
     max_jobs_per_key: int = Field(
         8, ge=1, description="Queued or running jobs one API key may have at once."
     )

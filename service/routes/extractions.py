@@ -7,7 +7,12 @@ import logging
 from fastapi import APIRouter, Response, status
 from redis import Redis
 
-from service.auth import JobQuotaDep, LimitExceededError, check_extraction_size
+from service.auth import (
+    JobQuotaDep,
+    LimitExceededError,
+    check_block_count,
+    check_extraction_size,
+)
 from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
 from service.jobs import active_job_id, busy_job, enqueue_extraction, job_state, target_lock
 from service.schemas import ExtractionCreate, ExtractionPublic
@@ -78,6 +83,8 @@ def create_extraction(
     if limit is None:
         seed = 0  # the seed only picks the subset, so it must not change the id otherwise
     check_extraction_size(len(layers), len(split.labels), settings)
+    if body.block_rows is not None:
+        check_block_count(len(split.labels), body.block_rows, settings)
     token_layers = _check_token_layers(ref, body.token_layers)
     spec = FeatureSetSpec(
         model=ref.ref,
@@ -147,6 +154,7 @@ def create_extraction(
                 ids_span_splits=split.ids_span_splits,
                 block_rows=body.block_rows,
                 n_tokens=ref.n_tokens if token_layers else None,
+                max_blocks=settings.max_blocks_per_extraction,
             )
             if body.batch_size is not None:
                 store.write_result("featuresets", featureset_id, {"batch_size": body.batch_size})

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from redis import Redis
@@ -51,6 +52,7 @@ def limits(
                 "max_rows_per_fetch": 5,
                 "max_layers_per_extraction": 2,
                 "max_items_per_extraction": 50,
+                "max_blocks_per_extraction": 4,
                 "max_jobs_per_key": 1,
             }
         )
@@ -105,6 +107,60 @@ def test_limits_items_per_extraction(limits: tuple[TestClient, dict[str, str]]) 
     )
     assert response.status_code == 413
     assert "at most 50" in response.json()["detail"]["message"]
+
+
+def test_limits_blocks_per_extraction(limits: tuple[TestClient, dict[str, str]]) -> None:
+    """Each block is one rq job, so a tiny block_rows would flood the queue."""
+    client, headers = limits
+    response = client.post(
+        "/v1/extractions",
+        headers=headers["write"],
+        json={
+            "model": "pixels",
+            "dataset": "digits",
+            "split": "train",
+            "limit": 20,
+            "block_rows": 4,
+        },
+    )
+    assert response.status_code == 413
+    detail = response.json()["detail"]
+    assert detail["field"] == "block_rows"
+    assert detail["value"] == 4
+    assert "5 blocks" in detail["message"]
+    assert "at most 4" in detail["message"]
+    assert "block_rows >= 5" in detail["message"]
+    assert "LAYERBANK_MAX_BLOCKS_PER_EXTRACTION" in detail["message"]
+
+
+def test_limits_default_block_rows_within_block_limit(tmp_path: Path) -> None:
+    """Without block_rows, blocks grow until the set fits in the block limit."""
+    from store import Store
+    from store.featureset import create_featureset
+    from store.spec import FeatureSetSpec
+
+    spec = FeatureSetSpec(
+        model="pixels",
+        model_revision="pixels-v1",
+        model_family="pixels",
+        dataset="digits",
+        dataset_fingerprint="0" * 16,
+        split="all",
+        layers=[0],
+        pooling="mean",
+    )
+    featureset = create_featureset(
+        Store(tmp_path / "store"),
+        spec,
+        layer_map=[{"layer": 0, "description": "pixels"}],
+        dim=65536,
+        labels=np.arange(1000) % 2,
+        item_ids=np.arange(1000),
+        class_names=["a", "b"],
+        max_blocks=10,
+    )
+    assert featureset.block_rows == 100
+    assert featureset.n_blocks == 10
 
 
 def test_limits_layers_per_extraction(
