@@ -38,18 +38,31 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 
-import numpy as np
-import torch
-import torch.nn.functional as F
-from transformers import ImageGPTConfig, ImageGPTModel
-from transformers.models.imagegpt.image_processing_pil_imagegpt import ImageGPTImageProcessorPil
+# A direct run (python bench/extract.py) puts bench/ first on sys.path, where bench/store.py
+# would shadow the store package, so the repository root goes before it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from workers.imagegpt import _block_forward, _layer_norm, pooled_hidden_states, quantize
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from transformers import ImageGPTConfig, ImageGPTModel  # noqa: E402
+from transformers.models.imagegpt.image_processing_pil_imagegpt import (  # noqa: E402
+    ImageGPTImageProcessorPil,
+)
+
+from workers.imagegpt import (  # noqa: E402
+    _block_forward,
+    _layer_norm,
+    pooled_hidden_states,
+    quantize,
+)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

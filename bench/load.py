@@ -31,8 +31,22 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import httpx
-import numpy as np
+# A direct run (python bench/load.py) puts bench/ first on sys.path, where bench/store.py
+# would shadow the store package, so the repository root goes before it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import httpx  # noqa: E402
+import numpy as np  # noqa: E402
+
+from service.client import Client  # noqa: E402
+from service.launcher import (  # noqa: E402
+    RedisServer,
+    free_port,
+    start_worker,
+    stop_process,
+    wait_for_http,
+)
+from tests.factories import tiny_imagegpt  # noqa: E402
 
 
 def _percentile(values: list[float], q: float) -> float:
@@ -192,7 +206,6 @@ def _serve(
     env: dict[str, str], log_file: Path, workers: int
 ) -> tuple[str, subprocess.Popen[bytes]]:
     """Start ``python -m service.serve`` in its own process, so clients and API share no GIL."""
-    from service.launcher import free_port, wait_for_http
 
     port = free_port()
     command = [sys.executable, "-m", "service.serve", "--log-level", "WARNING"]
@@ -228,10 +241,6 @@ def main() -> None:
         help="load generator: keep-alive asyncio connections (raw) or one httpx.AsyncClient",
     )
     args = parser.parse_args()
-
-    from service.client import Client
-    from service.launcher import RedisServer, free_port, start_worker, stop_process
-    from tests.factories import tiny_imagegpt
 
     root = Path(tempfile.mkdtemp(prefix="layerbank-load-"))
     (root / "models").mkdir()

@@ -25,6 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
+# A direct run (python bench/pipeline.py) puts bench/ first on sys.path, where bench/store.py
+# would shadow the store package that child() imports, so the repository root goes before it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])

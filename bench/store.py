@@ -27,8 +27,7 @@ Example::
 
     python -m bench.store --items 8192 --layers 25 --dim 512
 
-Run it as a module from the repository root: as a script, ``bench/`` would come first on
-``sys.path`` and this file would shadow the ``store`` package.
+It runs as a module, as above, or as a script: ``python bench/store.py``.
 """
 
 from __future__ import annotations
@@ -48,13 +47,17 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-import numpy as np
-import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
+# A direct run (python bench/store.py) puts bench/ first on sys.path, where this file would
+# shadow the store package, so the repository root goes before it.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from store import Store
-from store.featureset import create_featureset, default_block_rows
-from store.spec import FeatureSetSpec
+import numpy as np  # noqa: E402
+import zarr  # noqa: E402
+from zarr.codecs import Crc32cCodec, ZstdCodec  # noqa: E402
+
+from store import Store  # noqa: E402
+from store.featureset import create_featureset, default_block_rows  # noqa: E402
+from store.spec import FeatureSetSpec  # noqa: E402
 
 MB = 1e6
 
