@@ -242,6 +242,7 @@ def _repair(store: Store, featureset: FeatureSet, report: dict[str, Any]) -> Non
         if group.attrs.get("status") != STATUS_PENDING:
             group.attrs.update({"status": STATUS_PENDING, "completed": None})
             report["repaired"].append("set status to 'pending'")
+            report["status"] = STATUS_PENDING
         store.forget(featureset.id)
     report["missing_blocks"] = sorted(set(report["missing_blocks"]) | set(report["corrupt_blocks"]))
     logger.warning(

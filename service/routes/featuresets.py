@@ -83,7 +83,7 @@ async def read_layer(
     if featureset is not None and featureset.known_complete:
         position = featureset.layer_position(layer)
         first, last = featureset.check_rows(start, stop)
-        _check_row_limit(last - first, format, settings.max_rows_per_fetch, settings.max_json_rows)
+        _check_row_limit(first, last, format, settings)
         rows = featureset.cached_rows(position, first, last)
         if rows is not None:
             meta = {"featureset_id": featureset_id, "layer": layer, "start": first, "stop": last}
@@ -107,7 +107,7 @@ def _read_layer(
     require_complete(redis, store, featureset)
     featureset.layer_position(layer)
     first, last = featureset.check_rows(start, stop)
-    _check_row_limit(last - first, format, settings.max_rows_per_fetch, settings.max_json_rows)
+    _check_row_limit(first, last, format, settings)
     if format == "npy" and last - first > featureset.block_rows:
         return _layer_stream(featureset, layer, first, last)
     array = featureset.read_layer(layer, first, last)
@@ -131,6 +131,7 @@ def read_labels(
     featureset_id: str,
     store: StoreDep,
     settings: SettingsDep,
+    redis: RedisDep,
     start: RowQuery = None,
     stop: RowQuery = None,
     format: FormatQuery = "npy",
@@ -138,8 +139,11 @@ def read_labels(
     """Integer labels of the items, as .npy or JSON."""
     check_id(featureset_id, field="featureset_id")
     featureset = store.featureset(featureset_id)
+    # Labels are written when the set is created, but only complete sets are served, so a
+    # client sees one state for the whole set.
+    require_complete(redis, store, featureset)
     first, last = featureset.check_rows(start, stop)
-    _check_row_limit(last - first, format, settings.max_rows_per_fetch, settings.max_json_rows)
+    _check_row_limit(first, last, format, settings)
     array = featureset.read_labels(first, last)
     return _array_response(
         array, format, {"featureset_id": featureset_id, "start": first, "stop": last}
@@ -217,17 +221,20 @@ def _delete_group(store: Store, path: str) -> None:
     sync(store.zarr_store.delete_dir(path))
 
 
-def _check_row_limit(rows: int, format: str, max_rows: int, max_json_rows: int) -> None:
-    limit = max_json_rows if format == "json" else max_rows
+def _check_row_limit(first: int, last: int, format: str, settings: Settings) -> None:
+    """Raise a 413 naming ``stop`` when rows [first, last) are more than one fetch may return."""
+    limit = settings.max_json_rows if format == "json" else settings.max_rows_per_fetch
+    rows = last - first
     if rows > limit:
-        hint = "use format=npy or a smaller range" if format == "json" else "fetch in ranges"
+        hint = "or use format=npy" if format == "json" else "and fetch the rest in more ranges"
         raise HTTPException(
             status_code=413,
             detail={
-                "message": f"{rows} rows requested but at most {limit} rows may be fetched "
-                f"as {format} at once; {hint} with start/stop",
+                "message": f"{rows} rows requested (start {first}, stop {last}) but at most "
+                f"{limit} rows may be fetched as {format} at once; send stop <= {first + limit} "
+                f"{hint}",
                 "field": "stop",
-                "value": rows,
+                "value": last,
             },
         )
 

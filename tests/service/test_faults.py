@@ -121,7 +121,16 @@ def test_fsck_repair_resume_rewrites_block(client: Client, settings: Settings) -
         "GET", f"/v1/featuresets/{featureset_id}/fsck", params={"repair": "true"}
     ).json()
     assert repaired["missing_blocks"] == [1]
+    # The report gives the status after its own repair, as the set's summary does.
+    assert repaired["status"] == "pending"
+    assert client.featureset(featureset_id)["status"] == "pending"
     assert client.job(answer["job_id"])["status"] == "failed"
+    # Only complete sets are served, labels as well as layers.
+    for part in ("labels", "layers/0"):
+        with pytest.raises(ClientError) as refused:
+            client.request("GET", f"/v1/featuresets/{featureset_id}/{part}")
+        assert refused.value.status_code == 409, part
+        assert "not complete yet" in refused.value.detail["message"]
 
     # Two resumes at once queue the missing block once.
     with ThreadPoolExecutor(max_workers=2) as pool:

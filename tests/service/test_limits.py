@@ -215,13 +215,54 @@ def test_limits_same_request_returns_job_at_limit(
 
 
 def test_limits_rows_per_fetch(
+    limits: tuple[TestClient, dict[str, str]], limits_store: Path
+) -> None:
+    from store import Store
+    from store.featureset import create_featureset
+    from store.spec import FeatureSetSpec
+
+    spec = FeatureSetSpec(
+        model="pixels",
+        model_revision="pixels-v1",
+        model_family="pixels",
+        dataset="digits",
+        dataset_fingerprint="1" * 16,
+        split="test",
+        layers=[0],
+        pooling="mean",
+    )
+    featureset = create_featureset(
+        Store(limits_store),
+        spec,
+        layer_map=[{"layer": 0, "description": "pixels"}],
+        dim=4,
+        labels=np.arange(20) % 2,
+        item_ids=np.arange(20),
+        class_names=["a", "b"],
+    )
+    featureset.write_block(0, np.ones((1, 20, 4), dtype=np.float32))
+    assert featureset.mark_complete()
+    client, headers = limits
+    for part in ("labels", "layers/0"):
+        response = client.get(
+            f"/v1/featuresets/{featureset.id}/{part}?start=2&stop=20", headers=headers["write"]
+        )
+        assert response.status_code == 413, part
+        detail = response.json()["detail"]
+        assert detail["field"] == "stop"
+        assert detail["value"] == 20
+        assert "send stop <= 7" in detail["message"]
+
+
+def test_labels_of_queued_featureset_409(
     limits: tuple[TestClient, dict[str, str]], queued_featureset: str
 ) -> None:
     client, headers = limits
     response = client.get(
-        f"/v1/featuresets/{queued_featureset}/labels?start=0&stop=20", headers=headers["write"]
+        f"/v1/featuresets/{queued_featureset}/labels?start=0&stop=2", headers=headers["write"]
     )
-    assert response.status_code == 413
+    assert response.status_code == 409
+    assert response.json()["detail"]["field"] == "featureset_id"
 
 
 # -- admin delete ---------------------------------------------------------------------------------

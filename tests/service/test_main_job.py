@@ -62,6 +62,24 @@ def test_extraction_same_request_twice_one_featureset(
     assert ids.count(digits_featuresets["train"]) == 1
 
 
+def test_json_row_limit_names_stop(client: Any, digits_featuresets: dict[str, str]) -> None:
+    """The 413 of a JSON read names stop with the stop that was sent, not the row count."""
+    featureset_id = digits_featuresets["train"]
+    for part in ("layers/1", "labels"):
+        with pytest.raises(ClientError) as refused:
+            client.request(
+                "GET",
+                f"/v1/featuresets/{featureset_id}/{part}",
+                params={"start": 100, "stop": 1297, "format": "json"},
+            )
+        assert refused.value.status_code == 413, part
+        detail = refused.value.detail
+        assert detail["field"] == "stop"
+        assert detail["value"] == 1297
+        assert "1197 rows" in detail["message"]
+        assert "stop <= 1100" in detail["message"]
+
+
 def test_extraction_job_reports_progress(client: Any, tiny_model: Path) -> None:
     answer = client.extract(
         str(tiny_model), "digits", "test", layers=[1], pooling="last_token", block_rows=100
