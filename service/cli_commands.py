@@ -492,7 +492,8 @@ def _follow(
 ) -> dict[str, Any] | None:
     """Follow a job with ``_watch_job`` and return its final state.
 
-    Returns None when there is no job to follow (the result already existed).
+    Returns the final state of an earlier job at once when the result already existed, and
+    None when the API returned no job id (it has no record of the job that made the result).
     """
     if job_id is None:
         return None

@@ -110,6 +110,35 @@ def test_extract_again_json_is_one_document(
     assert body["status"] == "complete"
 
 
+def test_extract_again_wait_json_shows_earlier_job(
+    api_url: str, client: Any, tiny_model: Path, cli_featuresets: dict[str, str]
+) -> None:
+    body = run_json(
+        api_url,
+        "extract",
+        str(tiny_model),
+        "digits",
+        "test",
+        "--limit",
+        "200",
+        "--block-rows",
+        "100",
+        "--batch-size",
+        "50",
+        "--wait",
+    )
+    assert body["created"] is False
+    assert body["status"] == "complete"
+    assert body["job_id"] is not None
+    job = body["job"]
+    assert job["job_id"] == body["job_id"]
+    assert job["kind"] == "extraction"
+    assert job["target_id"] == cli_featuresets["test"]
+    assert job["status"] == "finished"
+    assert job["progress"]["items_done"] == 200
+    assert job == client.job(body["job_id"])
+
+
 def test_extract_human_output_names_featureset(
     api_url: str, tiny_model: Path, cli_featuresets: dict[str, str]
 ) -> None:
