@@ -34,6 +34,7 @@ from service.auth import (
     KeyStore,
     LimitExceededError,
     authorize,
+    is_public,
     keys_required,
     log_redis_outage,
 )
@@ -59,6 +60,7 @@ from service.routes import (
     projections,
 )
 from store import DamagedChunkError, InvalidIdError, NotFoundError, NotReadyError, Store, StoreError
+from store.ids import ID_LENGTH
 from store.settings import Settings, get_settings
 from workers.errors import (
     BusyError,
@@ -529,4 +531,42 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(fsck.router)
     install_dashboard(app)
     install_metrics(app)
+    _describe_routes_in_openapi(app)
     return app
+
+
+# Path parameters that are ids, which check_id accepts only in this form.
+_ID_PARAMETERS = ("featureset_id", "probe_id", "projection_id", "job_id")
+
+
+def _describe_routes_in_openapi(app: FastAPI) -> None:
+    """Complete the generated OpenAPI document with what the dependencies do not declare.
+
+    The key check is a dependency of every route, so FastAPI lists a key and its 401 and 403
+    on the public routes too. This removes them there, and gives ids in paths the pattern
+    that the routes check.
+    """
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = generate()
+        for route in iter_route_contexts(app.routes):
+            if not route.methods or not getattr(route, "include_in_schema", False):
+                continue
+            item = schema["paths"].get(route.path_format, {})
+            for method in route.methods:
+                operation = item.get(method.lower())
+                if operation is None:
+                    continue
+                if is_public(route.endpoint):
+                    operation["security"] = []
+                    for code in ("401", "403"):
+                        operation["responses"].pop(code, None)
+                for parameter in operation.get("parameters", []):
+                    if parameter["in"] == "path" and parameter["name"] in _ID_PARAMETERS:
+                        parameter["schema"]["pattern"] = f"^[0-9a-f]{{{ID_LENGTH}}}$"
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

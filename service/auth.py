@@ -100,15 +100,8 @@ class ValidationErrorResponse(BaseModel):
     detail: ErrorPublic | list[dict[str, Any]]
 
 
-class BadRequestResponse(BaseModel):
-    """Body of a 400: the request body could not be parsed."""
-
-    detail: str | ErrorPublic
-
-
 # Declared on every operation, so that clients and schema-based tests know the error shapes.
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    400: {"model": BadRequestResponse, "description": "The request body is not valid JSON."},
     401: {"model": ErrorResponse, "description": "Missing, invalid or revoked API key."},
     403: {
         "model": ErrorResponse,

@@ -201,7 +201,17 @@ class LatencyMiddleware:
             )
 
 
-@router.get("/metrics", include_in_schema=False)
+@router.get(
+    "/metrics",
+    responses={
+        200: {
+            "content": {"text/plain": {}, "application/openmetrics-text": {}},
+            "description": "Prometheus text format, or OpenMetrics when the Accept header asks "
+            "for it.",
+        }
+    },
+    response_class=Response,
+)
 def metrics(request: Request) -> Response:
     """Prometheus metrics, in the text or OpenMetrics format the scraper accepts."""
     registry: CollectorRegistry = request.app.state.metrics_registry

@@ -53,13 +53,17 @@ def _declared(route: APIRoute) -> tuple[frozenset[str], frozenset[str]]:
     return cached
 
 
+# Routes read by monitoring systems, which may add query parameters of their own.
+SCRAPED_PATHS = ("/metrics",)
+
+
 def check_query(request: Request) -> None:
     """Raise a 422 for a query parameter the matched route does not declare, or for a second
     value of a parameter that takes one."""
     route = request.scope.get("route")
     if not isinstance(route, APIRoute) or not request.query_params:
         return
-    if not route.include_in_schema or is_public(route.endpoint):
+    if not route.include_in_schema or is_public(route.endpoint) or route.path in SCRAPED_PATHS:
         # Pages, /metrics and the open health check are read by browsers, scrapers and load
         # balancers, which may add parameters of their own (tracking, cache busting).
         return

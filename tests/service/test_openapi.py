@@ -29,3 +29,34 @@ def test_openapi_lists_main_routes() -> None:
         "/healthz",
     ):
         assert path in paths
+
+
+def test_openapi_public_routes_need_no_key() -> None:
+    """Routes that take no key declare no security and no 401 or 403."""
+    operation = openapi_document()["paths"]["/healthz"]["get"]
+    assert operation["security"] == []
+    assert "401" not in operation["responses"]
+    assert "403" not in operation["responses"]
+
+
+def test_openapi_keyed_routes_declare_security() -> None:
+    operation = openapi_document()["paths"]["/v1/extractions"]["post"]
+    assert operation.get("security", [{"HTTPBearer": []}]) != []
+    assert "401" in operation["responses"]
+
+
+def test_openapi_ids_have_their_pattern() -> None:
+    """Every id in a path is 24 lowercase hex digits, as the API checks."""
+    seen = 0
+    for path, item in openapi_document()["paths"].items():
+        for operation in item.values():
+            for parameter in operation.get("parameters", []):
+                if parameter["in"] == "path" and parameter["name"].endswith("_id"):
+                    assert parameter["schema"]["pattern"] == "^[0-9a-f]{24}$", path
+                    seen += 1
+    assert seen >= 10
+
+
+def test_openapi_lists_metrics() -> None:
+    operation = openapi_document()["paths"]["/metrics"]["get"]
+    assert "text/plain" in operation["responses"]["200"]["content"]
