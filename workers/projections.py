@@ -93,10 +93,13 @@ def method_available(method: str) -> bool:
     return method in METHODS
 
 
-def check_request(method: str, n_points: int, n_items: int | None = None) -> None:
+def check_request(
+    method: str, n_points: int, n_items: int | None = None, featureset_id: str | None = None
+) -> None:
     """Raise `ProjectionError` when ``method`` cannot run here or ``n_points`` is too few.
 
-    ``n_items`` is the feature set's size when it, not the request, limited ``n_points``.
+    ``n_items`` is the size of feature set ``featureset_id`` when it, not the request,
+    limited ``n_points``.
     """
     if method not in METHODS:
         raise ProjectionError(
@@ -115,10 +118,11 @@ def check_request(method: str, n_points: int, n_items: int | None = None) -> Non
     needed = MIN_POINTS[method]
     if n_points < needed and n_items is not None and n_items == n_points:
         raise ProjectionError(
-            f"the feature set has only {n_items} items, too few for {method}, which needs at "
-            f"least {needed} points; project a feature set with at least {needed} items",
+            f"feature set {featureset_id!r} has only {n_items} items, too few for {method}, "
+            f"which needs at least {needed} points; project a feature set with at least "
+            f"{needed} items",
             field="featureset",
-            value=n_items,
+            value=featureset_id,
         )
     if n_points < needed:
         raise ProjectionError(

@@ -62,7 +62,7 @@ def create_projection(
         # More points than items means all items; the id is computed from the count used.
         n_points = min(body.n_points, featureset.n_items)
         clamped = n_points < body.n_points
-        check_request(body.method, n_points, featureset.n_items if clamped else None)
+        check_request(body.method, n_points, featureset.n_items if clamped else None, featureset.id)
         spec = ProjectionSpec(
             featureset=featureset.id,
             layer=body.layer,

@@ -92,9 +92,11 @@ def test_projection_id_depends_on_seed() -> None:
 
 def test_check_request_small_featureset_names_its_size() -> None:
     with pytest.raises(ProjectionError) as info:
-        check_request("tsne", 3, n_items=3)
+        check_request("tsne", 3, n_items=3, featureset_id="b" * 24)
     assert info.value.field == "featureset"
+    assert info.value.value == "b" * 24
     assert "only 3 items" in info.value.message
+    assert repr("b" * 24) in info.value.message
 
 
 def _pixels_featureset(store: Store, data_dir: Path, images: np.ndarray) -> FeatureSet:
