@@ -7,6 +7,8 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Query, Response, status
+from pydantic import BeforeValidator
+from pydantic_core import PydanticCustomError
 from redis import Redis
 
 from service.auth import JobQuotaDep
@@ -358,6 +360,25 @@ def read_curve(probe_id: str, store: StoreDep, redis: RedisDep) -> CurvePublic:
     return CurvePublic(probe_id=probe_id, kinds=kinds, best=probe["best"])
 
 
+def _check_accuracy(value: Any) -> Any:
+    """Reject a value that is not a finite number from 0 to 1, NaN and infinity included.
+
+    It runs before pydantic's own checks, whose messages for NaN ("should be less than or
+    equal to 1") and for text would not name the allowed range.
+    """
+    if value is None:
+        return None
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not 0.0 <= number <= 1.0:
+        raise PydanticCustomError(
+            "accuracy_invalid", "invalid accuracy; pass a finite number from 0 to 1, e.g. 0.9"
+        )
+    return value
+
+
 @router.get(
     "/{probe_id}/curve.png",
     responses={200: {"content": {"image/png": {}}}},
@@ -368,7 +389,9 @@ def read_curve_png(
     store: StoreDep,
     redis: RedisDep,
     baseline: Annotated[
-        float | None, Query(ge=0, le=1, description="reference accuracy line")
+        float | None,
+        Query(ge=0, le=1, description="reference accuracy line"),
+        BeforeValidator(_check_accuracy),
     ] = None,
     reference: Annotated[
         str | None,

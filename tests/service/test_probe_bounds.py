@@ -129,6 +129,33 @@ def test_curve_reference_within_layers_is_png(client: Any, logistic_probe: str) 
     assert response.headers["content-type"] == "image/png"
 
 
+@pytest.mark.parametrize("baseline", ["nan", "NaN", "inf", "-inf", "1.5", "-0.1", "high"])
+def test_curve_baseline_outside_unit_interval_is_422(
+    client: Any, logistic_probe: str, baseline: str
+) -> None:
+    status, detail = _error(
+        client, "GET", f"/v1/probes/{logistic_probe}/curve.png", params={"baseline": baseline}
+    )
+
+    assert status == 422
+    assert detail["field"] == "baseline"
+    assert detail["value"] == baseline
+    assert "finite number from 0 to 1" in detail["message"]
+    assert f'(got "{baseline}")' in detail["message"]
+
+
+@pytest.mark.parametrize("baseline", ["0", "0.9", "1"])
+def test_curve_baseline_within_unit_interval_is_png(
+    client: Any, logistic_probe: str, baseline: str
+) -> None:
+    response = client.request(
+        "GET", f"/v1/probes/{logistic_probe}/curve.png", params={"baseline": baseline}
+    )
+
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "image/png"
+
+
 def _complete_featureset(root: str, dataset: str, split: str, dim: int) -> str:
     """Write a complete one-layer feature set of width ``dim`` and return its id."""
     from store import FeatureSetSpec, Store, create_featureset
