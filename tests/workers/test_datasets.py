@@ -502,7 +502,7 @@ def test_npz_label_far_above_class_count_rejected(tmp_path: Path) -> None:
     labels[1] = 10**12
     path = write_npz(tmp_path / "d.npz", images=random_images(4), labels=labels)
     with pytest.raises(
-        DatasetError, match=r"item 1 .* has the label 1000000000000, above the limit of 100000"
+        DatasetError, match=r"item 1 .* has the label 1000000000000, but the largest allowed"
     ):
         load_split(f"npz:{path}", "all")
 
@@ -521,6 +521,47 @@ def test_npz_fractional_label_is_rejected(tmp_path: Path) -> None:
     path = write_npz(tmp_path / "d.npz", images=random_images(3), labels=np.array([0.0, 1.0, 1.5]))
     with pytest.raises(DatasetError, match="item 2 .* not an integer"):
         load_split(f"npz:{path}", "all")
+
+
+@pytest.mark.parametrize(("label", "shown"), [(0.5, "0.5"), (np.nan, "nan"), (np.inf, "inf")])
+def test_npz_non_integer_label_shown_plainly(tmp_path: Path, label: float, shown: str) -> None:
+    labels = np.array([0.0, 1.0, label])
+    path = write_npz(tmp_path / "d.npz", images=random_images(3), labels=labels)
+    with pytest.raises(DatasetError) as caught:
+        load_split(f"npz:{path}", "all")
+    assert caught.value.message.startswith("item 2 of split 'all'")
+    assert f"has the label {shown}, not an integer" in caught.value.message
+    assert "np." not in caught.value.message
+
+
+def test_npz_label_at_class_limit_names_largest(tmp_path: Path) -> None:
+    labels = balanced_labels(4, 2)
+    labels[3] = 100_000
+    path = write_npz(tmp_path / "d.npz", images=random_images(4), labels=labels)
+    with pytest.raises(DatasetError) as caught:
+        load_split(f"npz:{path}", "all")
+    assert "item 3 " in caught.value.message
+    assert "has the label 100000" in caught.value.message
+    assert "the largest allowed label is 99999" in caught.value.message
+    assert "above the limit" not in caught.value.message
+
+
+def test_npz_label_below_class_limit_accepted(tmp_path: Path) -> None:
+    labels = balanced_labels(4, 2)
+    labels[3] = 99_999
+    path = write_npz(tmp_path / "d.npz", images=random_images(4), labels=labels)
+    loaded = load_split(f"npz:{path}", "all")
+    assert loaded.labels.max() == 99_999
+    assert len(loaded.class_names) == 100_000
+
+
+@pytest.mark.parametrize(("field", "value"), [("limit", np.int64(0)), ("seed", np.int64(-1))])
+def test_numpy_limit_or_seed_shown_plainly(field: str, value: np.int64) -> None:
+    with pytest.raises(DatasetError) as caught:
+        load_split("digits", "train", **{field: value})
+    assert caught.value.field == field
+    assert caught.value.message.endswith(f"got {int(value)}")
+    assert "np." not in caught.value.message
 
 
 def test_npz_label_beyond_the_class_names_is_rejected(tmp_path: Path) -> None:

@@ -305,7 +305,10 @@ def _integer(value: object, field: str, minimum: int, expected: str) -> int:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         if int(value) >= minimum:
             return int(value)
-    raise DatasetError(f"{field} must be {expected}, got {value!r}", field=field, value=value)
+    plain_value = value.item() if isinstance(value, np.generic) else value  # 0, not np.int64(0)
+    raise DatasetError(
+        f"{field} must be {expected}, got {plain_value!r}", field=field, value=plain_value
+    )
 
 
 def _reject_columns(dataset: str, image_column: str | None, label_column: str | None) -> None:
@@ -461,7 +464,7 @@ def _checked_labels(raw: SourceSplit, dataset: str, where: str) -> tuple[np.ndar
     if values.dtype.kind == "f":
         bad = np.flatnonzero(~np.isfinite(values) | (values != np.round(values)))
         if bad.size:
-            raise fail(int(bad[0]), f"has the label {values[bad[0]]!r}, not an integer")
+            raise fail(int(bad[0]), f"has the label {values[bad[0]].item()}, not an integer")
     if values.dtype.kind in "uf":
         huge = np.flatnonzero(values > np.iinfo(np.int64).max)
         if huge.size:
@@ -481,9 +484,9 @@ def _checked_labels(raw: SourceSplit, dataset: str, where: str) -> tuple[np.ndar
         if too_large.size:
             raise fail(
                 int(too_large[0]),
-                f"has the label {labels[too_large[0]]}, above the limit of {MAX_CLASSES} "
-                "classes; map the labels to 0, 1, 2, ... and store the original values as "
-                "class names",
+                f"has the label {labels[too_large[0]]}, but the largest allowed label is "
+                f"{MAX_CLASSES - 1} (at most {MAX_CLASSES} classes); map the labels to 0, 1, "
+                "2, ... and store the original values as class names",
             )
         class_names = [str(label) for label in range(int(labels.max()) + 1)]
     beyond = np.flatnonzero(labels >= len(class_names))
