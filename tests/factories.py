@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from store import FeatureSet
 
 
 def tiny_imagegpt(
@@ -65,3 +69,41 @@ def reference_pooled(path: Path, images: np.ndarray, *, policy: str = "plain") -
     with torch.no_grad():
         states = model(input_ids=input_ids, output_hidden_states=True).hidden_states
     return np.stack([state.mean(dim=1).numpy() for state in states])
+
+
+def pending_featureset(
+    root: Path,
+    *,
+    n_items: int,
+    dim: int,
+    layers: tuple[int, ...] = (0,),
+    dtype: str = "float32",
+    fingerprint: str = "0" * 16,
+    **options: object,
+) -> FeatureSet:
+    """Create a feature set of ``n_items`` two-class items in the store at ``root``, with no
+    block written yet. ``options`` go to `create_featureset` (block_rows, max_blocks)."""
+    from store import FeatureSetSpec, Store, create_featureset
+
+    spec = FeatureSetSpec(
+        model="tiny-vit",
+        model_revision="rev-1",
+        model_family="vit",
+        dataset="digits",
+        dataset_fingerprint=fingerprint,
+        split="test",
+        layers=list(layers),
+        pooling="mean",
+        dtype=dtype,  # type: ignore[arg-type]
+    )
+    featureset: FeatureSet = create_featureset(
+        Store(root),
+        spec,
+        layer_map=[{"layer": i, "description": f"h{i}"} for i in layers],
+        dim=dim,
+        labels=np.arange(n_items) % 2,
+        item_ids=np.arange(n_items),
+        class_names=["a", "b"],
+        **options,  # type: ignore[arg-type]
+    )
+    return featureset

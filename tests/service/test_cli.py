@@ -33,6 +33,10 @@ def run_json(api_url: str, *args: str) -> Any:
     return json.loads(result.stdout)
 
 
+# The test split of the module's feature sets, as `layerbank extract` arguments after the model.
+TEST_SUBSET_ARGS = ("digits", "test", "--limit", "200", "--block-rows", "100", "--batch-size", "50")
+
+
 @pytest.fixture(scope="module")
 def cli_featuresets(client: Any, api_url: str, tiny_model: Path) -> dict[str, str]:
     """Train and test feature sets of the tiny model on a digits subset, made with the CLI."""
@@ -93,14 +97,7 @@ def test_extract_again_json_is_one_document(
         api_url,
         "extract",
         str(tiny_model),
-        "digits",
-        "test",
-        "--limit",
-        "200",
-        "--block-rows",
-        "100",
-        "--batch-size",
-        "50",
+        *TEST_SUBSET_ARGS,
         "--json",
     )
     assert result.exit_code == 0
@@ -117,14 +114,7 @@ def test_extract_again_wait_json_shows_earlier_job(
         api_url,
         "extract",
         str(tiny_model),
-        "digits",
-        "test",
-        "--limit",
-        "200",
-        "--block-rows",
-        "100",
-        "--batch-size",
-        "50",
+        *TEST_SUBSET_ARGS,
         "--wait",
     )
     assert body["created"] is False
@@ -146,14 +136,7 @@ def test_extract_human_output_names_featureset(
         api_url,
         "extract",
         str(tiny_model),
-        "digits",
-        "test",
-        "--limit",
-        "200",
-        "--block-rows",
-        "100",
-        "--batch-size",
-        "50",
+        *TEST_SUBSET_ARGS,
     )
     assert result.exit_code == 0
     assert cli_featuresets["test"] in result.stdout

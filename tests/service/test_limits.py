@@ -15,6 +15,7 @@ from service.app import create_app
 from service.auth import KeyStore
 from store import Store
 from store.settings import Settings
+from tests.factories import pending_featureset
 
 # Redis databases of the session's private server that only this module uses. Jobs queued
 # there never reach the session workers, so they stay queued for as long as a test needs.
@@ -135,30 +136,7 @@ def test_limits_blocks_per_extraction(limits: tuple[TestClient, dict[str, str]])
 
 def test_limits_default_block_rows_within_block_limit(tmp_path: Path) -> None:
     """Without block_rows, blocks grow until the set fits in the block limit."""
-    from store import Store
-    from store.featureset import create_featureset
-    from store.spec import FeatureSetSpec
-
-    spec = FeatureSetSpec(
-        model="pixels",
-        model_revision="pixels-v1",
-        model_family="pixels",
-        dataset="digits",
-        dataset_fingerprint="0" * 16,
-        split="all",
-        layers=[0],
-        pooling="mean",
-    )
-    featureset = create_featureset(
-        Store(tmp_path / "store"),
-        spec,
-        layer_map=[{"layer": 0, "description": "pixels"}],
-        dim=65536,
-        labels=np.arange(1000) % 2,
-        item_ids=np.arange(1000),
-        class_names=["a", "b"],
-        max_blocks=10,
-    )
+    featureset = pending_featureset(tmp_path / "store", n_items=1000, dim=65536, max_blocks=10)
     assert featureset.block_rows == 100
     assert featureset.n_blocks == 10
 
@@ -217,29 +195,7 @@ def test_limits_same_request_returns_job_at_limit(
 def test_limits_rows_per_fetch(
     limits: tuple[TestClient, dict[str, str]], limits_store: Path
 ) -> None:
-    from store import Store
-    from store.featureset import create_featureset
-    from store.spec import FeatureSetSpec
-
-    spec = FeatureSetSpec(
-        model="pixels",
-        model_revision="pixels-v1",
-        model_family="pixels",
-        dataset="digits",
-        dataset_fingerprint="1" * 16,
-        split="test",
-        layers=[0],
-        pooling="mean",
-    )
-    featureset = create_featureset(
-        Store(limits_store),
-        spec,
-        layer_map=[{"layer": 0, "description": "pixels"}],
-        dim=4,
-        labels=np.arange(20) % 2,
-        item_ids=np.arange(20),
-        class_names=["a", "b"],
-    )
+    featureset = pending_featureset(limits_store, n_items=20, dim=4, fingerprint="1" * 16)
     featureset.write_block(0, np.ones((1, 20, 4), dtype=np.float32))
     assert featureset.mark_complete()
     client, headers = limits

@@ -7,33 +7,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from store import NonFiniteFeaturesError, Store
-from store.featureset import FeatureSet, create_featureset
-from store.spec import FeatureSetSpec
+from store import FeatureSet, NonFiniteFeaturesError
+from tests.factories import pending_featureset
 
 LAYERS, N_ITEMS, DIM, BLOCK_ROWS = [0, 1], 20, 4, 10
 
 
 def _pending(tmp_path: Path, dtype: str) -> FeatureSet:
-    spec = FeatureSetSpec(
-        model="tiny-vit",
-        model_revision="rev-1",
-        model_family="vit",
-        dataset="digits",
-        dataset_fingerprint="0" * 16,
-        split="test",
-        layers=LAYERS,
-        pooling="mean",
-        dtype=dtype,  # type: ignore[arg-type]
-    )
-    return create_featureset(
-        Store(tmp_path / "store"),
-        spec,
-        layer_map=[{"layer": i, "description": f"h{i}"} for i in LAYERS],
+    return pending_featureset(
+        tmp_path / "store",
+        n_items=N_ITEMS,
         dim=DIM,
-        labels=np.arange(N_ITEMS) % 2,
-        item_ids=np.arange(N_ITEMS),
-        class_names=["a", "b"],
+        layers=tuple(LAYERS),
+        dtype=dtype,
         block_rows=BLOCK_ROWS,
     )
 
