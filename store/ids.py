@@ -52,8 +52,15 @@ def check_name(value: str, *, field: str = "name") -> str:
 
 
 def has_control_characters(text: str) -> bool:
-    """Return whether ``text`` contains an ASCII control character (NUL, newline, DEL, ...)."""
-    return any(ord(char) < 32 or ord(char) == 127 for char in text)
+    """Return whether ``text`` contains an ASCII control character (NUL, newline, DEL, ...) or a
+    lone surrogate, which no file name or UTF-8 text can hold (JSON's escape ``\\ud800``)."""
+    if any(ord(char) < 32 or ord(char) == 127 for char in text):
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def canonical_path(text: str) -> str:

@@ -376,6 +376,25 @@ def _cases(data: dict[str, str], fs: dict[str, str], tiny: str, max_body: int) -
             message=("\\ud800", "knn"),
         ),
         Case(
+            "lone surrogate in a pretraining dataset path",
+            "POST",
+            "/v1/pretrain",
+            raw=json.dumps(
+                {"name": "bad-input-surrogate", "dataset": "npz:/x/\ud800.npz"}
+            ).encode(),
+            headers={"content-type": "application/json"},
+            field="dataset",
+            message=("\\ud800",),
+        ),
+        Case(
+            "lone surrogate in an extraction model path",
+            "POST",
+            post_x,
+            raw=json.dumps(_extraction(model="/models/\ud800")).encode(),
+            headers={"content-type": "application/json"},
+            field="model",
+        ),
+        Case(
             "body not utf-8",
             "POST",
             post_x,

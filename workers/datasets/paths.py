@@ -37,8 +37,8 @@ def resolve_dataset_path(raw: str, *, reference: str, allowed_roots: Sequence[Pa
     """
     if has_control_characters(raw):
         raise DatasetError(
-            f"dataset {reference!r} contains control characters in its path; write the path "
-            "without them",
+            f"dataset {reference!r} contains control characters or a lone surrogate in its "
+            "path; write the path without them",
             field="dataset",
             value=reference,
         )
