@@ -234,8 +234,8 @@ def resolve_model(
     ref = ref.strip()
     if has_control_characters(ref):
         raise ModelError(
-            f"model {ref!r} contains control characters or a lone surrogate; pass a hub id, a local "
-            "directory, store:<name> or pixels",
+            f"model {ref!r} contains control characters or a lone surrogate; pass a hub id, "
+            "a local directory, store:<name> or pixels",
             field="model",
             value=ref,
         )
