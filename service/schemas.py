@@ -37,7 +37,7 @@ class ExtractionCreate(BaseModel):
         "float32",
         description="Stored dtype of the features. A block with values beyond float16's "
         "largest finite value (65504) fails the job with an error naming dtype, as does a "
-        "model output of NaN or infinity (naming features); such values are never stored.",
+        "model output of NaN or infinity (naming model); such values are never stored.",
     )
     token_layers: list[int] = Field(
         default_factory=list,

@@ -271,13 +271,15 @@ class FeatureSet:
     def _stored(self, block: int, values: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
         """Return ``values`` cast to the stored ``dtype``, or raise NonFiniteFeaturesError if
         they contain NaN or infinity before or after the cast."""
-        field = name.replace(" ", "_")
         if not np.all(np.isfinite(values)):
+            model = self.attrs["spec"]["model"]
             raise NonFiniteFeaturesError(
-                f"block {block} of feature set {self.id!r} has non-finite {name}; the model "
-                "produced NaN or infinity, so the block was not written",
-                field=field,
-                value=block,
+                f"block {block} of feature set {self.id!r} has non-finite {name}: model "
+                f"{model!r} produced NaN or infinity in float32, so the block was not written; "
+                "its weights or activations overflow, and no request value changes that, so "
+                "check the checkpoint",
+                field="model",
+                value=model,
             )
         with np.errstate(over="ignore"):
             stored = values.astype(dtype, copy=False)

@@ -53,7 +53,9 @@ def test_model_nan_is_permanent(tmp_path: Path) -> None:
     featureset = _pending(tmp_path, "float32")
     with pytest.raises(NonFiniteFeaturesError) as caught:
         featureset.write_block(1, _block(float("nan")))
-    assert caught.value.field == "features"
+    assert caught.value.field == "model"
+    assert caught.value.value == "tiny-vit"
     assert "NaN or infinity" in caught.value.message
+    assert "check the checkpoint" in caught.value.message
     assert caught.value.permanent
     assert featureset.missing_blocks() == [0, 1]
