@@ -37,7 +37,13 @@ from zarr.codecs import Crc32cCodec
 
 from store.arrays import group_array
 from store.chunks import ShardReader, damaged_error
-from store.errors import LayoutError, NonFiniteFeaturesError, NotReadyError, StoreError
+from store.errors import (
+    DamagedChunkError,
+    LayoutError,
+    NonFiniteFeaturesError,
+    NotReadyError,
+    StoreError,
+)
 from store.spec import FeatureSetSpec
 
 if TYPE_CHECKING:
@@ -488,7 +494,17 @@ class FeatureSet:
 
     def read_labels(self, start: int | None = None, stop: int | None = None) -> np.ndarray:
         start, stop = self.check_rows(start, stop)
-        return np.asarray(self.labels_array[start:stop])
+        try:
+            return np.asarray(self.labels_array[start:stop])
+        except Exception as exc:  # any decode failure means a stored object is damaged
+            raise DamagedChunkError(
+                f"labels of rows {start} to {stop} of feature set {self.id!r} cannot be decoded "
+                f"({type(exc).__name__}: {exc}); labels are written once when the set is "
+                "created and a resume cannot rewrite them, so delete the feature set and extract "
+                "it again",
+                field="featureset_id",
+                value=self.id,
+            ) from exc
 
     def read_item_ids(self) -> np.ndarray:
         """Return the dataset position of every item, int64 of shape (n_items,)."""

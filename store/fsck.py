@@ -159,7 +159,9 @@ class _Checker:
     ) -> None:
         key = _chunk_key(name, array, coords)
         self.report["corrupt_chunks"].append(key)
-        self.report["corrupt_blocks"].append(block)
+        if name not in CREATION_ARRAYS:
+            # Only these blocks are rewritten by a resume, so only they are cleared for one.
+            self.report["corrupt_blocks"].append(block)
         self.report["problems"].append(
             f"{key} of block {block} cannot be decoded ({type(exc).__name__}: {exc}); "
             f"{_advice(name)}"

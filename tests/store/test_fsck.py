@@ -123,6 +123,33 @@ def test_check_featureset_garbled_label_chunk(store: Store) -> None:
     assert "extract it again" in report["problems"][0]
 
 
+def test_repair_leaves_garbled_label_chunk_to_reextraction(store: Store) -> None:
+    """A resume rewrites features only, so a repair must not make a damaged labels chunk look
+    fixable: it keeps the block's flag and the status, and reads name the damage."""
+    from store import DamagedChunkError
+
+    featureset = _written(store)
+    assert store.local_root is not None
+    chunk = store.local_root / featureset.path / "labels" / "c" / "1"
+    chunk.write_bytes(b"not a zstd frame")
+
+    report = check_featureset(store, featureset.id, repair=True)
+
+    assert report["ok"] is False
+    assert report["corrupt_chunks"] == ["labels/c/1"]
+    assert report["corrupt_blocks"] == []
+    assert report["missing_blocks"] == []
+    assert report["repaired"] == []
+    assert report["status"] == "complete"
+    reopened = store.featureset(featureset.id)
+    assert reopened.missing_blocks() == []
+    with pytest.raises(DamagedChunkError) as caught:
+        reopened.read_labels(BLOCK_ROWS, 2 * BLOCK_ROWS)
+    assert "labels" in caught.value.message
+    assert "delete the feature set and extract it again" in caught.value.message
+    assert caught.value.field == "featureset_id"
+
+
 def test_check_featureset_partial_file(store: Store) -> None:
     featureset = _written(store)
     leftover = _shard(store, featureset, 0).with_suffix(".3f2a9c.partial")
