@@ -24,7 +24,7 @@ from service.jobs import (
     target_lock,
 )
 from service.schemas import JobPublic, JobsPublic
-from store import NotFoundError, Store, check_id
+from store import Store, check_id
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -157,10 +157,20 @@ def resume_job(
         group = RESULT_GROUPS.get(record["kind"])
         if group is not None:
             _require_result_inputs(store, record["kind"], group, record["target"])
+        featureset = None
+        if record["kind"] == "extraction":
+            featureset = store.find_featureset(record["target"])
+            if featureset is None:
+                raise JobNotResumableError(
+                    f"feature set {record['target']!r} of job {job_id} no longer exists (it "
+                    "was deleted), so the job cannot be resumed; send the same POST "
+                    "/v1/extractions again",
+                    field="featureset_id",
+                    value=record["target"],
+                )
         quota.check()
         clear_cancel(redis, job_id)
-        if record["kind"] == "extraction":
-            featureset = store.featureset(record["target"])
+        if featureset is not None:
             enqueue_extraction(queue, featureset, timeout=settings.block_timeout, job_id=job_id)
         else:
             requeue_failed(redis, job_id)
@@ -178,11 +188,11 @@ def resume_job(
 
 
 def _require_result_inputs(store: Store, kind: str, group: str, result_id: str) -> None:
-    """Raise NotFoundError when the result of a probe or projection job, or a feature set it
-    reads, was deleted: running the job again could only fail."""
+    """Raise JobNotResumableError when the result of a probe or projection job, or a feature
+    set it reads, was deleted: running the job again could only fail."""
     stored = store.read_result(group, result_id)
     if stored is None or "spec" not in stored:
-        raise NotFoundError(
+        raise JobNotResumableError(
             deleted_result_message(kind, result_id),
             field=f"{kind}_id",
             value=result_id,
@@ -191,7 +201,7 @@ def _require_result_inputs(store: Store, kind: str, group: str, result_id: str) 
     inputs = [spec.get("train_featureset"), spec.get("test_featureset"), spec.get("featureset")]
     for featureset_id in filter(None, inputs):
         if store.find_featureset(featureset_id) is None:
-            raise NotFoundError(
+            raise JobNotResumableError(
                 f"feature set {featureset_id!r} that {kind} {result_id!r} reads no longer "
                 f"exists; extract it again, then send the same POST /v1/{group} again",
                 field="featureset_id",

@@ -296,6 +296,12 @@ def test_canceled_extraction_allows_new_post_and_delete(
     # The progress is the set's at the delete, not an empty 0 of 0.
     assert orphan["progress"] == before
     assert orphan["progress"]["total"] > 0
+    with pytest.raises(ClientError) as refused:
+        client.request("POST", f"/v1/jobs/{again['job_id']}/resume")
+    assert refused.value.status_code == 409
+    assert refused.value.detail["field"] == "featureset_id"
+    assert refused.value.detail["value"] == first["featureset_id"]
+    assert "send the same POST /v1/extractions again" in refused.value.detail["message"]
 
 
 def test_canceled_job_busy_while_block_runs(redis: Redis, tmp_path: Path) -> None:
@@ -477,11 +483,12 @@ def test_last_block_completes_set_without_finalize(
 
 
 @pytest.mark.parametrize("deleted", ["result", "featureset"])
-def test_resume_with_deleted_input_is_404(
+def test_resume_with_deleted_input_is_409(
     client: Client, redis: Redis, stack_dirs: dict[str, Path], deleted: str
 ) -> None:
     """A canceled probe whose result or feature set was deleted cannot run again, so the
-    resume returns 404 at once instead of queueing a run that fails."""
+    resume returns 409 at once instead of queueing a run that fails. The job in the URL
+    exists, so it is no 404."""
     queue, probe_id, job_id = _idle_probe_job(redis)
     featureset_id = uuid.uuid4().hex[:24]
     if deleted == "featureset":
@@ -492,7 +499,7 @@ def test_resume_with_deleted_input_is_404(
     with pytest.raises(ClientError) as caught:
         client.request("POST", f"/v1/jobs/{job_id}/resume")
 
-    assert caught.value.status_code == 404
+    assert caught.value.status_code == 409
     expected = {"result": ("probe_id", probe_id), "featureset": ("featureset_id", featureset_id)}
     field, value = expected[deleted]
     assert caught.value.detail["field"] == field
@@ -503,7 +510,7 @@ def test_resume_with_deleted_input_is_404(
 
 
 def test_canceled_probe_without_result_says_not_resumable(client: Client, redis: Redis) -> None:
-    """A canceled probe job whose result was deleted does not advise a resume that would 404."""
+    """A canceled probe job whose result was deleted does not advise a resume that would fail."""
     queue, probe_id, job_id = _idle_probe_job(redis)
 
     error = _cancel(client, job_id).json()["error"]
