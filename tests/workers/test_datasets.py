@@ -894,6 +894,20 @@ def test_dotdot_through_a_folder_loads(tiny_npz: Path) -> None:
     assert split.n_items == load_split(f"npz:{tiny_npz}", "all").n_items
 
 
+def test_relative_path_under_roots_names_no_server_folder(tmp_path: Path, tiny_npz: Path) -> None:
+    """With allowed roots, a relative path is rejected without showing the folder the service
+    runs in, which it would be resolved against."""
+    import os
+
+    reference = "npz:data/tiny.npz"
+    with pytest.raises(PathNotAllowedError) as caught:
+        load_split(reference, "all", allowed_roots=[tiny_npz.parent])
+    assert caught.value.field == "dataset"
+    assert caught.value.value == reference
+    assert "absolute path" in caught.value.message
+    assert os.getcwd() not in caught.value.message
+
+
 def test_path_outside_the_roots_is_not_allowed(tmp_path: Path, tiny_npz: Path) -> None:
     root = tmp_path / "allowed"
     root.mkdir()

@@ -49,6 +49,16 @@ def resolve_dataset_path(raw: str, *, reference: str, allowed_roots: Sequence[Pa
             field="dataset",
             value=reference,
         )
+    if allowed_roots is not None and not Path(raw).is_absolute():
+        # The service would resolve it against its own working directory, which the message
+        # would then reveal, and which is no place a client can know.
+        listed = ", ".join(str(root) for root in allowed_roots) or "none are configured"
+        raise PathNotAllowedError(
+            f"dataset {reference!r} has a relative path; pass an absolute path under one of "
+            f"the allowed dataset roots ({listed})",
+            field="dataset",
+            value=reference,
+        )
     path = _resolve(Path(raw), reference)
     check_allowed(path, reference=reference, allowed_roots=allowed_roots)
     if not path.exists():
