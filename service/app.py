@@ -60,7 +60,7 @@ from service.routes import (
     projections,
 )
 from store import DamagedChunkError, InvalidIdError, NotFoundError, NotReadyError, Store, StoreError
-from store.ids import ID_LENGTH
+from store.ids import ID_REGEX, NAME_REGEX
 from store.settings import Settings, get_settings
 from workers.errors import (
     BusyError,
@@ -535,8 +535,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-# Path parameters that are ids, which check_id accepts only in this form.
-_ID_PARAMETERS = ("featureset_id", "probe_id", "projection_id", "job_id")
+# Path and query parameters that are ids or store names, with the form the routes check.
+_PARAMETER_PATTERNS = {
+    "featureset_id": ID_REGEX,
+    "probe_id": ID_REGEX,
+    "projection_id": ID_REGEX,
+    "job_id": ID_REGEX,
+    "before": ID_REGEX,
+    "probe": ID_REGEX,
+    "name": NAME_REGEX,
+}
 
 
 def _describe_routes_in_openapi(app: FastAPI) -> None:
@@ -565,8 +573,19 @@ def _describe_routes_in_openapi(app: FastAPI) -> None:
                     for code in ("401", "403"):
                         operation["responses"].pop(code, None)
                 for parameter in operation.get("parameters", []):
-                    if parameter["in"] == "path" and parameter["name"] in _ID_PARAMETERS:
-                        parameter["schema"]["pattern"] = f"^[0-9a-f]{{{ID_LENGTH}}}$"
+                    pattern = _PARAMETER_PATTERNS.get(parameter["name"])
+                    if pattern is not None:
+                        _add_pattern(parameter["schema"], pattern)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def _add_pattern(schema: dict[str, Any], pattern: str) -> None:
+    """Set ``pattern`` on the string schema ``schema``, or on its items, or its non-null part."""
+    if schema.get("type") == "string":
+        schema["pattern"] = pattern
+    elif schema.get("type") == "array":
+        _add_pattern(schema["items"], pattern)
+    for option in schema.get("anyOf", []):
+        _add_pattern(option, pattern)

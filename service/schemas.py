@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from store.ids import ID_REGEX
+
 MAX_BATCH_SIZE = 4096
 # Request bodies reject unknown fields and convert no types: JSON true is not the integer 1,
 # and "3" is not 3.
@@ -132,8 +134,14 @@ class ProbeCreate(BaseModel):
 
     model_config = REQUEST_CONFIG
 
-    train_featureset: str
-    test_featureset: str
+    train_featureset: str = Field(
+        ..., description="Id of the feature set to fit on.", json_schema_extra={"pattern": ID_REGEX}
+    )
+    test_featureset: str = Field(
+        ...,
+        description="Id of the feature set to test on.",
+        json_schema_extra={"pattern": ID_REGEX},
+    )
     layers: Literal["all"] | list[int] = "all"
     kind: str | list[str] = Field(
         "logistic", description="logistic, knn, mlp, adapter, or a list of them."
@@ -237,7 +245,11 @@ class ProjectionCreate(BaseModel):
 
     model_config = REQUEST_CONFIG
 
-    featureset: str
+    featureset: str = Field(
+        ...,
+        description="Id of the feature set to project.",
+        json_schema_extra={"pattern": ID_REGEX},
+    )
     layer: int = Field(..., ge=0)
     method: Literal["tsne", "pca", "umap"] = "tsne"
     n_points: int = Field(

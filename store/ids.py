@@ -10,8 +10,11 @@ from typing import Any
 from store.errors import InvalidIdError
 
 ID_LENGTH = 24
-_ID_PATTERN = re.compile(rf"^[0-9a-f]{{{ID_LENGTH}}}$")
-_NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# The forms of ids and store names, as regular expressions (also stated in the OpenAPI document).
+ID_REGEX = rf"^[0-9a-f]{{{ID_LENGTH}}}$"
+NAME_REGEX = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+_ID_PATTERN = re.compile(ID_REGEX)
+_NAME_PATTERN = re.compile(NAME_REGEX)
 
 
 def canonical_json(payload: Any) -> str:

@@ -46,15 +46,33 @@ def test_openapi_keyed_routes_declare_security() -> None:
 
 
 def test_openapi_ids_have_their_pattern() -> None:
-    """Every id in a path is 24 lowercase hex digits, as the API checks."""
+    """Every id in a path or query is 24 lowercase hex digits, as the API checks."""
     seen = 0
     for path, item in openapi_document()["paths"].items():
         for operation in item.values():
             for parameter in operation.get("parameters", []):
-                if parameter["in"] == "path" and parameter["name"].endswith("_id"):
-                    assert parameter["schema"]["pattern"] == "^[0-9a-f]{24}$", path
+                name, schema = parameter["name"], parameter["schema"]
+                if name.endswith("_id") or name == "before":
+                    options = schema.get("anyOf", [schema])
+                    patterns = [o.get("pattern") for o in options if o.get("type") == "string"]
+                    assert patterns == ["^[0-9a-f]{24}$"], (path, name)
                     seen += 1
-    assert seen >= 10
+                if name == "probe":
+                    assert schema["items"]["pattern"] == "^[0-9a-f]{24}$", path
+                    seen += 1
+                if name == "name":
+                    assert schema["pattern"].startswith("^[A-Za-z0-9]"), path
+    assert seen >= 13
+
+
+def test_openapi_body_ids_have_their_pattern() -> None:
+    schemas = openapi_document()["components"]["schemas"]
+    for model, field in (
+        ("ProbeCreate", "train_featureset"),
+        ("ProbeCreate", "test_featureset"),
+        ("ProjectionCreate", "featureset"),
+    ):
+        assert schemas[model]["properties"][field]["pattern"] == "^[0-9a-f]{24}$", field
 
 
 def test_openapi_lists_metrics() -> None:
