@@ -92,6 +92,12 @@ def extract(
         int | None, typer.Option(min=1, help="Rows per block (one rq job).")
     ] = None,
     limit: Annotated[int | None, typer.Option(min=1, help="Stratified subset size.")] = None,
+    seed: Annotated[
+        int | None, typer.Option(min=0, help="Seed of the stratified subset (default 0).")
+    ] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="Stored dtype: float32 (default) or float16.")
+    ] = None,
     wait: WaitOption = False,
     timeout: TimeoutOption = 3600.0,
     url: UrlOption = DEFAULT_URL,
@@ -100,7 +106,14 @@ def extract(
 ) -> None:
     """Extract pooled hidden states of MODEL on DATASET/SPLIT into a feature set."""
     body: dict[str, Any] = {"layers": _parse_layers(layers), "pooling": pooling}
-    for name, value in (("batch_size", batch_size), ("block_rows", block_rows), ("limit", limit)):
+    options = (
+        ("batch_size", batch_size),
+        ("block_rows", block_rows),
+        ("limit", limit),
+        ("seed", seed),
+        ("dtype", dtype),
+    )
+    for name, value in options:
         if value is not None:
             body[name] = value
 

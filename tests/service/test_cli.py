@@ -129,6 +129,28 @@ def test_extract_again_wait_json_shows_earlier_job(
     assert job == client.job(body["job_id"])
 
 
+def test_extract_dtype_and_seed_reach_the_spec(api_url: str, client: Any) -> None:
+    """--dtype float16 and --seed give the feature set the request would give over HTTP."""
+    body = run_json(
+        api_url,
+        "extract",
+        "pixels",
+        "digits",
+        "test",
+        "--limit",
+        "30",
+        "--seed",
+        "7",
+        "--dtype",
+        "float16",
+        "--wait",
+    )
+    assert body["job"]["status"] == "finished", body
+    direct = client.extract("pixels", "digits", "test", limit=30, seed=7, dtype="float16")
+    assert direct["featureset_id"] == body["featureset_id"]
+    assert client.featureset(body["featureset_id"])["dtype"] == "float16"
+
+
 def test_extract_human_output_names_featureset(
     api_url: str, tiny_model: Path, cli_featuresets: dict[str, str]
 ) -> None:
