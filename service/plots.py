@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import logging
+import warnings
 from typing import Any
 
 import matplotlib
@@ -12,6 +14,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import font_manager  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 # Fonts matplotlib falls back to, in this order, for characters DejaVu Sans lacks (Chinese,
 # Japanese and Korean class names). Only installed ones are listed, because matplotlib logs a
@@ -105,17 +109,33 @@ def layer_curve_png(
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right", fontsize=8)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    plt.close(figure)
-    return buffer.getvalue()
+    return _png(figure)
 
 
 def _png(figure: Any) -> bytes:
-    figure.tight_layout()
+    """Return ``figure`` as PNG bytes and close it.
+
+    matplotlib warns once per character that no listed font has (drawn as a box). Those
+    warnings become one log line naming the figure's title.
+    """
     buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        figure.tight_layout()
+        figure.savefig(buffer, format="png")
+    missing = sorted({str(w.message) for w in caught if "missing from font" in str(w.message)})
+    for other in caught:
+        if "missing from font" not in str(other.message):
+            warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
+    if missing:
+        title = figure.axes[0].get_title() if figure.axes else ""
+        logger.warning(
+            "figure %r: %d characters have no glyph in the installed fonts and are drawn as "
+            "boxes: %s",
+            title,
+            len(missing),
+            "; ".join(missing),
+        )
     plt.close(figure)
     return buffer.getvalue()
 
