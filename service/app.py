@@ -551,8 +551,8 @@ def _describe_routes_in_openapi(app: FastAPI) -> None:
     """Complete the generated OpenAPI document with what the dependencies do not declare.
 
     The key check is a dependency of every route, so FastAPI lists a key and its 401 and 403
-    on the public routes too. This removes them there, and gives ids in paths the pattern
-    that the routes check.
+    on the public routes too. This removes them there, and gives the ids and store names in
+    paths and queries the forms that the routes check.
     """
     generate = app.openapi
 
