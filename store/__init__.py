@@ -5,6 +5,7 @@ Imports numpy, zarr and pydantic only, never torch, so the API process stays lig
 
 from store.errors import (
     DamagedChunkError,
+    DamagedCreationArrayError,
     InvalidIdError,
     LayoutError,
     NonFiniteFeaturesError,
@@ -19,6 +20,7 @@ from store.spec import FeatureSetSpec, ProbeSpec
 
 __all__ = [
     "DamagedChunkError",
+    "DamagedCreationArrayError",
     "FeatureSet",
     "FeatureSetSpec",
     "InvalidIdError",

@@ -60,3 +60,10 @@ class NonFiniteFeaturesError(StoreError):
     to the stored dtype. A rerun computes the same values, so the worker does not retry it."""
 
     permanent = True
+
+
+class DamagedCreationArrayError(DamagedChunkError):
+    """Raised when a stored object of labels or item ids cannot be decoded. These arrays are
+    written once when the feature set is created, so neither a resume nor a retry rewrites them."""
+
+    permanent = True

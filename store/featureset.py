@@ -38,7 +38,7 @@ from zarr.codecs import Crc32cCodec
 from store.arrays import group_array
 from store.chunks import ShardReader, damaged_error
 from store.errors import (
-    DamagedChunkError,
+    DamagedCreationArrayError,
     LayoutError,
     NonFiniteFeaturesError,
     NotReadyError,
@@ -494,21 +494,26 @@ class FeatureSet:
 
     def read_labels(self, start: int | None = None, stop: int | None = None) -> np.ndarray:
         start, stop = self.check_rows(start, stop)
-        try:
-            return np.asarray(self.labels_array[start:stop])
-        except Exception as exc:  # any decode failure means a stored object is damaged
-            raise DamagedChunkError(
-                f"labels of rows {start} to {stop} of feature set {self.id!r} cannot be decoded "
-                f"({type(exc).__name__}: {exc}); labels are written once when the set is "
-                "created and a resume cannot rewrite them, so delete the feature set and extract "
-                "it again",
-                field="featureset_id",
-                value=self.id,
-            ) from exc
+        return self._read_creation_array("labels", self.labels_array, start, stop)
 
     def read_item_ids(self) -> np.ndarray:
         """Return the dataset position of every item, int64 of shape (n_items,)."""
-        return np.asarray(self.item_ids_array[:])
+        return self._read_creation_array("item_ids", self.item_ids_array, 0, self.n_items)
+
+    def _read_creation_array(self, name: str, array: Any, start: int, stop: int) -> np.ndarray:
+        """Return rows [start, stop) of an array written when the set was created, or raise
+        DamagedCreationArrayError when a stored object of it cannot be decoded."""
+        try:
+            return np.asarray(array[start:stop])
+        except Exception as exc:  # any decode failure means a stored object is damaged
+            raise DamagedCreationArrayError(
+                f"{name} of rows {start} to {stop} of feature set {self.id!r} cannot be decoded "
+                f"({type(exc).__name__}: {exc}); {name} are written once when the set is "
+                "created and a resume cannot rewrite them, so delete the feature set and extract "
+                f"it again (GET /v1/featuresets/{self.id}/fsck names the damaged object)",
+                field="featureset_id",
+                value=self.id,
+            ) from exc
 
     @property
     def ids_span_splits(self) -> bool | None:

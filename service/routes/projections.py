@@ -59,6 +59,8 @@ def create_projection(
         featureset = store.featureset(body.featureset, field="featureset")
         require_complete(queue.connection, store, featureset, field="featureset")
         featureset.layer_position(body.layer)
+        # The job samples items by label: damaged labels fail the POST, not a queued job.
+        featureset.read_labels()
         # More points than items means all items; the id is computed from the count used.
         n_points = min(body.n_points, featureset.n_items)
         clamped = n_points < body.n_points

@@ -139,3 +139,24 @@ def test_projection_unknown_id_404(client: Any) -> None:
     with pytest.raises(ClientError) as caught:
         client.request("GET", f"/v1/projections/{'0' * 24}")
     assert caught.value.status_code == 404
+
+
+def test_projection_of_damaged_labels_is_refused(client: Any, settings: Any) -> None:
+    """Labels are written once, so a projection of a set whose labels cannot be decoded fails
+    at the POST with the fix, instead of queueing a job that fails and cannot be resumed."""
+    answer = client.extract("pixels", "digits", "test", limit=40, seed=9301, block_rows=20)
+    state = wait_job(client, answer["job_id"])
+    assert state is not None and state["status"] == "finished", state
+    featureset_id = answer["featureset_id"]
+    chunk = Path(settings.store) / "featuresets" / featureset_id / "labels" / "c" / "1"
+    chunk.write_bytes(b"not zstd")
+
+    with pytest.raises(ClientError) as caught:
+        client.request(
+            "POST",
+            "/v1/projections",
+            json={"featureset": featureset_id, "layer": 0, "method": "pca"},
+        )
+    assert caught.value.status_code == 500
+    assert "delete the feature set and extract it again" in caught.value.detail["message"]
+    client.request("DELETE", f"/v1/featuresets/{featureset_id}")

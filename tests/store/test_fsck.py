@@ -148,6 +148,21 @@ def test_repair_leaves_garbled_label_chunk_to_reextraction(store: Store) -> None
     assert "labels" in caught.value.message
     assert "delete the feature set and extract it again" in caught.value.message
     assert caught.value.field == "featureset_id"
+    assert caught.value.permanent
+
+
+def test_garbled_item_ids_read_names_the_fix(store: Store) -> None:
+    from store import DamagedChunkError
+
+    featureset = _written(store)
+    assert store.local_root is not None
+    (store.local_root / featureset.path / "item_ids" / "c" / "2").write_bytes(b"not zstd")
+    with pytest.raises(DamagedChunkError) as caught:
+        store.featureset(featureset.id).read_item_ids()
+    assert "item_ids" in caught.value.message
+    assert "delete the feature set and extract it again" in caught.value.message
+    # A rerun reads the same damaged object, so the worker does not retry it.
+    assert caught.value.permanent
 
 
 def test_check_featureset_partial_file(store: Store) -> None:
