@@ -125,6 +125,10 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     return SafeJSONResponse(error_body(exc), status_code=code, headers=headers)
 
 
+# Seconds a client is told to wait before retrying while Redis is unavailable.
+REDIS_RETRY_AFTER = 5
+
+
 async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
     log_redis_outage(f"{request.method} {request.url.path}", exc)
     return SafeJSONResponse(
@@ -137,6 +141,7 @@ async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
             }
         },
         status_code=503,
+        headers={"Retry-After": str(REDIS_RETRY_AFTER)},
     )
 
 

@@ -149,8 +149,9 @@ def resume_job(
         error = job_state(redis, store, job_id)["error"] or {}
         if error.get("permanent"):
             raise JobNotResumableError(
-                f"job {job_id} failed on a value that a rerun would fail on again: "
-                f"{error.get('message')}; send the POST again with a corrected value instead",
+                f"job {job_id} failed on something a rerun would fail on again: "
+                f"{error.get('message')}; a resume would repeat it, so do what the error says "
+                "instead",
                 field=error.get("field") or "job_id",
                 value=error.get("value") if error.get("field") else job_id,
             )

@@ -287,6 +287,7 @@ def test_auth_off_redis_down_is_503(
         responses = [client.get(f"/v1/jobs/{'a' * 24}") for _ in range(3)]
     assert [response.status_code for response in responses] == [503, 503, 503]
     assert "Redis is unavailable" in responses[0].json()["detail"]["message"]
+    assert responses[0].headers["Retry-After"] == "5"
     # One traceback for the outage; the other failures are counted, not logged.
     assert len([r for r in caplog.records if "Redis is unavailable" in r.getMessage()]) <= 1
 

@@ -478,7 +478,10 @@ def test_resume_of_probe_failed_on_value_is_409(
     assert refused.value.detail["field"] == state["error"]["field"] == "k"
     assert refused.value.detail["value"] == state["error"]["value"]
     assert state["error"]["message"] in refused.value.detail["message"]
-    assert "send the POST again with a corrected value" in refused.value.detail["message"]
+    assert (
+        "a resume would repeat it, so do what the error says instead"
+        in refused.value.detail["message"]
+    )
     assert client.job(job_id)["status"] == "failed"
     assert len(Job.fetch(rq_id, connection=redis).results()) == runs_before
 
