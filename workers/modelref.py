@@ -280,6 +280,14 @@ def resolve_model(
     tried: list[str] = []
     if looks_like_path:
         path = Path(ref).expanduser()
+        if allowed_roots is not None and not path.is_absolute():
+            # It would be resolved against the API's working directory, which a client cannot
+            # know and which the answers would then reveal.
+            raise PathNotAllowedError(
+                f"model path {ref!r} is relative; {_roots_hint(allowed_roots)}",
+                field="model",
+                value=ref,
+            )
         resolved = path.resolve()
         if allowed_roots is not None and not any(
             resolved == root.resolve() or root.resolve() in resolved.parents
@@ -363,6 +371,14 @@ def _resolve_checkpoint(ref: str, model_dir: Path, step: str) -> ModelRef:
             value=ref,
         )
     return _resolve_directory(ref, path, source="store")
+
+
+def _roots_hint(allowed_roots: Sequence[Path]) -> str:
+    """Return what to do about a model path outside ``allowed_roots``."""
+    if not allowed_roots:
+        return "this service reads no local checkpoints (LAYERBANK_MODEL_ROOTS is empty)"
+    listed = ", ".join(str(root) for root in allowed_roots)
+    return f"pass an absolute path under one of the allowed model roots ({listed})"
 
 
 def _path_spelling(ref: str) -> str:

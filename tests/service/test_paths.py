@@ -209,6 +209,22 @@ def test_model_path_spellings_one_ref(tiny_model: Path, spelling: str) -> None:
     assert other.ref == plain.ref == str(tiny_model)
 
 
+def test_relative_model_path_under_roots_rejected(tiny_model: Path) -> None:
+    """With model roots, a relative path would be resolved against the API's working
+    directory, so it is refused and an absolute path asked for."""
+    import os
+
+    from workers.errors import PathNotAllowedError
+    from workers.modelref import resolve_model
+
+    relative = os.path.relpath(tiny_model)
+    with pytest.raises(PathNotAllowedError) as caught:
+        resolve_model(relative, models_dir=None, allowed_roots=[tiny_model.parent], allow_hub=False)
+    assert caught.value.field == "model"
+    assert "absolute path" in caught.value.message
+    assert os.getcwd() not in caught.value.message
+
+
 def test_allow_list_path_matches_other_spelling(tiny_model: Path) -> None:
     from workers.modelref import resolve_model
 

@@ -52,10 +52,13 @@ def resolve_dataset_path(raw: str, *, reference: str, allowed_roots: Sequence[Pa
     if allowed_roots is not None and not Path(raw).is_absolute():
         # The service would resolve it against its own working directory, which the message
         # would then reveal, and which is no place a client can know.
-        listed = ", ".join(str(root) for root in allowed_roots) or "none are configured"
+        if allowed_roots:
+            listed = ", ".join(str(root) for root in allowed_roots)
+            hint = f"pass an absolute path under one of the allowed dataset roots ({listed})"
+        else:
+            hint = "this service reads no local datasets (LAYERBANK_DATA_ROOTS is empty)"
         raise PathNotAllowedError(
-            f"dataset {reference!r} has a relative path; pass an absolute path under one of "
-            f"the allowed dataset roots ({listed})",
+            f"dataset {reference!r} has a relative path; {hint}",
             field="dataset",
             value=reference,
         )
