@@ -128,7 +128,12 @@ def up(
     api_socket = _bind(host, port)
     if redis_url is None:
         redis_server = RedisServer(free_port(), store_path.parent / "redis", persistent=True)
-        redis_url = redis_server.start().url
+        try:
+            redis_url = redis_server.start().url
+        except RuntimeError as exc:
+            err.print(f"error: {exc}", markup=False, soft_wrap=True)
+            api_socket.close()
+            raise typer.Exit(1) from None
     settings = settings.model_copy(update={"redis_url": redis_url})
     key_store = KeyStore(Redis.from_url(redis_url))
     if not _is_loopback(host) and (settings.auth == "off" or key_store.count() == 0):

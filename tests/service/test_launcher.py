@@ -140,3 +140,52 @@ def test_up_busy_port_one_error_line(tmp_path: Path) -> None:
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "redis").exists()
     assert not (tmp_path / "logs").exists()
+
+
+def test_redis_folder_used_by_one_server_at_a_time(tmp_path: Path) -> None:
+    """Two stacks whose stores share a parent folder would share one Redis data folder and
+    append to one file; the second server is refused while the first holds the folder."""
+    from service.launcher import RedisServer
+
+    folder = tmp_path / "redis"
+    first = RedisServer(free_port(), folder, persistent=True).start()
+    try:
+        with pytest.raises(RuntimeError) as caught:
+            RedisServer(free_port(), folder, persistent=True).start()
+        assert "in use" in str(caught.value)
+        assert str(folder) in str(caught.value)
+    finally:
+        first.stop()
+    again = RedisServer(free_port(), folder, persistent=True).start()
+    again.stop()
+
+
+def test_up_beside_running_stack_is_one_error_line(tmp_path: Path) -> None:
+    from service.launcher import RedisServer
+
+    running = RedisServer(free_port(), tmp_path / "redis", persistent=True).start()
+    env = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
+    try:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "service.cli",
+                "up",
+                "--port",
+                str(free_port()),
+                "--store",
+                str(tmp_path / "second"),
+                "--workers",
+                "0",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        running.stop()
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: the Redis data folder")
+    assert "Traceback" not in result.stderr
