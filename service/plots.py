@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
-import warnings
 from typing import Any
 
 import matplotlib
@@ -12,7 +12,8 @@ import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib import font_manager  # noqa: E402
+from matplotlib import font_manager, ft2font  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -115,29 +116,70 @@ def layer_curve_png(
 def _png(figure: Any) -> bytes:
     """Return ``figure`` as PNG bytes and close it.
 
-    matplotlib warns once per character that no listed font has (drawn as a box). Those
-    warnings become one log line naming the figure's title.
+    Characters that no font of `font_families` has are replaced by U+FFFD before drawing, and
+    one log line names them with the figure's title. matplotlib would otherwise draw boxes
+    and warn once per character, and catching its warnings would change the process-wide
+    warning filters, which other threads of the API change too.
     """
-    buffer = io.BytesIO()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        figure.tight_layout()
-        figure.savefig(buffer, format="png")
-    missing = sorted({str(w.message) for w in caught if "missing from font" in str(w.message)})
-    for other in caught:
-        if "missing from font" not in str(other.message):
-            warnings.warn_explicit(other.message, other.category, other.filename, other.lineno)
+    title = figure.axes[0].get_title() if figure.axes else ""
+    missing: set[str] = set()
+    # Tick labels are made when the figure is drawn, so they are set again from their texts.
+    for axes in figure.axes:
+        for axis in (axes.xaxis, axes.yaxis):
+            labels = [label.get_text() for label in axis.get_ticklabels()]
+            drawn = [_displayable(label, missing) for label in labels]
+            if drawn != labels:
+                axis.set_ticklabels(drawn)
+    for text in figure.findobj(Text):
+        content = text.get_text()
+        drawn_text = _displayable(content, missing)
+        if drawn_text != content:
+            text.set_text(drawn_text)
     if missing:
-        title = figure.axes[0].get_title() if figure.axes else ""
+        names = ", ".join(f"U+{ord(char):04X}" for char in sorted(missing))
         logger.warning(
-            "figure %r: %d characters have no glyph in the installed fonts and are drawn as "
-            "boxes: %s",
+            "figure %r: %d characters have no glyph in the installed fonts and are drawn as %s: %s",
             title,
             len(missing),
-            "; ".join(missing),
+            REPLACEMENT,
+            names,
         )
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
     plt.close(figure)
     return buffer.getvalue()
+
+
+# Drawn in place of a character that no installed font has (DejaVu Sans has this one).
+REPLACEMENT = "\ufffd"
+
+
+def _displayable(text: str, missing: set[str]) -> str:
+    """Return ``text`` with each character no font has replaced, adding those to ``missing``."""
+    lacking = {char for char in text if not _has_glyph(char)}
+    missing |= lacking
+    return "".join(REPLACEMENT if char in lacking else char for char in text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _has_glyph(char: str) -> bool:
+    """Return whether a font of `font_families` has a glyph for ``char``."""
+    if char in "\n\t ":
+        return True
+    return any(font.get_char_index(ord(char)) != 0 for font in _fonts())
+
+
+@functools.lru_cache(maxsize=1)
+def _fonts() -> list[Any]:
+    """Return the font files of `font_families`, opened for glyph lookups."""
+    fonts = []
+    for family in font_families():
+        path = font_manager.findfont(
+            font_manager.FontProperties(family=family), fallback_to_default=False
+        )
+        fonts.append(ft2font.FT2Font(path))
+    return fonts
 
 
 def scatter_png(

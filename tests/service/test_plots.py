@@ -40,15 +40,17 @@ def test_cjk_class_names_have_glyphs() -> None:
 
 
 def test_missing_glyphs_logged_once_per_figure(caplog: pytest.LogCaptureFixture) -> None:
-    """Characters no installed font has (Runic here) are drawn as boxes; the figure logs one
-    warning naming its title instead of matplotlib's warning per glyph on stderr."""
+    """Characters no installed font has (Runic here) are replaced before drawing; the figure
+    logs one warning naming its title and the characters, and matplotlib warns of nothing."""
     matrix = np.array([[2, 0], [1, 3]])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         with caplog.at_level("WARNING", logger="service.plots"):
-            plots.confusion_png(matrix, class_names=["ᚠᚢ", "cat"], title="runes")
+            png = plots.confusion_png(matrix, class_names=["ᚠᚢ", "cat"], title="runes")
     assert [w for w in caught if "missing from font" in str(w.message)] == []
+    assert png.startswith(b"\x89PNG")
     records = [r for r in caplog.records if r.name == "service.plots"]
     assert len(records) == 1
     assert "'runes'" in records[0].getMessage()
-    assert "RUNIC LETTER FEHU" in records[0].getMessage()
+    assert "U+16A0" in records[0].getMessage()  # RUNIC LETTER FEHU
+    assert "U+16A2" in records[0].getMessage()
