@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import warnings
 from pathlib import Path
 from typing import Any
 
 import zarr
 from zarr.abc.store import Store as ZarrStore
 from zarr.core.common import AccessModeLiteral
+from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 from store.errors import LayoutError, NotFoundError
@@ -133,14 +133,22 @@ class Store:
         return self._child_names("featuresets")
 
     def _child_names(self, prefix: str) -> list[str]:
-        try:
-            group = zarr.open_group(self.zarr_store, path=prefix, mode="r")
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-            return []
-        with warnings.catch_warnings():
-            # zarr warns of, and skips, a child without its zarr.json: a delete in progress.
-            warnings.simplefilter("ignore", zarr.errors.ZarrUserWarning)
-            return sorted(name for name, _ in group.groups())
+        """Return the names of the groups under ``prefix``.
+
+        A child without its zarr.json (a delete in progress) is skipped. zarr's own listing
+        warns of such a child, and silencing that would change the process-wide warning
+        filters, which other threads of the API change too.
+        """
+        store = self.zarr_store
+
+        async def names() -> list[str]:
+            found = []
+            async for name in store.list_dir(prefix):
+                if name != "zarr.json" and await store.exists(f"{prefix}/{name}/zarr.json"):
+                    found.append(name)
+            return found
+
+        return sorted(sync(names()))
 
     # -- groups of other kinds --------------------------------------------------------------
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import time
-import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -296,10 +295,10 @@ def run_projection(
     if check_canceled is not None:
         check_canceled()
     check_features_vary(features, spec.layer)
-    with warnings.catch_warnings(), np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"):
         # Nearly constant features make the methods divide 0 by 0; the check below turns the
         # NaN that results into an error naming the layer, so numpy's warning adds nothing.
-        warnings.simplefilter("ignore", RuntimeWarning)
+        # numpy's error state is per thread, unlike the warning filters.
         coords, info = project(features, spec.method, seed=spec.seed)
     check_result_finite(coords, info, spec.method, spec.layer)
     if check_canceled is not None:
