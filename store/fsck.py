@@ -84,12 +84,16 @@ def check_featureset(store: Store, featureset_id: str, *, repair: bool = False) 
     if report["status"] == "complete" and report["missing_blocks"]:
         report["problems"].append(
             f"status is 'complete' but blocks {report['missing_blocks']} are not flagged done; "
-            "run fsck with repair, then resume the job"
+            + _REPAIR_THEN_RESUME
         )
     report["corrupt_blocks"] = sorted(set(report["corrupt_blocks"]))
     report["ok"] = not report["problems"]
     if repair and not report["ok"]:
         _repair(store, featureset, report)
+        # The problems stay as found; their advice now starts at the step left to do.
+        report["problems"] = [
+            problem.replace(_REPAIR_THEN_RESUME, "resume the job") for problem in report["problems"]
+        ]
     logger.info(
         "feature set %s: fsck %s, %d missing blocks, %d corrupt chunks, %d partial files",
         featureset_id,
@@ -181,6 +185,10 @@ class _Checker:
         )
 
 
+# The advice for damage a repair and a resume fix.
+_REPAIR_THEN_RESUME = "run fsck with repair, then resume the job"
+
+
 def _block_chunks(
     array: zarr.Array, block: int, start: int, stop: int
 ) -> list[tuple[tuple[int, ...], tuple[Any, ...]]]:
@@ -207,7 +215,7 @@ def _chunk_key(name: str, array: zarr.Array, coords: tuple[int, ...]) -> str:
 def _advice(name: str) -> str:
     if name in CREATION_ARRAYS:
         return "resume cannot rewrite it, so delete the feature set and extract it again"
-    return "run fsck with repair, then resume the job to rewrite the block"
+    return f"{_REPAIR_THEN_RESUME} to rewrite the block"
 
 
 def _partial_files(store: Store, path: str) -> list[str]:

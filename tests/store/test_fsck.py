@@ -165,6 +165,17 @@ def test_garbled_item_ids_read_names_the_fix(store: Store) -> None:
     assert caught.value.permanent
 
 
+def test_repair_report_advises_the_resume_only(store: Store) -> None:
+    """After its own repair, the report's advice is the step left: the resume."""
+    featureset = _written(store)
+    shard = _shard(store, featureset, 2)
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    report = check_featureset(store, featureset.id, repair=True)
+    assert report["repaired"]
+    assert all("run fsck with repair" not in problem for problem in report["problems"])
+    assert "resume the job to rewrite the block" in report["problems"][0]
+
+
 def test_check_featureset_partial_file(store: Store) -> None:
     featureset = _written(store)
     leftover = _shard(store, featureset, 0).with_suffix(".3f2a9c.partial")
