@@ -175,8 +175,13 @@ def create_extraction(
     )
 
 
-def raise_if_pretraining(redis: Redis, store: Store, model: str, *, field: str = "model") -> None:
-    """Raise NotReadyError when ``model`` is ``store:<name>`` and a job still pretrains it."""
+def raise_if_pretraining(
+    redis: Redis, store: Store, model: str, *, field: str = "model", value: str | None = None
+) -> None:
+    """Raise NotReadyError when ``model`` is ``store:<name>`` and a job still pretrains it.
+
+    The error names ``field`` with ``value``, the request's own value (``model`` by default).
+    """
     model = model.strip()
     name = model.removeprefix("store:").partition("@step")[0].strip()
     if not model.startswith("store:") or not name:
@@ -188,7 +193,7 @@ def raise_if_pretraining(redis: Redis, store: Store, model: str, *, field: str =
             f"model {model!r} is not ready: its pretraining job {job_id!r} is {state}; wait for "
             f"the job to finish (GET /v1/jobs/{job_id}), then send this request again",
             field=field,
-            value=model,
+            value=model if value is None else value,
         )
 
 

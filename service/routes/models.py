@@ -215,7 +215,7 @@ def list_checkpoints(name: str, store: StoreDep, redis: RedisDep) -> Checkpoints
     model_dir = store.models_dir() / name
     if not (model_dir / "config.json").is_file():
         # A running pretraining keeps its step checkpoints aside until its last step.
-        raise_if_pretraining(redis, store, f"store:{name}", field="name")
+        raise_if_pretraining(redis, store, f"store:{name}", field="name", value=name)
         raise NotFoundError(
             f"model store:{name} not found; list models with GET /v1/models",
             field="name",

@@ -340,6 +340,11 @@ def test_extract_model_still_pretraining_is_409(workerless: TestClient) -> None:
     assert spaced.status_code == 409
     assert unknown.status_code == 422
     assert "pretrain it with POST /v1/pretrain first" in unknown.json()["detail"]["message"]
+    # The checkpoints route names its path parameter with the value in the path.
+    checkpoints = workerless.get("/v1/models/queued-model/checkpoints")
+    assert checkpoints.status_code == 409
+    assert checkpoints.json()["detail"]["field"] == "name"
+    assert checkpoints.json()["detail"]["value"] == "queued-model"
 
 
 @pytest.mark.parametrize("kind", ["probe", "projection"])
