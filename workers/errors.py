@@ -6,6 +6,9 @@ turn it into a 4xx response that shows the caller what to change.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from pathlib import Path
+
 __all__ = [
     "DatasetError",
     "JobCanceledError",
@@ -70,6 +73,14 @@ class PathNotAllowedError(WorkersError):
     """Raised when a path resolves outside the configured roots."""
 
     permanent = True
+
+
+def absolute_path_hint(kind: str, roots: Sequence[Path], setting: str) -> str:
+    """Return the fix for a relative ``kind`` path ("dataset" or "model") under ``roots``."""
+    if not roots:
+        return f"this service reads no local {kind}s ({setting} is empty)"
+    listed = ", ".join(str(root) for root in roots)
+    return f"pass an absolute path under one of the allowed {kind} roots ({listed})"
 
 
 class BusyError(WorkersError):

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from store.ids import canonical_path, has_control_characters
-from workers.errors import ModelError, PathNotAllowedError
+from workers.errors import ModelError, PathNotAllowedError, absolute_path_hint
 
 logger = logging.getLogger(__name__)
 
@@ -282,9 +282,10 @@ def resolve_model(
         path = Path(ref).expanduser()
         if allowed_roots is not None and not path.is_absolute():
             # It would be resolved against the API's working directory, which a client cannot
-            # know and which the answers would then reveal.
+            # know and which the error messages would then reveal.
+            hint = absolute_path_hint("model", allowed_roots, "LAYERBANK_MODEL_ROOTS")
             raise PathNotAllowedError(
-                f"model path {ref!r} is relative; {_roots_hint(allowed_roots)}",
+                f"model path {ref!r} is relative; {hint}",
                 field="model",
                 value=ref,
             )
@@ -371,14 +372,6 @@ def _resolve_checkpoint(ref: str, model_dir: Path, step: str) -> ModelRef:
             value=ref,
         )
     return _resolve_directory(ref, path, source="store")
-
-
-def _roots_hint(allowed_roots: Sequence[Path]) -> str:
-    """Return what to do about a model path outside ``allowed_roots``."""
-    if not allowed_roots:
-        return "this service reads no local checkpoints (LAYERBANK_MODEL_ROOTS is empty)"
-    listed = ", ".join(str(root) for root in allowed_roots)
-    return f"pass an absolute path under one of the allowed model roots ({listed})"
 
 
 def _path_spelling(ref: str) -> str:

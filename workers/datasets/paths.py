@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from store.ids import has_control_characters
-from workers.errors import DatasetError, PathNotAllowedError
+from workers.errors import DatasetError, PathNotAllowedError, absolute_path_hint
 
 __all__ = ["FileStamp", "check_allowed", "resolve_dataset_path", "stamp_files", "stamp_tree"]
 
@@ -50,13 +50,9 @@ def resolve_dataset_path(raw: str, *, reference: str, allowed_roots: Sequence[Pa
             value=reference,
         )
     if allowed_roots is not None and not Path(raw).is_absolute():
-        # The service would resolve it against its own working directory, which the message
-        # would then reveal, and which is no place a client can know.
-        if allowed_roots:
-            listed = ", ".join(str(root) for root in allowed_roots)
-            hint = f"pass an absolute path under one of the allowed dataset roots ({listed})"
-        else:
-            hint = "this service reads no local datasets (LAYERBANK_DATA_ROOTS is empty)"
+        # It would be resolved against the service's working directory, which a client cannot
+        # know and which the error message would then reveal.
+        hint = absolute_path_hint("dataset", allowed_roots, "LAYERBANK_DATA_ROOTS")
         raise PathNotAllowedError(
             f"dataset {reference!r} has a relative path; {hint}",
             field="dataset",
