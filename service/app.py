@@ -125,7 +125,7 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     return SafeJSONResponse(error_body(exc), status_code=code, headers=headers)
 
 
-# Seconds a client is told to wait before retrying while Redis is unavailable.
+# Retry-After of the 503 sent while Redis is unavailable, in seconds.
 REDIS_RETRY_AFTER = 5
 
 

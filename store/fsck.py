@@ -164,7 +164,7 @@ class _Checker:
         key = _chunk_key(name, array, coords)
         self.report["corrupt_chunks"].append(key)
         if name not in CREATION_ARRAYS:
-            # Only these blocks are rewritten by a resume, so only they are cleared for one.
+            # A resume rewrites only the blocks of these arrays, so only their flags are cleared.
             self.report["corrupt_blocks"].append(block)
         self.report["problems"].append(
             f"{key} of block {block} cannot be decoded ({type(exc).__name__}: {exc}); "

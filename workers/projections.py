@@ -296,9 +296,8 @@ def run_projection(
         check_canceled()
     check_features_vary(features, spec.layer)
     with np.errstate(invalid="ignore", divide="ignore"):
-        # Nearly constant features make the methods divide 0 by 0; the check below turns the
-        # NaN that results into an error naming the layer, so numpy's warning adds nothing.
-        # numpy's error state is per thread, unlike the warning filters.
+        # Nearly constant features make the methods divide 0 by 0. The check below turns the
+        # resulting NaN into an error naming the layer, so numpy's warning adds nothing.
         coords, info = project(features, spec.method, seed=spec.seed)
     check_result_finite(coords, info, spec.method, spec.layer)
     if check_canceled is not None:

@@ -142,9 +142,9 @@ def test_up_busy_port_one_error_line(tmp_path: Path) -> None:
     assert not (tmp_path / "logs").exists()
 
 
-def test_redis_folder_used_by_one_server_at_a_time(tmp_path: Path) -> None:
+def test_redis_folder_locked_while_running(tmp_path: Path) -> None:
     """Two stacks whose stores share a parent folder would share one Redis data folder and
-    append to one file; the second server is refused while the first holds the folder."""
+    append to one file. So a second server is rejected while the first runs."""
     from service.launcher import RedisServer
 
     folder = tmp_path / "redis"

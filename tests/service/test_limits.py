@@ -134,7 +134,7 @@ def test_limits_blocks_per_extraction(limits: tuple[TestClient, dict[str, str]])
     assert "LAYERBANK_MAX_BLOCKS_PER_EXTRACTION" in detail["message"]
 
 
-def test_limits_default_block_rows_within_block_limit(tmp_path: Path) -> None:
+def test_default_block_rows_fit_limit(tmp_path: Path) -> None:
     """Without block_rows, blocks grow until the set fits in the block limit."""
     featureset = pending_featureset(tmp_path / "store", n_items=1000, dim=65536, max_blocks=10)
     assert featureset.block_rows == 100

@@ -211,7 +211,7 @@ def test_model_path_spellings_one_ref(tiny_model: Path, spelling: str) -> None:
 
 def test_relative_model_path_under_roots_rejected(tiny_model: Path) -> None:
     """With model roots, a relative path would be resolved against the API's working
-    directory, so it is refused and an absolute path asked for."""
+    directory, so it is rejected with a request for an absolute path."""
     import os
 
     from workers.errors import PathNotAllowedError

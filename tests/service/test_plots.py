@@ -40,7 +40,7 @@ def test_cjk_class_names_have_glyphs() -> None:
 
 
 def test_missing_glyphs_logged_once_per_figure(caplog: pytest.LogCaptureFixture) -> None:
-    """Characters no installed font has (Runic here) are replaced before drawing; the figure
+    """Characters no installed font has (Runic here) are replaced before drawing. The figure
     logs one warning naming its title and the characters, and matplotlib warns of nothing."""
     matrix = np.array([[2, 0], [1, 3]])
     with warnings.catch_warnings(record=True) as caught:

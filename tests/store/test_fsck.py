@@ -123,9 +123,9 @@ def test_check_featureset_garbled_label_chunk(store: Store) -> None:
     assert "extract it again" in report["problems"][0]
 
 
-def test_repair_leaves_garbled_label_chunk_to_reextraction(store: Store) -> None:
+def test_repair_skips_garbled_labels(store: Store) -> None:
     """A resume rewrites features only, so a repair must not make a damaged labels chunk look
-    fixable: it keeps the block's flag and the status, and reads name the damage."""
+    fixable. It keeps the block's flag and the status, and reads name the damage."""
     from store import DamagedChunkError
 
     featureset = _written(store)

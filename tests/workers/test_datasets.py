@@ -894,7 +894,7 @@ def test_dotdot_through_a_folder_loads(tiny_npz: Path) -> None:
     assert split.n_items == load_split(f"npz:{tiny_npz}", "all").n_items
 
 
-def test_relative_path_under_roots_names_no_server_folder(tmp_path: Path, tiny_npz: Path) -> None:
+def test_relative_path_under_roots_rejected(tmp_path: Path, tiny_npz: Path) -> None:
     """With allowed roots, a relative path is rejected without showing the folder the service
     runs in, which it would be resolved against."""
     import os
