@@ -2,16 +2,37 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from store.ids import ID_REGEX
 
 MAX_BATCH_SIZE = 4096
 # Request bodies reject unknown fields and convert no types: JSON true is not the integer 1,
-# and "3" is not 3.
+# and "3" is not 3. The one conversion is in integer fields (JsonInt), from a float with an
+# integral value to int.
 REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True)
+
+
+def _integral_float_to_int(value: Any) -> Any:
+    """Convert a float with an integral value, such as 2.0 or 1e3, to int.
+
+    JSON Schema's integer includes such numbers, and JSON parsers read them as floats. Every
+    other value passes unchanged, so strict mode still rejects 2.5, true, "2", NaN and
+    infinity.
+    """
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+# The integer type of request fields. Its JSON Schema stays "integer".
+JsonInt = Annotated[int, BeforeValidator(_integral_float_to_int)]
+# The same for optional fields. Written as JsonInt | None, the Field bounds would apply to the
+# union, and pydantic 2.14 then writes them to the JSON Schema as "ge" and "le" instead of
+# "minimum" and "maximum".
+OptionalJsonInt = Annotated[int | None, BeforeValidator(_integral_float_to_int)]
 
 
 class ExtractionCreate(BaseModel):
@@ -27,7 +48,7 @@ class ExtractionCreate(BaseModel):
     )
     dataset: str = Field(..., min_length=1, max_length=1024, examples=["digits"])
     split: str = Field(..., min_length=1, max_length=64, examples=["train"])
-    layers: Literal["all"] | list[int] = "all"
+    layers: Literal["all"] | list[JsonInt] = "all"
     pooling: Literal["mean", "cls", "last_token", "mean_ln_f"] = "mean"
     input_policy: Literal["sos", "plain"] | None = Field(
         None,
@@ -41,18 +62,18 @@ class ExtractionCreate(BaseModel):
         "largest finite value (65504) fails the job with an error naming dtype, as does a "
         "model output of NaN or infinity (naming model); such values are never stored.",
     )
-    token_layers: list[int] = Field(
+    token_layers: list[JsonInt] = Field(
         default_factory=list,
         max_length=1024,
         description="Hidden-state indices whose unpooled (per-token) states are stored too, as "
         "token_features (n_token_layers, n_items, seq, dim); list each layer explicitly.",
     )
-    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH_SIZE)
-    block_rows: int | None = Field(
+    batch_size: OptionalJsonInt = Field(None, ge=1, le=MAX_BATCH_SIZE)
+    block_rows: OptionalJsonInt = Field(
         None, ge=1, le=1_000_000, description="Rows per block (one rq job each)."
     )
-    limit: int | None = Field(None, ge=1, description="Stratified subset size.")
-    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed of the stratified subset.")
+    limit: OptionalJsonInt = Field(None, ge=1, description="Stratified subset size.")
+    seed: JsonInt = Field(0, ge=0, le=2**31 - 1, description="Seed of the stratified subset.")
     image_column: str | None = Field(
         None, max_length=128, description="Hugging Face datasets: the image column."
     )
@@ -142,7 +163,7 @@ class ProbeCreate(BaseModel):
         description="Id of the feature set to test on.",
         json_schema_extra={"pattern": ID_REGEX},
     )
-    layers: Literal["all"] | list[int] = "all"
+    layers: Literal["all"] | list[JsonInt] = "all"
     kind: str | list[str] = Field(
         "logistic", description="logistic, knn, mlp, adapter, or a list of them."
     )
@@ -150,7 +171,7 @@ class ProbeCreate(BaseModel):
         default_factory=dict,
         description="Hyper-parameters; either flat (applied to the only kind) or keyed by kind.",
     )
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    seed: JsonInt = Field(0, ge=0, le=2**31 - 1)
 
 
 class ProbeCreated(BaseModel):
@@ -189,16 +210,16 @@ class PretrainCreate(BaseModel):
     name: str = Field(..., min_length=1, max_length=64, examples=["digits-igpt"])
     dataset: str = "digits"
     split: str = "train"
-    n_layer: int = Field(4, ge=1, le=48)
-    n_embd: int = Field(64, ge=8, le=2048)
-    n_head: int = Field(4, ge=1, le=64)
-    n_colors: int = Field(16, ge=2, le=1024)
-    steps: int = Field(1000, ge=1, le=1_000_000)
-    batch_size: int = Field(64, ge=1, le=4096)
+    n_layer: JsonInt = Field(4, ge=1, le=48)
+    n_embd: JsonInt = Field(64, ge=8, le=2048)
+    n_head: JsonInt = Field(4, ge=1, le=64)
+    n_colors: JsonInt = Field(16, ge=2, le=1024)
+    steps: JsonInt = Field(1000, ge=1, le=1_000_000)
+    batch_size: JsonInt = Field(64, ge=1, le=4096)
     learning_rate: float = Field(1e-3, gt=0, le=1.0)
-    seed: int = Field(0, ge=0, le=2**31 - 1)
-    eval_every: int = Field(100, ge=1, description="Steps between validation-loss evaluations.")
-    checkpoint_every: int | None = Field(
+    seed: JsonInt = Field(0, ge=0, le=2**31 - 1)
+    eval_every: JsonInt = Field(100, ge=1, description="Steps between validation-loss evaluations.")
+    checkpoint_every: OptionalJsonInt = Field(
         None,
         ge=1,
         description="Save a checkpoint (store:<name>@step<N>) at step 0 and every "
@@ -250,15 +271,15 @@ class ProjectionCreate(BaseModel):
         description="Id of the feature set to project.",
         json_schema_extra={"pattern": ID_REGEX},
     )
-    layer: int = Field(..., ge=0)
+    layer: JsonInt = Field(..., ge=0)
     method: Literal["tsne", "pca", "umap"] = "tsne"
-    n_points: int = Field(
+    n_points: JsonInt = Field(
         1000,
         ge=1,
         le=100_000,
         description="Stratified subsample size; all items when the feature set has fewer.",
     )
-    seed: int = Field(0, ge=0, le=2**31 - 1)
+    seed: JsonInt = Field(0, ge=0, le=2**31 - 1)
 
 
 class ProjectionCreated(BaseModel):

@@ -562,12 +562,12 @@ def _cases(data: dict[str, str], fs: dict[str, str], tiny: str, max_body: int) -
             message=("valid integer", "(got true)"),
         ),
         Case(
-            "extraction layers of floats",
+            "extraction layers of fractions",
             "POST",
             post_x,
-            _extraction(layers=[1.0]),
+            _extraction(layers=[1.5]),
             field="layers",
-            message=("valid integer", "(got 1.0)"),
+            message=("valid integer", "(got 1.5)"),
         ),
         Case(
             "projection layer as text",

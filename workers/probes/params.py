@@ -84,22 +84,30 @@ def read_int(
     low: int = 1,
     high: int | None = None,
 ) -> int:
-    """Read an integer within ``[low, high]``."""
-    value = params.get(name, default)
-    _check_int(name, value, low, high)
-    return int(value)
+    """Read an integer within ``[low, high]``, accepting a float with an integral value."""
+    return _check_int(name, params.get(name, default), low, high)
 
 
-def _check_int(name: str, value: Any, low: int, high: int | None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+def _check_int(name: str, value: Any, low: int, high: int | None) -> int:
+    """Return ``value`` as an int, raising ProbeError unless it is an integer in range.
+
+    JSON Schema's integer includes 2.0 and 1e3, which JSON parsers read as floats, so a float
+    with an integral value is accepted. Booleans, strings, fractions, NaN and infinity are not.
+    """
+    if isinstance(value, float) and value.is_integer():
+        integer = int(value)
+    elif isinstance(value, int) and not isinstance(value, bool):
+        integer = value
+    else:
         raise ProbeError(f"{name} must be an integer, got {value!r}", field=name, value=value)
-    if value < low or (high is not None and value > high):
+    if integer < low or (high is not None and integer > high):
         bound = f"[{low}, {high}]" if high is not None else f">= {low}"
         raise ProbeError(
             f"{name}={value!r} is out of range; pass an integer {bound}",
             field=name,
             value=value,
         )
+    return integer
 
 
 def read_choice(params: Mapping[str, Any], name: str, default: str, choices: Sequence[str]) -> str:
@@ -141,13 +149,14 @@ def read_grid(
             field=name,
             value=value,
         )
+    checked: list[Any] = []
     for item in values:
         if integer:
-            _check_int(name, item, int(low) + (1 if low_open else 0), None)
+            checked.append(_check_int(name, item, int(low) + (1 if low_open else 0), None))
         else:
             _check_float(name, item, low, None, low_open, False)
-    cast = int if integer else float
-    grid = sorted({cast(v) for v in values})
+            checked.append(float(item))
+    grid = sorted(set(checked))
     if len(grid) > MAX_GRID_VALUES:
         raise ProbeError(
             f"{name} grid has {len(grid)} distinct values, more than the maximum of "
