@@ -304,6 +304,37 @@ def test_canceled_extraction_allows_new_post_and_delete(
     assert "send the same POST /v1/extractions again" in refused.value.detail["message"]
 
 
+def test_resume_after_newer_completed_set(client: Client, redis: Redis, tiny_model: Path) -> None:
+    """The same POST sent after a cancel started a job that completed the feature set, so the
+    canceled job has nothing left to resume and does not take on that job's progress."""
+    first = _slow_extraction(client, tiny_model, "test", limit=200, seed=9106)  # 10 blocks
+    featureset_id = first["featureset_id"]
+    assert _cancel(client, first["job_id"]).json()["status"] == "canceled"
+    _wait_rq_idle(redis, first["job_id"])
+    rq_ids = load_job(redis, first["job_id"])["rq_ids"]
+    again = _slow_extraction(client, tiny_model, "test", limit=200, seed=9106)
+    assert again["job_id"] != first["job_id"]
+    done = wait_job(client, again["job_id"], timeout=120)
+    assert done is not None and done["status"] == "finished", done
+    assert client.featureset(featureset_id)["status"] == "complete"
+
+    with pytest.raises(ClientError) as refused:
+        client.request("POST", f"/v1/jobs/{first['job_id']}/resume")
+
+    assert refused.value.status_code == 409
+    detail = refused.value.detail
+    assert detail["field"] == "job_id"
+    assert detail["value"] == first["job_id"]
+    assert f"feature set {featureset_id!r}" in detail["message"]
+    assert f"completed by job {again['job_id']}" in detail["message"]
+    assert "nothing left to resume" in detail["message"]
+    assert f"GET /v1/featuresets/{featureset_id}" in detail["message"]
+    # The rejected resume queued nothing and kept the cancel.
+    record = load_job(redis, first["job_id"])
+    assert record["rq_ids"] == rq_ids
+    assert "canceled" in record
+
+
 def test_canceled_job_busy_while_block_runs(redis: Redis, tmp_path: Path) -> None:
     # A queue no worker listens to: the test decides which rq job counts as started.
     queue = Queue(f"cancel-{uuid.uuid4().hex[:8]}", connection=redis)
