@@ -8,13 +8,18 @@ Two measurements on one thread, run by hand, never in CI:
 2. One layer of the synthetic sweep of ``bench/probe.py`` fitted through ``fit_probes``, with
    the time spent in the objective counted, so the rest (reading, standardising, covariance,
    L-BFGS bookkeeping, metrics) shows as the remainder.
+3. With ``--widths``, one whole evaluation (``_BatchedLogistic._objective``) on ``--items``
+   items for 1 to ``--problems`` problems of one layer, and a straight line fitted to those
+   times. Its intercept is the cost of a call of any width, its slope the cost per problem.
 
     .venv/bin/python bench/probe_objective.py --layer 12
+    .venv/bin/python bench/probe_objective.py --widths --items 40000
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 import timeit
@@ -22,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from threadpoolctl import threadpool_limits  # noqa: E402
 
@@ -53,6 +59,30 @@ def time_block(n_items: int, problems: int, n_classes: int, dim: int, repeat: in
             f"{name}: {best * 1e3:.2f} ms for {problems} problems x {n_items} items "
             f"({flops / best / 1e9:.0f} GFLOP/s counting the matmuls only)"
         )
+
+
+def time_widths(n_items: int, problems: int, n_classes: int, dim: int, repeat: int) -> None:
+    """Print the time of one evaluation per width, and the fitted costs per call and per problem."""
+    x = torch.randn(1, n_items, dim + 1)
+    x[..., -1] = 1.0
+    y = torch.randint(0, n_classes, (n_items,))
+    c = torch.ones(1, problems, dtype=torch.float64)
+    model = logistic._BatchedLogistic(x, y, c, n_classes, torch.eye(dim, dtype=torch.float64)[None])
+    theta = torch.randn(problems, dim + 1, n_classes, dtype=torch.float64) * 0.05
+    widths, seconds = list(range(1, problems + 1)), []
+    for width in widths:
+        call = functools.partial(model._objective, np.arange(width), theta[:width])
+        best = min(timeit.repeat(call, number=3, repeat=repeat))
+        seconds.append(best / 3)
+        print(f"width {width}: {seconds[-1] * 1e3:.1f} ms per evaluation of {n_items} items")
+    slope, intercept = np.polyfit(widths, seconds, 1)
+    if slope <= 0:
+        print("fit: the times do not grow with the width; run again on an idle machine")
+        return
+    print(
+        f"fit: {intercept * 1e3:.1f} ms per call + {slope * 1e3:.1f} ms per problem; a call of one "
+        f"problem costs as much as {seconds[0] / slope:.1f} problems at the marginal rate"
+    )
 
 
 def time_fit(layer: int, n_layers: int, items: int, dim: int, n_classes: int) -> None:
@@ -104,10 +134,16 @@ def main() -> None:
     parser.add_argument("--layer", type=int, default=12, help="layer of the synthetic sweep")
     parser.add_argument("--layers", type=int, default=25, help="layers of the synthetic sweep")
     parser.add_argument("--items", type=int, default=50000, help="train items of the fit")
+    parser.add_argument(
+        "--widths", action="store_true", help="time whole evaluations of 1 to --problems problems"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     threadpool_limits(1)
     torch.manual_seed(0)
+    if args.widths:
+        time_widths(args.items, args.problems, args.classes, args.dim, args.repeat)
+        return
     time_block(args.block, args.problems, args.classes, args.dim, args.repeat)
     time_fit(args.layer, args.layers, args.items, args.dim, args.classes)
 
