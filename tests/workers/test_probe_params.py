@@ -67,6 +67,15 @@ def test_knn_grid_of_floats_normalises_to_ints() -> None:
     assert all(type(value) is int for value in normalised["k"])
 
 
+def test_integral_float_params_normalise_to_ints() -> None:
+    """An integer parameter written as 100.0 gives the probe id of 100."""
+    normalised = normalise_params("mlp", {"max_epochs": 1e2, "lr": 0.5, "hidden": [32.0]})
+
+    assert normalised == {"max_epochs": 100, "lr": 0.5, "hidden": [32]}
+    assert type(normalised["max_epochs"]) is int
+    assert type(normalised["hidden"][0]) is int
+
+
 def test_mlp_settings_read_integral_floats() -> None:
     settings = read_mlp_settings({"max_epochs": 1e2, "hidden": 32.0, "batch_size": 64.0})
 

@@ -421,15 +421,28 @@ GRID_PARAMS = {"logistic": ("C", False), "knn": ("k", True)}
 
 
 def normalise_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Return ``params`` with the grid as the engines read it: distinct values in increasing
-    order, all of one number type. Equal requests then get one probe id, whichever way the
-    grid was written (``1`` or ``[1.0, 1.0]``). Call it after `check_params`."""
+    """Return ``params`` as the engines read them, so that equal requests get one probe id.
+
+    A float with an integral value becomes an int (``100.0`` and ``100`` are one ``max_iter``),
+    and the grid becomes its distinct values in increasing order, all of one number type
+    (``1`` or ``[1.0, 1.0]``). Call it after `check_params`.
+    """
+    params = {name: _integral_to_int(value) for name, value in params.items()}
     grid = GRID_PARAMS.get(kind)
     if grid is None or grid[0] not in params:
-        return dict(params)
+        return params
     name, integer = grid
     values, _ = read_grid(params, name, (), integer=integer)
     return {**params, name: values}
+
+
+def _integral_to_int(value: Any) -> Any:
+    """Return ``value`` with each float of integral value below 2**53 as an int, in lists too."""
+    if isinstance(value, list):
+        return [_integral_to_int(item) for item in value]
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
 
 
 def fit_part_size(params: Mapping[str, Any], y_train: np.ndarray) -> int:
