@@ -350,11 +350,10 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
         if done and last is not None:
             result = last.return_value(refresh=False)
 
-    # A later request for the same target may have started a newer job than this one.
+    # A later request for the same target may have started a newer job than this one. That job
+    # may have completed the target, which does not make this canceled job finished.
     newer = active_job_id(redis, record["target"]) if record.get(CANCELED_FIELD) else None
-    if done:
-        status = "finished"
-    elif newer not in (None, job_id):
+    if newer not in (None, job_id):
         status = "canceled"
         error = {
             "message": f"canceled by request at {record[CANCELED_FIELD]}; a later request "
@@ -362,6 +361,8 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
             "field": None,
             "value": None,
         }
+    elif done:
+        status = "finished"
     elif record.get(CANCELED_FIELD) and kind == "extraction" and featureset is None:
         status = "canceled"
         error = {

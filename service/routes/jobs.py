@@ -130,22 +130,6 @@ def resume_job(
     later job of the same extraction has completed its feature set.
     """
 
-    def reject_completed_by_newer(record: dict[str, Any], state: dict[str, Any]) -> None:
-        # An extraction job's status is finished once its feature set is complete, even when a
-        # later job completed the set. A 200 would then report that job's work as this one's.
-        if record["kind"] != "extraction" or state["status"] != "finished":
-            return
-        newer = active_job_id(redis, record["target"])
-        if newer is None or newer == job_id:
-            return
-        raise JobNotResumableError(
-            f"feature set {record['target']!r} was completed by job {newer}, which a later "
-            f"request started for the same extraction, so job {job_id} has nothing left to "
-            f"resume; read the feature set directly with GET /v1/featuresets/{record['target']}",
-            field="job_id",
-            value=job_id,
-        )
-
     def result_complete(record: dict[str, Any]) -> bool:
         # A later POST of the same probe or projection request may have computed the result.
         group = RESULT_GROUPS.get(record["kind"])
@@ -202,7 +186,6 @@ def resume_job(
         when=("failed", "canceled"),
         change=resume,
         unchanged=result_complete,
-        reject=reject_completed_by_newer,
     )
 
 
@@ -237,13 +220,11 @@ def _change_job(
     when: tuple[str, ...],
     change: Callable[[dict[str, Any]], object],
     unchanged: Callable[[dict[str, Any]], bool] | None = None,
-    reject: Callable[[dict[str, Any], dict[str, Any]], None] | None = None,
 ) -> JobPublic:
     """Apply ``change`` to the job's record if the job's status is in ``when``; return its state.
 
     Otherwise, or when ``unchanged(record)`` is true, the response becomes a 200 with the job
-    unchanged. ``reject(record, state)`` runs first, whatever the status, and raises to fail
-    the request. The state is read and changed under the lock of the job's target, so a cancel,
+    unchanged. The state is read and changed under the lock of the job's target, so a cancel,
     a resume or a new POST for the same target that arrives at the same time finds what this
     one queued or canceled.
     """
@@ -251,8 +232,6 @@ def _change_job(
     record = load_job(redis, job_id)
     with target_lock(redis, record["target"]):
         state = job_state(redis, store, job_id)
-        if reject is not None:
-            reject(record, state)
         if state["status"] not in when or (unchanged is not None and unchanged(record)):
             response.status_code = status.HTTP_200_OK
             return JobPublic.model_validate(state)

@@ -305,8 +305,8 @@ def test_canceled_extraction_allows_new_post_and_delete(
 
 
 def test_resume_after_newer_completed_set(client: Client, redis: Redis, tiny_model: Path) -> None:
-    """The same POST sent after a cancel started a job that completed the feature set, so the
-    canceled job has nothing left to resume and does not take on that job's progress."""
+    """The same POST sent after a cancel started a job that completed the feature set. The
+    canceled job stays canceled and its resume is rejected instead of reading finished."""
     first = _slow_extraction(client, tiny_model, "test", limit=200, seed=9106)  # 10 blocks
     featureset_id = first["featureset_id"]
     assert _cancel(client, first["job_id"]).json()["status"] == "canceled"
@@ -318,6 +318,10 @@ def test_resume_after_newer_completed_set(client: Client, redis: Redis, tiny_mod
     assert done is not None and done["status"] == "finished", done
     assert client.featureset(featureset_id)["status"] == "complete"
 
+    # The old job reads canceled, pointing to the job that did the work.
+    state = client.job(first["job_id"])
+    assert state["status"] == "canceled"
+    assert f"follow GET /v1/jobs/{again['job_id']}" in state["error"]["message"]
     with pytest.raises(ClientError) as refused:
         client.request("POST", f"/v1/jobs/{first['job_id']}/resume")
 
@@ -325,10 +329,8 @@ def test_resume_after_newer_completed_set(client: Client, redis: Redis, tiny_mod
     detail = refused.value.detail
     assert detail["field"] == "job_id"
     assert detail["value"] == first["job_id"]
-    assert f"feature set {featureset_id!r}" in detail["message"]
-    assert f"completed by job {again['job_id']}" in detail["message"]
-    assert "nothing left to resume" in detail["message"]
-    assert f"GET /v1/featuresets/{featureset_id}" in detail["message"]
+    assert f"superseded by job {again['job_id']}" in detail["message"]
+    assert "(status finished)" in detail["message"]
     # The rejected resume queued nothing and kept the cancel.
     record = load_job(redis, first["job_id"])
     assert record["rq_ids"] == rq_ids
