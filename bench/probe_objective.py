@@ -8,17 +8,22 @@ Two measurements on one thread, run by hand, never in CI:
 2. One layer of the synthetic sweep of ``bench/probe.py`` fitted through ``fit_probes``, with
    the time spent in the objective counted, so the rest (reading, standardising, covariance,
    L-BFGS bookkeeping, metrics) shows as the remainder.
-3. With ``--widths``, one whole evaluation (``_BatchedLogistic._objective``) on ``--items``
-   items for 1 to ``--problems`` problems of one layer, and a straight line fitted to those
-   times. Its intercept is the cost of a call of any width, its slope the cost per problem.
+3. With ``--widths``, one whole evaluation (``_BatchedLogistic._objective``, in blocks of
+   ``--block`` items) on ``--items`` items for 1 to ``--problems`` problems of one layer, and a
+   straight line fitted to those times. Its intercept is the cost of a call of any width, its
+   slope the cost per problem.
+4. With ``--sweep``, every layer of the sweep fitted through ``fit_probes``, with the objective's
+   calls counted and timed per stage (validation fits or refit) and number of problems.
 
     .venv/bin/python bench/probe_objective.py --layer 12
     .venv/bin/python bench/probe_objective.py --widths --items 40000
+    .venv/bin/python bench/probe_objective.py --sweep
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import functools
 import sys
 import time
@@ -124,6 +129,49 @@ def time_fit(layer: int, n_layers: int, items: int, dim: int, n_classes: int) ->
     )
 
 
+def time_sweep(n_layers: int, items: int, dim: int, n_classes: int) -> None:
+    """Fit every layer of the synthetic sweep and print the objective's calls per width."""
+    n_test = items // 5
+    features, labels = make_features(items + n_test, dim, n_layers, n_classes, seed=0)
+    calls: dict[tuple[str, int], list[float]] = collections.defaultdict(list)
+    objective = logistic._BatchedLogistic._layer_objective
+
+    def counted(self, layer, theta, penalty):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
+        out = objective(self, layer, theta, penalty)
+        # Validation fits see the fit part; the refit sees every train item.
+        stage = "refit" if self.x.shape[1] == items else "validation"
+        calls[stage, len(theta)].append(time.perf_counter() - start)
+        return out
+
+    logistic._BatchedLogistic._layer_objective = counted  # type: ignore[method-assign]
+    start = time.perf_counter()
+    fit_probes(
+        "logistic",
+        features[:, :items],
+        labels[:items],
+        features[:, items:],
+        labels[items:],
+        layers=list(range(n_layers)),
+        params={"C": DEFAULT_C_GRID, "engine": "torch", "dtype": "float32"},
+        seed=0,
+        device="cpu",
+    )
+    wall = time.perf_counter() - start
+    logistic._BatchedLogistic._layer_objective = objective  # type: ignore[method-assign]
+    print("| stage | problems per call | calls | s | ms per call |")
+    print("|---|---|---|---|---|")
+    for (stage, width), times in sorted(
+        calls.items(), key=lambda item: (item[0][0] == "refit", item[0][1])
+    ):
+        print(
+            f"| {stage} | {width} | {len(times)} | {sum(times):.2f} | "
+            f"{sum(times) / len(times) * 1e3:.1f} |"
+        )
+    spent = sum(sum(times) for times in calls.values())
+    print(f"{wall:.1f} s for the sweep, {spent:.1f} s ({spent / wall:.0%}) in the objective")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--block", type=int, default=logistic.CPU_ROW_BLOCK, help="items")
@@ -137,12 +185,20 @@ def main() -> None:
     parser.add_argument(
         "--widths", action="store_true", help="time whole evaluations of 1 to --problems problems"
     )
+    parser.add_argument(
+        "--sweep", action="store_true", help="fit every layer and count the objective's calls"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     threadpool_limits(1)
     torch.manual_seed(0)
     if args.widths:
+        # The objective reads its block size from the module.
+        logistic.CPU_ROW_BLOCK = args.block
         time_widths(args.items, args.problems, args.classes, args.dim, args.repeat)
+        return
+    if args.sweep:
+        time_sweep(args.layers, args.items, args.dim, args.classes)
         return
     time_block(args.block, args.problems, args.classes, args.dim, args.repeat)
     time_fit(args.layer, args.layers, args.items, args.dim, args.classes)
