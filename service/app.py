@@ -268,13 +268,37 @@ def _extra_field(request: Request, error: dict[str, Any], location: list[str]) -
     }
 
 
+def _location_part(part: object) -> str:
+    """Return one part of a pydantic error location as the request names it.
+
+    A union's tag names each alternative by its schema, so an integer with a conversion before
+    its check reads ``function-before[name(), int]``. Only the type after the function is kept.
+    """
+    text = str(part)
+    while (start := text.find("function-")) != -1:
+        open_at = text.find("[", start)
+        skip_to = text.find("), ", open_at)
+        if open_at == -1 or skip_to == -1:
+            break
+        depth, close_at = 0, len(text)
+        for index in range(open_at, len(text)):
+            depth += {"[": 1, "]": -1}.get(text[index], 0)
+            if depth == 0:
+                close_at = index
+                break
+        text = text[:start] + text[skip_to + 3 : close_at] + text[close_at + 1 :]
+    return text
+
+
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     """Report request validation errors in the same shape as domain errors, first one first."""
     assert isinstance(exc, RequestValidationError)
     problems = []
     for error in exc.errors():
         location = [
-            str(part) for part in error.get("loc", ()) if part not in ("body", "query", "path")
+            _location_part(part)
+            for part in error.get("loc", ())
+            if part not in ("body", "query", "path")
         ]
         if tuple(error.get("loc", ())) == ("body",) and error.get("type") in _NOT_AN_OBJECT:
             problems.append(_body_not_object(request, error))
@@ -422,10 +446,12 @@ _BODY_PARSE_DETAIL = "There was an error parsing the body"
 def _body_parse_error(request: Request, cause: BaseException | None) -> JSONResponse:
     """Return the 422 for a JSON body that could not be decoded, naming the reason."""
     if isinstance(cause, UnicodeDecodeError):
+        # Python's JSON parser picks UTF-16 or UTF-32 from the first bytes, UTF-8 otherwise.
+        encoding = cause.encoding.upper().removesuffix("-LE").removesuffix("-BE")
         byte = cause.object[cause.start]
         reason = (
-            f"the body is not valid UTF-8 (byte 0x{byte:02x} at position {cause.start}); "
-            "send the JSON encoded as UTF-8"
+            f"the body could not be decoded as {encoding} ({cause.reason}, byte 0x{byte:02x} "
+            f"at position {cause.start}); send the JSON encoded as UTF-8"
         )
     elif isinstance(cause, RecursionError):
         reason = "the body's JSON is nested too deeply to parse; send a flatter JSON object"

@@ -404,6 +404,16 @@ def _cases(data: dict[str, str], fs: dict[str, str], tiny: str, max_body: int) -
             message=("UTF-8", "position 51"),
         ),
         Case(
+            "body utf-16 cut short",
+            "POST",
+            post_x,
+            # A UTF-16 byte-order mark, then half of a two-byte character.
+            raw=b"\xff\xfe\x7b",
+            headers={"content-type": "application/json"},
+            field="body",
+            message=("as UTF-16", "truncated data", "send the JSON encoded as UTF-8"),
+        ),
+        Case(
             "body nested too deep",
             "POST",
             post_x,
@@ -805,3 +815,18 @@ def test_path_spellings_share_id_and_copies_overlap(
     assert response.status_code == 422, response.text
     assert response.json()["detail"]["field"] == "test_featureset"
     assert "shares 12 of its 12 items" in response.json()["detail"]["message"]
+
+
+@pytest.mark.parametrize("layers", [[1.5], "ALL"])
+def test_error_location_names_no_validator(api_url: str, layers: Any) -> None:
+    """Locations read like the request: the integer type, not the function that converts it."""
+    with httpx.Client(base_url=api_url, timeout=60) as http:
+        response = http.post("/v1/extractions", json={**_extraction(), "layers": layers})
+
+    assert response.status_code == 422
+    locations = [problem["location"] for problem in response.json()["detail"]["errors"]]
+    assert locations
+    for location in locations:
+        assert location.startswith("layers")
+        assert "function" not in location
+        assert "_integral" not in location
