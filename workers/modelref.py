@@ -271,7 +271,8 @@ def resolve_model(
             )
             raise ModelError(
                 f"model {ref!r} not found in the store's models ({', '.join(available) or 'none'}"
-                "); pretrain it with POST /v1/pretrain first",
+                "); pretrain it with POST /v1/pretrain first, or resume its pretraining job if "
+                "it was canceled or failed (GET /v1/jobs lists them)",
                 field="model",
                 value=ref,
             )
@@ -294,10 +295,15 @@ def resolve_model(
             resolved == root.resolve() or root.resolve() in resolved.parents
             for root in allowed_roots
         ):
+            fix = (
+                f"outside the allowed model roots ({', '.join(str(r) for r in allowed_roots)}); "
+                "copy the checkpoint under one of them"
+                if allowed_roots
+                else "not readable: this service reads no local models (LAYERBANK_MODEL_ROOTS is "
+                "empty); set LAYERBANK_MODEL_ROOTS to a folder that contains it"
+            )
             raise PathNotAllowedError(
-                f"model path {ref!r} is outside the allowed model roots "
-                f"({', '.join(str(r) for r in allowed_roots) or 'none configured'}); copy the "
-                "checkpoint under one of them",
+                f"model path {ref!r} is {fix}",
                 field="model",
                 value=ref,
             )
@@ -365,11 +371,15 @@ def _resolve_checkpoint(ref: str, model_dir: Path, step: str) -> ModelRef:
     )
     path = checkpoints / f"step-{int(step)}" if step.isdigit() else None
     if path is None or not (path / "config.json").is_file():
+        if available:
+            fix = (
+                f"has checkpoints at steps {', '.join(available)}; use one of them, such as "
+                f"store:{model_dir.name}@step{available[-1]}"
+            )
+        else:
+            fix = "saved no step checkpoints; pretrain again with checkpoint_every to save some"
         raise ModelError(
-            f"model {ref!r} not found: {model_dir.name!r} has checkpoints at steps "
-            f"{', '.join(available) or 'none'}; pretrain with checkpoint_every to save some",
-            field="model",
-            value=ref,
+            f"model {ref!r} not found: {model_dir.name!r} {fix}", field="model", value=ref
         )
     return _resolve_directory(ref, path, source="store")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Annotated, Any
 
@@ -41,6 +42,23 @@ router = APIRouter(prefix="/v1/probes", tags=["probes"])
 
 # Fields of a feature-set spec that must agree between train and test.
 MATCHING_FIELDS = ("model", "model_revision", "processor", "layers", "pooling")
+
+
+def describe_difference(name: str, train: Any, test: Any) -> str:
+    """Return how a spec field differs between train and test, naming only the keys that
+    differ when both are objects (such as the processor's settings)."""
+
+    def shown(values: dict[str, Any], key: str) -> str:
+        return json.dumps(values[key]) if key in values else "missing"
+
+    if isinstance(train, dict) and isinstance(test, dict):
+        keys = sorted(
+            key for key in train.keys() | test.keys() if shown(train, key) != shown(test, key)
+        )
+        return ", ".join(
+            f"{name}.{key} ({shown(train, key)} vs {shown(test, key)})" for key in keys
+        )
+    return f"{name} ({json.dumps(train)} vs {json.dumps(test)})"
 
 
 @router.post(
@@ -112,8 +130,9 @@ def _probe_spec(body: ProbeCreate, store: Store, redis: Redis, settings: Setting
     for name in MATCHING_FIELDS:
         if train_spec[name] != test_spec[name]:
             raise StoreError(
-                f"train and test feature sets differ in {name} ({train_spec[name]!r} vs "
-                f"{test_spec[name]!r}); extract both splits with the same model and settings",
+                f"train and test feature sets differ in "
+                f"{describe_difference(name, train_spec[name], test_spec[name])}; extract both "
+                "splits with the same model and settings",
                 field="test_featureset",
                 value=body.test_featureset,
             )
@@ -149,8 +168,19 @@ def _probe_spec(body: ProbeCreate, store: Store, redis: Redis, settings: Setting
                 field="kind",
                 value=kind,
             )
-    if not kinds or len(set(kinds)) != len(kinds):
-        raise StoreError("kind must name each probe kind once", field="kind", value=body.kind)
+    if not kinds:
+        raise StoreError(
+            f"kind is an empty list; name at least one probe kind ({', '.join(PROBE_KINDS)})",
+            field="kind",
+            value=body.kind,
+        )
+    repeated = sorted({kind for kind in kinds if kinds.count(kind) > 1})
+    if repeated:
+        raise StoreError(
+            f"kind names {', '.join(repeated)} more than once; name each probe kind once",
+            field="kind",
+            value=body.kind,
+        )
     if "adapter" in kinds and train.spec.model_family != "imagegpt":
         raise StoreError(
             f"adapter probes need an ImageGPT model, but feature set {train.id!r} comes from "

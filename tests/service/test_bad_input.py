@@ -19,6 +19,7 @@ from starlette.requests import Request
 
 from service.app import _http_error
 from service.client import Client
+from service.routes.probes import describe_difference
 from tests.conftest import wait_job
 
 MISSING_ID = "0" * 24
@@ -497,6 +498,22 @@ def _cases(data: dict[str, str], fs: dict[str, str], tiny: str, max_body: int) -
         ),
         Case("probe layer not stored", "POST", post_p, probe(layers=[3]), field="layers"),
         Case(
+            "probe kind list empty",
+            "POST",
+            post_p,
+            probe(kind=[]),
+            field="kind",
+            message=("kind is an empty list", "logistic, knn"),
+        ),
+        Case(
+            "probe kind named twice",
+            "POST",
+            post_p,
+            probe(kind=["knn", "logistic", "knn"]),
+            field="kind",
+            message=("kind names knn more than once",),
+        ),
+        Case(
             "probe test set is the train set",
             "POST",
             post_p,
@@ -830,3 +847,16 @@ def test_error_location_names_no_validator(api_url: str, layers: Any) -> None:
         assert location.startswith("layers")
         assert "function" not in location
         assert "_integral" not in location
+
+
+def test_processor_difference_names_keys() -> None:
+    """Only the processor settings that differ are named, as JSON."""
+    train = {"input_policy": "sos", "n_colors": 16, "resize": None}
+    test = {"input_policy": "plain", "n_colors": 16}
+
+    described = describe_difference("processor", train, test)
+
+    assert (
+        described == 'processor.input_policy ("sos" vs "plain"), processor.resize (null vs missing)'
+    )
+    assert describe_difference("pooling", "mean", "last") == 'pooling ("mean" vs "last")'

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from workers.errors import ModelError
-from workers.modelref import ModelRef
+from workers.errors import ModelError, PathNotAllowedError
+from workers.modelref import ModelRef, resolve_model
 
 
 def _vit_ref(config: dict[str, object]) -> ModelRef:
@@ -29,3 +31,51 @@ def test_check_layers_without_block_count_raises() -> None:
     ref = _vit_ref({"model_type": "vit", "hidden_size": 32})
     with pytest.raises(ModelError, match="num_hidden_layers"):
         ref.check_layers("all")
+
+
+def _checkpoint(folder: Path) -> None:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+
+
+def test_missing_step_lists_saved_steps(tmp_path: Path) -> None:
+    for step in (0, 20):
+        _checkpoint(tmp_path / "mid" / "checkpoints" / f"step-{step}")
+
+    with pytest.raises(ModelError) as caught:
+        resolve_model("store:mid@step999", models_dir=tmp_path)
+
+    message = caught.value.message
+    assert "has checkpoints at steps 0, 20" in message
+    assert "use one of them, such as store:mid@step20" in message
+    assert "checkpoint_every" not in message
+
+
+def test_run_without_checkpoints_says_so(tmp_path: Path) -> None:
+    _checkpoint(tmp_path / "dig")
+
+    with pytest.raises(ModelError) as caught:
+        resolve_model("store:dig@step0", models_dir=tmp_path)
+
+    message = caught.value.message
+    assert "'dig' saved no step checkpoints" in message
+    assert "steps none" not in message
+    assert "pretrain again with checkpoint_every" in message
+
+
+def test_unknown_store_model_mentions_resume(tmp_path: Path) -> None:
+    with pytest.raises(ModelError) as caught:
+        resolve_model("store:gone", models_dir=tmp_path)
+
+    assert "resume its pretraining job" in caught.value.message
+
+
+def test_no_model_roots_names_setting(tmp_path: Path) -> None:
+    _checkpoint(tmp_path / "local")
+
+    with pytest.raises(PathNotAllowedError) as caught:
+        resolve_model(str(tmp_path / "local"), models_dir=None, allowed_roots=[])
+
+    message = caught.value.message
+    assert "LAYERBANK_MODEL_ROOTS is empty" in message
+    assert "under one of them" not in message
