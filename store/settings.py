@@ -72,6 +72,13 @@ class Settings(BaseSettings):
         "or canceled) is deleted; 0 keeps every record.",
     )
     pretrain_timeout: int = Field(7200, description="Seconds one pretraining job may run.")
+    pretrain_memory_gib: float = Field(
+        8.0,
+        gt=0,
+        description="GiB of memory one pretraining run may use, as estimated from its model "
+        "size, batch_size and image size; checked before the job is queued and again before it "
+        "trains. Set it to what one run may take on the workers' device.",
+    )
     max_rows_per_fetch: int = Field(1_000_000, description="Rows one layer fetch may return.")
     max_json_rows: int = Field(1000, description="Rows a JSON layer fetch may return.")
     max_token_bytes: int = Field(

@@ -22,7 +22,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from store.settings import get_settings
 from workers.datasets import load_split
+from workers.pretrain_memory import EVAL_BATCH_SIZE, PretrainShape, check_pretrain_memory
 
 logger = logging.getLogger(__name__)
 
@@ -83,6 +85,7 @@ def pretrain_imagegpt(
     data_roots: list[Path] | None = None,
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
     check_canceled: Callable[[], None] | None = None,
+    memory_limit: int | None = None,
 ) -> dict[str, Any]:
     """Train a small ImageGPT and save it under ``output_dir``; return the training record.
 
@@ -94,6 +97,9 @@ def pretrain_imagegpt(
     ``check_canceled`` is called before every step, so it must be cheap. When it raises, the
     step checkpoints written so far are deleted, ``output_dir`` is left as it was and the error
     propagates.
+
+    Before anything is trained or written, `PretrainMemoryError` is raised when the estimated
+    memory of the run exceeds ``memory_limit`` bytes (by default LAYERBANK_PRETRAIN_MEMORY_GIB).
     """
     from transformers import ImageGPTConfig, ImageGPTForCausalImageModeling, ImageGPTImageProcessor
 
@@ -104,6 +110,28 @@ def pretrain_imagegpt(
     torch.manual_seed(params.seed)
     split = load_split(params.dataset, params.split, allowed_roots=data_roots)
     n, height, width, _ = split.images.shape
+    if memory_limit is None:
+        memory_limit = int(get_settings().pretrain_memory_gib * 2**30)
+    # The API checks the same before queueing. This check covers jobs queued some other way or
+    # under a larger limit, which would otherwise end in the out-of-memory killer.
+    memory = check_pretrain_memory(
+        PretrainShape(
+            n_layer=params.n_layer,
+            n_embd=params.n_embd,
+            n_head=params.n_head,
+            n_colors=params.n_colors,
+            batch_size=params.batch_size,
+            seq_len=height * width,
+            n_items=n,
+            val_fraction=params.val_fraction,
+        ),
+        memory_limit,
+    )
+    logger.info(
+        "pretrain: estimated memory %.2f GiB of the %.2f GiB limit",
+        memory.total_bytes / 2**30,
+        memory_limit / 2**30,
+    )
 
     # Validation part for the generative loss, seeded.
     rng = np.random.default_rng(params.seed)
@@ -273,9 +301,10 @@ def _evaluate(
 ) -> float:
     model.eval()
     total, count = 0.0, 0
-    for start in range(0, len(inputs), 256):
-        logits = model(input_ids=inputs[start : start + 256].to(device)).logits
-        batch_targets = targets[start : start + 256].to(device)
+    for start in range(0, len(inputs), EVAL_BATCH_SIZE):
+        stop = start + EVAL_BATCH_SIZE
+        logits = model(input_ids=inputs[start:stop].to(device)).logits
+        batch_targets = targets[start:stop].to(device)
         total += float(
             torch.nn.functional.cross_entropy(
                 logits.reshape(-1, logits.shape[-1]), batch_targets.reshape(-1), reduction="sum"
