@@ -163,6 +163,15 @@ def up(
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), host=host, port=port, log_level="info")
     )
+    redis_failures: list[str] = []
+    if redis_server is not None:
+
+        def stop_stack(reason: str) -> None:
+            redis_failures.append(reason)
+            server.should_exit = True
+
+        # Only a Redis this command started is restarted: an external REDIS_URL is left alone.
+        redis_server.supervise(stop_stack)
     try:
         server.run(sockets=[api_socket])
     finally:
@@ -171,6 +180,8 @@ def up(
         supervisor.stop()
         if redis_server is not None:
             redis_server.stop()
+    if redis_failures:
+        _exit_with_error(redis_failures[0])
 
 
 @app.command()

