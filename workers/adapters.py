@@ -326,7 +326,7 @@ def fit_adapter(
     y_fit_all = torch.from_numpy(np.searchsorted(classes, y_train)).to(train_ids.device)
     y_test_idx = np.searchsorted(classes, y_test)
     fit_part, val_part = stratified_split(np.searchsorted(classes, y_train), fraction, seed)
-    require_validation_items(len(val_part), fraction, len(y_train))
+    require_validation_items(len(val_part), fraction, y_train)
 
     # Probes stored before the API checked the estimate reach this check only here.
     check_adapter_memory(

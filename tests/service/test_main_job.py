@@ -414,6 +414,7 @@ def test_pretrain_same_name_other_settings_rejected(client: Any) -> None:
         ("mlp", {"lr": 1e300}, "lr"),
         ("mlp", {"weight_decay": 1e300}, "weight_decay"),
         ("logistic", {"engine": "torch", "history_size": 10**9}, "history_size"),
+        ("logistic", {"max_iter": 1e12}, "max_iter"),
         ("adapter", {"batch_size": 65536, "bottleneck": 65536}, "bottleneck"),
     ],
 )

@@ -201,3 +201,30 @@ def test_probe_width_mismatch_names_fix(client: Any, settings: Any) -> None:
     assert detail["field"] == "test_featureset"
     assert "differ in dim (48 vs 192)" in detail["message"]
     assert "same model, layers and pooling" in detail["message"]
+
+
+def _pixels(client: Any, split: str, limit: int) -> str:
+    answer = client.extract("pixels", "digits", split, layers=[0], pooling="mean", limit=limit)
+    state = wait_job(client, answer["job_id"])
+    assert state is None or state["status"] == "finished", state
+    return str(answer["featureset_id"])
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.9])
+def test_probe_one_train_item_per_class_422(client: Any, fraction: float) -> None:
+    """Ten stratified digits contain one item per class, so no val_fraction can help."""
+    train, test = _pixels(client, "train", 10), _pixels(client, "test", 10)
+    body = {
+        "train_featureset": train,
+        "test_featureset": test,
+        "kind": "knn",
+        "params": {"val_fraction": fraction},
+    }
+
+    status, detail = _error(client, "POST", "/v1/probes", json=body)
+
+    assert status == 422
+    assert detail["field"] == "val_fraction"
+    assert "each class needs at least 2 train items" in detail["message"]
+    assert "larger limit" in detail["message"]
+    assert "pass a larger val_fraction" not in detail["message"]

@@ -40,6 +40,8 @@ LIMIT = int(Settings().adapter_fit_gib * 2**30)
         ("logistic", {"engine": "torch", "history_size": 10**9}, "history_size"),
         ("logistic", {"engine": "torch", "layer_batch": 10**9}, "layer_batch"),
         ("logistic", {"engine": "torch", "c_batch": 10**9}, "c_batch"),
+        ("logistic", {"max_iter": 1e12}, "max_iter"),
+        ("logistic", {"engine": "torch", "max_iter": 100_001}, "max_iter"),
     ],
 )
 def test_reader_rejects_huge_value(kind: str, params: dict[str, Any], field: str) -> None:
@@ -57,7 +59,17 @@ def test_reader_rejects_huge_value(kind: str, params: dict[str, Any], field: str
     [
         ("mlp", {"lr": 1.0, "weight_decay": 1.0, "batch_size": 8192}),
         ("adapter", {"lr": 1.0, "weight_decay": 1.0, "bottleneck": 4096, "batch_size": 4096}),
-        ("logistic", {"engine": "torch", "history_size": 100, "layer_batch": 128, "c_batch": 100}),
+        (
+            "logistic",
+            {
+                "engine": "torch",
+                "history_size": 100,
+                "layer_batch": 128,
+                "c_batch": 100,
+                "max_iter": 100_000,
+            },
+        ),
+        ("logistic", {"max_iter": 100_000}),
     ],
 )
 def test_reader_accepts_values_at_bounds(kind: str, params: dict[str, Any]) -> None:

@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 
 from workers.errors import ProbeError
-from workers.probes.params import read_grid, read_int
-from workers.probes.settings import normalise_params, read_mlp_settings
+from workers.probes.params import (
+    MAX_GRID_VALUES,
+    check_known,
+    format_json,
+    read_choice,
+    read_float,
+    read_grid,
+    read_int,
+)
+from workers.probes.settings import fit_part_size, normalise_params, read_mlp_settings
 
 
 @pytest.mark.parametrize(("value", "expected"), [(2, 2), (2.0, 2), (1e3, 1000), (-0.0, 0)])
@@ -29,7 +39,7 @@ def test_read_int_rejects_non_integer(value: Any) -> None:
 
     assert caught.value.field == "steps"
     assert caught.value.value is value
-    assert f"steps must be an integer, got {value!r}" in caught.value.message
+    assert f"steps must be an integer, got {json.dumps(value)}" in caught.value.message
 
 
 def test_read_int_range_applies_to_integral_float() -> None:
@@ -85,3 +95,121 @@ def test_mlp_settings_read_integral_floats() -> None:
     assert type(settings.hidden) is int
     assert settings.batch_size == 64
     assert type(settings.batch_size) is int
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        ("adapter", "for an adapter probe"),
+        ("mlp", "for an mlp probe"),
+        ("logistic", "for a logistic probe"),
+        ("knn", "for a knn probe"),
+    ],
+)
+def test_unknown_param_article(kind: str, expected: str) -> None:
+    with pytest.raises(ProbeError) as caught:
+        check_known({"C": 1}, kind, ())
+
+    assert caught.value.field == "C"
+    assert f"unknown parameter 'C' {expected};" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [(None, "null"), (True, "true"), (False, "false"), ("2", '"2"'), ([1], "[1]")],
+)
+def test_int_message_shows_json(value: Any, shown: str) -> None:
+    with pytest.raises(ProbeError) as caught:
+        read_int({"max_iter": value}, "max_iter", 1)
+
+    assert caught.value.message == f"max_iter must be an integer, got {shown}"
+    assert caught.value.value is value
+
+
+@pytest.mark.parametrize(("value", "shown"), [(None, "null"), (True, "true"), ("x", '"x"')])
+def test_float_message_shows_json(value: Any, shown: str) -> None:
+    with pytest.raises(ProbeError) as caught:
+        read_float({"lr": value}, "lr", 1e-3)
+
+    assert caught.value.message == f"lr must be a finite number, got {shown}"
+
+
+def test_float_range_message_shows_json() -> None:
+    with pytest.raises(ProbeError) as caught:
+        read_float({"lr": 2.0}, "lr", 1e-3, low=0.0, high=1.0)
+
+    assert "lr=2.0 is out of range" in caught.value.message
+
+
+def test_choice_message_shows_json() -> None:
+    with pytest.raises(ProbeError) as caught:
+        read_choice({"engine": None}, "engine", "sklearn", ("sklearn", "torch"))
+
+    assert caught.value.message == 'engine=null is not supported; use one of "sklearn", "torch"'
+    assert caught.value.field == "engine"
+
+
+def test_grid_too_long_value_is_grid() -> None:
+    grid = [float(c) for c in range(1, MAX_GRID_VALUES + 2)]
+
+    with pytest.raises(ProbeError) as caught:
+        read_grid({"C": grid}, "C", (1.0,))
+
+    assert caught.value.field == "C"
+    assert caught.value.value == grid
+    assert f"C grid has {MAX_GRID_VALUES + 1} distinct values" in caught.value.message
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        (None, "null"),
+        ({"a": [1.5, True]}, '{"a": [1.5, true]}'),
+        ("café", '"café"'),
+        ("\ud800", '"\\ud800"'),
+        (math.nan, "NaN"),
+        ({1, 2}, "{1, 2}"),
+    ],
+)
+def test_format_json(value: Any, shown: str) -> None:
+    assert format_json(value) == shown
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.5, 0.9])
+def test_val_fraction_one_item_per_class(fraction: float) -> None:
+    """No val_fraction helps: the split keeps one item of each class for fitting."""
+    labels = np.arange(10)
+
+    with pytest.raises(ProbeError) as caught:
+        fit_part_size({"val_fraction": fraction}, labels)
+
+    message = caught.value.message
+    assert caught.value.field == "val_fraction"
+    assert "each class needs at least 2 train items" in message
+    assert "larger limit" in message
+    assert "pass a larger val_fraction" not in message
+
+
+def test_val_fraction_too_small_names_fraction() -> None:
+    """With two items per class, a larger val_fraction does leave validation items."""
+    labels = np.repeat(np.arange(10), 2)
+
+    with pytest.raises(ProbeError) as caught:
+        fit_part_size({"val_fraction": 0.2}, labels)
+
+    assert caught.value.field == "val_fraction"
+    assert caught.value.value == 0.2
+    assert "val_fraction=0.2 leaves no validation items out of 20" in caught.value.message
+    assert "pass a larger val_fraction" in caught.value.message
+    assert fit_part_size({"val_fraction": 0.5}, labels) == 10
+
+
+def test_val_fraction_one_class_of_two_items() -> None:
+    """One class with two items is enough for a val_fraction above 0.25."""
+    labels = np.array([0, 1, 2, 2])
+
+    with pytest.raises(ProbeError) as caught:
+        fit_part_size({"val_fraction": 0.2}, labels)
+
+    assert "pass a larger val_fraction" in caught.value.message
+    assert fit_part_size({"val_fraction": 0.5}, labels) == 3

@@ -26,7 +26,9 @@ from torch.overrides import TorchFunctionMode
 from workers.errors import ProbeError
 from workers.probes import PROBE_KINDS, fit_probes
 from workers.probes.logistic import LogisticSettings, _BatchedLogistic, _standardise_parts_
-from workers.probes.metrics import bootstrap_accuracy_ci
+from workers.probes.metrics import CI_DECIMALS, bootstrap_accuracy_ci
+from workers.probes.mlp import _unfinished_training_warning
+from workers.probes.settings import MlpSettings
 
 N_TEST = 500
 LAYERS = [0, 1, 2]
@@ -474,6 +476,68 @@ def test_mlp_records_unfinished_training_as_warning(digits: Digits) -> None:
     assert any("raise max_epochs" in w for w in result["warnings"])
 
 
+def _mlp_settings(max_epochs: int, patience: int) -> MlpSettings:
+    return MlpSettings(
+        hidden=16,
+        dropout=0.0,
+        lr=1e-3,
+        weight_decay=0.0,
+        max_epochs=max_epochs,
+        patience=patience,
+        batch_size=64,
+    )
+
+
+@pytest.mark.parametrize(
+    ("max_epochs", "patience", "best_epoch", "stopped", "warns"),
+    [
+        # Patience below half the run: the window is the patience.
+        (200, 20, 181, False, True),
+        (200, 20, 190, False, True),
+        (200, 20, 150, True, False),
+        # Early stopping cannot trigger: the window is the second half of the run.
+        (150, 150, 32, False, False),
+        (150, 150, 75, False, False),
+        (150, 150, 76, False, True),
+        (150, 1000, 150, False, True),
+        # Patience above half the run, yet below max_epochs.
+        (60, 40, 25, False, False),
+        (60, 40, 31, False, True),
+        # One or three epochs: the last epoch is the second half.
+        (1, 20, 1, False, True),
+        (3, 5, 3, False, True),
+        (3, 5, 1, False, False),
+    ],
+)
+def test_mlp_unfinished_warning_rule(
+    max_epochs: int, patience: int, best_epoch: int, stopped: bool, warns: bool
+) -> None:
+    warning = _unfinished_training_warning(_mlp_settings(max_epochs, patience), best_epoch, stopped)
+
+    assert (warning is not None) is warns
+    if warning is not None:
+        assert f"epoch {best_epoch}," in warning
+        assert f"max_epochs={max_epochs}" in warning
+        assert "raise max_epochs" in warning
+
+
+def test_mlp_no_warning_without_early_stopping() -> None:
+    """patience >= max_epochs never stops early; an early best epoch needs no more epochs."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1], 100)
+    # Two classes 20 standard deviations apart: validation accuracy is 1.0 from epoch 1 on.
+    features = (rng.standard_normal((1, 200, 4)) + 20.0 * labels[None, :, None]).astype(np.float32)
+    params = {"hidden": 8, "lr": 0.05, "max_epochs": 20, "patience": 20}
+
+    (result,) = fit_probes(
+        "mlp", features, labels, features, labels, layers=[0], params=params, seed=0
+    )
+
+    assert result["params"]["epoch"] == 1
+    assert result["n_iter"] == 20
+    assert result["warnings"] == []
+
+
 # --- metrics and the result contract ----------------------------------------------------------
 
 
@@ -539,6 +603,23 @@ def test_metrics_per_class_accuracy_is_recall(sklearn_results: list[dict]) -> No
 def test_metrics_class_names_follow_the_classes(sklearn_results: list[dict]) -> None:
     assert sklearn_results[0]["classes"] == list(range(10))
     assert sklearn_results[0]["class_names"] == [str(d) for d in range(10)]
+
+
+def test_bootstrap_ci_rounded() -> None:
+    """The bounds are the interpolated percentiles of the unchanged method, rounded."""
+    correct = np.random.default_rng(1).random(500) < 0.4
+    rng = np.random.default_rng(0)
+    means = np.concatenate(
+        [correct[rng.integers(0, 500, size=(100, 500))].mean(axis=1) for _ in range(10)]
+    )
+    exact = np.percentile(means, [2.5, 97.5])
+
+    bounds = bootstrap_accuracy_ci(correct, seed=0)
+
+    for bound, unrounded in zip(bounds, exact, strict=True):
+        assert bound == round(bound, CI_DECIMALS)
+        assert abs(bound - unrounded) <= 0.5 * 10**-CI_DECIMALS
+    assert any(len(repr(float(value))) > 10 for value in exact)
 
 
 def test_bootstrap_ci_is_seeded() -> None:
@@ -717,7 +798,16 @@ def test_error_layer_out_of_range(digits: Digits) -> None:
 def test_error_unknown_engine(digits: Digits) -> None:
     error = probe_error(digits, "logistic", {"engine": "jax"})
     assert error.field == "engine"
-    assert "'jax'" in str(error)
+    assert 'engine="jax" is not supported' in str(error)
+
+
+def test_error_one_train_item_per_class(digits: Digits) -> None:
+    first = [int(np.flatnonzero(digits["y_train"] == c)[0]) for c in range(10)]
+    one_each = {**digits, "train": digits["train"][:, first], "y_train": digits["y_train"][first]}
+    error = probe_error(one_each, "knn", {"val_fraction": 0.9})
+    assert error.field == "val_fraction"
+    assert "each class needs at least 2 train items" in str(error)
+    assert "larger limit" in str(error)
 
 
 def test_error_val_fraction_out_of_range(digits: Digits) -> None:
@@ -737,5 +827,6 @@ def test_error_torch_param_with_sklearn_engine(digits: Digits, name: str) -> Non
     value = "float32" if name == "dtype" else 2
     error = probe_error(digits, params={name: value})
     assert error.field == name
-    assert "engine 'torch' only" in str(error)
+    assert 'engine "torch" only' in str(error)
+    assert 'engine is "sklearn"' in str(error)
     assert '"engine": "torch"' in str(error)

@@ -7,6 +7,11 @@ from typing import Any
 import numpy as np
 
 N_BOOTSTRAP = 1000
+# Decimals of the interval bounds. np.percentile interpolates between two resample means,
+# which leaves float noise such as 0.46404999999999996. Rounding moves a bound by at most
+# 5e-7. The Monte Carlo error of a 2.5% percentile of 1000 resamples is larger by orders of
+# magnitude: by the normal approximation, about 1e-4 for 50,000 test items at 90% accuracy.
+CI_DECIMALS = 6
 # Resamples drawn per numpy call; bounds the index matrix to 100 x n_test.
 _BOOTSTRAP_CHUNK = 100
 
@@ -34,6 +39,11 @@ def bootstrap_accuracy_ci(
     seed
         Seeds the resampling; the same seed and item count draw the same resamples, so the
         intervals of different layers of one probe are paired.
+
+    Returns
+    -------
+    tuple
+        The lower and upper bound, rounded to `CI_DECIMALS` decimals.
     """
     n = len(correct)
     rng = np.random.default_rng(seed)
@@ -45,7 +55,7 @@ def bootstrap_accuracy_ci(
         means.append(hits[idx].mean(axis=1))
     tail = (1.0 - level) / 2.0 * 100.0
     lo, hi = np.percentile(np.concatenate(means), [tail, 100.0 - tail])
-    return float(lo), float(hi)
+    return round(float(lo), CI_DECIMALS), round(float(hi), CI_DECIMALS)
 
 
 def classification_metrics(

@@ -59,11 +59,9 @@ def fit_mlp(task: ProbeTask, params: dict[str, Any]) -> list[dict[str, Any]]:
         model, curve, best_epoch, stopped = _train(task, s, device, x_fit, y_fit, x_val, y_val)
 
         notes = []
-        if not stopped:
-            notes.append(
-                f"validation accuracy still improved within the last {s.patience} of "
-                f"max_epochs={s.max_epochs} epochs (best at epoch {best_epoch}); raise max_epochs"
-            )
+        unfinished = _unfinished_training_warning(s, best_epoch, stopped)
+        if unfinished is not None:
+            notes.append(unfinished)
         results.append(
             task.layer_result(
                 layer,
@@ -82,6 +80,26 @@ def fit_mlp(task: ProbeTask, params: dict[str, Any]) -> list[dict[str, Any]]:
         logger.info("mlp probe: layer %d done (best epoch %d of %d)", layer, best_epoch, len(curve))
         task.report_progress(done)
     return results
+
+
+def _unfinished_training_warning(s: MlpSettings, best_epoch: int, stopped: bool) -> str | None:
+    """Return the "raise max_epochs" warning of a run that more epochs may improve, or None.
+
+    The rule: warn when the run used all ``max_epochs`` (patience did not run out) and its best
+    epoch lies within the last ``window`` epochs, where ``window`` is ``patience`` capped at
+    half of ``max_epochs``, rounded up. A run that was not stopped improved within its last
+    ``patience`` epochs, so early stopping would have let it go on. The cap matters when
+    ``patience`` exceeds half the run, for example when ``patience >= max_epochs`` and early
+    stopping never triggers. A best epoch in the first half was followed by at least as many
+    epochs without a gain, so more epochs are unlikely to help.
+    """
+    window = min(s.patience, math.ceil(s.max_epochs / 2))
+    if stopped or best_epoch <= s.max_epochs - window:
+        return None
+    return (
+        f"the best validation accuracy came at epoch {best_epoch}, within the last {window} "
+        f"of max_epochs={s.max_epochs} epochs, so more epochs may improve it; raise max_epochs"
+    )
 
 
 def _train(

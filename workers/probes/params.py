@@ -6,6 +6,7 @@ parameter and the offending value, so a bad request fails before any layer is re
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
@@ -16,6 +17,30 @@ COMMON_PARAMS = frozenset({"engine", "val_fraction"})
 # Most values one hyper-parameter grid may list. Each value is a fit per layer, so a longer
 # grid would hold a worker for hours; a finer search belongs in several requests.
 MAX_GRID_VALUES = 100
+# Probe kinds whose name starts with a vowel sound: "an adapter", "an mlp" (em-el-pee).
+_KINDS_AFTER_AN = frozenset({"adapter", "mlp"})
+
+
+def format_json(value: Any) -> str:
+    """Format a request value as JSON for an error message: null, true, "text", [1, 2].
+
+    Clients send JSON, so a message shows their value as they wrote it rather than as a
+    Python repr (None, True, 'text'). Text with a lone surrogate, which UTF-8 cannot encode,
+    keeps its \\u escapes. A value that JSON cannot encode is shown by its repr.
+    """
+    try:
+        text = json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return repr(value)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(value)
+    return text
+
+
+def _with_article(kind: str) -> str:
+    return f"an {kind}" if kind in _KINDS_AFTER_AN else f"a {kind}"
 
 
 def check_known(params: Mapping[str, Any], kind: str, allowed: Collection[str]) -> None:
@@ -24,7 +49,7 @@ def check_known(params: Mapping[str, Any], kind: str, allowed: Collection[str]) 
     for name in params:
         if name not in known:
             raise ProbeError(
-                f"unknown parameter {name!r} for a {kind} probe; "
+                f"unknown parameter {name!r} for {_with_article(kind)} probe; "
                 f"use one of {', '.join(sorted(known))}",
                 field=name,
                 value=params[name],
@@ -61,7 +86,9 @@ def _check_float(
     high_open: bool,
 ) -> None:
     if not _is_number(value):
-        raise ProbeError(f"{name} must be a finite number, got {value!r}", field=name, value=value)
+        raise ProbeError(
+            f"{name} must be a finite number, got {format_json(value)}", field=name, value=value
+        )
     below = low is not None and (value <= low if low_open else value < low)
     above = high is not None and (value >= high if high_open else value > high)
     if below or above:
@@ -70,7 +97,7 @@ def _check_float(
         closing = ")" if high_open or high is None else "]"
         interval = f"{'(' if low_open else '['}{lo}, {hi}{closing}"
         raise ProbeError(
-            f"{name}={value!r} is out of range; pass a value in {interval}",
+            f"{name}={format_json(value)} is out of range; pass a value in {interval}",
             field=name,
             value=value,
         )
@@ -99,11 +126,13 @@ def _check_int(name: str, value: Any, low: int, high: int | None) -> int:
     elif isinstance(value, int) and not isinstance(value, bool):
         integer = value
     else:
-        raise ProbeError(f"{name} must be an integer, got {value!r}", field=name, value=value)
+        raise ProbeError(
+            f"{name} must be an integer, got {format_json(value)}", field=name, value=value
+        )
     if integer < low or (high is not None and integer > high):
         bound = f"[{low}, {high}]" if high is not None else f">= {low}"
         raise ProbeError(
-            f"{name}={value!r} is out of range; pass an integer {bound}",
+            f"{name}={format_json(value)} is out of range; pass an integer {bound}",
             field=name,
             value=value,
         )
@@ -115,7 +144,8 @@ def read_choice(params: Mapping[str, Any], name: str, default: str, choices: Seq
     value = params.get(name, default)
     if value not in choices:
         raise ProbeError(
-            f"{name}={value!r} is not supported; use one of {', '.join(map(repr, choices))}",
+            f"{name}={format_json(value)} is not supported; use one of "
+            f"{', '.join(map(format_json, choices))}",
             field=name,
             value=value,
         )
@@ -162,6 +192,6 @@ def read_grid(
             f"{name} grid has {len(grid)} distinct values, more than the maximum of "
             f"{MAX_GRID_VALUES}; pass at most {MAX_GRID_VALUES}",
             field=name,
-            value=len(grid),
+            value=value,
         )
     return grid, explicit

@@ -16,6 +16,7 @@ from workers.errors import ProbeError
 from workers.probes.params import (
     MAX_GRID_VALUES,
     check_known,
+    format_json,
     read_choice,
     read_float,
     read_grid,
@@ -38,6 +39,10 @@ class TrainSizes(Protocol):
 ENGINES = ("sklearn", "torch")
 DEFAULT_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 DEFAULT_MAX_ITER = {"sklearn": 5000, "torch": 1000}
+# Largest max_iter: 20 times the sklearn default. Each L-BFGS iteration evaluates the objective
+# on the whole fit part at least once, for every layer and value of C, so an unbounded value
+# could hold a worker for days.
+MAX_LOGISTIC_ITER = 100_000
 # Max-norm of the gradient (scikit-learn's lbfgs "gtol"). scikit-learn's default 1e-4 stops
 # large-C fits far from the optimum: on digits their validation accuracy still moves by up to
 # 4 items as tol shrinks, and the two engines then choose different values of C. At 1e-5 the
@@ -80,13 +85,13 @@ def read_logistic_settings(params: dict[str, Any]) -> LogisticSettings:
         for name in TORCH_ONLY_PARAMS:
             if name in params:
                 raise ProbeError(
-                    f"logistic param {name!r} applies to engine 'torch' only, and engine is "
-                    f'{engine!r}; add "engine": "torch" or remove {name!r}',
+                    f'logistic param {name!r} applies to engine "torch" only, and engine is '
+                    f'{format_json(engine)}; add "engine": "torch" or remove {name!r}',
                     field=name,
                     value=params[name],
                 )
     c_grid, _ = read_grid(params, "C", DEFAULT_C_GRID)
-    max_iter = read_int(params, "max_iter", DEFAULT_MAX_ITER[engine])
+    max_iter = read_int(params, "max_iter", DEFAULT_MAX_ITER[engine], high=MAX_LOGISTIC_ITER)
     tol = read_float(params, "tol", DEFAULT_TOL[engine], low=0.0, low_open=True)
     # float64 by default on every device: in float32 the summed objective stalls near a
     # gradient max-norm of 2e-5 (digits), short of the default tol.
@@ -399,15 +404,31 @@ def validation_count(class_count: int, fraction: float) -> int:
     return min(int(round(fraction * class_count)), class_count - 1)
 
 
-def require_validation_items(n_val: int, fraction: float, n_train: int) -> None:
-    """Raise `ProbeError` when the validation split of ``n_train`` items contains none."""
-    if n_val == 0:
+def require_validation_items(n_val: int, fraction: float, y_train: np.ndarray) -> None:
+    """Raise `ProbeError` when the validation split of the train items contains none.
+
+    ``y_train`` contains the train labels. When every class has a single item, no val_fraction
+    helps, because `validation_count` keeps one item of each class for fitting, and the
+    error asks for more train items instead.
+    """
+    if n_val > 0:
+        return
+    counts = np.unique(y_train, return_counts=True)[1]
+    if len(counts) and counts.max() < 2:
         raise ProbeError(
-            f"val_fraction={fraction!r} leaves no validation items out of {n_train}; "
-            "pass a larger val_fraction",
+            f"no val_fraction leaves validation items: each of the {len(counts)} classes has "
+            "1 train item, and the validation split keeps one item of every class for "
+            "fitting; each class needs at least 2 train items, so extract the train feature "
+            "set with a larger limit",
             field="val_fraction",
             value=fraction,
         )
+    raise ProbeError(
+        f"val_fraction={fraction!r} leaves no validation items out of {len(y_train)}; "
+        "pass a larger val_fraction",
+        field="val_fraction",
+        value=fraction,
+    )
 
 
 @dataclass(frozen=True)
@@ -451,7 +472,7 @@ def fit_part_size(params: Mapping[str, Any], y_train: np.ndarray) -> int:
     fraction = read_val_fraction(params)
     counts = np.unique(y_train, return_counts=True)[1]
     n_val = sum(validation_count(int(count), fraction) for count in counts)
-    require_validation_items(n_val, fraction, len(y_train))
+    require_validation_items(n_val, fraction, y_train)
     return len(y_train) - n_val
 
 

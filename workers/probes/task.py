@@ -218,7 +218,7 @@ def prepare_task(
 
     fraction = read_val_fraction(params)
     fit_part, val_part = stratified_split(y_tr, fraction, seed)
-    require_validation_items(len(val_part), fraction, len(y_tr))
+    require_validation_items(len(val_part), fraction, y_tr)
     names = None if class_names is None else [str(class_names[c]) for c in classes]
     return ProbeTask(
         kind=kind,
