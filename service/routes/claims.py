@@ -7,6 +7,7 @@ each ``store:<name>@step<N>`` checkpoint, then pass the probe ids here.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 import numpy as np
@@ -15,9 +16,10 @@ from fastapi import APIRouter, Query, Response
 from service.deps import StoreDep
 from service.plots import accuracy_vs_loss_png
 from service.schemas import ClaimPointPublic, ClaimPublic
-from store import NotFoundError, NotReadyError, Store, StoreError, check_id
+from store import FeatureSetSpec, NotFoundError, NotReadyError, Store, StoreError, check_id
 from workers.errors import ModelError
 from workers.modelref import resolve_model
+from workers.probes.params import format_json
 
 router = APIRouter(prefix="/v1/claims", tags=["claims"])
 
@@ -30,7 +32,35 @@ LayerQuery = Annotated[
 ]
 
 
-def _point(store: Store, probe_id: str, kind: str, layer: int | None) -> dict[str, Any]:
+# Feature-set spec fields that must be equal across the probes of one claim check, so that the
+# checkpoint is the only difference. Model, revision and layers differ by design. The
+# fingerprint follows the fields it depends on, so that a message names the field that was sent.
+_COMPARED_FEATURESET_FIELDS = (
+    "dataset",
+    "split",
+    "limit",
+    "seed",
+    "image_column",
+    "label_column",
+    "dataset_fingerprint",
+    "pooling",
+    "dtype",
+    "processor",
+)
+
+
+@dataclass(frozen=True)
+class _ProbedCheckpoint:
+    """One probe of a claim check: its point, its pretraining run and its compared settings."""
+
+    point: dict[str, Any]
+    run: str  # the model without its "@step<N>" suffix, e.g. "store:digits-igpt"
+    settings: dict[str, Any]  # description -> value, for the settings held fixed
+
+
+def _probed_checkpoint(
+    store: Store, probe_id: str, kind: str, layer: int | None
+) -> _ProbedCheckpoint:
     check_id(probe_id, field="probe")
     stored = store.read_result("probes", probe_id)
     if stored is None:
@@ -55,7 +85,10 @@ def _point(store: Store, probe_id: str, kind: str, layer: int | None) -> dict[st
         )
     row = rows[0]
 
-    model = store.featureset(stored["spec"]["train_featureset"]).spec.model
+    spec = stored["spec"]
+    train = store.featureset(spec["train_featureset"], field="probe").spec
+    test = store.featureset(spec["test_featureset"], field="probe").spec
+    model = train.model
     try:
         ref = resolve_model(model, models_dir=store.models_dir(), allow_hub=False)
     except ModelError as exc:
@@ -78,7 +111,7 @@ def _point(store: Store, probe_id: str, kind: str, layer: int | None) -> dict[st
             field="probe",
             value=probe_id,
         )
-    return {
+    point = {
         "probe_id": probe_id,
         "model": model,
         "step": step,
@@ -89,6 +122,105 @@ def _point(store: Store, probe_id: str, kind: str, layer: int | None) -> dict[st
         "test_accuracy": float(row["test_accuracy"]),
         "test_accuracy_ci95": row.get("test_accuracy_ci95"),
     }
+    settings = _compared_settings(spec, train, test, kind)
+    return _ProbedCheckpoint(point, model.partition("@step")[0], settings)
+
+
+def _compared_settings(
+    spec: dict[str, Any], train: FeatureSetSpec, test: FeatureSetSpec, kind: str
+) -> dict[str, Any]:
+    """Return the settings of a probe that a claim check keeps fixed, keyed by description."""
+    settings: dict[str, Any] = {}
+    for role, featureset in (("train", train), ("test", test)):
+        for name in _COMPARED_FEATURESET_FIELDS:
+            settings[f"{role} feature set's {name}"] = getattr(featureset, name)
+    settings[f"{kind} params"] = spec.get("params", {}).get(kind, {})
+    settings["probe seed"] = spec.get("seed", 0)
+    return settings
+
+
+def _listed(probe_ids: list[str]) -> str:
+    """Name probes in a message: "probe 'a'" or "probes 'a', 'b'"."""
+    noun = "probe" if len(probe_ids) == 1 else "probes"
+    return f"{noun} {', '.join(map(repr, probe_ids))}"
+
+
+def _check_one_run(checked: list[_ProbedCheckpoint]) -> None:
+    """Raise unless every probe comes from a checkpoint of the same pretraining run.
+
+    The run with the most probes (the first listed one on a tie) is taken as the intended
+    one, and the error's value lists the probes of the other runs.
+    """
+    by_run: dict[str, list[str]] = {}
+    for item in checked:
+        by_run.setdefault(item.run, []).append(item.point["probe_id"])
+    if len(by_run) == 1:
+        return
+    main = max(by_run, key=lambda run: len(by_run[run]))
+    listing = "; ".join(f"{run}: {_listed(ids)}" for run, ids in by_run.items())
+    raise StoreError(
+        f"the probes come from different pretraining runs ({listing}), and a claim check "
+        f"compares the checkpoints of one run; list only probes of checkpoints of {main}",
+        field="probe",
+        value=[item.point["probe_id"] for item in checked if item.run != main],
+    )
+
+
+def _check_one_probe_per_step(checked: list[_ProbedCheckpoint]) -> None:
+    """Raise when two probes come from the same step of the run.
+
+    The model saved at the end of pretraining (``store:<name>``) contains the weights of its
+    last step, so it and ``store:<name>@step<last>`` count as one checkpoint.
+    """
+    by_step: dict[int, list[_ProbedCheckpoint]] = {}
+    for item in checked:
+        by_step.setdefault(item.point["step"], []).append(item)
+    for step, items in by_step.items():
+        if len(items) < 2:
+            continue
+        probe_ids = [item.point["probe_id"] for item in items]
+        models = sorted({item.point["model"] for item in items})
+        final = [model for model in models if "@step" not in model]
+        checkpoints = [model for model in models if "@step" in model]
+        reason = ""
+        if final and checkpoints:
+            reason = (
+                f", because {final[0]} is saved after its last step with the weights of "
+                f"{', '.join(checkpoints)}"
+            )
+        raise StoreError(
+            f"{_listed(probe_ids)} come from the same step {step} of {items[0].run}{reason}; "
+            "each checkpoint counts once in the correlation, so list one probe per checkpoint",
+            field="probe",
+            value=probe_ids,
+        )
+
+
+def _check_same_settings(checked: list[_ProbedCheckpoint]) -> None:
+    """Raise when the probes differ in anything but the checkpoint (data, pooling, params).
+
+    For each setting, the value of the most probes (the first listed one's on a tie) is taken
+    as the intended one, and the error's value lists the probes with another value.
+    """
+    for name in checked[0].settings:
+        by_value: dict[str, list[str]] = {}
+        for item in checked:
+            value = format_json(item.settings[name])
+            by_value.setdefault(value, []).append(item.point["probe_id"])
+        if len(by_value) == 1:
+            continue
+        main = max(by_value, key=lambda value: len(by_value[value]))
+        listing = "; ".join(f"{value} in {_listed(ids)}" for value, ids in by_value.items())
+        raise StoreError(
+            f"the probes differ in the {name} ({listing}), and a claim check varies only the "
+            f"checkpoint; probe every checkpoint with the same {name}, such as {main}",
+            field="probe",
+            value=[
+                item.point["probe_id"]
+                for item in checked
+                if format_json(item.settings[name]) != main
+            ],
+        )
 
 
 def _spearman(x: list[float], y: list[float]) -> float | None:
@@ -111,10 +243,11 @@ def _claim(store: Store, probe: list[str], kind: str, layer: int | None) -> Clai
             field="probe",
             value=repeated[0],
         )
-    points = sorted(
-        (_point(store, probe_id, kind, layer) for probe_id in probe),
-        key=lambda point: point["step"],
-    )
+    checked = [_probed_checkpoint(store, probe_id, kind, layer) for probe_id in probe]
+    _check_one_run(checked)
+    _check_one_probe_per_step(checked)
+    _check_same_settings(checked)
+    points = sorted((item.point for item in checked), key=lambda point: point["step"])
     layers = {point["layer"] for point in points}
     if len(layers) > 1:
         raise StoreError(

@@ -44,24 +44,38 @@ def checkpoints(client: Any) -> list[dict[str, Any]]:
     return list(listing["data"])
 
 
+def _extract(client: Any, model: str, split: str, limit: int | None) -> str:
+    answer = client.extract(model, "digits", split, layers=[1, 2], pooling="mean", limit=limit)
+    state = wait_job(client, answer["job_id"])
+    assert state is None or state["status"] == "finished", state
+    return str(answer["featureset_id"])
+
+
+def _probe(client: Any, train: str, test: str, params: dict[str, Any]) -> str:
+    answer = client.probe(train, test, kind="logistic", layers=[1, 2], params=params)
+    state = wait_job(client, answer["job_id"])
+    assert state is None or state["status"] == "finished", state
+    return str(answer["probe_id"])
+
+
+def _probe_model(client: Any, model: str) -> str:
+    """Probe layers 1 and 2 of ``model`` with C=1, on 300 train and all 500 test digits."""
+    train = _extract(client, model, "train", 300)
+    test = _extract(client, model, "test", None)
+    return _probe(client, train, test, {"C": [1.0]})
+
+
 @pytest.fixture(scope="module")
 def probes(client: Any, checkpoints: list[dict[str, Any]]) -> list[str]:
-    """One logistic probe of layer 2 per checkpoint, on 300 train and all 500 test digits."""
-    probe_ids = []
-    for checkpoint in checkpoints:
-        ids = []
-        for split, limit in (("train", 300), ("test", None)):
-            answer = client.extract(
-                checkpoint["model"], "digits", split, layers=[1, 2], pooling="mean", limit=limit
-            )
-            state = wait_job(client, answer["job_id"])
-            assert state is None or state["status"] == "finished", state
-            ids.append(answer["featureset_id"])
-        answer = client.probe(ids[0], ids[1], kind="logistic", layers=[1, 2], params={"C": [1.0]})
-        state = wait_job(client, answer["job_id"])
-        assert state is None or state["status"] == "finished", state
-        probe_ids.append(answer["probe_id"])
-    return probe_ids
+    """One logistic probe of layers 1 and 2 per checkpoint, all with the same settings."""
+    return [_probe_model(client, checkpoint["model"]) for checkpoint in checkpoints]
+
+
+def _claim_error(client: Any, probe_ids: list[str], path: str = "accuracy-vs-loss") -> Any:
+    with pytest.raises(ClientError) as caught:
+        client.request("GET", f"/v1/claims/{path}", params={"probe": probe_ids, "layer": 2})
+    assert caught.value.status_code == 422
+    return caught.value.detail
 
 
 def test_pretrain_saves_checkpoints_with_loss(checkpoints: list[dict[str, Any]]) -> None:
@@ -117,6 +131,62 @@ def test_claim_repeated_probe_422(client: Any, probes: list[str]) -> None:
     assert caught.value.detail["field"] == "probe"
     assert caught.value.detail["value"] == probes[0]
     assert "listed 2 times" in caught.value.detail["message"]
+
+
+@pytest.mark.parametrize("path", ["accuracy-vs-loss", "accuracy-vs-loss.png"])
+def test_claim_probe_of_other_run_422(client: Any, probes: list[str], path: str) -> None:
+    """The final model of another run ends at step 3 too, like checkpoint step 3 here."""
+    answer = client.pretrain("claim-other", **{**PRETRAIN, "steps": 3})
+    state = wait_job(client, answer["job_id"])
+    assert state is None or state["status"] == "finished", state
+    other = _probe_model(client, "store:claim-other")
+
+    detail = _claim_error(client, [other, probes[1], probes[0]], path)
+
+    assert detail["field"] == "probe"
+    assert detail["value"] == [other]
+    assert "different pretraining runs" in detail["message"]
+    assert "store:claim-other" in detail["message"]
+    assert "store:claim-igpt" in detail["message"]
+
+
+def test_claim_same_checkpoint_twice_422(client: Any, probes: list[str]) -> None:
+    """store:claim-igpt is the model after its last step, the weights of @step6."""
+    final = _probe_model(client, "store:claim-igpt")
+
+    detail = _claim_error(client, [*probes, final])
+
+    assert detail["field"] == "probe"
+    assert detail["value"] == [probes[2], final]
+    assert "step 6" in detail["message"]
+    assert "one probe per checkpoint" in detail["message"]
+
+
+def test_claim_other_probe_params_422(client: Any, probes: list[str]) -> None:
+    spec = client.probe_result(probes[2])["spec"]
+    other_c = _probe(client, spec["train_featureset"], spec["test_featureset"], {"C": [10.0]})
+
+    detail = _claim_error(client, [probes[0], probes[1], other_c])
+
+    assert detail["field"] == "probe"
+    assert detail["value"] == [other_c]
+    assert "params" in detail["message"]
+    assert '"C": [10.0]' in detail["message"]
+    assert '"C": [1.0]' in detail["message"]
+
+
+def test_claim_other_train_limit_422(client: Any, probes: list[str]) -> None:
+    spec = client.probe_result(probes[2])["spec"]
+    train = _extract(client, "store:claim-igpt@step6", "train", 200)
+    other_limit = _probe(client, train, spec["test_featureset"], {"C": [1.0]})
+
+    detail = _claim_error(client, [probes[0], probes[1], other_limit])
+
+    assert detail["field"] == "probe"
+    assert detail["value"] == [other_limit]
+    assert "train feature set's limit" in detail["message"]
+    assert "200" in detail["message"]
+    assert "300" in detail["message"]
 
 
 def test_confusion_png(client: Any, probes: list[str]) -> None:
