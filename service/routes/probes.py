@@ -205,7 +205,7 @@ def _probe_spec(body: ProbeCreate, store: Store, redis: Redis, settings: Setting
             adapter_shape=adapter_shape,
             adapter_limit=int(settings.adapter_fit_gib * 2**30),
         )
-        params[kind] = normalise_params(kind, kind_params)
+        params[kind] = normalise_params(kind, kind_params, train_labels)
     return ProbeSpec(
         train_featureset=train.id,
         test_featureset=test.id,

@@ -572,6 +572,11 @@ def test_equal_grids_share_one_probe_id(client: Any, digits_featuresets: dict[st
     c_ids = {probe_id("logistic", {"C": grid}) for grid in ([1.0], 1, [1, 1.0], [1.0] * 150)}
     k_ids = {probe_id("knn", {"k": grid}) for grid in ([3, 1], [1, 3, 3], [3.0, 1e0])}
     iter_ids = {probe_id("logistic", {"C": 1, "max_iter": value}) for value in (50, 50.0, 5e1)}
+    default_ids = {
+        probe_id("logistic", params)
+        for params in ({}, {"max_iter": 5000}, {"engine": "sklearn", "tol": 1e-5})
+    }
     assert len(c_ids) == 1
     assert len(k_ids) == 1
     assert len(iter_ids) == 1
+    assert len(default_ids) == 1

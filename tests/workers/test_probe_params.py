@@ -213,3 +213,25 @@ def test_val_fraction_one_class_of_two_items() -> None:
 
     assert "pass a larger val_fraction" in caught.value.message
     assert fit_part_size({"val_fraction": 0.5}, labels) == 3
+
+
+def test_defaults_written_out_are_left_out() -> None:
+    """A default written out gives the probe id of the request that leaves it out."""
+    y_train = np.repeat(np.arange(4), 25)
+
+    logistic = normalise_params(
+        "logistic", {"engine": "torch", "tol": 1e-6, "max_iter": 1000.0, "C": 2}, y_train
+    )
+    knn = normalise_params("knn", {"engine": "torch", "val_fraction": 0.2}, y_train)
+
+    assert logistic == {"engine": "torch", "C": [2.0]}
+    assert knn == {}
+
+
+def test_parameter_others_need_is_kept() -> None:
+    """engine stays when c_batch, a torch-only parameter, needs it."""
+    y_train = np.repeat(np.arange(4), 25)
+
+    normalised = normalise_params("logistic", {"engine": "torch", "c_batch": 2}, y_train)
+
+    assert normalised == {"engine": "torch", "c_batch": 2}

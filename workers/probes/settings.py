@@ -441,20 +441,34 @@ class _Sizes:
 GRID_PARAMS = {"logistic": ("C", False), "knn": ("k", True)}
 
 
-def normalise_params(kind: str, params: dict[str, Any]) -> dict[str, Any]:
+def normalise_params(
+    kind: str, params: dict[str, Any], y_train: np.ndarray | None = None
+) -> dict[str, Any]:
     """Return ``params`` as the engines read them, so that equal requests get one probe id.
 
     A float with an integral value becomes an int (``100.0`` and ``100`` are one ``max_iter``),
     and the grid becomes its distinct values in increasing order, all of one number type
-    (``1`` or ``[1.0, 1.0]``). Call it after `check_params`.
+    (``1`` or ``[1.0, 1.0]``). With the train labels ``y_train``, a parameter that the engine
+    would read the same without it (a default written out) is left out. Call it after
+    `check_params`.
     """
     params = {name: _integral_to_int(value) for name, value in params.items()}
     grid = GRID_PARAMS.get(kind)
-    if grid is None or grid[0] not in params:
+    if grid is not None and grid[0] in params:
+        name, integer = grid
+        params[name], _ = read_grid(params, name, (), integer=integer)
+    if y_train is None:
         return params
-    name, integer = grid
-    values, _ = read_grid(params, name, (), integer=integer)
-    return {**params, name: values}
+    read = _read_settings(kind, params, y_train)
+    for name in list(params):
+        rest = {key: value for key, value in params.items() if key != name}
+        try:
+            same = _read_settings(kind, rest, y_train) == read
+        except ProbeError:  # another parameter needs this one, such as c_batch needs engine
+            same = False
+        if same:
+            params = rest
+    return params
 
 
 def _integral_to_int(value: Any) -> Any:
@@ -476,6 +490,21 @@ def fit_part_size(params: Mapping[str, Any], y_train: np.ndarray) -> int:
     return len(y_train) - n_val
 
 
+def _read_settings(kind: str, params: dict[str, Any], y_train: np.ndarray) -> tuple[Any, float]:
+    """Return the settings a ``kind`` probe reads from ``params``, and its val_fraction."""
+    fraction = read_val_fraction(params)
+    n_fit = fit_part_size(params, y_train)
+    if kind == "logistic":
+        return read_logistic_settings(params), fraction
+    if kind == "knn":
+        return read_knn_settings(params, _Sizes(np.empty(len(y_train)), np.empty(n_fit))), fraction
+    if kind == "mlp":
+        return read_mlp_settings(params), fraction
+    if kind == "adapter":
+        return read_adapter_settings(params), fraction
+    raise ProbeError(f"unknown probe kind {kind!r}", field="kind", value=kind)
+
+
 def check_params(
     kind: str,
     params: dict[str, Any],
@@ -491,15 +520,6 @@ def check_params(
     ``adapter_shape``, an adapter probe whose estimated memory exceeds ``adapter_limit`` bytes
     fails too.
     """
-    n_fit = fit_part_size(params, y_train)
-    if kind == "logistic":
-        read_logistic_settings(params)
-    elif kind == "knn":
-        sizes = _Sizes(np.empty(len(y_train)), np.empty(n_fit))
-        read_knn_settings(params, sizes)
-    elif kind == "mlp":
-        read_mlp_settings(params)
-    elif kind == "adapter":
-        settings = read_adapter_settings(params)
-        if adapter_shape is not None:
-            check_adapter_memory(settings, adapter_shape, adapter_limit)
+    settings, _ = _read_settings(kind, params, y_train)
+    if isinstance(settings, AdapterSettings) and adapter_shape is not None:
+        check_adapter_memory(settings, adapter_shape, adapter_limit)
