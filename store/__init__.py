@@ -6,6 +6,7 @@ Imports numpy, zarr and pydantic only, never torch, so the API process stays lig
 from store.errors import (
     DamagedChunkError,
     DamagedCreationArrayError,
+    IncompleteFeatureSetError,
     InvalidIdError,
     LayoutError,
     NonFiniteFeaturesError,
@@ -23,6 +24,7 @@ __all__ = [
     "DamagedCreationArrayError",
     "FeatureSet",
     "FeatureSetSpec",
+    "IncompleteFeatureSetError",
     "InvalidIdError",
     "LayoutError",
     "NonFiniteFeaturesError",

@@ -67,3 +67,11 @@ class DamagedCreationArrayError(DamagedChunkError):
     written once when the feature set is created, so neither a resume nor a retry rewrites them."""
 
     permanent = True
+
+
+class IncompleteFeatureSetError(NotReadyError):
+    """Raised when a feature set's group exists but its creation did not finish: the process
+    that created it was killed, or is still writing it. The group contains no usable data, and
+    sending the same extraction request again recreates it."""
+
+    permanent = True

@@ -16,7 +16,9 @@ Layout of ``featuresets/<id>/``:
     features, so a flag never covers missing data.
 
 Group attributes hold the spec, the layer map, counts and ``status`` ("pending" or "complete").
-Only `FeatureSet.mark_complete` sets "complete", after checking every block flag.
+Only `FeatureSet.mark_complete` sets "complete", after checking every block flag. The creation
+writes all attributes in one object after the arrays, so a group that lacks any of
+`CREATION_ATTRS` is one whose creation did not finish.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from store.arrays import group_array
 from store.chunks import ShardReader, damaged_error
 from store.errors import (
     DamagedCreationArrayError,
+    IncompleteFeatureSetError,
     LayoutError,
     NonFiniteFeaturesError,
     NotReadyError,
@@ -53,6 +56,52 @@ logger = logging.getLogger(__name__)
 
 STATUS_PENDING = "pending"
 STATUS_COMPLETE = "complete"
+# Group attributes that every version of `create_featureset` writes. A group that lacks one of
+# them was not completely created.
+CREATION_ATTRS = (
+    "featureset_id",
+    "spec",
+    "layer_map",
+    "class_names",
+    "block_rows",
+    "n_blocks",
+    "status",
+    "created",
+    "completed",
+)
+
+
+def missing_creation_attrs(attrs: Any) -> list[str]:
+    """Return the names in `CREATION_ATTRS` that the group attributes ``attrs`` lack."""
+    return [name for name in CREATION_ATTRS if name not in attrs]
+
+
+def describe_incomplete(featureset_id: str, missing: list[str]) -> str:
+    """Return the sentence stating that the creation of a feature set did not finish."""
+    lacks = (
+        "every creation attribute"
+        if len(missing) == len(CREATION_ATTRS)
+        else "the creation attributes " + ", ".join(missing)
+    )
+    return (
+        f"feature set {featureset_id!r} was not completely created: its group metadata lacks "
+        f"{lacks}, because the process creating it was killed or is still writing it, so it "
+        "contains no usable data"
+    )
+
+
+def incomplete_error(
+    featureset_id: str, missing: list[str], *, field: str = "featureset_id"
+) -> IncompleteFeatureSetError:
+    """Return the error for a feature set whose creation did not finish."""
+    return IncompleteFeatureSetError(
+        f"{describe_incomplete(featureset_id, missing)}; send the same POST /v1/extractions "
+        f"again to recreate it, or delete it with DELETE /v1/featuresets/{featureset_id}",
+        field=field,
+        value=featureset_id,
+    )
+
+
 # Target size of one (1, block_rows, dim) chunk: large enough for fast layer reads, small enough
 # that a killed worker loses little.
 TARGET_CHUNK_BYTES = 2 * 1024 * 1024
@@ -336,7 +385,8 @@ class FeatureSet:
             logger.info("feature set %s: %d blocks still missing", self.id, len(missing))
             return False
         group = zarr.open_group(self.store.zarr_store, path=self.path, mode="r+")
-        group.attrs.update(
+        # One write of the group metadata, unlike group.attrs.update, which writes once per key.
+        group.update_attributes(
             {"status": STATUS_COMPLETE, "completed": dt.datetime.now(dt.timezone.utc).isoformat()}
         )
         self._attrs = dict(group.attrs)
@@ -604,6 +654,14 @@ def create_featureset(
     existing = store.find_featureset(featureset_id)
     if existing is not None:
         return existing
+    missing = store.missing_creation_attrs(featureset_id)
+    if missing:
+        logger.warning(
+            "feature set %s: creating it again, because its earlier creation did not finish "
+            "(missing attributes: %s)",
+            featureset_id,
+            ", ".join(missing),
+        )
 
     n_items = int(labels.shape[0])
     n_layers = len(spec.layers)
@@ -624,8 +682,10 @@ def create_featureset(
     n_blocks = math.ceil(n_items / rows)
     path = f"featuresets/{featureset_id}"
 
-    # Arrays first, attributes with the spec last: a group without "spec" was interrupted during
-    # creation and is recreated by the next request.
+    # Write an empty group first (mode "w" deletes what an interrupted creation left), then the
+    # arrays, then every attribute in one write of the group metadata. A group that lacks any of
+    # CREATION_ATTRS was therefore interrupted, so readers treat it as absent and the next
+    # request for the spec creates it again.
     group = zarr.open_group(store.zarr_store, path=path, mode="w")
     zarr.create_array(
         store.zarr_store,
@@ -674,7 +734,9 @@ def create_featureset(
         fill_value=False,
         dimension_names=("block",),
     )
-    group.attrs.update(
+    # group.attrs.update would write the group metadata once per key, so a kill between two
+    # writes would leave a spec without block_rows.
+    group.update_attributes(
         {
             "featureset_id": featureset_id,
             "spec": spec.model_dump(),

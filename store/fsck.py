@@ -10,6 +10,8 @@ deletes the damaged objects, so resuming the feature set's job writes those bloc
 from __future__ import annotations
 
 import logging
+import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,8 +19,8 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from store.errors import LayoutError
-from store.featureset import STATUS_PENDING, FeatureSet
+from store.errors import IncompleteFeatureSetError, LayoutError
+from store.featureset import STATUS_PENDING, FeatureSet, describe_incomplete
 
 if TYPE_CHECKING:
     from store.root import Store
@@ -28,6 +30,10 @@ logger = logging.getLogger(__name__)
 # zarr's LocalStore writes each object to "<name>.<uuid hex>.partial" and renames it; a writer
 # killed between the two steps leaves the temporary file behind.
 PARTIAL_SUFFIX = ".partial"
+# At every group creation, zarr 3.1 writes the metadata of the store root and of featuresets/ to
+# a temporary file, links it into place only when the metadata is missing, then removes it. Such
+# a file younger than this many seconds may belong to a write that another process is doing now.
+STORE_PARTIAL_MIN_AGE_S = 60.0
 # Arrays whose rows are written by block jobs; a damaged block of these is rewritten by resume.
 BLOCK_ARRAYS = ("features", "token_features")
 # Arrays written once when the feature set is created; resume cannot rewrite them.
@@ -57,6 +63,8 @@ def check_featureset(store: Store, featureset_id: str, *, repair: bool = False) 
     """
     try:
         featureset = store.featureset(featureset_id)
+    except IncompleteFeatureSetError:
+        return _incomplete_report(store, featureset_id, repair=repair)
     except LayoutError as exc:
         return _layout_report(featureset_id, exc)
     report: dict[str, Any] = {
@@ -81,6 +89,7 @@ def check_featureset(store: Store, featureset_id: str, *, repair: bool = False) 
             f"temporary file {name!r} was left by a writer that stopped mid-write; the object "
             "it was replacing is unchanged, and fsck with repair deletes the file"
         )
+    _add_store_partial_files(store, report)
     if report["status"] == "complete" and report["missing_blocks"]:
         report["problems"].append(
             f"status is 'complete' but blocks {report['missing_blocks']} are not flagged done; "
@@ -102,6 +111,46 @@ def check_featureset(store: Store, featureset_id: str, *, repair: bool = False) 
         len(report["corrupt_chunks"]),
         len(report["partial_files"]),
     )
+    return report
+
+
+def _incomplete_report(store: Store, featureset_id: str, *, repair: bool) -> dict[str, Any]:
+    """Return the report of a feature set whose creation did not finish.
+
+    With ``repair``, delete its folder, so that the same extraction request creates it from
+    scratch.
+    """
+    path = f"featuresets/{featureset_id}"
+    missing = store.missing_creation_attrs(featureset_id) or []
+    report: dict[str, Any] = {
+        "featureset_id": featureset_id,
+        "ok": False,
+        "status": None,
+        "n_blocks": None,
+        "missing_blocks": [],
+        "corrupt_blocks": [],
+        "corrupt_chunks": [],
+        "partial_files": _partial_files(store, path),
+        "problems": [],
+        "repaired": [],
+    }
+    _add_store_partial_files(store, report)
+    if repair:
+        _delete_partial_files(store, path, report)
+        sync(store.zarr_store.delete_dir(path))
+        store.forget(featureset_id)
+        report["repaired"].append(f"deleted the folder {path}")
+        advice = "fsck deleted its folder, so send the same POST /v1/extractions again to create it"
+        logger.warning(
+            "feature set %s: fsck repaired: %s", featureset_id, "; ".join(report["repaired"])
+        )
+    else:
+        advice = (
+            "send the same POST /v1/extractions again to recreate it, or run fsck with repair "
+            "to delete its folder"
+        )
+    report["problems"].insert(0, f"{describe_incomplete(featureset_id, missing)}; {advice}")
+    logger.info("feature set %s: fsck found an unfinished creation", featureset_id)
     return report
 
 
@@ -231,6 +280,49 @@ def _partial_files(store: Store, path: str) -> list[str]:
     )
 
 
+def _add_store_partial_files(store: Store, report: dict[str, Any]) -> None:
+    """Add the abandoned temporary files of the store's own metadata to ``report``, as paths
+    relative to the feature set's folder (``../zarr.<hex>.partial`` lies in featuresets/)."""
+    for name in _store_partial_files(store):
+        report["partial_files"].append(name)
+        report["problems"].append(
+            f"temporary file {name!r} was left by a write of the store's group metadata that "
+            "stopped midway; no feature set depends on it, and fsck with repair deletes it"
+        )
+
+
+def _store_partial_files(store: Store) -> list[str]:
+    """Return the ``*.partial`` files in the store root and in featuresets/ that are older than
+    `STORE_PARTIAL_MIN_AGE_S`, relative to a feature set's folder (local roots only)."""
+    if store.local_root is None:
+        return []
+    root = Path(store.local_root)
+    now = time.time()
+    found = []
+    for directory, prefix in ((root, "../../"), (root / "featuresets", "../")):
+        if not directory.is_dir():
+            continue
+        for file in sorted(directory.glob(f"*{PARTIAL_SUFFIX}")):
+            try:
+                info = file.stat()
+            except FileNotFoundError:
+                continue  # the write finished, or another fsck deleted it
+            if file.is_file() and now - info.st_mtime >= STORE_PARTIAL_MIN_AGE_S:
+                found.append(prefix + file.name)
+    return found
+
+
+def _delete_partial_files(store: Store, path: str, report: dict[str, Any]) -> None:
+    """Delete the temporary files that ``report`` lists relative to the folder ``path``."""
+    if store.local_root is None:
+        return
+    folder = Path(store.local_root) / path
+    for name in report["partial_files"]:
+        # normpath resolves the ../ of the store's own files, also once the folder is gone.
+        Path(os.path.normpath(folder / name)).unlink(missing_ok=True)
+        report["repaired"].append(f"deleted {name}")
+
+
 def _repair(store: Store, featureset: FeatureSet, report: dict[str, Any]) -> None:
     """Clear the flags of damaged blocks, delete damaged objects and partial files."""
     zarr_store = store.zarr_store
@@ -243,14 +335,11 @@ def _repair(store: Store, featureset: FeatureSet, report: dict[str, Any]) -> Non
     for block in report["corrupt_blocks"]:
         featureset.blocks_done_array[block] = False
         report["repaired"].append(f"cleared the done flag of block {block}")
-    if store.local_root is not None:
-        for name in report["partial_files"]:
-            (Path(store.local_root) / featureset.path / name).unlink(missing_ok=True)
-            report["repaired"].append(f"deleted {name}")
+    _delete_partial_files(store, featureset.path, report)
     if report["corrupt_blocks"] or report["missing_blocks"]:
         group = zarr.open_group(zarr_store, path=featureset.path, mode="r+")
         if group.attrs.get("status") != STATUS_PENDING:
-            group.attrs.update({"status": STATUS_PENDING, "completed": None})
+            group.update_attributes({"status": STATUS_PENDING, "completed": None})
             report["repaired"].append("set status to 'pending'")
             report["status"] = STATUS_PENDING
         store.forget(featureset.id)

@@ -15,7 +15,12 @@ from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
 from store.errors import LayoutError, NotFoundError
-from store.featureset import FeatureSet
+from store.featureset import (
+    CREATION_ATTRS,
+    FeatureSet,
+    incomplete_error,
+    missing_creation_attrs,
+)
 from store.ids import check_id
 
 logger = logging.getLogger(__name__)
@@ -65,8 +70,9 @@ class Store:
             group = zarr.open_group(self.zarr_store, path=f"featuresets/{featureset_id}", mode="r+")
         except (FileNotFoundError, zarr.errors.GroupNotFoundError):
             return None
-        if "spec" not in group.attrs:
-            # Creation was interrupted before the spec was written: treat as absent.
+        if missing_creation_attrs(group.attrs):
+            # Creation was interrupted or is still running: absent for readers, and the next
+            # request for the spec creates it again (see `featureset` for the error).
             return None
         try:
             featureset = FeatureSet(self, featureset_id, group)
@@ -76,6 +82,33 @@ class Store:
         with self._lock:
             self._open[featureset_id] = (featureset, stamp)
         return featureset
+
+    def missing_creation_attrs(self, featureset_id: str) -> list[str] | None:
+        """Return the creation attributes that the group of ``featureset_id`` lacks: None when
+        nothing is stored under its path, an empty list when its creation finished.
+
+        Objects under the path without the group's metadata count as lacking every attribute:
+        a creation killed before it wrote the metadata leaves them, and so does a delete in
+        progress.
+        """
+        check_id(featureset_id, field="featureset_id")
+        path = f"featuresets/{featureset_id}"
+        try:
+            group = zarr.open_group(self.zarr_store, path=path, mode="r")
+        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            return list(CREATION_ATTRS) if self._contains_objects(path) else None
+        return missing_creation_attrs(group.attrs)
+
+    def _contains_objects(self, path: str) -> bool:
+        """Return whether any object is stored under ``path``."""
+        store = self.zarr_store
+
+        async def any_object() -> bool:
+            async for _ in store.list_prefix(f"{path}/"):
+                return True
+            return False
+
+        return sync(any_object())
 
     def open_featureset(self, featureset_id: str) -> FeatureSet | None:
         """Return the open handle of ``featureset_id``, or None if none is open and current.
@@ -109,12 +142,16 @@ class Store:
         return info.st_ino, info.st_mtime_ns
 
     def featureset(self, featureset_id: str, *, field: str = "featureset_id") -> FeatureSet:
-        """Return the feature set ``featureset_id`` or raise `NotFoundError`.
+        """Return the feature set ``featureset_id``, or raise `NotFoundError`, or
+        `IncompleteFeatureSetError` when its creation did not finish.
 
         ``field`` is the request field that named the id, which the error names.
         """
         featureset = self.find_featureset(featureset_id)
         if featureset is None:
+            missing = self.missing_creation_attrs(featureset_id)
+            if missing:
+                raise incomplete_error(featureset_id, missing, field=field)
             named_by = "" if field == "featureset_id" else f" (from {field})"
             raise NotFoundError(
                 f"feature set {featureset_id!r}{named_by} not found; list feature sets with "
@@ -155,7 +192,9 @@ class Store:
     def write_result(self, kind: str, result_id: str, attrs: dict[str, Any]) -> None:
         """Create or update the attributes of ``<kind>/<result_id>``."""
         group = zarr.open_group(self.zarr_store, path=f"{kind}/{result_id}", mode="a")
-        group.attrs.update(attrs)
+        # One write of the group metadata: group.attrs.update writes once per key, and a kill
+        # between two writes would leave, say, status "complete" without the rows.
+        group.update_attributes(attrs)
 
     def read_result(self, kind: str, result_id: str) -> dict[str, Any] | None:
         try:

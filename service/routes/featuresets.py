@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import io
 import logging
+import threading
 from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
@@ -30,9 +31,17 @@ FormatQuery = Annotated[Literal["npy", "json"], Query(description="npy (default)
 RowQuery = Annotated[int | None, Query(ge=0, description="first row (default 0)")]
 
 
+# Ids of unfinished creations this process has logged, so each is logged once, not per list.
+_logged_incomplete: set[str] = set()
+_logged_incomplete_lock = threading.Lock()
+
+
 @router.get("", response_model=FeatureSetsPublic)
 def list_featuresets(store: StoreDep) -> FeatureSetsPublic:
-    """List all feature sets in the store with their status."""
+    """List all feature sets in the store with their status.
+
+    A folder whose creation did not finish is left out, with one warning in the log.
+    """
     data = []
     for featureset_id in store.featureset_ids():
         try:
@@ -44,9 +53,30 @@ def list_featuresets(store: StoreDep) -> FeatureSetsPublic:
             if store.find_featureset(featureset_id) is not None:
                 raise
             summary = None
-        if summary is not None:  # None: deleted since the ids were listed
+        if summary is not None:
             data.append(FeatureSetPublic.model_validate(summary))
+        else:  # deleted since the ids were listed, or not completely created
+            _log_incomplete(store, featureset_id)
     return FeatureSetsPublic(data=data, count=len(data))
+
+
+def _log_incomplete(store: Store, featureset_id: str) -> None:
+    """Log a warning the first time the list skips a feature set whose creation did not finish."""
+    missing = store.missing_creation_attrs(featureset_id)
+    if not missing:
+        return
+    with _logged_incomplete_lock:
+        if featureset_id in _logged_incomplete:
+            return
+        _logged_incomplete.add(featureset_id)
+    logger.warning(
+        "feature set %s: left out of the list because its creation did not finish (missing "
+        "attributes: %s); the same POST /v1/extractions recreates it, and DELETE "
+        "/v1/featuresets/%s or fsck with repair removes it",
+        featureset_id,
+        ", ".join(missing),
+        featureset_id,
+    )
 
 
 @router.get("/{featureset_id}", response_model=FeatureSetPublic)
@@ -156,7 +186,10 @@ def delete_featureset(featureset_id: str, store: StoreDep, redis: RedisDep) -> R
     """Delete a feature set with the probe results and projections computed from it (admin)."""
     check_id(featureset_id, field="featureset_id")
     with target_lock(redis, featureset_id):
-        featureset = store.featureset(featureset_id)
+        featureset = store.find_featureset(featureset_id)
+        if featureset is None and not store.missing_creation_attrs(featureset_id):
+            store.featureset(featureset_id)  # raises NotFoundError
+        # featureset None: a folder whose creation did not finish, deleted like any set.
         busy = busy_job(redis, store, featureset_id)
         if busy is not None:
             raise NotReadyError(
@@ -170,7 +203,8 @@ def delete_featureset(featureset_id: str, store: StoreDep, redis: RedisDep) -> R
             _check_not_computing(store, redis, featureset_id, kind, result_id)
         for kind, result_id in dependents:
             _delete_group(store, f"{kind}/{result_id}")
-        record_progress_at_delete(redis, featureset_id, featureset.progress().as_dict())
+        if featureset is not None:
+            record_progress_at_delete(redis, featureset_id, featureset.progress().as_dict())
         _delete_group(store, f"featuresets/{featureset_id}")
         store.forget(featureset_id)
     logger.info("feature set %s deleted with %d dependent results", featureset_id, len(dependents))
