@@ -367,8 +367,8 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
         status = "canceled"
         error = {
             "message": f"feature set {record['target']!r} of this canceled job no longer exists "
-            "(it was deleted), so it cannot be resumed; send the same POST /v1/extractions "
-            "again to extract it again",
+            "(it was deleted or its creation did not finish), so it cannot be resumed; send the "
+            "same POST /v1/extractions again to extract it again",
             "field": "featureset_id",
             "value": record["target"],
         }

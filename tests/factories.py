@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 if TYPE_CHECKING:
-    from store import FeatureSet
+    import pytest
+
+    from store import FeatureSet, Store
 
 
 def tiny_imagegpt(
@@ -107,3 +110,20 @@ def pending_featureset(
         **options,  # type: ignore[arg-type]
     )
     return featureset
+
+
+class MetadataWrites:
+    """Records the attribute keys of every write of one group's zarr.json."""
+
+    def __init__(self, store: Store, key: str, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.key = key
+        self.attribute_keys: list[set[str]] = []
+        original = store.zarr_store.set
+
+        async def recording_set(key: str, value: Any) -> None:
+            if key == self.key:
+                document = json.loads(value.to_bytes())
+                self.attribute_keys.append(set(document.get("attributes", {})))
+            await original(key, value)
+
+        monkeypatch.setattr(store.zarr_store, "set", recording_set)

@@ -308,7 +308,9 @@ def run_projection(
     group.create_array("item_indices", data=indices.astype(np.int64), overwrite=True)
     group.create_array("labels", data=labels[indices].astype(np.int64), overwrite=True)
     seconds = time.perf_counter() - started
-    group.attrs.update(
+    # One write of the group's metadata: a per-key update could leave "complete" without the
+    # keys after it if the worker is killed in between.
+    group.update_attributes(
         {
             "status": "complete",
             "n_points": int(n_points),

@@ -133,7 +133,7 @@ def _write_cache_once(store: Store, key: str, tokens: np.ndarray, attrs: dict[st
         )
     zarr.open_array(store.zarr_store, path=f"{path}/tokens", mode="r+")[:] = tokens
     # The flag goes last: a cache without it is recomputed, never read.
-    group.attrs.update({**attrs, "complete": True})
+    group.update_attributes({**attrs, "complete": True})
 
 
 def list_token_caches(store: Store) -> list[dict[str, Any]]:

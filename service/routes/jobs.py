@@ -165,8 +165,8 @@ def resume_job(
             if featureset is None:
                 raise JobNotResumableError(
                     f"feature set {record['target']!r} of job {job_id} no longer exists (it "
-                    "was deleted), so the job cannot be resumed; send the same POST "
-                    "/v1/extractions again",
+                    "was deleted or its creation did not finish), so the job cannot be resumed; "
+                    "send the same POST /v1/extractions again",
                     field="featureset_id",
                     value=record["target"],
                 )

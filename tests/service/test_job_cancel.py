@@ -654,3 +654,27 @@ def test_new_post_while_canceled_job_stops_is_409(client: Client, redis: Redis) 
     assert refused.value.detail["field"] == "name"
     assert f"job {job_id} for the same work was canceled" in refused.value.detail["message"]
     queue.delete(delete_jobs=True)
+
+
+def test_resume_of_unfinished_creation_says_so(
+    client: Client, redis: Redis, tiny_model: Path, settings: Any
+) -> None:
+    """A set whose creation did not finish reads as absent, and the job's messages say why
+    rather than claim it was deleted."""
+    first = _slow_extraction(client, tiny_model, "test", limit=120, seed=9107)
+    assert _cancel(client, first["job_id"]).json()["status"] == "canceled"
+    _wait_rq_idle(redis, first["job_id"])
+    metadata = Path(settings.store) / "featuresets" / first["featureset_id"] / "zarr.json"
+    document = json.loads(metadata.read_text())
+    del document["attributes"]["block_rows"]
+    metadata.write_text(json.dumps(document))
+
+    state = client.job(first["job_id"])
+    with pytest.raises(ClientError) as refused:
+        client.request("POST", f"/v1/jobs/{first['job_id']}/resume")
+
+    assert state["status"] == "canceled"
+    assert "was deleted or its creation did not finish" in state["error"]["message"]
+    assert refused.value.status_code == 409
+    assert "was deleted or its creation did not finish" in refused.value.detail["message"]
+    assert "send the same POST /v1/extractions again" in refused.value.detail["message"]

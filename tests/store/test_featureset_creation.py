@@ -14,7 +14,6 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -25,6 +24,7 @@ from store.errors import IncompleteFeatureSetError
 from store.featureset import CREATION_ATTRS, FeatureSet, create_featureset
 from store.fsck import check_featureset
 from store.spec import FeatureSetSpec
+from tests.factories import MetadataWrites
 
 LAYERS, N_ITEMS, DIM, BLOCK_ROWS = [0, 1], 30, 4, 10
 # The keys in the order the creation wrote them when each key was a write of its own.
@@ -209,26 +209,9 @@ def test_set_without_span_flag_is_complete(store: Store) -> None:
     assert featureset.ids_span_splits is None
 
 
-class _MetadataWrites:
-    """Records the attribute keys of every write of one group's zarr.json."""
-
-    def __init__(self, store: Store, key: str, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.key = key
-        self.attribute_keys: list[set[str]] = []
-        original = store.zarr_store.set
-
-        async def recording_set(key: str, value: Any) -> None:
-            if key == self.key:
-                document = json.loads(value.to_bytes())
-                self.attribute_keys.append(set(document.get("attributes", {})))
-            await original(key, value)
-
-        monkeypatch.setattr(store.zarr_store, "set", recording_set)
-
-
 def test_creation_writes_attributes_at_once(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
     featureset_id = _spec().featureset_id()
-    writes = _MetadataWrites(store, f"featuresets/{featureset_id}/zarr.json", monkeypatch)
+    writes = MetadataWrites(store, f"featuresets/{featureset_id}/zarr.json", monkeypatch)
     _create(store)
     # An empty group first, then every attribute in one write: a kill leaves one of the two.
     assert writes.attribute_keys[0] == set()
@@ -241,13 +224,13 @@ def test_mark_complete_writes_once(store: Store, monkeypatch: pytest.MonkeyPatch
     for block in range(featureset.n_blocks):
         start, stop = featureset.block_range(block)
         featureset.write_block(block, np.ones((len(LAYERS), stop - start, DIM)))
-    writes = _MetadataWrites(store, f"{featureset.path}/zarr.json", monkeypatch)
+    writes = MetadataWrites(store, f"{featureset.path}/zarr.json", monkeypatch)
     assert featureset.mark_complete() is True
     assert len(writes.attribute_keys) == 1
 
 
 def test_write_result_writes_once(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
-    writes = _MetadataWrites(store, "probes/" + "a" * 24 + "/zarr.json", monkeypatch)
+    writes = MetadataWrites(store, "probes/" + "a" * 24 + "/zarr.json", monkeypatch)
     store.write_result("probes", "a" * 24, {"spec": {"kinds": ["logistic"]}, "status": "pending"})
     store.write_result("probes", "a" * 24, {"status": "complete", "rows": [], "best": None})
     # The group's creation, then one write per call.

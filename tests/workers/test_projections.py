@@ -10,6 +10,7 @@ import pytest
 
 from store import FeatureSet, FeatureSetSpec, Store, create_featureset
 from store.settings import Settings
+from tests.factories import MetadataWrites
 from workers.projections import (
     MIN_POINTS,
     DegenerateLayerError,
@@ -197,3 +198,20 @@ def test_run_projection_varying_layer_completes(tmp_path: Path) -> None:
     assert stored is not None
     assert stored["status"] == "complete"
     assert np.all(np.isfinite(stored["info"]["explained_variance_ratio"]))
+
+
+def test_run_projection_writes_attributes_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The complete status goes with the coordinates' description in one write, so a killed
+    worker cannot leave a projection marked complete without them."""
+    store = Store(tmp_path / "store")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(40, 8, 8, 3), dtype=np.uint8)
+    projection_id = _submit(store, _pixels_featureset(store, tmp_path, images), "pca")
+    writes = MetadataWrites(store, f"projections/{projection_id}/zarr.json", monkeypatch)
+
+    run_projection(store, projection_id)
+
+    assert len(writes.attribute_keys) == 1
+    assert {"status", "n_points", "info", "class_names"} <= writes.attribute_keys[0]
