@@ -557,6 +557,7 @@ def test_probe_job_progress_total_from_start(
 
 def test_equal_grids_share_one_probe_id(client: Any, digits_featuresets: dict[str, str]) -> None:
     """A grid is stored as the engines read it, so its spelling does not change the probe id."""
+    job_ids = set()
 
     def probe_id(kind: str, params: dict[str, Any]) -> str:
         answer = client.probe(
@@ -567,6 +568,7 @@ def test_equal_grids_share_one_probe_id(client: Any, digits_featuresets: dict[st
             params=params,
             seed=21,
         )
+        job_ids.add(answer["job_id"])
         return str(answer["probe_id"])
 
     c_ids = {probe_id("logistic", {"C": grid}) for grid in ([1.0], 1, [1, 1.0], [1.0] * 150)}
@@ -580,3 +582,7 @@ def test_equal_grids_share_one_probe_id(client: Any, digits_featuresets: dict[st
     assert len(k_ids) == 1
     assert len(iter_ids) == 1
     assert len(default_ids) == 1
+    # The fits run to the end here, so that no later test counts them.
+    for job_id in job_ids:
+        state = wait_job(client, job_id, timeout=300)
+        assert state is not None and state["status"] == "finished", state

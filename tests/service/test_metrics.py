@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -47,12 +48,26 @@ def delta(before: Samples, after: Samples, name: str, **labels: str) -> float:
     return value(after, name, **labels) - value(before, name, **labels)
 
 
+def wait_queue_idle(settings: Settings, timeout: float = 120.0) -> None:
+    """Wait until the session's queue has no queued or running rq job, so that the counters
+    move only with this module's jobs.
+
+    After ``timeout`` it returns anyway: the started registry can keep a job whose worker was
+    killed until rq's cleanup, and such a job fits nothing.
+    """
+    queue = Queue(settings.queue, connection=Redis.from_url(settings.redis_url))
+    deadline = time.monotonic() + timeout
+    while (queue.count or queue.started_job_registry.count) and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 @pytest.fixture(scope="module")
-def scrapes(client: Any, tiny_model: Path) -> dict[str, Any]:
+def scrapes(client: Any, tiny_model: Path, settings: Settings) -> dict[str, Any]:
     """Scrapes taken before and after one extraction (4 blocks) and one probe job."""
     options: dict[str, Any] = {"layers": [0, 2], "pooling": "mean", "block_rows": 128}
     train = client.extract(str(tiny_model), "digits", "train", limit=200, **options)
     wait_job(client, train["job_id"])
+    wait_queue_idle(settings)
     before = scrape(client)
     # A spec no other test requests, so the extraction runs instead of returning a stored set.
     answer = client.extract(str(tiny_model), "digits", "test", batch_size=128, **options)
