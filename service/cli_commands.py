@@ -407,10 +407,18 @@ def fsck(
     url: UrlOption = DEFAULT_URL,
     api_key: ApiKeyOption = None,
     as_json: JsonOption = False,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Also repair what the check finds (clear damaged blocks' flags, delete "
+            "damaged and temporary files, delete an unfinished feature set).",
+        ),
+    ] = False,
 ) -> None:
     """Run the API's consistency check on a feature set; exit code 1 if it reports problems."""
     with _api(url, api_key) as client:
-        report = client.fsck(featureset_id)
+        report = client.fsck(featureset_id, repair=repair)
 
     if as_json:
         _print_json(report)

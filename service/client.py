@@ -271,9 +271,14 @@ class Client:
             "GET", f"/v1/probes/{_path_id(probe_id, 'probe_id')}/curve.png", params=params
         ).content
 
-    def fsck(self, featureset_id: str) -> dict[str, Any]:
-        """Run the consistency check of a feature set and return its report."""
-        return self._json("GET", f"/v1/featuresets/{_path_id(featureset_id, 'featureset_id')}/fsck")
+    def fsck(self, featureset_id: str, *, repair: bool = False) -> dict[str, Any]:
+        """Run the consistency check of a feature set and return its report; with ``repair``,
+        also the repairs the report lists."""
+        return self._json(
+            "GET",
+            f"/v1/featuresets/{_path_id(featureset_id, 'featureset_id')}/fsck",
+            params={"repair": "true"} if repair else None,
+        )
 
     def projection(
         self,

@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from store.ids import ID_REGEX
+from workers.probes.params import integral_to_int
 
 MAX_BATCH_SIZE = 4096
 # Request bodies reject unknown fields and convert no types: JSON true is not the integer 1,
@@ -15,24 +16,14 @@ MAX_BATCH_SIZE = 4096
 REQUEST_CONFIG = ConfigDict(extra="forbid", strict=True)
 
 
-def _integral_float_to_int(value: Any) -> Any:
-    """Convert a float with an integral value, such as 2.0 or 1e3, to int.
-
-    JSON Schema's integer includes such numbers, and JSON parsers read them as floats. Every
-    other value passes unchanged, so strict mode still rejects 2.5, true, "2", NaN and
-    infinity.
-    """
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    return value
-
-
-# The integer type of request fields. Its JSON Schema stays "integer".
-JsonInt = Annotated[int, BeforeValidator(_integral_float_to_int)]
+# The integer type of request fields: integral_to_int passes every value but an integral float
+# unchanged, so strict mode still rejects 2.5, true, "2", NaN, infinity and 1e300 as sent. Its
+# JSON Schema stays "integer".
+JsonInt = Annotated[int, BeforeValidator(integral_to_int)]
 # The same for optional fields. Written as JsonInt | None, the Field bounds would apply to the
 # union, and pydantic 2.14 then writes them to the JSON Schema as "ge" and "le" instead of
 # "minimum" and "maximum".
-OptionalJsonInt = Annotated[int | None, BeforeValidator(_integral_float_to_int)]
+OptionalJsonInt = Annotated[int | None, BeforeValidator(integral_to_int)]
 
 
 class ExtractionCreate(BaseModel):

@@ -284,9 +284,10 @@ def _add_store_partial_files(store: Store, report: dict[str, Any]) -> None:
     """Add the abandoned temporary files of the store's own metadata to ``report``, as paths
     relative to the feature set's folder (``../zarr.<hex>.partial`` lies in featuresets/)."""
     for name in _store_partial_files(store):
+        group = "the store root's" if name.startswith("../../") else "the featuresets folder's"
         report["partial_files"].append(name)
         report["problems"].append(
-            f"temporary file {name!r} was left by a write of the store's group metadata that "
+            f"temporary file {name!r} was left by a write of {group} group metadata that "
             "stopped midway; no feature set depends on it, and fsck with repair deletes it"
         )
 

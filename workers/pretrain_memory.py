@@ -153,10 +153,26 @@ def check_pretrain_memory(shape: PretrainShape, limit: int) -> PretrainMemory:
         f"pretraining with n_layer={shape.n_layer}, n_embd={shape.n_embd}, "
         f"n_head={shape.n_head}, n_colors={shape.n_colors} and batch_size={shape.batch_size} "
         f"on {shape.seq_len} tokens per image needs an estimated "
-        f"{memory.total_bytes / gib:.1f} GiB ({memory.parameters / 1e9:.2f} billion parameters "
-        f"with gradients and AdamW state {memory.state_bytes / gib:.1f} GiB, activations "
-        f"{memory.activation_bytes / gib:.1f} GiB), more than the limit of {limit / gib:g} GiB "
+        f"{_size(memory.total_bytes)} ({_count(memory.parameters)} parameters "
+        f"with gradients and AdamW state {_size(memory.state_bytes)}, activations "
+        f"{_size(memory.activation_bytes)}), more than the limit of {limit / gib:g} GiB "
         f"per run (LAYERBANK_PRETRAIN_MEMORY_GIB); {fix}",
         field=field,
         value=value,
     )
+
+
+def _count(number: int) -> str:
+    """Return a parameter count as people write it: 2.42 billion, 12.5 million or 203,456."""
+    if number >= 10**9:
+        return f"{number / 1e9:.2f} billion"
+    if number >= 10**6:
+        return f"{number / 1e6:.1f} million"
+    return f"{number:,}"
+
+
+def _size(size: int) -> str:
+    """Return a byte count in GiB from 1 GiB on, in MiB below."""
+    if size >= 2**30:
+        return f"{size / 2**30:.1f} GiB"
+    return f"{size / 2**20:.1f} MiB"

@@ -8,6 +8,7 @@ session's stack.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -166,9 +167,18 @@ def test_fsck_cli_exit_code_follows_report(client: Client, settings: Settings) -
     leftover.write_bytes(b"x")
     try:
         damaged = runner.invoke(app, ["fsck", answer["featureset_id"], "--url", url])
+        # The repair reports what it found, so its exit code is 1 too, and deletes the file.
+        repaired = runner.invoke(
+            app, ["fsck", answer["featureset_id"], "--url", url, "--repair", "--json"]
+        )
     finally:
-        leftover.unlink()
+        leftover.unlink(missing_ok=True)
     assert damaged.exit_code == 1
+    assert repaired.exit_code == 1, repaired.output
+    assert json.loads(repaired.output)["repaired"] == ["deleted x.1.partial"]
+    assert not leftover.exists()
+    again = runner.invoke(app, ["fsck", answer["featureset_id"], "--url", url])
+    assert again.exit_code == 0, again.output
 
 
 def test_reader_sees_409_then_complete_rows(client: Client, tiny_model: Path) -> None:

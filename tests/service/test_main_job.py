@@ -559,7 +559,7 @@ def test_equal_grids_share_one_probe_id(client: Any, digits_featuresets: dict[st
     """A grid is stored as the engines read it, so its spelling does not change the probe id."""
     job_ids = set()
 
-    def probe_id(kind: str, params: dict[str, Any]) -> str:
+    def probe_id(kind: str | list[str], params: dict[str, Any]) -> str:
         answer = client.probe(
             digits_featuresets["train"],
             digits_featuresets["test"],
@@ -582,6 +582,8 @@ def test_equal_grids_share_one_probe_id(client: Any, digits_featuresets: dict[st
     assert len(k_ids) == 1
     assert len(iter_ids) == 1
     assert len(default_ids) == 1
+    kind_ids = {probe_id(kinds, {}) for kinds in (["knn", "logistic"], ["logistic", "knn"])}
+    assert len(kind_ids) == 1
     # The fits run to the end here, so that no later test counts them.
     for job_id in job_ids:
         state = wait_job(client, job_id, timeout=300)

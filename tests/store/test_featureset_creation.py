@@ -271,6 +271,8 @@ def test_fsck_repairs_store_partial_files(store: Store) -> None:
     assert report["partial_files"] == ["../../zarr.4567ef.partial", "../zarr.0123abcd.partial"]
     assert len(report["problems"]) == 2
     assert all("fsck with repair deletes" in problem for problem in report["problems"])
+    assert "the store root's group metadata" in report["problems"][0]
+    assert "the featuresets folder's group metadata" in report["problems"][1]
 
     repaired = check_featureset(store, featureset.id, repair=True)
     assert sorted(repaired["repaired"]) == [

@@ -202,3 +202,15 @@ def test_queued_job_over_limit_fails_once(
     assert "LAYERBANK_PRETRAIN_MEMORY_GIB" in state["error"]["message"]
     assert not (tmp_path / "store" / "models" / "large-batch").exists()
     assert rq_starts(tmp_path, rq_id) == 1
+
+
+def test_small_run_over_limit_shows_its_sizes() -> None:
+    """A small model over a small limit prints its sizes in full and in MiB, not as zero."""
+    with pytest.raises(PretrainMemoryError) as caught:
+        check_pretrain_memory(_shape({}), 2**20)
+
+    message = caught.value.message
+    assert f"{count_parameters(_shape({})):,} parameters" in message
+    assert " MiB" in message
+    assert "0.00 billion" not in message
+    assert "0.0 GiB" not in message

@@ -19,7 +19,12 @@ from workers.probes.params import (
     read_grid,
     read_int,
 )
-from workers.probes.settings import fit_part_size, normalise_params, read_mlp_settings
+from workers.probes.settings import (
+    fit_part_size,
+    normalise_params,
+    read_adapter_settings,
+    read_mlp_settings,
+)
 
 
 @pytest.mark.parametrize(("value", "expected"), [(2, 2), (2.0, 2), (1e3, 1000), (-0.0, 0)])
@@ -235,3 +240,12 @@ def test_parameter_others_need_is_kept() -> None:
     normalised = normalise_params("logistic", {"engine": "torch", "c_batch": 2}, y_train)
 
     assert normalised == {"engine": "torch", "c_batch": 2}
+
+
+@pytest.mark.parametrize("engine", ["banana", [1, 2], None])
+def test_adapter_engine_must_be_torch(engine: Any) -> None:
+    with pytest.raises(ProbeError) as caught:
+        read_adapter_settings({"engine": engine})
+
+    assert caught.value.field == "engine"
+    assert "torch" in caught.value.message

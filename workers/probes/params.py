@@ -115,6 +115,18 @@ def read_int(
     return _check_int(name, params.get(name, default), low, high)
 
 
+def integral_to_int(value: Any) -> Any:
+    """Return a float with an integral value below 2**53 as an int, any other value as it is.
+
+    JSON parsers read 2.0 and 1e3 as floats, and JSON Schema's integer includes them. From 2**53
+    on every float is integral and its int has up to 309 digits, so those stay floats, which
+    the checks then report as the number sent.
+    """
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    return value
+
+
 def _check_int(name: str, value: Any, low: int, high: int | None) -> int:
     """Return ``value`` as an int, raising ProbeError unless it is an integer in range.
 

@@ -17,6 +17,7 @@ from workers.probes.params import (
     MAX_GRID_VALUES,
     check_known,
     format_json,
+    integral_to_int,
     read_choice,
     read_float,
     read_grid,
@@ -265,6 +266,7 @@ class AdapterSettings:
 def read_adapter_settings(params: dict[str, Any]) -> AdapterSettings:
     """Validate ``params`` of an adapter probe (see :func:`workers.adapters.fit_adapter`)."""
     check_known(params, "adapter", ADAPTER_PARAMS)
+    read_choice(params, "engine", "torch", ("torch",))
     return AdapterSettings(
         bottleneck=read_int(params, "bottleneck", DEFAULT_BOTTLENECK, low=1, high=MAX_BOTTLENECK),
         epochs=read_int(params, "epochs", DEFAULT_EPOCHS, low=1, high=MAX_EPOCHS),
@@ -472,12 +474,10 @@ def normalise_params(
 
 
 def _integral_to_int(value: Any) -> Any:
-    """Return ``value`` with each float of integral value below 2**53 as an int, in lists too."""
+    """Return ``value`` through `integral_to_int`, item by item in a list."""
     if isinstance(value, list):
         return [_integral_to_int(item) for item in value]
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return int(value)
-    return value
+    return integral_to_int(value)
 
 
 def fit_part_size(params: Mapping[str, Any], y_train: np.ndarray) -> int:
