@@ -122,18 +122,7 @@ def _incomplete_report(store: Store, featureset_id: str, *, repair: bool) -> dic
     """
     path = f"featuresets/{featureset_id}"
     missing = store.missing_creation_attrs(featureset_id) or []
-    report: dict[str, Any] = {
-        "featureset_id": featureset_id,
-        "ok": False,
-        "status": None,
-        "n_blocks": None,
-        "missing_blocks": [],
-        "corrupt_blocks": [],
-        "corrupt_chunks": [],
-        "partial_files": _partial_files(store, path),
-        "problems": [],
-        "repaired": [],
-    }
+    report = _unreadable_report(featureset_id, partial_files=_partial_files(store, path))
     _add_store_partial_files(store, report)
     if repair:
         _delete_partial_files(store, path, report)
@@ -156,6 +145,15 @@ def _incomplete_report(store: Store, featureset_id: str, *, repair: bool) -> dic
 
 def _layout_report(featureset_id: str, exc: LayoutError) -> dict[str, Any]:
     """Return the report of a feature set whose group lacks one of its arrays."""
+    report = _unreadable_report(featureset_id, partial_files=[])
+    report["problems"].append(
+        f"{exc.message.split(';')[0]}; delete the feature set and extract it again"
+    )
+    return report
+
+
+def _unreadable_report(featureset_id: str, *, partial_files: list[str]) -> dict[str, Any]:
+    """Return a failed report without block figures, for a set whose blocks cannot be read."""
     return {
         "featureset_id": featureset_id,
         "ok": False,
@@ -164,8 +162,8 @@ def _layout_report(featureset_id: str, exc: LayoutError) -> dict[str, Any]:
         "missing_blocks": [],
         "corrupt_blocks": [],
         "corrupt_chunks": [],
-        "partial_files": [],
-        "problems": [f"{exc.message.split(';')[0]}; delete the feature set and extract it again"],
+        "partial_files": partial_files,
+        "problems": [],
         "repaired": [],
     }
 

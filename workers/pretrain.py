@@ -114,19 +114,7 @@ def pretrain_imagegpt(
         memory_limit = int(get_settings().pretrain_memory_gib * 2**30)
     # The API checks the same before queueing. This check covers jobs queued some other way or
     # under a larger limit, which would otherwise end in the out-of-memory killer.
-    memory = check_pretrain_memory(
-        PretrainShape(
-            n_layer=params.n_layer,
-            n_embd=params.n_embd,
-            n_head=params.n_head,
-            n_colors=params.n_colors,
-            batch_size=params.batch_size,
-            seq_len=height * width,
-            n_items=n,
-            val_fraction=params.val_fraction,
-        ),
-        memory_limit,
-    )
+    memory = check_pretrain_memory(PretrainShape.of_run(params, split.images.shape), memory_limit)
     logger.info(
         "pretrain: estimated memory %.2f GiB of the %.2f GiB limit",
         memory.total_bytes / 2**30,

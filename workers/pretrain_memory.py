@@ -7,6 +7,7 @@ queues the job, and the worker checks it again before it builds the model.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from workers.errors import WorkersError
 
@@ -39,6 +40,22 @@ class PretrainShape:
     seq_len: int  # tokens per image: height x width of the dataset's images
     n_items: int  # images in the split, train and validation parts together
     val_fraction: float = 0.1  # PretrainParams' default, which a request cannot change
+
+    @classmethod
+    def of_run(cls, params: Any, images_shape: tuple[int, ...]) -> PretrainShape:
+        """Return the shape of a run with ``params`` (a pretraining request or its
+        PretrainParams) on images of shape (n, height, width, ...)."""
+        n_items, height, width = images_shape[:3]
+        return cls(
+            n_layer=params.n_layer,
+            n_embd=params.n_embd,
+            n_head=params.n_head,
+            n_colors=params.n_colors,
+            batch_size=params.batch_size,
+            seq_len=height * width,
+            n_items=n_items,
+            val_fraction=getattr(params, "val_fraction", cls.val_fraction),
+        )
 
 
 @dataclass(frozen=True)

@@ -62,20 +62,10 @@ def create_pretraining(
         )
     # Fails early with a 4xx for unknown datasets or splits; the worker loads it again.
     split = load_split(body.dataset, body.split, allowed_roots=settings.data_roots)
-    n_items, height, width = split.images.shape[:3]
     # A 422 with the estimate here, so that a run too large for a worker is never queued. The
     # worker checks again before it trains.
     check_pretrain_memory(
-        PretrainShape(
-            n_layer=body.n_layer,
-            n_embd=body.n_embd,
-            n_head=body.n_head,
-            n_colors=body.n_colors,
-            batch_size=body.batch_size,
-            seq_len=height * width,
-            n_items=n_items,
-        ),
-        int(settings.pretrain_memory_gib * 2**30),
+        PretrainShape.of_run(body, split.images.shape), int(settings.pretrain_memory_gib * 2**30)
     )
     params = body.model_dump(exclude={"name"})
     target = f"model-{name}"
