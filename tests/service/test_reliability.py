@@ -194,6 +194,9 @@ def test_killed_worker_block_retried_elsewhere(stack: Stack, tiny_model: Path) -
         assert time.monotonic() < deadline, retried.get_status()
         stack.client.job(job_id)
         time.sleep(0.2)
+    # get_status(refresh=True) reloads the status alone; the worker's name and the retries
+    # left may have changed since the fetch, when the block ran again after it.
+    retried.refresh()
     assert retried.get_status() == JobStatus.FINISHED
     assert retried.worker_name != killed
     assert retried.retries_left == BLOCK_RETRIES - 1
