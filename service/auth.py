@@ -483,26 +483,41 @@ def _check_key(
 
     needed = required_scope(request.method, endpoint)
     if not scope_allows(info.scope, needed):
-        logger.info(
-            "%s %s -> 403: key %r has scope %s, %s needed",
-            request.method,
-            request.url.path,
-            info.name,
-            info.scope,
-            needed,
-        )
-        raise HTTPException(
-            status_code=403,
-            detail={
-                "message": f"this request needs an API key with scope {needed!r}; key "
-                f"{info.name!r} has scope {info.scope!r}",
-                "field": "scope",
-                "value": info.scope,
-            },
-        )
+        raise _forbidden(request, info, needed)
     key_store.touch(info.key_id)
     request.state.api_key = info
     return info
+
+
+def require_key_scope(request: Request, needed: str, reason: str) -> None:
+    """Raise the 403 of a key without scope ``needed`` for a part of a request, such as a
+    query parameter that makes a read route delete data. Requests served without keys pass."""
+    info = getattr(request.state, "api_key", None)
+    if info is not None and not scope_allows(info.scope, needed):
+        raise _forbidden(request, info, needed, reason)
+
+
+def _forbidden(
+    request: Request, info: ApiKeyInfo, needed: str, reason: str | None = None
+) -> HTTPException:
+    logger.info(
+        "%s %s -> 403: key %r has scope %s, %s needed",
+        request.method,
+        request.url.path,
+        info.name,
+        info.scope,
+        needed,
+    )
+    because = f" ({reason})" if reason else ""
+    return HTTPException(
+        status_code=403,
+        detail={
+            "message": f"this request needs an API key with scope {needed!r}{because}; key "
+            f"{info.name!r} has scope {info.scope!r}",
+            "field": "scope",
+            "value": info.scope,
+        },
+    )
 
 
 # -- concurrent jobs per key -------------------------------------------------------------------

@@ -150,13 +150,20 @@ def check_pretrain_memory(shape: PretrainShape, limit: int) -> PretrainMemory:
     """Return the estimate of ``shape``, or raise PretrainMemoryError when it exceeds ``limit``.
 
     The error names batch_size, with the largest value that fits, when a smaller batch fits.
-    Otherwise the model alone is too large, and the error names n_embd.
+    Otherwise the model alone is too large, and the error names n_embd; when the data and the
+    fixed part alone exceed ``limit``, it says to raise the limit instead.
     """
     memory = estimate_pretrain_memory(shape)
     if memory.total_bytes <= limit:
         return memory
     largest_batch = largest_fitting_batch_size(shape, limit)
-    if largest_batch:
+    if limit <= PRETRAIN_OVERHEAD_BYTES + memory.data_bytes:
+        field, value = "n_embd", shape.n_embd
+        fix = (
+            f"no model fits, because the data and the fixed {_size(PRETRAIN_OVERHEAD_BYTES)} "
+            "a run allocates take all of it; raise LAYERBANK_PRETRAIN_MEMORY_GIB"
+        )
+    elif largest_batch:
         field, value = "batch_size", shape.batch_size
         fix = f"pass batch_size <= {largest_batch}, or a smaller n_layer or n_embd"
     else:
@@ -165,14 +172,14 @@ def check_pretrain_memory(shape: PretrainShape, limit: int) -> PretrainMemory:
             "even batch_size 1 does not fit; pass a smaller n_embd, n_layer or n_head "
             "(attention maps grow with n_head and the square of the tokens per image)"
         )
-    gib = 2**30
     raise PretrainMemoryError(
         f"pretraining with n_layer={shape.n_layer}, n_embd={shape.n_embd}, "
         f"n_head={shape.n_head}, n_colors={shape.n_colors} and batch_size={shape.batch_size} "
         f"on {shape.seq_len} tokens per image needs an estimated "
         f"{_size(memory.total_bytes)} ({_count(memory.parameters)} parameters "
         f"with gradients and AdamW state {_size(memory.state_bytes)}, activations "
-        f"{_size(memory.activation_bytes)}), more than the limit of {limit / gib:g} GiB "
+        f"{_size(memory.activation_bytes)}, token ids {_size(memory.data_bytes)}, fixed "
+        f"{_size(PRETRAIN_OVERHEAD_BYTES)}), more than the limit of {_limit(limit)} "
         f"per run (LAYERBANK_PRETRAIN_MEMORY_GIB); {fix}",
         field=field,
         value=value,
@@ -189,7 +196,16 @@ def _count(number: int) -> str:
 
 
 def _size(size: int) -> str:
-    """Return a byte count in GiB from 1 GiB on, in MiB below."""
+    """Return a byte count in GiB from 1 GiB on, in MiB from 0.1 MiB on, in bytes below."""
     if size >= 2**30:
         return f"{size / 2**30:.1f} GiB"
-    return f"{size / 2**20:.1f} MiB"
+    if size >= 2**20 / 10:
+        return f"{size / 2**20:.1f} MiB"
+    return f"{size:,} bytes"
+
+
+def _limit(limit: int) -> str:
+    """Return the limit as set, in GiB (0.625 GiB), unless that needs an exponent."""
+    if limit >= 2**20:
+        return f"{limit / 2**30:g} GiB"
+    return _size(limit)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import logging
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field
 
+from service.auth import require_key_scope
 from service.deps import RedisDep, StoreDep
 from service.jobs import busy_job, job_state, target_lock
 from store import NotReadyError, check_id
@@ -45,14 +46,20 @@ RepairQuery = Annotated[
 
 @router.get("/{featureset_id}/fsck", response_model=FsckPublic)
 def fsck_featureset(
-    featureset_id: str, store: StoreDep, redis: RedisDep, repair: RepairQuery = False
+    featureset_id: str,
+    request: Request,
+    store: StoreDep,
+    redis: RedisDep,
+    repair: RepairQuery = False,
 ) -> FsckPublic:
-    """Decode every chunk of a feature set and check its done blocks; repair=true fixes flags."""
+    """Decode every chunk of a feature set and check its done blocks; repair=true fixes flags
+    (with an admin key where keys are required, as it can delete data)."""
     check_id(featureset_id, field="featureset_id")
     if not repair:
         return FsckPublic.model_validate(check_featureset(store, featureset_id))
-    # NOTE: repair deletes data but needs only the read scope of GET; restrict it to admin keys
-    # when auth scopes per query parameter exist.
+    # The check reads, but a repair deletes damaged objects and unfinished feature sets, so it
+    # needs the scope of DELETE /v1/featuresets/{id}.
+    require_key_scope(request, "admin", "repair=true deletes data")
     with target_lock(redis, featureset_id):
         busy = busy_job(redis, store, featureset_id)
         if busy is not None:

@@ -303,6 +303,14 @@ def _params_by_kind(params: dict[str, Any], kinds: list[str]) -> dict[str, dict[
                 field="params",
                 value=unknown,
             )
+        for kind, value in params.items():
+            if not isinstance(value, dict):
+                raise StoreError(
+                    f"params.{kind} is {json.dumps(value)}, not an object; pass the "
+                    f'{kind} hyper-parameters as an object, e.g. {{"{kind}": {{...}}}}',
+                    field="params",
+                    value=value,
+                )
         return {kind: dict(params.get(kind, {})) for kind in kinds}
     if params and len(kinds) > 1:
         raise StoreError(

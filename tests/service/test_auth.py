@@ -550,3 +550,22 @@ def test_demo_sends_api_key(
     assert result.exit_code == 1, result.output
     assert "error: demo failed: HTTP 403" in result.stderr
     assert "write" in result.stderr
+
+
+@pytest.mark.parametrize(("credential", "status"), [("read", 403), ("write", 403), ("admin", 404)])
+def test_auth_fsck_repair_needs_admin(
+    auth_client: TestClient, keys: dict[str, str], credential: str, status: int
+) -> None:
+    """A repair can delete a feature set's folder, so it needs the scope of DELETE, while the
+    check alone needs read."""
+    path = f"/v1/featuresets/{ZERO_ID}/fsck"
+
+    check = auth_client.get(path, headers=_headers(credential, keys))
+    repair = auth_client.get(path, params={"repair": "true"}, headers=_headers(credential, keys))
+
+    assert check.status_code == 404
+    assert repair.status_code == status, repair.text
+    if status == 403:
+        detail = repair.json()["detail"]
+        assert detail["message"].startswith("this request needs an API key with scope 'admin'")
+        assert "repair=true" in detail["message"]

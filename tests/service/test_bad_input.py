@@ -498,6 +498,22 @@ def _cases(data: dict[str, str], fs: dict[str, str], tiny: str, max_body: int) -
         ),
         Case("probe layer not stored", "POST", post_p, probe(layers=[3]), field="layers"),
         Case(
+            "probe params of a kind not an object",
+            "POST",
+            post_p,
+            probe(params={"logistic": None}),
+            field="params",
+            message=("params.logistic is null, not an object",),
+        ),
+        Case(
+            "probe params of a kind as pairs",
+            "POST",
+            post_p,
+            probe(params={"logistic": [["C", 1]]}),
+            field="params",
+            message=('params.logistic is [["C", 1]], not an object',),
+        ),
+        Case(
             "probe kind list empty",
             "POST",
             post_p,

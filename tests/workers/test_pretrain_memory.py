@@ -214,3 +214,14 @@ def test_small_run_over_limit_shows_its_sizes() -> None:
     assert " MiB" in message
     assert "0.00 billion" not in message
     assert "0.0 GiB" not in message
+
+
+def test_limit_below_fixed_part_says_raise_limit() -> None:
+    """Below the fixed part no model fits, so the fix is a larger limit, printed readably."""
+    with pytest.raises(PretrainMemoryError) as caught:
+        check_pretrain_memory(_shape({}), 107_374)
+
+    message = caught.value.message
+    assert "more than the limit of 0.1 MiB" in message
+    assert "raise LAYERBANK_PRETRAIN_MEMORY_GIB" in message
+    assert "e-05" not in message

@@ -249,3 +249,13 @@ def test_adapter_engine_must_be_torch(engine: Any) -> None:
 
     assert caught.value.field == "engine"
     assert "torch" in caught.value.message
+
+
+def test_huge_integral_float_echoed_as_sent() -> None:
+    """1e300 is integral, but a grid of k reports it as sent, not as a 301-digit int."""
+    with pytest.raises(ProbeError) as caught:
+        read_grid({"k": [1e300]}, "k", (1,), integer=True)
+
+    assert caught.value.value == 1e300
+    assert "k=1e+300 is out of range" in caught.value.message
+    assert len(caught.value.message) < 200

@@ -132,17 +132,21 @@ def _check_int(name: str, value: Any, low: int, high: int | None) -> int:
 
     JSON Schema's integer includes 2.0 and 1e3, which JSON parsers read as floats, so a float
     with an integral value is accepted. Booleans, strings, fractions, NaN and infinity are not.
+    Integral floats from 2**53 on count as out of range: no count here comes near them, and
+    their ints would print with up to 309 digits.
     """
-    if isinstance(value, float) and value.is_integer():
+    bound = f"[{low}, {high}]" if high is not None else f">= {low} and below 2**53"
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
         integer = int(value)
     elif isinstance(value, int) and not isinstance(value, bool):
         integer = value
+    elif isinstance(value, float) and value.is_integer():
+        integer = 2**53
     else:
         raise ProbeError(
             f"{name} must be an integer, got {format_json(value)}", field=name, value=value
         )
-    if integer < low or (high is not None and integer > high):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+    if integer < low or (high is not None and integer > high) or abs(integer) >= 2**53:
         raise ProbeError(
             f"{name}={format_json(value)} is out of range; pass an integer {bound}",
             field=name,
