@@ -57,9 +57,11 @@ def check_featureset(store: Store, featureset_id: str, *, repair: bool = False) 
     Returns
     -------
     dict
-        ``ok`` (no damage found), ``status``, ``missing_blocks`` (blocks not written yet),
-        ``corrupt_blocks``, ``corrupt_chunks`` (store keys relative to the feature set),
-        ``partial_files``, ``problems`` (one sentence each), ``repaired`` (actions taken).
+        ``ok`` (no damage found in the feature set), ``status``, ``missing_blocks`` (blocks
+        not written yet), ``corrupt_blocks``, ``corrupt_chunks`` (store keys relative to the
+        feature set), ``partial_files``, ``problems`` (one sentence each; stray files of the
+        store's own metadata are listed without making ``ok`` false), ``repaired`` (actions
+        taken).
     """
     try:
         featureset = store.featureset(featureset_id)
@@ -89,7 +91,6 @@ def check_featureset(store: Store, featureset_id: str, *, repair: bool = False) 
             f"temporary file {name!r} was left by a writer that stopped mid-write; the object "
             "it was replacing is unchanged, and fsck with repair deletes the file"
         )
-    _add_store_partial_files(store, report)
     if report["status"] == "complete" and report["missing_blocks"]:
         report["problems"].append(
             f"status is 'complete' but blocks {report['missing_blocks']} are not flagged done; "
@@ -97,7 +98,10 @@ def check_featureset(store: Store, featureset_id: str, *, repair: bool = False) 
         )
     report["corrupt_blocks"] = sorted(set(report["corrupt_blocks"]))
     report["ok"] = not report["problems"]
-    if repair and not report["ok"]:
+    # Stray files of the store's own metadata are listed and repaired here, but no feature set
+    # depends on them, so they leave ok as it is.
+    _add_store_partial_files(store, report)
+    if repair and report["problems"]:
         _repair(store, featureset, report)
         # The problems stay as found; their advice now starts at the step left to do.
         report["problems"] = [
