@@ -185,8 +185,10 @@ def test_reader_sees_409_then_complete_rows(client: Client, tiny_model: Path) ->
     done = client.extract("pixels", "digits", "test", limit=40, block_rows=20)
     wait_job(client, done["job_id"], timeout=60)
     reference = client.layer_array(done["featureset_id"], 0)
+    # Thirty-two blocks of one image per forward pass, so the set is still being written when
+    # the first read comes, even on a busy machine.
     answer = client.extract(
-        str(tiny_model), "digits", "test", limit=120, block_rows=20, batch_size=1, layers=[0, 2]
+        str(tiny_model), "digits", "train", limit=640, block_rows=20, batch_size=1, layers=[0, 2]
     )
     featureset_id = answer["featureset_id"]
     rejected = 0
@@ -203,11 +205,11 @@ def test_reader_sees_409_then_complete_rows(client: Client, tiny_model: Path) ->
                 with pytest.raises(ClientError) as probe:
                     client.probe(featureset_id, featureset_id, kind="knn")
                 assert probe.value.status_code == 409
-                assert probe.value.detail["progress"]["blocks_total"] == 6
+                assert probe.value.detail["progress"]["blocks_total"] == 32
             continue
         break
     assert rejected >= 1
-    assert rows.shape == (120, 32)
+    assert rows.shape == (640, 32)
     assert np.isfinite(rows).all()
 
 
@@ -215,14 +217,16 @@ def test_killed_worker_output_bitwise_identical(
     faults: tuple[Stack, bool], client: Client, settings: Settings, tiny_model: Path
 ) -> None:
     stack, _ = faults
-    options = {"layers": "all", "limit": 300, "block_rows": 50, "batch_size": 1}
-    interrupted = stack.client.extract(str(tiny_model), "digits", "test", **options)
+    # Twenty blocks, one image per forward pass: the tiny model writes a block in a fraction of
+    # a second, and six blocks could all finish before a busy machine's poll caught one.
+    options = {"layers": "all", "limit": 1000, "block_rows": 50, "batch_size": 1}
+    interrupted = stack.client.extract(str(tiny_model), "digits", "train", **options)
     killed, _, _ = _freeze_worker_mid_block(
         stack, interrupted["job_id"], interrupted["featureset_id"]
     )
     os.kill(stack.workers[killed].pid, signal.SIGKILL)
     stack.workers.pop(killed).wait(timeout=10)
-    reference = client.extract(str(tiny_model), "digits", "test", **options)
+    reference = client.extract(str(tiny_model), "digits", "train", **options)
     state = wait_job(stack.client, interrupted["job_id"], timeout=120)
     stack.start_worker(f"{killed}-replacement")
     assert state is not None and state["status"] == "finished", state
