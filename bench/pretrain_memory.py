@@ -13,7 +13,6 @@ term is left out of the comparison. Run by hand, never in CI:
 from __future__ import annotations
 
 import argparse
-import os
 import resource
 import sys
 from pathlib import Path
@@ -22,13 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from bench.adapter_memory import resident_bytes  # noqa: E402
 from workers.pretrain_memory import PretrainShape, estimate_pretrain_memory  # noqa: E402
-
-
-def resident_bytes() -> int:
-    """Return the current resident size of this process."""
-    with open("/proc/self/statm") as statm:
-        return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def main() -> None:

@@ -139,7 +139,7 @@ def time_sweep(n_layers: int, items: int, dim: int, n_classes: int) -> None:
     def counted(self, layer, theta, penalty):  # type: ignore[no-untyped-def]
         start = time.perf_counter()
         out = objective(self, layer, theta, penalty)
-        # Validation fits see the fit part; the refit sees every train item.
+        # Validation fits read the fit part, and the refit reads every train item.
         stage = "refit" if self.x.shape[1] == items else "validation"
         calls[stage, len(theta)].append(time.perf_counter() - start)
         return out

@@ -87,10 +87,10 @@ def count_parameters(shape: PretrainShape) -> int:
 def training_activation_bytes(shape: PretrainShape, batch_size: int) -> int:
     """Estimate the bytes autograd keeps for one training step of ``batch_size`` images.
 
-    Per image and token, each block saves about 18 d + 3 x 4d float32 values (the count of
-    the adapter fit's estimate in workers/probes/settings.py, with ImageGPT's inner width 4d)
-    and 3 n_head x seq_len attention values (the softmax output, the dropout mask and the
-    dropout output). The backward pass needs about one block more. The logits, their log-softmax
+    Per image and token, each block saves about 18 d + 3 x 4d float32 values. That is the
+    count of the adapter fit's estimate in workers/probes/settings.py, with ImageGPT's inner
+    width 4d. Each block also saves 3 n_head x seq_len attention values: the softmax output,
+    the dropout mask and the dropout output. The backward pass needs about one block more. The logits, their log-softmax
     and their gradient add 3 n_colors.
     """
     d, tokens = shape.n_embd, shape.seq_len
@@ -115,9 +115,9 @@ def validation_activation_bytes(shape: PretrainShape) -> int:
 def estimate_pretrain_memory(shape: PretrainShape, batch_size: int | None = None) -> PretrainMemory:
     """Estimate the peak memory of a run with ``shape``, at ``batch_size`` if given.
 
-    The estimate is the sum of the parameter state (4 float32 copies), the larger of the
-    training step's and a validation batch's activations, the split as int64 token ids (the
-    inputs and targets, and their copies for the train part: 4 x 8 bytes per token) and
+    The estimate adds four parts: the parameter state (4 float32 copies), and the larger of the
+    training step's and a validation batch's activations. Then the split as int64 token ids
+    (the inputs and targets, and their copies for the train part: 4 x 8 bytes per token), and
     PRETRAIN_OVERHEAD_BYTES.
     """
     batch = shape.batch_size if batch_size is None else batch_size
@@ -150,8 +150,8 @@ def check_pretrain_memory(shape: PretrainShape, limit: int) -> PretrainMemory:
     """Return the estimate of ``shape``, or raise PretrainMemoryError when it exceeds ``limit``.
 
     The error names batch_size, with the largest value that fits, when a smaller batch fits.
-    Otherwise the model alone is too large, and the error names n_embd; when the data and the
-    fixed part alone exceed ``limit``, it says to raise the limit instead.
+    Otherwise the model alone is too large, and the error names n_embd. When the data and the
+    fixed part alone exceed ``limit``, the fix it gives is a larger limit.
     """
     memory = estimate_pretrain_memory(shape)
     if memory.total_bytes <= limit:

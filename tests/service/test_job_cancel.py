@@ -51,7 +51,7 @@ def redis(redis_server: Any) -> Iterator[Redis]:
 
 
 def _request() -> Request:
-    """A request without an API key, as the API sees one where keys are not required."""
+    """Return a request without an API key, as the API receives it where keys are not required."""
     return Request({"type": "http", "method": "GET", "path": "/", "headers": []})
 
 
@@ -663,11 +663,11 @@ def test_new_post_while_canceled_job_stops_is_409(client: Client, redis: Redis) 
     queue.delete(delete_jobs=True)
 
 
-def test_resume_of_unfinished_creation_says_so(
+def test_resume_unfinished_creation_names_cause(
     client: Client, redis: Redis, tiny_model: Path, settings: Any
 ) -> None:
-    """A set whose creation did not finish reads as absent, and the job's messages say why
-    rather than claim it was deleted."""
+    """A set whose creation did not finish reads as absent, and the job's messages give both
+    causes rather than claim it was deleted."""
     first = _slow_extraction(client, tiny_model, "test", limit=120, seed=9107)
     assert _cancel(client, first["job_id"]).json()["status"] == "canceled"
     _wait_rq_idle(redis, first["job_id"])

@@ -85,8 +85,8 @@ def _cut_back(store: Store, featureset_id: str, n_attrs: int, arrays: list[str])
     folder = _folder(store, featureset_id)
     metadata_file = folder / "zarr.json"
     metadata = json.loads(metadata_file.read_text())
-    kept = CREATION_ORDER[:n_attrs]
-    metadata["attributes"] = {k: v for k, v in metadata["attributes"].items() if k in kept}
+    written = CREATION_ORDER[:n_attrs]
+    metadata["attributes"] = {k: v for k, v in metadata["attributes"].items() if k in written}
     metadata_file.write_text(json.dumps(metadata))
     for name in ARRAY_ORDER:
         if name not in arrays:

@@ -410,8 +410,8 @@ def require_validation_items(n_val: int, fraction: float, y_train: np.ndarray) -
     """Raise `ProbeError` when the validation split of the train items contains none.
 
     ``y_train`` contains the train labels. When every class has a single item, no val_fraction
-    helps, because `validation_count` keeps one item of each class for fitting, and the
-    error asks for more train items instead.
+    helps, because `validation_count` keeps one item of each class for fitting. The error
+    then requests more train items instead.
     """
     if n_val > 0:
         return
