@@ -90,8 +90,8 @@ def training_activation_bytes(shape: PretrainShape, batch_size: int) -> int:
     Per image and token, each block saves about 18 d + 3 x 4d float32 values. That is the
     count of the adapter fit's estimate in workers/probes/settings.py, with ImageGPT's inner
     width 4d. Each block also saves 3 n_head x seq_len attention values: the softmax output,
-    the dropout mask and the dropout output. The backward pass needs about one block more. The logits, their log-softmax
-    and their gradient add 3 n_colors.
+    the dropout mask and the dropout output. The backward pass needs about one block more.
+    The logits, their log-softmax and their gradient add 3 n_colors.
     """
     d, tokens = shape.n_embd, shape.seq_len
     per_block = 30 * d + 3 * shape.n_head * tokens
