@@ -242,6 +242,28 @@ def test_parameter_others_need_is_kept() -> None:
     assert normalised == {"engine": "torch", "c_batch": 2}
 
 
+def test_c_batch_of_the_whole_grid_is_left_out() -> None:
+    """A c_batch that covers the whole C grid runs it at once, as no c_batch does."""
+    y_train = np.repeat(np.arange(4), 25)
+    plain = normalise_params("logistic", {"engine": "torch", "C": [0.1, 1.0]}, y_train)
+
+    for c_batch in (2, 3, 100):
+        normalised = normalise_params(
+            "logistic", {"engine": "torch", "C": [0.1, 1.0], "c_batch": c_batch}, y_train
+        )
+        assert normalised == plain
+
+
+def test_train_eval_items_beyond_the_train_set_is_left_out() -> None:
+    """kNN scores at most every train item, so any train_eval_items from the train size on
+    reads as the default does on a train set of that size."""
+    y_train = np.repeat(np.arange(4), 25)
+
+    for items in (100, 101, 4999, 10**6):
+        assert normalise_params("knn", {"train_eval_items": items}, y_train) == {}
+    assert normalise_params("knn", {"train_eval_items": 99}, y_train) == {"train_eval_items": 99}
+
+
 @pytest.mark.parametrize("engine", ["banana", [1, 2], None])
 def test_adapter_engine_must_be_torch(engine: Any) -> None:
     with pytest.raises(ProbeError) as caught:

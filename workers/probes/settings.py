@@ -105,6 +105,9 @@ def read_logistic_settings(params: dict[str, Any]) -> LogisticSettings:
     if c_batch is not None:
         # A run never takes more values of C than the grid holds.
         c_batch = read_int(params, "c_batch", 1, high=MAX_GRID_VALUES)
+        if c_batch >= len(c_grid):
+            # One run takes the whole grid, which is what no c_batch does.
+            c_batch = None
     return LogisticSettings(engine, c_grid, max_iter, tol, dtype, layer_batch, history, c_batch)
 
 
@@ -138,9 +141,11 @@ def read_knn_settings(params: dict[str, Any], task: TrainSizes) -> KnnSettings:
     chunk_size = params.get("chunk_size")
     if chunk_size is not None:
         chunk_size = read_int(params, "chunk_size", 1)
-    train_eval_items = read_int(params, "train_eval_items", DEFAULT_TRAIN_EVAL_ITEMS)
-
     n_train, n_fit = len(task.y_train), len(task.fit_part)
+    # The train accuracy scores at most every train item.
+    train_eval_items = min(
+        read_int(params, "train_eval_items", DEFAULT_TRAIN_EVAL_ITEMS), max(n_train, 1)
+    )
     if chunk_size is not None and chunk_size * n_train > MAX_SIMILARITY_ELEMENTS:
         largest = max(1, MAX_SIMILARITY_ELEMENTS // n_train)
         raise ProbeError(
