@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ from typing import Annotated, Any, Literal
 
 import httpx
 import typer
+from pydantic import TypeAdapter, ValidationError
 from rich import box
 from rich.console import Console
 from rich.progress import (
@@ -36,6 +38,7 @@ from rich.table import Table
 from rich.text import Text
 
 from service.client import TERMINAL, Client, ClientError
+from service.schemas import LayerSelection
 
 logger = logging.getLogger(__name__)
 
@@ -149,9 +152,7 @@ def probe(
     as_json: JsonOption = False,
 ) -> None:
     """Fit probes on TRAIN_FEATURESET and score them on TEST_FEATURESET, layer by layer."""
-    kinds = [part.strip() for part in kind.split(",") if part.strip()]
-    if not kinds:
-        raise typer.BadParameter("give at least one probe kind", param_hint="--kind")
+    kinds = _split_list(kind, "--kind", KIND_FORMS)
     options: dict[str, Any] = {"seed": seed}
     if params is not None:
         options["params"] = _parse_params(params)
@@ -184,6 +185,17 @@ JobStatus = Literal["queued", "running", "finished", "failed", "canceled"]
 JobKind = Literal["extraction", "probe", "projection", "pretrain"]
 # Jobs per page of `layerbank jobs` without --limit: a screenful at two lines per job.
 DEFAULT_JOB_LIST_LIMIT = 20
+# The maximum page size of GET /v1/jobs.
+MAX_JOB_LIST_LIMIT = 1000
+
+
+def _check_job_list_limit(value: int | None) -> int | None:
+    # A callback instead of typer's min and max, whose message does not show the value.
+    if value is not None and not 1 <= value <= MAX_JOB_LIST_LIMIT:
+        raise typer.BadParameter(
+            f"{value} is out of range; pass a number of jobs from 1 to {MAX_JOB_LIST_LIMIT}"
+        )
+    return value
 
 
 def jobs(
@@ -206,8 +218,7 @@ def jobs(
     limit: Annotated[
         int | None,
         typer.Option(
-            min=1,
-            max=1000,
+            callback=_check_job_list_limit,
             show_default=False,
             help="Maximum number of jobs to list (1-1000, default 20).",
         ),
@@ -416,7 +427,7 @@ def fsck(
         ),
     ] = False,
 ) -> None:
-    """Run the API's consistency check on a feature set; exit code 1 if it reports problems."""
+    """Run the API's consistency check on a feature set; exit code 1 unless the report is ok."""
     with _api(url, api_key) as client:
         report = client.fsck(featureset_id, repair=repair)
 
@@ -424,8 +435,10 @@ def fsck(
         _print_json(report)
     else:
         _print_record(f"fsck {featureset_id}", report)
-    if _fsck_found_problems(report):
+    if not isinstance(report, dict) or report.get("ok") is not True:
         raise typer.Exit(1)
+    if report.get("problems") and not repair:
+        _warn_store_partial_files(featureset_id, report)
 
 
 # -- API access and errors -----------------------------------------------------------------
@@ -487,12 +500,18 @@ def _exit_if_failed(state: dict[str, Any] | None) -> None:
     _fail(f"error: job {state['job_id']} {message}")
 
 
-def _fsck_found_problems(report: Any) -> bool:
-    if not isinstance(report, dict):
-        return False
-    if report.get("ok") is False:
-        return True
-    return bool(report.get("problems") or report.get("errors"))
+def _warn_store_partial_files(featureset_id: str, report: dict[str, Any]) -> None:
+    """Print the problems of a report whose ``ok`` is true as one warning line on stderr.
+
+    The API reports such problems only for stray temporary files of the store's own metadata,
+    which no feature set depends on, so they leave the exit code at 0.
+    """
+    found = ", ".join(report.get("partial_files") or []) or " ".join(report["problems"])
+    typer.echo(
+        f"warning: feature set {featureset_id} is ok, but the store has stray temporary files "
+        f"of its own metadata ({found}); `layerbank fsck {featureset_id} --repair` deletes them",
+        err=True,
+    )
 
 
 # -- following jobs ------------------------------------------------------------------------
@@ -771,20 +790,44 @@ def _cell(value: Any) -> str:
 # -- argument parsing ----------------------------------------------------------------------
 
 
-def _parse_layers(text: str) -> str | list[int]:
-    """Parse ``--layers``: 'all' or comma-separated hidden-state indices."""
-    if text.strip().lower() == "all":
-        return "all"
-    try:
-        layers = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
+LAYER_FORMS = "'all' or hidden-state indices separated by commas, such as 0,3,5"
+KIND_FORMS = "probe kinds separated by commas, such as logistic,knn"
+# The API's type of the layers field; --layers is converted to it and checked with it.
+_LAYER_SELECTION: TypeAdapter[str | list[int]] = TypeAdapter(LayerSelection)
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+def _split_list(text: str, option: str, forms: str) -> list[str]:
+    """Split a comma-separated option value into its entries, without surrounding spaces.
+
+    Raises typer.BadParameter, naming ``option`` and the accepted ``forms``, when the value or
+    one of its entries is empty.
+    """
+    entries = [entry.strip() for entry in text.split(",")]
+    if entries == [""]:
+        raise typer.BadParameter(f"{text!r} is empty; pass {forms}", param_hint=f"'{option}'")
+    if "" in entries:
         raise typer.BadParameter(
-            f"{text!r} is not 'all' or a comma-separated list of layer indices such as 0,3,5",
-            param_hint="--layers",
+            f"{text!r} has an empty entry; pass {forms}", param_hint=f"'{option}'"
+        )
+    return entries
+
+
+def _parse_layers(text: str) -> str | list[int]:
+    """Parse ``--layers`` into the request's layers value: "all" or a list of indices."""
+    entries = _split_list(text, "--layers", LAYER_FORMS)
+    if entries == ["all"]:
+        value: Any = "all"
+    else:
+        # An entry that is not an integer stays text, which the API's type rejects, as it
+        # rejects a string in the JSON list.
+        value = [int(entry) if _INTEGER.fullmatch(entry) else entry for entry in entries]
+    try:
+        return _LAYER_SELECTION.validate_python(value)
+    except ValidationError:
+        raise typer.BadParameter(
+            f"{text!r} is invalid; pass {LAYER_FORMS}", param_hint="'--layers'"
         ) from None
-    if not layers:
-        raise typer.BadParameter("give 'all' or at least one layer index", param_hint="--layers")
-    return layers
 
 
 def _parse_params(text: str) -> dict[str, Any]:

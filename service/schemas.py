@@ -24,6 +24,9 @@ JsonInt = Annotated[int, BeforeValidator(integral_to_int)]
 # union, and pydantic 2.14 then writes them to the JSON Schema as "ge" and "le" instead of
 # "minimum" and "maximum".
 OptionalJsonInt = Annotated[int | None, BeforeValidator(integral_to_int)]
+# The layers field of extraction and probe requests: "all" or a list of hidden-state indices.
+# The CLI checks its --layers value with this type too, so both accept the same forms.
+LayerSelection = Literal["all"] | list[JsonInt]
 
 
 class ExtractionCreate(BaseModel):
@@ -39,7 +42,7 @@ class ExtractionCreate(BaseModel):
     )
     dataset: str = Field(..., min_length=1, max_length=1024, examples=["digits"])
     split: str = Field(..., min_length=1, max_length=64, examples=["train"])
-    layers: Literal["all"] | list[JsonInt] = "all"
+    layers: LayerSelection = "all"
     pooling: Literal["mean", "cls", "last_token", "mean_ln_f"] = "mean"
     input_policy: Literal["sos", "plain"] | None = Field(
         None,
@@ -154,7 +157,7 @@ class ProbeCreate(BaseModel):
         description="Id of the feature set to test on.",
         json_schema_extra={"pattern": ID_REGEX},
     )
-    layers: Literal["all"] | list[JsonInt] = "all"
+    layers: LayerSelection = "all"
     kind: str | list[str] = Field(
         "logistic", description="logistic, knn, mlp, adapter, or a list of them."
     )

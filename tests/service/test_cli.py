@@ -7,6 +7,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -423,6 +425,53 @@ def test_fsck_reports_api_answer(
         return
     body = run_json(api_url, "fsck", cli_featuresets["test"])
     assert body == client.fsck(cli_featuresets["test"])
+
+
+@pytest.fixture
+def stray_store_partial(settings: Any) -> Iterator[str]:
+    """Create a stray temporary file of the featuresets folder's group metadata, old enough for
+    fsck to report. Yields its path as the report lists it, relative to a feature set's folder."""
+    path = Path(settings.store) / "featuresets" / "zarr.0123abcd.partial"
+    path.write_bytes(b"{")
+    an_hour_ago = time.time() - 3600
+    os.utime(path, (an_hour_ago, an_hour_ago))
+    yield "../zarr.0123abcd.partial"
+    path.unlink(missing_ok=True)
+
+
+def test_fsck_store_partial_file_warns_exit_zero(
+    api_url: str, cli_featuresets: dict[str, str], stray_store_partial: str
+) -> None:
+    featureset_id = cli_featuresets["test"]
+    result = run_cli(api_url, "fsck", featureset_id)
+    assert result.exit_code == 0, result.output
+    assert stray_store_partial in result.stdout
+    warning = " ".join(result.stderr.split())
+    assert warning.startswith("warning: ")
+    assert stray_store_partial in warning
+    assert f"layerbank fsck {featureset_id} --repair" in warning
+
+
+def test_fsck_store_partial_file_json_exit_zero(
+    api_url: str, cli_featuresets: dict[str, str], stray_store_partial: str
+) -> None:
+    featureset_id = cli_featuresets["test"]
+    result = run_cli(api_url, "fsck", featureset_id, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["ok"] is True
+    assert report["partial_files"] == [stray_store_partial]
+    assert len(report["problems"]) == 1
+    assert f"layerbank fsck {featureset_id} --repair" in " ".join(result.stderr.split())
+
+
+def test_fsck_repair_store_partial_file_no_warning(
+    api_url: str, cli_featuresets: dict[str, str], stray_store_partial: str
+) -> None:
+    result = run_cli(api_url, "fsck", cli_featuresets["test"], "--repair", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["repaired"] == [f"deleted {stray_store_partial}"]
+    assert result.stderr == ""
 
 
 def test_cli_unreachable_api_one_line(tmp_path: Path) -> None:
