@@ -46,6 +46,7 @@ from service.jobs import (
     prune_jobs_if_due,
 )
 from service.metrics import install_metrics
+from service.openapi import add_method_not_allowed
 from service.query import check_query
 from service.routes import (
     catalog,
@@ -583,7 +584,8 @@ def _describe_routes_in_openapi(app: FastAPI) -> None:
 
     The key check is a dependency of every route, so FastAPI lists a key and its 401 and 403
     on the public routes too. This removes them there, and gives the ids and store names in
-    paths and queries the forms that the routes check.
+    paths and queries the forms that the routes check. It also adds the 405 response that
+    every path returns for a method it does not take.
     """
     generate = app.openapi
 
@@ -607,6 +609,7 @@ def _describe_routes_in_openapi(app: FastAPI) -> None:
                     pattern = _PARAMETER_PATTERNS.get(parameter["name"])
                     if pattern is not None:
                         _add_pattern(parameter["schema"], pattern)
+        add_method_not_allowed(schema)
         return schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -4,9 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import yaml
+from fastapi.testclient import TestClient
 
+from service.app import create_app
+from service.auth import ErrorResponse
 from service.openapi import openapi_document
+from store.settings import Settings
 
 SPEC = Path(__file__).resolve().parents[2] / "openapi.yaml"
 
@@ -78,3 +83,35 @@ def test_openapi_body_ids_have_their_pattern() -> None:
 def test_openapi_lists_metrics() -> None:
     operation = openapi_document()["paths"]["/metrics"]["get"]
     assert "text/plain" in operation["responses"]["200"]["content"]
+
+
+def test_openapi_method_not_allowed_component() -> None:
+    document = openapi_document()
+    response = document["components"]["responses"]["MethodNotAllowed"]
+    assert "Allow" in response["headers"]
+    schema = response["content"]["application/json"]["schema"]
+    assert schema == {"$ref": "#/components/schemas/ErrorResponse"}
+    assert "#/components/responses/MethodNotAllowed" in document["info"]["description"]
+
+
+def test_openapi_operations_omit_405() -> None:
+    """An operation is a path and a method that the path takes, so none of them returns 405."""
+    for path, item in openapi_document()["paths"].items():
+        for method, operation in item.items():
+            assert "405" not in operation["responses"], (path, method)
+
+
+def test_openapi_405_matches_served_response(
+    settings: Settings, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    store = str(tmp_path_factory.mktemp("store"))
+    with TestClient(create_app(settings.model_copy(update={"store": store}))) as http:
+        served = http.get("/openapi.json").json()
+        response = http.put("/v1/extractions", json={})
+    component = served["components"]["responses"]["MethodNotAllowed"]
+    assert component == openapi_document()["components"]["responses"]["MethodNotAllowed"]
+    assert response.status_code == 405
+    assert response.headers["allow"] == "POST"
+    assert response.headers["content-type"] == "application/json"
+    body = ErrorResponse.model_validate(response.json())
+    assert body.detail.message == "PUT is not allowed on /v1/extractions; use POST"
