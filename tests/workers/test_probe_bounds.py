@@ -76,6 +76,26 @@ def test_reader_accepts_values_at_bounds(kind: str, params: dict[str, Any]) -> N
     READERS[kind](params)
 
 
+@pytest.mark.parametrize("engine", ["sklearn", "torch"])
+@pytest.mark.parametrize("c", [5e-324, 1e-300, 9.9e-13])
+def test_logistic_c_below_the_floor_rejected(engine: str, c: float) -> None:
+    """A C so small that its penalty overflows (5e-324) failed every fit after 0 iterations
+    with advice that cannot help; every C below the floor is refused before fitting."""
+    with pytest.raises(ProbeError) as info:
+        probe_settings.read_logistic_settings({"engine": engine, "C": [c, 1.0]})
+
+    assert info.value.field == "C"
+    assert info.value.value == c
+    assert f"C={c!r}" in info.value.message
+    assert "pass C >= 1e-12" in info.value.message
+
+
+def test_logistic_c_at_the_floor_accepted() -> None:
+    settings = probe_settings.read_logistic_settings({"C": [1e-12, 1.0]})
+
+    assert settings.c_grid == [1e-12, 1.0]
+
+
 def _digits_features() -> dict[str, torch.Tensor]:
     from sklearn.datasets import load_digits
 

@@ -39,6 +39,10 @@ class TrainSizes(Protocol):
 
 ENGINES = ("sklearn", "torch")
 DEFAULT_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
+# Smallest C. The features are standardised, so on digits every C up to about 1e-6 already
+# holds the weights near zero (chance-level accuracy); below about 1e-310 the penalty
+# 1 / (2 C n) overflows and no fit can start.
+MIN_C = 1e-12
 DEFAULT_MAX_ITER = {"sklearn": 5000, "torch": 1000}
 # Largest max_iter: 20 times the sklearn default. Each L-BFGS iteration evaluates the objective
 # on the whole fit part at least once, for every layer and value of C, so an unbounded value
@@ -92,6 +96,14 @@ def read_logistic_settings(params: dict[str, Any]) -> LogisticSettings:
                     value=params[name],
                 )
     c_grid, _ = read_grid(params, "C", DEFAULT_C_GRID)
+    if c_grid[0] < MIN_C:
+        raise ProbeError(
+            f"C={format_json(c_grid[0])} is below the smallest accepted value {MIN_C:g}: the "
+            "penalty then holds every weight at zero and the probe cannot beat chance; "
+            f"pass C >= {MIN_C:g}",
+            field="C",
+            value=c_grid[0],
+        )
     max_iter = read_int(params, "max_iter", DEFAULT_MAX_ITER[engine], high=MAX_LOGISTIC_ITER)
     tol = read_float(params, "tol", DEFAULT_TOL[engine], low=0.0, low_open=True)
     # float64 by default on every device: in float32 the summed objective stalls near a
