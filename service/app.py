@@ -62,6 +62,7 @@ from service.routes import (
 )
 from store import DamagedChunkError, InvalidIdError, NotFoundError, NotReadyError, Store, StoreError
 from store.ids import ID_REGEX, NAME_REGEX
+from store.logs import escape_nonprintable
 from store.settings import Settings, get_settings
 from workers.errors import (
     BusyError,
@@ -117,11 +118,18 @@ def error_body(exc: StoreError | WorkersError) -> dict[str, Any]:
     return body
 
 
+def _request_line(request: Request) -> str:
+    """Return the method and decoded path of ``request`` for a log line, control bytes escaped."""
+    return escape_nonprintable(f"{request.method} {request.url.path}")
+
+
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, (StoreError, WorkersError))
     code = next(code for cls, code in STATUS_BY_ERROR if isinstance(exc, cls))
     level = logging.ERROR if code >= 500 and code != 503 else logging.INFO
-    logger.log(level, "%s %s -> %d: %s", request.method, request.url.path, code, exc.message)
+    logger.log(
+        level, "%s -> %d: %s", _request_line(request), code, escape_nonprintable(exc.message)
+    )
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, BusyError) else None
     return SafeJSONResponse(error_body(exc), status_code=code, headers=headers)
 
@@ -131,7 +139,7 @@ REDIS_RETRY_AFTER = 5
 
 
 async def _redis_error(request: Request, exc: Exception) -> JSONResponse:
-    log_redis_outage(f"{request.method} {request.url.path}", exc)
+    log_redis_outage(_request_line(request), exc)
     return SafeJSONResponse(
         {
             "detail": {
@@ -345,7 +353,7 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         message += f" (got {json.dumps(first['value'])})"
     if len(problems) > 1:
         message += f"; {len(problems) - 1} more problem(s) under errors"
-    logger.info("%s %s -> 422: %s", request.method, request.url.path, message)
+    logger.info("%s -> 422: %s", _request_line(request), escape_nonprintable(message))
     detail = {
         "message": message,
         "field": first["field"],
@@ -431,7 +439,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     if exc.status_code == 400 and exc.detail == _BODY_PARSE_DETAIL:
         return _body_parse_error(request, exc.__cause__)
     message = _http_message(request, exc, headers)
-    logger.info("%s %s -> %d: %s", request.method, request.url.path, exc.status_code, message)
+    logger.info(
+        "%s -> %d: %s", _request_line(request), exc.status_code, escape_nonprintable(message)
+    )
     return SafeJSONResponse(
         {"detail": {"message": message, "field": None, "value": None}},
         status_code=exc.status_code,
@@ -459,7 +469,7 @@ def _body_parse_error(request: Request, cause: BaseException | None) -> JSONResp
     else:
         reason = f"the body could not be read as JSON ({cause!r}); send a JSON object"
     message = f"body: {reason}"
-    logger.info("%s %s -> 422: %s", request.method, request.url.path, message)
+    logger.info("%s -> 422: %s", _request_line(request), escape_nonprintable(message))
     return SafeJSONResponse(
         {"detail": {"message": message, "field": "body", "value": None}}, status_code=422
     )

@@ -46,6 +46,7 @@ from service.deps import RedisDep, SettingsDep, StoreDep
 from service.jobs import JobNotFoundError, job_state
 from service.schemas import ErrorPublic
 from store import Store, StoreError, check_name
+from store.logs import escape_nonprintable
 from store.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -430,7 +431,7 @@ def log_redis_outage(context: str, exc: BaseException) -> None:
         _outage_state.update(last=now, suppressed=0)
     logger.error(
         "%s: Redis is unavailable (%d more such failures not logged since the last message)",
-        context,
+        escape_nonprintable(context),
         suppressed,
         exc_info=exc,
     )
@@ -475,7 +476,7 @@ def _check_key(
             "from `layerbank keys create`"
         )
     if info is None:
-        logger.info("%s %s -> 401: invalid API key", request.method, request.url.path)
+        logger.info("%s %s -> 401: invalid API key", request.method, _logged_path(request))
         raise _unauthorized(
             "invalid or revoked API key; ask an admin for a key from `layerbank keys create`",
             error="invalid_token",
@@ -497,13 +498,17 @@ def require_key_scope(request: Request, needed: str, reason: str) -> None:
         raise _forbidden(request, info, needed, reason)
 
 
+def _logged_path(request: Request) -> str:
+    return escape_nonprintable(request.url.path)
+
+
 def _forbidden(
     request: Request, info: ApiKeyInfo, needed: str, reason: str | None = None
 ) -> HTTPException:
     logger.info(
         "%s %s -> 403: key %r has scope %s, %s needed",
         request.method,
-        request.url.path,
+        _logged_path(request),
         info.name,
         info.scope,
         needed,
@@ -741,7 +746,10 @@ class InternalErrorMiddleware:
         except Exception:
             request_id = uuid.uuid4().hex[:16]
             logger.exception(
-                "request %s: %s %s failed", request_id, scope.get("method"), scope.get("path")
+                "request %s: %s %s failed",
+                request_id,
+                escape_nonprintable(scope.get("method")),
+                escape_nonprintable(scope.get("path")),
             )
             if started:
                 raise

@@ -15,6 +15,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from store.logs import escape_nonprintable
 from workers.errors import ModelError
 from workers.modelref import FAMILIES, PIXELS, ModelRef
 
@@ -77,7 +78,7 @@ def load_model(
         while len(_cache) >= MAX_CACHED_MODELS:
             _cache.pop(next(iter(_cache)))
         _cache[key] = model
-    logger.info("model %s (%s) loaded on %s", ref.ref, ref.revision, device)
+    logger.info("model %s (%s) loaded on %s", escape_nonprintable(ref.ref), ref.revision, device)
     return model
 
 

@@ -17,6 +17,7 @@ from service.deps import QueueDep, RedisDep, SettingsDep, StoreDep
 from service.jobs import active_job_id, busy_job, enqueue_extraction, job_state, target_lock
 from service.schemas import ExtractionCreate, ExtractionPublic
 from store import FeatureSetSpec, NotReadyError, Store, create_featureset
+from store.logs import escape_nonprintable
 from store.settings import Settings
 from workers.datasets import canonical_reference, load_split
 from workers.errors import ModelError
@@ -162,13 +163,14 @@ def create_extraction(
         # A failed or lost earlier job is resumed: only missing blocks are queued again.
         job_id = enqueue_extraction(queue, featureset, timeout=settings.block_timeout)
         quota.record(job_id)
+    # The model, dataset and split resolved before this point, but their names are the request's.
     logger.info(
         "extraction %s: job %s for %s on %s/%s",
         featureset_id,
         job_id,
-        ref.ref,
-        dataset,
-        body.split,
+        escape_nonprintable(ref.ref),
+        escape_nonprintable(dataset),
+        escape_nonprintable(body.split),
     )
     return ExtractionPublic(
         featureset_id=featureset_id, job_id=job_id, status="queued", created=created, **sizes

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from store.ids import canonical_path
+from store.logs import escape_nonprintable
 from workers.datasets.cifar import CifarSource
 from workers.datasets.digits import (
     DIGITS_CLASS_NAMES,
@@ -348,8 +349,8 @@ def _load_whole(source: Source, dataset: str, split: str) -> DatasetSplit:
     )
     logger.info(
         "dataset %s[%s]: %d items of shape %s loaded in %.2fs",
-        dataset,
-        split,
+        escape_nonprintable(dataset),
+        escape_nonprintable(split),
         result.n_items,
         result.images.shape[1:],
         time.perf_counter() - started,
