@@ -72,6 +72,14 @@ def _probed_checkpoint(
             value=probe_id,
         )
     rows = [row for row in stored["rows"] if row["kind"] == kind]
+    if not rows:
+        kinds = sorted({row["kind"] for row in stored["rows"]})
+        raise StoreError(
+            f"probe {probe_id!r} has no {kind} rows: it was fitted with kinds {kinds}; "
+            "pass kind= with one of them",
+            field="kind",
+            value=kind,
+        )
     if layer is not None:
         rows = [row for row in rows if row["layer"] == layer]
     if len(rows) != 1:
@@ -79,7 +87,7 @@ def _probed_checkpoint(
         layer_text = "in all" if layer is None else f"for layer {layer}"
         raise StoreError(
             f"probe {probe_id!r} has {len(rows)} {kind} rows {layer_text} (its {kind} "
-            f"layers: {layers}); pass layer= with one of them, or the kind it was fitted with",
+            f"layers: {layers}); pass layer= with one of them",
             field="layer",
             value=layer,
         )

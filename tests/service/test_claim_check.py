@@ -120,6 +120,31 @@ def test_claim_several_layers_without_layer_422(client: Any, probes: list[str]) 
     assert "layer None" not in caught.value.detail["message"]
 
 
+def test_claim_kind_not_fitted_422(client: Any, probes: list[str]) -> None:
+    """A kind the probe was not fitted with is a wrong kind, not a wrong layer."""
+    with pytest.raises(ClientError) as caught:
+        client.request(
+            "GET",
+            "/v1/claims/accuracy-vs-loss",
+            params={"probe": probes, "layer": 2, "kind": "mlp"},
+        )
+    assert caught.value.status_code == 422
+    assert caught.value.detail["field"] == "kind"
+    assert caught.value.detail["value"] == "mlp"
+    assert "fitted with kinds ['logistic']" in caught.value.detail["message"]
+
+
+def test_claim_layer_not_fitted_422(client: Any, probes: list[str]) -> None:
+    with pytest.raises(ClientError) as caught:
+        client.request(
+            "GET", "/v1/claims/accuracy-vs-loss", params={"probe": probes, "layer": 0}
+        )
+    assert caught.value.status_code == 422
+    assert caught.value.detail["field"] == "layer"
+    assert caught.value.detail["value"] == 0
+    assert "[1, 2]" in caught.value.detail["message"]
+
+
 def test_claim_repeated_probe_422(client: Any, probes: list[str]) -> None:
     with pytest.raises(ClientError) as caught:
         client.request(
