@@ -378,10 +378,22 @@ def _resolve_checkpoint(ref: str, model_dir: Path, step: str) -> ModelRef:
             )
         else:
             fix = "saved no step checkpoints; pretrain again with checkpoint_every to save some"
+        last = _last_step(model_dir)
+        if last is not None:
+            fix += f"; the weights of its last step, {last}, are store:{model_dir.name}"
         raise ModelError(
             f"model {ref!r} not found: {model_dir.name!r} {fix}", field="model", value=ref
         )
     return _resolve_directory(ref, path, source="store")
+
+
+def _last_step(model_dir: Path) -> int | None:
+    """Return the last step of the finished pretraining run in ``model_dir``, if any."""
+    try:
+        record = json.loads((model_dir / "layerbank.json").read_text())
+        return int(record["params"]["steps"]) if "final_val_loss" in record else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _path_spelling(ref: str) -> str:

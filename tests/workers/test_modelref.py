@@ -51,6 +51,22 @@ def test_missing_step_lists_saved_steps(tmp_path: Path) -> None:
     assert "checkpoint_every" not in message
 
 
+def test_final_step_named_by_the_run(tmp_path: Path) -> None:
+    """The last step of a run is saved as the run itself, not under checkpoints/."""
+    _checkpoint(tmp_path / "ck1")
+    (tmp_path / "ck1" / "layerbank.json").write_text(
+        '{"params": {"steps": 5}, "final_val_loss": 1.5}'
+    )
+    for step in (0, 2, 4):
+        _checkpoint(tmp_path / "ck1" / "checkpoints" / f"step-{step}")
+
+    for ref in ("store:ck1@step5", "store:ck1@step3"):
+        with pytest.raises(ModelError) as caught:
+            resolve_model(ref, models_dir=tmp_path)
+        assert "has checkpoints at steps 0, 2, 4" in caught.value.message
+        assert "the weights of its last step, 5, are store:ck1" in caught.value.message
+
+
 def test_run_without_checkpoints_says_so(tmp_path: Path) -> None:
     _checkpoint(tmp_path / "dig")
 
