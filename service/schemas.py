@@ -234,7 +234,10 @@ class ModelPublic(BaseModel):
     source: str
     revision: str
     n_hidden_states: int
-    dim: int
+    dim: int | None = Field(
+        description="Width of each hidden state; null for pixels, whose width is the "
+        "dataset's pixel count times its channels."
+    )
     training: dict[str, Any] = Field(default_factory=dict)
 
 

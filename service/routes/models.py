@@ -158,7 +158,7 @@ def list_models(store: StoreDep, settings: SettingsDep) -> ModelsPublic:
             source="builtin",
             revision="pixels-v1",
             n_hidden_states=1,
-            dim=0,
+            dim=None,
         )
     ]
     models_dir = store.models_dir() if store.local_root else None

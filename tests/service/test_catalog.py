@@ -38,3 +38,12 @@ def test_models_lists_local_checkpoints(client: Any, tiny_model: Path) -> None:
     assert local[0]["source"] == "local"
     assert local[0]["family"] == "imagegpt"
     assert local[0]["n_hidden_states"] == 3
+
+
+def test_models_pixels_width_depends_on_dataset(client: Any) -> None:
+    """The raw-pixel baseline has no fixed width: it is the dataset's pixel count."""
+    answer = client.request("GET", "/v1/models").json()
+    pixels = [entry for entry in answer["data"] if entry["model"] == "pixels"]
+    assert len(pixels) == 1
+    assert pixels[0]["dim"] is None
+    assert pixels[0]["n_hidden_states"] == 1
