@@ -72,6 +72,24 @@ function fraction(value) {
   return typeof value === "number" ? value.toFixed(4) : "-";
 }
 
+// Format a [low, high] pair of fractions (test_accuracy_ci95) as "low-high", as the CLI does.
+function interval(value) {
+  if (!Array.isArray(value) || value.length !== 2) return "-";
+  return `${fraction(value[0])}-${fraction(value[1])}`;
+}
+
+function yesNo(value) {
+  if (typeof value !== "boolean") return "-";
+  return value ? "yes" : "no";
+}
+
+// Format chosen hyper-parameters as "name=value" pairs, with objects and lists as JSON.
+function paramsText(params) {
+  return Object.entries(params || {})
+    .map(([name, value]) => `${name}=${typeof value === "object" ? JSON.stringify(value) : value}`)
+    .join(", ");
+}
+
 function progressCell(row, done, total, label) {
   const td = document.createElement("td");
   const bar = document.createElement("progress");
@@ -210,9 +228,9 @@ function renderProbeDetail(probe) {
     cell(row, fraction(r.train_accuracy));
     cell(row, fraction(r.val_accuracy));
     cell(row, fraction(r.test_accuracy));
-    cell(row, fraction(r.test_accuracy_ci95));
-    cell(row, JSON.stringify(r.params || {}));
-    cell(row, r.converged);
+    cell(row, interval(r.test_accuracy_ci95));
+    cell(row, paramsText(r.params) || "-");
+    cell(row, yesNo(r.converged));
     tbody.appendChild(row);
   }
   if (probe.status === "complete" && shownCurve !== probe.probe_id) {

@@ -331,3 +331,44 @@ def test_dashboard_sends_stored_api_key(
         f"document.querySelector('#probes tr[data-id=\"{dashboard_data['probe']}\"]').click()"
     )
     assert page.wait_for(CURVE_LOADED) > 0
+
+
+def probe_rows_by_header(page: Page, probe_id: str, n_rows: int) -> list[dict[str, str]]:
+    """Select ``probe_id`` on the page and return its detail table as header -> text dicts."""
+    page.wait_for(f"document.querySelector('#probes tr[data-id=\"{probe_id}\"]') !== null")
+    page.evaluate(f"document.querySelector('#probes tr[data-id=\"{probe_id}\"]').click()")
+    page.wait_for(
+        f"document.querySelectorAll('#probe-rows tbody tr').length === {n_rows} && "
+        f"document.getElementById('probe-title').textContent.includes({json.dumps(probe_id)})"
+    )
+    headers = page.evaluate(
+        "[...document.querySelectorAll('#probe-rows thead th')].map(th => th.textContent)"
+    )
+    cells = page.evaluate(
+        "[...document.querySelectorAll('#probe-rows tbody tr')]"
+        ".map(r => [...r.children].map(td => td.textContent))"
+    )
+    return [dict(zip(headers, row, strict=True)) for row in cells]
+
+
+def test_dashboard_probe_rows_match_api(
+    browser: Callable[[], Page], api_url: str, client: Any, dashboard_data: dict[str, str]
+) -> None:
+    """Every column of the per-layer table shows the API's value, the 95% CI as its bounds."""
+    result = client.probe_result(dashboard_data["probe"])
+    page = browser()
+    page.open(f"{api_url}/dashboard")
+    table = probe_rows_by_header(page, dashboard_data["probe"], len(result["rows"]))
+    for row, texts in zip(result["rows"], table, strict=True):
+        low, high = row["test_accuracy_ci95"]
+        assert texts["kind"] == row["kind"]
+        assert texts["layer"] == str(row["layer"])
+        assert texts["train acc"] == f"{row['train_accuracy']:.4f}"
+        assert texts["val acc"] == f"{row['val_accuracy']:.4f}"
+        assert texts["test acc"] == f"{row['test_accuracy']:.4f}"
+        assert texts["test 95% CI"] == f"{low:.4f}-{high:.4f}"
+        assert texts["converged"] == ("yes" if row["converged"] else "no")
+        shown_params = dict(pair.split("=", 1) for pair in texts["params"].split(", "))
+        assert shown_params.keys() == row["params"].keys()
+        for name, value in row["params"].items():
+            assert float(shown_params[name]) == value
