@@ -13,6 +13,7 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib import font_manager, ft2font  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.text import Text  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
@@ -49,18 +50,42 @@ def layer_curve_png(
     reference: list[tuple[int, float]] | None = None,
     reference_label: str = "reference",
 ) -> bytes:
-    """Draw test accuracy per layer for each probe kind, best layer (by validation) marked.
+    """Draw `layer_curve_figure` as PNG bytes."""
+    return _png(
+        layer_curve_figure(
+            rows_by_kind,
+            title=title,
+            baseline=baseline,
+            baseline_label=baseline_label,
+            reference=reference,
+            reference_label=reference_label,
+        )
+    )
+
+
+def layer_curve_figure(
+    rows_by_kind: dict[str, list[dict[str, Any]]],
+    *,
+    title: str,
+    baseline: float | None = None,
+    baseline_label: str = "raw pixels",
+    reference: list[tuple[int, float]] | None = None,
+    reference_label: str = "reference",
+) -> Figure:
+    """Plot test accuracy per layer for each probe kind, best layer (by validation) marked.
 
     ``reference`` contains (layer, accuracy in [0, 1]) points from elsewhere, e.g. a published
     result, drawn as stars for comparison.
     """
     figure, axes = plt.subplots(figsize=(7, 4.2), dpi=110)
+    probed_layers: set[int] = set()
     for kind, rows in rows_by_kind.items():
         rows = sorted(rows, key=lambda r: r["layer"])
-        layers = [r["layer"] for r in rows]
-        (line,) = axes.plot(
-            layers, [100 * r["test_accuracy"] for r in rows], marker="o", label=f"{kind} (test)"
+        probed_layers.update(r["layer"] for r in rows)
+        layers, accuracy = _break_at_gaps(
+            [r["layer"] for r in rows], [100 * r["test_accuracy"] for r in rows]
         )
+        (line,) = axes.plot(layers, accuracy, marker="o", label=f"{kind} (test)")
         best = max(rows, key=lambda r: r["val_accuracy"])
         axes.scatter(
             [best["layer"]],
@@ -104,13 +129,51 @@ def layer_curve_png(
                 xytext=(6, 6),
                 fontsize=8,
             )
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    _set_layer_ticks(axes, probed_layers | {layer for layer, _ in reference or []})
     axes.set_xlabel("layer (hidden-state index; 0 = embeddings)")
     axes.set_ylabel("test accuracy (%)")
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right", fontsize=8)
-    return _png(figure)
+    return figure
+
+
+def _break_at_gaps(layers: list[int], values: list[float]) -> tuple[list[float], list[float]]:
+    """Insert a NaN point between non-adjacent layers, so that the line is broken there.
+
+    A line from layer 1 to layer 3 would suggest a value at layer 2, which was not probed.
+    matplotlib draws no segment to a NaN point, and the markers stay at the probed layers.
+    """
+    xs: list[float] = []
+    ys: list[float] = []
+    for index, (layer, value) in enumerate(zip(layers, values, strict=True)):
+        if index > 0 and layer - layers[index - 1] > 1:
+            xs.append(float("nan"))
+            ys.append(float("nan"))
+        xs.append(layer)
+        ys.append(value)
+    return xs, ys
+
+
+# Above this many layers the curve gets integer ticks chosen by matplotlib instead of one tick
+# per layer, because the labels would overlap.
+MAX_LAYER_TICKS = 25
+
+
+def _set_layer_ticks(axes: Any, layers: set[int]) -> None:
+    """Put x ticks at ``layers`` (integer positions), or at evenly spaced integers if many."""
+    if not layers:
+        return
+    low, high = min(layers), max(layers)
+    # Half a layer of margin on each side; one layer alone would otherwise get a view of
+    # +-0.1 around it and fractional ticks.
+    axes.set_xlim(low - 0.5, high + 0.5)
+    if len(layers) <= MAX_LAYER_TICKS:
+        axes.set_xticks(sorted(layers))
+    else:
+        axes.xaxis.set_major_locator(
+            MaxNLocator(nbins=MAX_LAYER_TICKS - 1, integer=True, min_n_ticks=1)
+        )
 
 
 def _png(figure: Any) -> bytes:
