@@ -18,7 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.console import Console
 from typer.core import TyperGroup
 
-from service.cli_commands import ApiKeyOption
+from service.cli_commands import ApiKeyOption, check_url_option
 from service.cli_commands import register as register_api_commands
 from service.cli_keys import keys_app
 from store.errors import StoreError
@@ -197,16 +197,15 @@ def worker(
 @app.command()
 def demo(
     url: Annotated[
-        str, typer.Option(help="API to use; started locally if not running")
+        str,
+        typer.Option(callback=check_url_option, help="API to use; started locally if not running"),
     ] = "http://127.0.0.1:8000",
     output: Annotated[Path, typer.Option(help="directory for the curve PNG")] = Path("demo-output"),
     steps: Annotated[int, typer.Option(min=1, help="pretraining steps")] = 1000,
     api_key: ApiKeyOption = None,
 ) -> None:
     """Pretrain a small ImageGPT on digits, extract every layer, probe, print and plot."""
-    import httpx
-
-    from service.client import Client, ClientError
+    from service.client import ApiConnectionError, Client, ClientError
     from service.demo import embedded_stack_address, run_demo
     from service.launcher import (
         WORKER_STOP_TIMEOUT,
@@ -220,7 +219,7 @@ def demo(
     client = Client(url, api_key=api_key, timeout=120)
     try:
         health: dict[str, object] | None = client.health()
-    except httpx.TransportError:
+    except ApiConnectionError:
         health = None  # nothing listens there: start the embedded stack
     except ClientError:
         health = {}

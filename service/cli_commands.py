@@ -37,7 +37,15 @@ from rich.progress import (
 from rich.table import Table
 from rich.text import Text
 
-from service.client import TERMINAL, Client, ClientError
+from service.client import (
+    EXAMPLE_URL,
+    TERMINAL,
+    ApiConnectionError,
+    Client,
+    ClientError,
+    InvalidUrlError,
+    check_base_url,
+)
 from service.schemas import LayerSelection
 
 logger = logging.getLogger(__name__)
@@ -48,8 +56,25 @@ err = Console(stderr=True)
 DEFAULT_URL = "http://127.0.0.1:8000"
 POLL_SECONDS = 0.5
 
+
+def check_url_option(value: str) -> str:
+    """Return the --url ``value`` if the client accepts it, else raise a usage error (exit 2)."""
+    try:
+        return check_base_url(value)
+    except InvalidUrlError as exc:
+        raise typer.BadParameter(
+            f"{value!r}: {exc.reason}; pass a URL like {EXAMPLE_URL}"
+        ) from None
+
+
 UrlOption = Annotated[
-    str, typer.Option("--url", envvar="LAYERBANK_URL", help="Base URL of the layerbank API.")
+    str,
+    typer.Option(
+        "--url",
+        envvar="LAYERBANK_URL",
+        callback=check_url_option,
+        help="Base URL of the layerbank API.",
+    ),
 ]
 ApiKeyOption = Annotated[
     str | None,
@@ -450,16 +475,14 @@ def _api(url: str, api_key: str | None) -> Iterator[Client]:
     try:
         with Client(url.rstrip("/"), api_key=api_key or None) as client:
             yield client
+    except ApiConnectionError as exc:
+        _fail(f"error: {exc}; start it with `layerbank up` or pass --url")
+    except InvalidUrlError as exc:
+        _fail(f"error: {exc}")
     except ClientError as exc:
         _fail(f"error: {_describe(exc)}")
-    except httpx.UnsupportedProtocol:
-        _fail(f"error: invalid API URL {url!r}; pass --url like http://127.0.0.1:8000")
-    except httpx.TransportError as exc:
-        _fail(
-            f"error: cannot reach the layerbank API at {url}: {exc or type(exc).__name__}; "
-            "start it with `layerbank up` or pass --url"
-        )
     except httpx.HTTPError as exc:
+        # A connection that fails while a response body is read, after the client's retries.
         _fail(f"error: request to {url} failed: {exc}")
     except (CommandError, TimeoutError) as exc:
         _fail(f"error: {exc}")

@@ -13,6 +13,7 @@ import itertools
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -20,6 +21,8 @@ import numpy as np
 from store.ids import InvalidIdError, check_id
 
 TERMINAL = ("finished", "failed", "canceled")
+# The URL that error messages about an invalid base URL show as an example.
+EXAMPLE_URL = "http://127.0.0.1:8000"
 
 
 def _path_id(value: str, field: str) -> str:
@@ -64,6 +67,71 @@ class JobCanceledError(JobFailedError):
         Exception.__init__(self, f"job {job_id} was canceled: {message}")
 
 
+class ApiConnectionError(ClientError):
+    """Raised when no response came from the API at ``url``: the connection was refused or
+    failed, or it timed out, after the client's retries.
+
+    ``status_code`` is 0 because there was no response, and ``cause`` is the httpx error.
+    """
+
+    def __init__(self, url: str, cause: httpx.TransportError) -> None:
+        self.url = url
+        self.cause = cause
+        self.status_code = 0
+        reason = str(cause) or type(cause).__name__
+        if isinstance(cause, httpx.TimeoutException):
+            reason = f"timed out ({reason})"
+        self.detail = {"message": f"cannot reach the layerbank API at {url}: {reason}"}
+        Exception.__init__(self, self.detail["message"])
+
+
+class InvalidUrlError(ClientError, ValueError):
+    """Raised by `Client` for a base URL that is not http(s)://HOST[:PORT], before any request.
+
+    ``status_code`` is 0 because no request was sent, and ``url`` is the URL as given.
+    """
+
+    def __init__(self, url: str, reason: str) -> None:
+        self.url = url
+        self.reason = reason
+        self.status_code = 0
+        self.detail = {"message": f"invalid API URL {url!r}: {reason}", "value": url}
+        Exception.__init__(self, f"{self.detail['message']}; pass a URL like {EXAMPLE_URL}")
+
+
+def check_base_url(url: str) -> str:
+    """Return ``url`` if it is an http or https URL with a host and, if any, a port 1-65535.
+
+    Raises InvalidUrlError, with the reason, otherwise.
+    """
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        # urlsplit rejects a "[" without its "]", and a bracketed host that is not IPv6.
+        reason = f"its host is not a valid IPv6 address in brackets ({exc})"
+        raise InvalidUrlError(url, reason) from None
+    if "://" not in url:
+        raise InvalidUrlError(url, "it does not start with http:// or https://")
+    if parts.scheme not in ("http", "https"):
+        raise InvalidUrlError(url, f"its scheme is {parts.scheme!r}, not http or https")
+    if not parts.hostname:
+        raise InvalidUrlError(url, "it has no host")
+    host_and_port = parts.netloc.rpartition("@")[2]
+    # An IPv6 host such as [::1] contains colons, so only the text after its "]" can be a port.
+    after_host = (
+        host_and_port.rpartition("]")[2] if host_and_port.startswith("[") else host_and_port
+    )
+    if ":" in after_host:
+        port = after_host.rpartition(":")[2]
+        if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            raise InvalidUrlError(url, f"the port {port!r} is not a number from 1 to 65535")
+    try:
+        httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise InvalidUrlError(url, str(exc)) from None
+    return url
+
+
 class IncompleteBodyError(Exception):
     """Raised when an .npy body ends before its array, or runs past it."""
 
@@ -79,6 +147,7 @@ class Client:
         timeout: float = 60.0,
         retries: int = 3,
     ) -> None:
+        self.base_url = check_base_url(base_url)
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._http = httpx.Client(base_url=base_url, headers=headers, timeout=timeout)
         self.retries = retries
@@ -108,9 +177,9 @@ class Client:
             try:
                 request = self._http.build_request(method, path, **kwargs)
                 response = self._http.send(request, stream=True)
-            except httpx.TransportError:
+            except httpx.TransportError as exc:
                 if attempt == self.retries:
-                    raise
+                    raise ApiConnectionError(self.base_url, exc) from exc
                 time.sleep(0.5 * 2**attempt)
                 continue
             if response.status_code == 503 and attempt < self.retries:

@@ -483,12 +483,14 @@ def test_cli_unreachable_api_one_line(tmp_path: Path) -> None:
     assert result.stderr.startswith(f"error: cannot reach the layerbank API at {url}")
 
 
-def test_cli_invalid_api_url_one_line() -> None:
+def test_cli_invalid_api_url_usage_error() -> None:
     result = runner.invoke(app, ["featuresets", "--url", "notaurl"])
-    assert result.exit_code == 1
-    assert result.stderr.strip() == (
-        "error: invalid API URL 'notaurl'; pass --url like http://127.0.0.1:8000"
-    )
+    assert result.exit_code == 2
+    message = " ".join(result.stderr.replace("\u2502", " ").split())
+    assert (
+        "'notaurl': it does not start with http:// or https://; pass a URL like "
+        "http://127.0.0.1:8000"
+    ) in message
 
 
 def test_cli_subprocess_json_and_exit_codes(api_url: str, cli_featuresets: dict[str, str]) -> None:

@@ -82,10 +82,10 @@ def test_stack_address_invalid_url(url: str, message: str) -> None:
 def test_demo_url_without_port_exit_two(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """The demo rejects the URL before it starts a stack when no API responds there."""
     from service import cli, launcher
-    from service.client import Client
+    from service.client import ApiConnectionError, Client
 
     def no_api(self: Client) -> dict[str, Any]:
-        raise httpx.ConnectError("connection refused")
+        raise ApiConnectionError(self.base_url, httpx.ConnectError("connection refused"))
 
     def no_stack(*args: Any, **kwargs: Any) -> None:
         raise AssertionError(f"the demo started a process: {args}")
