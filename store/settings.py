@@ -4,14 +4,31 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
-from pydantic import Field, ValidationError, field_validator
+import annotated_types
+from pydantic import Field, JsonValue, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from store.errors import StoreError
 
 ENV_PREFIX = "LAYERBANK_"
+
+# The device forms the workers support. torch.device parses each of them, and it rejects a
+# leading zero in the index ("cuda:01") and spaces, as this pattern does.
+DEVICE_PATTERN = r"^(auto|cpu|cuda(:(0|[1-9][0-9]*))?)$"
+
+# A name without whitespace, e.g. the queue name, which becomes part of rq's Redis keys.
+NAME_PATTERN = r"^\S+$"
+
+
+def allowed(text: str) -> dict[str, JsonValue]:
+    """Return the ``json_schema_extra`` that states a setting's valid values in an error message.
+
+    Settings without it get a description derived from their type and bounds (see
+    `allowed_values`).
+    """
+    return {"allowed": text}
 
 
 class SettingsError(StoreError):
@@ -23,16 +40,39 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", populate_by_name=True)
 
-    store: str = Field("./data/store", description="Store root: a directory or an fsspec URL.")
+    store: str = Field(
+        "./data/store",
+        min_length=1,
+        description="Store root: a directory or an fsspec URL.",
+        json_schema_extra=allowed("a non-empty directory path or fsspec URL"),
+    )
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
         validation_alias="REDIS_URL",
         description="Redis used as the job queue (REDIS_URL, no prefix).",
+        json_schema_extra=allowed(
+            "a redis://, rediss:// or unix:// URL, e.g. redis://127.0.0.1:6379/0"
+        ),
     )
-    queue: str = Field("layerbank", description="Name of the rq queue jobs go to.")
-    host: str = Field("127.0.0.1", description="Address the API binds to.")
+    queue: str = Field(
+        "layerbank",
+        pattern=NAME_PATTERN,
+        description="Name of the rq queue jobs go to.",
+        json_schema_extra=allowed("a non-empty name without whitespace"),
+    )
+    host: str = Field(
+        "127.0.0.1",
+        pattern=NAME_PATTERN,
+        description="Address the API binds to.",
+        json_schema_extra=allowed("a non-empty host name or IP address without whitespace"),
+    )
     port: int = Field(8000, ge=1, le=65535, description="Port the API listens on (1-65535).")
-    device: str = Field("auto", description="Worker device: auto, cpu, cuda or cuda:N.")
+    device: str = Field(
+        "auto",
+        pattern=DEVICE_PATTERN,
+        description="Worker device: auto, cpu, cuda or cuda:N.",
+        json_schema_extra=allowed("auto, cpu, cuda or cuda:N (N a GPU index such as 0 or 1)"),
+    )
     cpu_bf16: bool = Field(
         False,
         description="Worker on a CPU: run ImageGPT extraction under bfloat16 autocast, as on "
@@ -43,44 +83,50 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Directories local datasets may be read from (comma-separated); "
         "empty allows none.",
+        json_schema_extra=allowed("comma-separated directories, or empty"),
     )
     model_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description="Directories local checkpoints may be read from (comma-separated); "
         "empty allows none.",
+        json_schema_extra=allowed("comma-separated directories, or empty"),
     )
     allow_hub: bool = Field(True, description="Resolve Hugging Face Hub ids.")
-    block_timeout: int = Field(3600, description="Seconds one extraction block job may run.")
+    block_timeout: int = Field(3600, ge=1, description="Seconds one extraction block job may run.")
     heartbeat_interval: float = Field(
         default=30.0,
         gt=0,
+        allow_inf_nan=False,
         description="Seconds between a worker's heartbeats, idle or busy. A running job whose "
         "worker misses three in a row is taken as dead, and the job is retried or marked failed. "
         "An idle worker drops out of /healthz three intervals plus 60 s after its last one.",
     )
-    probe_timeout: int = Field(3600, description="Seconds one probe job may run.")
+    probe_timeout: int = Field(3600, ge=1, description="Seconds one probe job may run.")
     adapter_fit_gib: float = Field(
         4.0,
         gt=0,
+        allow_inf_nan=False,
         description="GiB of memory one adapter probe fit may use, as estimated from its sizes "
         "before it is queued; set it to what one fit may take on the workers' device.",
     )
     job_retention_days: float = Field(
         30.0,
         ge=0,
+        allow_inf_nan=False,
         description="Days after its creation that the record of an ended job (finished, failed "
         "or canceled) is deleted; 0 keeps every record.",
     )
-    pretrain_timeout: int = Field(7200, description="Seconds one pretraining job may run.")
+    pretrain_timeout: int = Field(7200, ge=1, description="Seconds one pretraining job may run.")
     pretrain_memory_gib: float = Field(
         8.0,
         gt=0,
+        allow_inf_nan=False,
         description="GiB of memory one pretraining run may use, as estimated from its model "
         "size, batch_size and image size; checked before the job is queued and again before it "
         "trains. Set it to what one run may take on the workers' device.",
     )
-    max_rows_per_fetch: int = Field(1_000_000, description="Rows one layer fetch may return.")
-    max_json_rows: int = Field(1000, description="Rows a JSON layer fetch may return.")
+    max_rows_per_fetch: int = Field(1_000_000, ge=1, description="Rows one layer fetch may return.")
+    max_json_rows: int = Field(1000, ge=1, description="Rows a JSON layer fetch may return.")
     max_token_bytes: int = Field(
         2 * 1024**3,
         ge=0,
@@ -111,6 +157,7 @@ class Settings(BaseSettings):
         None,
         description="Model references the service accepts (comma-separated, plus pixels); "
         "unset accepts any.",
+        json_schema_extra=allowed("comma-separated model references, or unset"),
     )
 
     @field_validator("data_roots", "model_roots", mode="before")
@@ -128,9 +175,7 @@ class Settings(BaseSettings):
         try:
             parse_url(value)
         except ValueError as exc:
-            raise ValueError(
-                f"{exc}; expected for example redis://127.0.0.1:6379/0 or unix:///path/redis.sock"
-            ) from None
+            raise ValueError(str(exc)) from None
         return value
 
     @field_validator("model_allow_list", mode="before")
@@ -160,12 +205,64 @@ def env_var_name(field: str) -> str:
     return f"{ENV_PREFIX}{field.upper()}"
 
 
+def allowed_values(field: str) -> str:
+    """Describe the values a setting accepts, e.g. "an integer from 1 to 65535".
+
+    The description comes from the field's ``allowed`` entry when it has one, else from its
+    type and its ge, gt and le bounds. Error messages and docs/deployment.md use it.
+    """
+    info = Settings.model_fields[field]
+    extra = info.json_schema_extra
+    if isinstance(extra, dict):
+        description = extra.get("allowed")
+        if isinstance(description, str):
+            return description
+    annotation = info.annotation
+    if annotation is bool:
+        return "true or false"
+    if get_origin(annotation) is Literal:
+        return "one of " + ", ".join(str(choice) for choice in get_args(annotation))
+    bounds = {type(item): item for item in info.metadata}
+    lowest = bounds.get(annotated_types.Ge)
+    above = bounds.get(annotated_types.Gt)
+    highest = bounds.get(annotated_types.Le)
+    kind = "an integer" if annotation is int else "a finite number"
+    if lowest is not None and highest is not None:
+        return f"{kind} from {lowest.ge} to {highest.le}"
+    if lowest is not None:
+        return f"{kind} of at least {lowest.ge}"
+    if above is not None:
+        return f"{kind} greater than {above.gt}"
+    return kind
+
+
+def _field_name(loc: str) -> str | None:
+    """Return the field an error location names: a field name or an alias such as REDIS_URL."""
+    if loc in Settings.model_fields:
+        return loc
+    for field, info in Settings.model_fields.items():
+        if info.validation_alias == loc:
+            return field
+    return None
+
+
+def _describe_error(error: Any, name: str, loc: str) -> str:
+    """Return one invalid value's message: the variable, the value and what is allowed."""
+    field = _field_name(loc)
+    expected = f"expected {allowed_values(field)}" if field is not None else ""
+    if error["type"] == "value_error":
+        # A field validator's own reason, e.g. the URL scheme redis-py rejected.
+        reason = str(error["msg"]).removeprefix("Value error, ")
+        expected = f"{reason}; {expected}" if expected else reason
+    return f"invalid {name}={error['input']!r}: {expected or error['msg']}"
+
+
 def load_settings(**values: Any) -> Settings:
     """Read the settings from the environment, with ``values`` taking precedence.
 
     Raises SettingsError with a one-line message in place of pydantic's multi-line
     ValidationError: for each invalid value, its environment variable (or keyword), the value
-    and the type or range expected.
+    and the values the setting accepts.
     """
     try:
         return Settings(**values)
@@ -175,8 +272,7 @@ def load_settings(**values: Any) -> Settings:
         for error in errors:
             field = ".".join(str(part) for part in error["loc"])
             name = field if field in values else env_var_name(field)
-            hint = "; use true or false" if error["type"] == "bool_parsing" else ""
-            problems.append(f"invalid {name}={error['input']!r}: {error['msg']}{hint}")
+            problems.append(_describe_error(error, name, field))
         first_field = ".".join(str(part) for part in errors[0]["loc"]) if errors else None
         raise SettingsError("; ".join(problems), field=first_field) from None
 

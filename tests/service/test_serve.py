@@ -113,4 +113,4 @@ def test_invalid_port_env_one_line(command: tuple[str, ...], tmp_path: Path) -> 
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
     assert "LAYERBANK_PORT='notaport'" in lines[0]
-    assert "valid integer" in lines[0]
+    assert "expected an integer from 1 to 65535" in lines[0]

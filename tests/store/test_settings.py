@@ -10,13 +10,13 @@ from store.settings import SettingsError, load_settings
 @pytest.mark.parametrize(
     ("variable", "value", "expected"),
     [
-        ("LAYERBANK_PORT", "70000", "less than or equal to 65535"),
-        ("LAYERBANK_PORT", "0", "greater than or equal to 1"),
+        ("LAYERBANK_PORT", "70000", "an integer from 1 to 65535"),
+        ("LAYERBANK_PORT", "0", "an integer from 1 to 65535"),
         ("REDIS_URL", "foo://x", "redis://, rediss://, unix://"),
         ("REDIS_URL", "redis://127.0.0.1:notaport/0", "Port could not be cast"),
         ("REDIS_URL", "", "redis://, rediss://, unix://"),
-        ("LAYERBANK_CPU_BF16", "maybe", "use true or false"),
-        ("LAYERBANK_ALLOW_HUB", "2", "use true or false"),
+        ("LAYERBANK_CPU_BF16", "maybe", "expected true or false"),
+        ("LAYERBANK_ALLOW_HUB", "2", "expected true or false"),
     ],
 )
 def test_settings_invalid_value_named(

@@ -1,0 +1,157 @@
+"""Every setting has a valid range: a value outside it stops the command at start."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from store.settings import (
+    DEVICE_PATTERN,
+    Settings,
+    SettingsError,
+    allowed_values,
+    env_var_name,
+    load_settings,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+INVALID_VALUES = [
+    ("LAYERBANK_BLOCK_TIMEOUT", "0"),
+    ("LAYERBANK_BLOCK_TIMEOUT", "-1"),
+    ("LAYERBANK_PROBE_TIMEOUT", "-5"),
+    ("LAYERBANK_PRETRAIN_TIMEOUT", "0"),
+    ("LAYERBANK_DEVICE", "tpu"),
+    ("LAYERBANK_DEVICE", "CUDA"),
+    ("LAYERBANK_DEVICE", "cuda:01"),
+    ("LAYERBANK_DEVICE", "cuda:-1"),
+    ("LAYERBANK_DEVICE", " cpu"),
+    ("LAYERBANK_DEVICE", ""),
+    ("LAYERBANK_MAX_JSON_ROWS", "-1"),
+    ("LAYERBANK_MAX_JSON_ROWS", "0"),
+    ("LAYERBANK_MAX_ROWS_PER_FETCH", "0"),
+    ("LAYERBANK_MAX_TOKEN_BYTES", "-1"),
+    ("LAYERBANK_QUEUE", ""),
+    ("LAYERBANK_QUEUE", "my queue"),
+    ("LAYERBANK_HOST", ""),
+    ("LAYERBANK_STORE", ""),
+    ("LAYERBANK_PRETRAIN_MEMORY_GIB", "inf"),
+    ("LAYERBANK_PRETRAIN_MEMORY_GIB", "0"),
+    ("LAYERBANK_ADAPTER_FIT_GIB", "nan"),
+    ("LAYERBANK_ADAPTER_FIT_GIB", "-1"),
+    ("LAYERBANK_HEARTBEAT_INTERVAL", "inf"),
+    ("LAYERBANK_HEARTBEAT_INTERVAL", "0"),
+    ("LAYERBANK_JOB_RETENTION_DAYS", "-1"),
+    ("LAYERBANK_JOB_RETENTION_DAYS", "nan"),
+    ("LAYERBANK_PORT", "0"),
+    ("LAYERBANK_PORT", "abc"),
+    ("LAYERBANK_MAX_BODY_BYTES", "0"),
+    ("LAYERBANK_MAX_LAYERS_PER_EXTRACTION", "0"),
+    ("LAYERBANK_MAX_ITEMS_PER_EXTRACTION", "0"),
+    ("LAYERBANK_MAX_BLOCKS_PER_EXTRACTION", "0"),
+    ("LAYERBANK_MAX_JOBS_PER_KEY", "0"),
+    ("LAYERBANK_AUTH", "maybe"),
+    ("LAYERBANK_ALLOW_HUB", "2"),
+    ("LAYERBANK_CPU_BF16", "maybe"),
+    ("REDIS_URL", "foo://x"),
+]
+
+
+def _field(variable: str) -> str:
+    return next(field for field in Settings.model_fields if env_var_name(field) == variable)
+
+
+@pytest.mark.parametrize(("variable", "value"), INVALID_VALUES)
+def test_invalid_value_names_range(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert message.startswith(f"invalid {variable}={value!r}: "), message
+    assert allowed_values(_field(variable)) in message
+    assert "\n" not in message
+
+
+def test_every_setting_states_its_range() -> None:
+    """A number has a bound, and every other setting a description of the values it accepts."""
+    for field in Settings.model_fields:
+        description = allowed_values(field)
+        assert description not in ("", "an integer", "a finite number"), field
+
+
+@pytest.mark.parametrize(
+    "field", [field for field, info in Settings.model_fields.items() if info.annotation is float]
+)
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_float_setting_rejects_non_finite(
+    monkeypatch: pytest.MonkeyPatch, field: str, value: str
+) -> None:
+    monkeypatch.setenv(env_var_name(field), value)
+    with pytest.raises(SettingsError, match="expected a finite number"):
+        load_settings()
+
+
+@pytest.mark.parametrize("value", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
+def test_documented_devices_accepted(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("LAYERBANK_DEVICE", value)
+    assert load_settings().device == value
+
+
+@pytest.mark.parametrize(
+    "value", ["cpu", "cuda", "cuda:0", "cuda:7", "cuda:01", "cuda:-1", "cuda:", "CUDA", "tpu"]
+)
+def test_device_pattern_subset_of_torch(value: str) -> None:
+    """Each device the settings accept is one torch.device parses, as a CPU or CUDA device."""
+    torch = pytest.importorskip("torch")
+    if re.fullmatch(DEVICE_PATTERN, value) is None:
+        return
+    device = torch.device(value)
+    assert device.type in ("cpu", "cuda")
+
+
+def test_deployment_table_lists_ranges() -> None:
+    """docs/deployment.md gives each setting's valid values, as the error message states them."""
+    text = (ROOT / "docs" / "deployment.md").read_text()
+    for field in Settings.model_fields:
+        variable = env_var_name(field)
+        rows = [line for line in text.splitlines() if line.startswith(f"| `{variable}` |")]
+        assert len(rows) == 1, variable
+        assert allowed_values(field) in rows[0], variable
+
+
+@pytest.mark.parametrize(
+    ("command", "variable", "value"),
+    [
+        (["-m", "workers.main", "--burst"], "LAYERBANK_DEVICE", "tpu"),
+        (["-m", "service.serve"], "LAYERBANK_MAX_JSON_ROWS", "-1"),
+        (["-m", "service.cli", "up", "--port", "1"], "LAYERBANK_BLOCK_TIMEOUT", "0"),
+    ],
+)
+def test_command_stops_at_start(
+    tmp_path: Path, command: list[str], variable: str, value: str
+) -> None:
+    """The worker, the API and `layerbank up` end with one error line and start nothing."""
+    env = {key: val for key, val in os.environ.items() if not key.startswith("LAYERBANK_")}
+    env.pop("REDIS_URL", None)
+    env[variable] = value
+    env["LAYERBANK_STORE"] = str(tmp_path / "store")
+    result = subprocess.run(
+        [sys.executable, *command],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert re.match(rf"error: invalid {variable}='{re.escape(value)}': expected ", lines[0])
+    assert not (tmp_path / "redis").exists()
