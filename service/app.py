@@ -39,6 +39,7 @@ from service.auth import (
     log_redis_outage,
 )
 from service.dashboard import install_dashboard
+from service.head import HeadMiddleware, request_method
 from service.jobs import (
     PRUNE_INTERVAL,
     JobNotFoundError,
@@ -120,7 +121,7 @@ def error_body(exc: StoreError | WorkersError) -> dict[str, Any]:
 
 def _request_line(request: Request) -> str:
     """Return the method and decoded path of ``request`` for a log line, control bytes escaped."""
-    return escape_nonprintable(f"{request.method} {request.url.path}")
+    return escape_nonprintable(f"{request_method(request)} {request.url.path}")
 
 
 async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
@@ -381,6 +382,8 @@ def _allowed_methods(request: Request) -> list[str]:
         match, _ = route.matches(request.scope)
         if match != Match.NONE:
             methods |= set(route.methods)
+    if "GET" in methods:
+        methods.add("HEAD")  # HeadMiddleware serves HEAD wherever a GET route matches.
     known = [method for method in _METHOD_ORDER if method in methods]
     return known + sorted(methods - set(_METHOD_ORDER))
 
@@ -398,7 +401,7 @@ def _http_message(
     # The raw path keeps percent-escapes such as %2F, which the decoded path loses.
     raw_path = request.scope.get("raw_path")
     path = raw_path.decode("latin-1") if raw_path else request.url.path
-    target = f"{request.method} {path}"
+    target = f"{request_method(request)} {path}"
     try:
         default_detail = HTTPStatus(exc.status_code).phrase
     except ValueError:
@@ -553,6 +556,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.key_store = KeyStore(app.state.redis)
     app.add_middleware(InternalErrorMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    # Outermost, so that routing, key checks and the other middleware see the GET it makes.
+    app.add_middleware(HeadMiddleware)
     app.add_exception_handler(StoreError, _domain_error)
     app.add_exception_handler(WorkersError, _domain_error)
     app.add_exception_handler(RequestValidationError, _validation_error)

@@ -17,7 +17,7 @@ METHOD_NOT_ALLOWED_RESPONSE: dict[str, Any] = {
     "the methods that it has no operation for.",
     "headers": {
         "Allow": {
-            "description": "The methods that the path takes, e.g. GET, DELETE.",
+            "description": "The methods that the path takes, e.g. GET, HEAD, DELETE.",
             "schema": {"type": "string"},
         }
     },
@@ -26,7 +26,9 @@ METHOD_NOT_ALLOWED_RESPONSE: dict[str, Any] = {
 API_DESCRIPTION = (
     "A request with a method that the path does not take gets 405, with an ErrorResponse body "
     "and an Allow header. The document describes that response once, as "
-    "#/components/responses/MethodNotAllowed, rather than on each operation."
+    "#/components/responses/MethodNotAllowed, rather than on each operation. Every path with a "
+    "GET operation also answers HEAD with the status and headers of that GET and no body; the "
+    "document does not list these HEAD operations."
 )
 
 

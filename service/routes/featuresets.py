@@ -11,14 +11,21 @@ from collections.abc import AsyncIterator
 from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, HTTPException, Query, Response, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from redis import Redis
 from starlette.concurrency import run_in_threadpool
 
 from service.auth import requires_scope
 from service.deps import RedisDep, SettingsDep, StoreDep
-from service.jobs import busy_job, record_progress_at_delete, require_complete, target_lock
+from service.head import is_head
+from service.jobs import (
+    busy_job,
+    featureset_job_status,
+    record_progress_at_delete,
+    require_complete,
+    target_lock,
+)
 from service.schemas import FeatureSetPublic, FeatureSetsPublic
 from store import FeatureSet, NotReadyError, Store, check_id
 from store.settings import Settings
@@ -36,8 +43,16 @@ _logged_incomplete: set[str] = set()
 _logged_incomplete_lock = threading.Lock()
 
 
+def _public(redis: Redis, store: Store, featureset: FeatureSet) -> FeatureSetPublic:
+    """Describe ``featureset`` with the status, job, error and hint its job reports."""
+    summary = featureset.summary()
+    job = featureset_job_status(redis, store, featureset)
+    summary.update(status=job.status, job_id=job.job_id, error=job.error, hint=job.hint)
+    return FeatureSetPublic.model_validate(summary)
+
+
 @router.get("", response_model=FeatureSetsPublic)
-def list_featuresets(store: StoreDep) -> FeatureSetsPublic:
+def list_featuresets(store: StoreDep, redis: RedisDep) -> FeatureSetsPublic:
     """List all feature sets in the store with their status.
 
     A folder whose creation did not finish is left out, with one warning in the log.
@@ -46,15 +61,15 @@ def list_featuresets(store: StoreDep) -> FeatureSetsPublic:
     for featureset_id in store.featureset_ids():
         try:
             featureset = store.find_featureset(featureset_id)
-            summary = featureset.summary() if featureset is not None else None
+            public = _public(redis, store, featureset) if featureset is not None else None
         except Exception:
             # A delete that runs while the list reads the set removes files under it.
             store.forget(featureset_id)
             if store.find_featureset(featureset_id) is not None:
                 raise
-            summary = None
-        if summary is not None:
-            data.append(FeatureSetPublic.model_validate(summary))
+            public = None
+        if public is not None:
+            data.append(public)
         else:  # deleted since the ids were listed, or not completely created
             _log_incomplete(store, featureset_id)
     return FeatureSetsPublic(data=data, count=len(data))
@@ -80,10 +95,10 @@ def _log_incomplete(store: Store, featureset_id: str) -> None:
 
 
 @router.get("/{featureset_id}", response_model=FeatureSetPublic)
-def read_featureset(featureset_id: str, store: StoreDep) -> FeatureSetPublic:
-    """Spec, layer map, shape, dtype, status and progress of a feature set."""
+def read_featureset(featureset_id: str, store: StoreDep, redis: RedisDep) -> FeatureSetPublic:
+    """Spec, layer map, shape, dtype, status and progress of a feature set, and its job."""
     check_id(featureset_id, field="featureset_id")
-    return FeatureSetPublic.model_validate(store.featureset(featureset_id).summary())
+    return _public(redis, store, store.featureset(featureset_id))
 
 
 @router.get(
@@ -96,6 +111,7 @@ def read_featureset(featureset_id: str, store: StoreDep) -> FeatureSetPublic:
     },
 )
 async def read_layer(
+    request: Request,
     featureset_id: str,
     layer: int,
     store: StoreDep,
@@ -119,7 +135,16 @@ async def read_layer(
             meta = {"featureset_id": featureset_id, "layer": layer, "start": first, "stop": last}
             return _array_response(rows, format, meta)
     return await run_in_threadpool(
-        _read_layer, featureset_id, layer, store, settings, redis, start, stop, format
+        _read_layer,
+        featureset_id,
+        layer,
+        store,
+        settings,
+        redis,
+        start,
+        stop,
+        format,
+        head=is_head(request),
     )
 
 
@@ -132,6 +157,8 @@ def _read_layer(
     start: int | None,
     stop: int | None,
     format: str,
+    *,
+    head: bool = False,
 ) -> Response:
     featureset = store.featureset(featureset_id)
     require_complete(redis, store, featureset)
@@ -139,7 +166,7 @@ def _read_layer(
     first, last = featureset.check_rows(start, stop)
     _check_row_limit(first, last, format, settings)
     if format == "npy" and last - first > featureset.block_rows:
-        return _layer_stream(featureset, layer, first, last)
+        return _layer_stream(featureset, layer, first, last, head=head)
     array = featureset.read_layer(layer, first, last)
     return _array_response(
         array,
@@ -273,11 +300,14 @@ def _check_row_limit(first: int, last: int, format: str, settings: Settings) -> 
         )
 
 
-def _layer_stream(featureset: FeatureSet, layer: int, first: int, last: int) -> Response:
+def _layer_stream(
+    featureset: FeatureSet, layer: int, first: int, last: int, *, head: bool = False
+) -> Response:
     """Stream rows [first, last) of a layer as .npy, one block at a time.
 
     The .npy header is built from the shape and dtype, so the body is never held whole in
-    memory and Content-Length is known before the first byte.
+    memory and Content-Length is known before the first byte. For a HEAD request (``head``)
+    no row is read, and the response has the same headers and no body.
     """
     dtype = np.dtype(featureset.features.dtype)
     dim = int(featureset.features.shape[2])
@@ -294,6 +324,9 @@ def _layer_stream(featureset: FeatureSet, layer: int, first: int, last: int) -> 
 
     # A missing or truncated shard gets an error response before the status line is sent.
     featureset.check_layer(layer, first, last)
+    headers = {"Content-Length": str(length)}
+    if head:
+        return Response(media_type="application/octet-stream", headers=headers)
 
     async def body() -> AsyncIterator[bytes | memoryview]:
         yield header.getvalue()
@@ -314,9 +347,7 @@ def _layer_stream(featureset: FeatureSet, layer: int, first: int, last: int) -> 
                 with contextlib.suppress(asyncio.CancelledError):
                     await pending
 
-    return StreamingResponse(
-        body(), media_type="application/octet-stream", headers={"Content-Length": str(length)}
-    )
+    return StreamingResponse(body(), media_type="application/octet-stream", headers=headers)
 
 
 def _array_response(array: np.ndarray, format: str, meta: dict[str, object]) -> Response:

@@ -35,14 +35,14 @@ def http_client(
 @pytest.mark.parametrize(
     ("method", "path", "allowed"),
     [
-        # GET and DELETE of a feature set are separate routes.
-        ("PUT", f"/v1/featuresets/{ZERO_ID}", "GET, DELETE"),
-        ("POST", f"/v1/featuresets/{ZERO_ID}", "GET, DELETE"),
+        # GET and DELETE of a feature set are separate routes. HEAD comes with every GET.
+        ("PUT", f"/v1/featuresets/{ZERO_ID}", "GET, HEAD, DELETE"),
+        ("POST", f"/v1/featuresets/{ZERO_ID}", "GET, HEAD, DELETE"),
         # POST and GET of /v1/probes and /v1/projections come from separate routes too.
-        ("PUT", "/v1/probes", "GET, POST"),
-        ("DELETE", "/v1/probes", "GET, POST"),
-        ("PATCH", "/v1/projections", "GET, POST"),
-        ("POST", "/healthz", "GET"),
+        ("PUT", "/v1/probes", "GET, HEAD, POST"),
+        ("DELETE", "/v1/probes", "GET, HEAD, POST"),
+        ("PATCH", "/v1/projections", "GET, HEAD, POST"),
+        ("POST", "/healthz", "GET, HEAD"),
         ("GET", "/v1/pretrain", "POST"),
         ("DELETE", f"/v1/jobs/{ZERO_ID}/resume", "POST"),
     ],
