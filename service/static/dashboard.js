@@ -9,6 +9,10 @@ const POLL_MS = 2000;
 let selectedProbe = null;
 let shownCurve = null;
 let projectionsAvailable = true;
+// GET /dashboard/probe-pairs: the default pair and, per train set, its test candidates.
+let probePairs = { default: null, tests: {} };
+let probePairsFor = null;  // the complete feature set ids that probePairs was read for
+let shownFeaturesets = [];
 
 function apiKey() {
   return sessionStorage.getItem(KEY_STORAGE) || "";
@@ -119,27 +123,66 @@ function renderFeaturesets(featuresets) {
     tbody.appendChild(row);
   }
   document.getElementById("featuresets-empty").hidden = featuresets.length > 0;
-  fillFeaturesetSelect(document.getElementById("probe-train"), featuresets, "train");
-  fillFeaturesetSelect(document.getElementById("probe-test"), featuresets, "test");
+  shownFeaturesets = featuresets;
+  const preferredTrain = probePairs.default ? probePairs.default.train : null;
+  fillTrainSelect(document.getElementById("probe-train"), featuresets, preferredTrain);
+  fillTestSelect();
+}
+
+// The probe pairs of /dashboard/probe-pairs are read again only when the list of complete
+// feature sets changes, because a complete feature set never changes.
+async function refreshProbePairs(featuresets) {
+  const completeIds = featuresets.filter((fs) => fs.status === "complete")
+    .map((fs) => fs.featureset_id).join(",");
+  if (completeIds === probePairsFor) return;
+  probePairs = await getJson("/dashboard/probe-pairs");
+  probePairsFor = completeIds;
+}
+
+function featuresetOption(fs) {
+  const option = document.createElement("option");
+  option.value = fs.featureset_id;
+  option.textContent = `${fs.featureset_id} (${fs.spec.dataset}/${fs.spec.split}, ${fs.n_items} items)`;
+  return option;
 }
 
 // Offer complete feature sets only (the API rejects probes on unfinished ones) and keep the
 // user's selection across refreshes.
-function fillFeaturesetSelect(select, featuresets, preferredSplit) {
+function fillTrainSelect(select, featuresets, preferredId) {
   const previous = select.value;
   const complete = featuresets.filter((fs) => fs.status === "complete");
-  select.replaceChildren();
-  for (const fs of complete) {
-    const option = document.createElement("option");
-    option.value = fs.featureset_id;
-    option.textContent = `${fs.featureset_id} (${fs.spec.dataset}/${fs.spec.split}, ${fs.n_items} items)`;
-    select.appendChild(option);
-  }
+  select.replaceChildren(...complete.map(featuresetOption));
   if (complete.some((fs) => fs.featureset_id === previous)) {
     select.value = previous;
+  } else if (complete.some((fs) => fs.featureset_id === preferredId)) {
+    select.value = preferredId;
+  }
+}
+
+// List the test candidates of the selected train set in the server's order, with the ones
+// that POST /v1/probes would reject disabled and their reason shown. A compatible selection
+// is kept, and otherwise the first compatible set is selected (none when there is none).
+function fillTestSelect() {
+  const select = document.getElementById("probe-test");
+  const previous = select.value;
+  const train = document.getElementById("probe-train").value;
+  const byId = new Map(shownFeaturesets.map((fs) => [fs.featureset_id, fs]));
+  const entries = (probePairs.tests[train] || []).filter((entry) => byId.has(entry.featureset_id));
+  const options = entries.map((entry) => {
+    const option = featuresetOption(byId.get(entry.featureset_id));
+    if (!entry.compatible) {
+      option.disabled = true;
+      option.textContent += `: not compatible, ${entry.reason}`;
+      option.title = entry.reason;
+    }
+    return option;
+  });
+  select.replaceChildren(...options);
+  const compatible = entries.filter((entry) => entry.compatible).map((entry) => entry.featureset_id);
+  if (compatible.includes(previous)) {
+    select.value = previous;
   } else {
-    const preferred = complete.find((fs) => fs.spec.split === preferredSplit);
-    if (preferred) select.value = preferred.featureset_id;
+    select.value = compatible.length > 0 ? compatible[0] : "";
   }
 }
 
@@ -370,6 +413,7 @@ async function submitProbe(event) {
 async function refresh() {
   try {
     const [featuresets, probes] = await Promise.all([getJson("/v1/featuresets"), getJson("/v1/probes")]);
+    await refreshProbePairs(featuresets.data);
     renderFeaturesets(featuresets.data);
     renderProbes(probes.data);
     await refreshJobs();
@@ -396,6 +440,7 @@ function setUp() {
   });
   document.getElementById("extract-form").addEventListener("submit", submitExtraction);
   document.getElementById("probe-form").addEventListener("submit", submitProbe);
+  document.getElementById("probe-train").addEventListener("change", fillTestSelect);
   refresh();
   setInterval(refresh, POLL_MS);
 }

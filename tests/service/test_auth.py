@@ -62,6 +62,8 @@ EXPECTED_SCOPE: dict[tuple[str, str], str] = {
     ("GET", "/dashboard/"): "public",
     ("GET", "/"): "public",
     ("GET", "/static"): "public",
+    # Which feature sets the dashboard's probe form may pair: derived from stored data.
+    ("GET", "/dashboard/probe-pairs"): "read",
     ("GET", "/healthz"): "public",
     # FastAPI's own schema and documentation pages: they show the API, never data.
     ("GET", "/openapi.json"): "public",

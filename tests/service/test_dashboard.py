@@ -372,3 +372,108 @@ def test_dashboard_probe_rows_match_api(
         assert shown_params.keys() == row["params"].keys()
         for name, value in row["params"].items():
             assert float(shown_params[name]) == value
+
+
+@pytest.fixture(scope="module")
+def incompatible_test_set(api_url: str, client: Any, dashboard_data: dict[str, str]) -> str:
+    """A complete test split of the tiny model that the dashboard's train set cannot be probed
+    against (one layer fewer), whose id sorts before every listed feature set.
+
+    GET /v1/featuresets lists by id, so a form that took the first "test" split would pick it.
+    The id is content-addressed (the spec with the subset's fingerprint), so the limit that
+    makes it sort first is found without extracting anything.
+    """
+    from store import FeatureSetSpec
+    from workers.datasets import load_split
+
+    listed = httpx.get(f"{api_url}/v1/featuresets").json()["data"]
+    first_id = min(fs["featureset_id"] for fs in listed)
+    spec = httpx.get(f"{api_url}/v1/featuresets/{dashboard_data['test']}").json()["spec"]
+    layers = spec["layers"][:-1]
+    for limit in range(20, 200):
+        fingerprint = load_split("digits", "test", limit=limit).fingerprint
+        candidate = FeatureSetSpec.model_validate(
+            {**spec, "layers": layers, "limit": limit, "dataset_fingerprint": fingerprint}
+        )
+        if candidate.featureset_id() < first_id:
+            break
+    else:
+        pytest.fail(f"no limit in [20, 200) gives a feature set id before {first_id}")
+    answer = client.extract(
+        spec["model"], "digits", "test", layers=layers, limit=limit, block_rows=100, batch_size=50
+    )
+    assert answer["featureset_id"] == candidate.featureset_id()
+    state = wait_job(client, answer["job_id"])
+    assert state is None or state["status"] == "finished", state
+    return str(answer["featureset_id"])
+
+
+def test_probe_pairs_endpoint_marks_incompatible(
+    api_url: str, dashboard_data: dict[str, str], incompatible_test_set: str
+) -> None:
+    pairs = httpx.get(f"{api_url}/dashboard/probe-pairs").json()
+    entries = {e["featureset_id"]: e for e in pairs["tests"][dashboard_data["train"]]}
+    assert entries[dashboard_data["test"]]["compatible"] is True
+    assert entries[dashboard_data["test"]]["reason"] is None
+    assert entries[incompatible_test_set]["compatible"] is False
+    assert "layers" in entries[incompatible_test_set]["reason"]
+    assert entries[dashboard_data["train"]]["compatible"] is False
+    default = pairs["default"]
+    assert default is not None
+    default_test = {e["featureset_id"]: e for e in pairs["tests"][default["train"]]}
+    assert default_test[default["test"]]["compatible"] is True
+
+
+def test_dashboard_preselects_compatible_probe_pair(
+    browser: Callable[[], Page],
+    api_url: str,
+    client: Any,
+    dashboard_data: dict[str, str],
+    incompatible_test_set: str,
+) -> None:
+    page = browser()
+    page.open(f"{api_url}/dashboard")
+    page.wait_for(
+        f"document.querySelector('#probe-train option[value=\"{incompatible_test_set}\"]') !== null"
+    )
+    train = page.evaluate("document.getElementById('probe-train').value")
+    test = page.evaluate("document.getElementById('probe-test').value")
+    assert train != ""
+    assert test != ""
+    assert test != incompatible_test_set
+    # The API must accept the preselected pair: knn on one layer is the quickest probe.
+    answer = client.probe(train, test, kind="knn", layers=[0])
+    state = wait_job(client, answer["job_id"])
+    assert state is None or state["status"] == "finished", state
+
+
+def test_dashboard_disables_incompatible_test_sets(
+    browser: Callable[[], Page],
+    api_url: str,
+    dashboard_data: dict[str, str],
+    incompatible_test_set: str,
+) -> None:
+    page = browser()
+    page.open(f"{api_url}/dashboard")
+    option = f"document.querySelector('#probe-test option[value=\"{incompatible_test_set}\"]')"
+    page.wait_for(f"{option} !== null")
+    page.evaluate(f"""(() => {{
+        const select = document.getElementById('probe-train');
+        select.value = {json.dumps(dashboard_data["train"])};
+        select.dispatchEvent(new Event('change'));
+    }})()""")
+    assert page.evaluate(f"{option}.disabled") is True
+    assert "not compatible" in page.evaluate(f"{option}.textContent")
+    assert "layers" in page.evaluate(f"{option}.title")
+    assert page.evaluate("document.getElementById('probe-test').value") == dashboard_data["test"]
+    # Picking the incompatible set as train leaves the test set of other layers disabled.
+    page.evaluate(f"""(() => {{
+        const select = document.getElementById('probe-train');
+        select.value = {json.dumps(incompatible_test_set)};
+        select.dispatchEvent(new Event('change'));
+    }})()""")
+    test_option = (
+        f"document.querySelector('#probe-test option[value=\"{dashboard_data['test']}\"]')"
+    )
+    assert page.evaluate(f"{test_option}.disabled") is True
+    assert page.evaluate("document.getElementById('probe-test').value") != dashboard_data["test"]
