@@ -136,9 +136,7 @@ def test_claim_kind_not_fitted_422(client: Any, probes: list[str]) -> None:
 
 def test_claim_layer_not_fitted_422(client: Any, probes: list[str]) -> None:
     with pytest.raises(ClientError) as caught:
-        client.request(
-            "GET", "/v1/claims/accuracy-vs-loss", params={"probe": probes, "layer": 0}
-        )
+        client.request("GET", "/v1/claims/accuracy-vs-loss", params={"probe": probes, "layer": 0})
     assert caught.value.status_code == 422
     assert caught.value.detail["field"] == "layer"
     assert caught.value.detail["value"] == 0
