@@ -459,34 +459,89 @@ def _target_complete(store: Store, kind: str, target: str) -> bool:
     return False
 
 
-def require_complete(
-    redis: Redis, store: Store, featureset: FeatureSet, *, field: str = "featureset_id"
-) -> None:
-    """Raise NotReadyError unless ``featureset`` is complete, saying what its job is doing.
+@dataclass(frozen=True)
+class FeatureSetJobStatus:
+    """Status of a feature set as its job reports it, with the next step for a client.
 
-    The message points to the next step: wait for a queued or running job, resume a failed or
-    canceled one, or extract again when no job record is left.
+    ``status`` is "complete", "pending" (a job is queued or running, or a request is queueing
+    one), "failed" (the job failed, or no job record is left) or "canceled". ``hint`` is None
+    for a complete set.
     """
-    if featureset.is_complete:
-        return
-    progress = featureset.progress()
+
+    status: str
+    job_id: str | None
+    error: dict[str, Any] | None
+    hint: str | None
+
+
+def featureset_job_status(
+    redis: Redis, store: Store, featureset: FeatureSet
+) -> FeatureSetJobStatus:
+    """Return the status of ``featureset``, taken from its job while the set is not complete."""
     job_id = active_job_id(redis, featureset.id)
+    if featureset.is_complete:
+        return FeatureSetJobStatus("complete", job_id, None, None)
     state: dict[str, Any] | None = None
     if job_id is not None:
         try:
             state = job_state(redis, store, job_id)
         except JobNotFoundError:
             state = None
+    resend = "send the same POST /v1/extractions again"
     if state is None:
-        hint = "no job is writing it; send the same POST /v1/extractions again"
-    elif state["status"] in ("queued", "running"):
-        hint = f"wait for its job {job_id} to finish"
-    else:
-        reason = (state["error"] or {}).get("message") or state["status"]
-        hint = f"its job {job_id} is {state['status']} ({reason})"
+        if redis.exists(_key("lock", featureset.id)):
+            # A request holds the set's lock while it creates the set and queues the job.
+            return FeatureSetJobStatus(
+                "pending", None, None, "a request is queueing its job; read it again shortly"
+            )
+        message = "no job writes this feature set (its job record was lost or never saved)"
+        return FeatureSetJobStatus(
+            "failed",
+            None,
+            {"message": message, "field": None, "value": None},
+            f"no job is writing it; {resend}",
+        )
+    if state["status"] in ("queued", "running"):
+        return FeatureSetJobStatus("pending", job_id, None, f"wait for its job {job_id} to finish")
+    resume = f"resume it with POST /v1/jobs/{job_id}/resume"
+    if state["status"] == "canceled":
+        return FeatureSetJobStatus(
+            "canceled",
+            job_id,
+            state["error"],
+            f"its job {job_id} is canceled; {resume} or {resend}",
+        )
+    # A failed job, or one that ended without completing the set (a repair cleared blocks).
+    error = state["error"] or {
+        "message": f"job {job_id} ended with the feature set incomplete",
+        "field": None,
+        "value": None,
+    }
+    reason = error.get("message") or state["status"]
+    return FeatureSetJobStatus(
+        "failed",
+        job_id,
+        error,
+        f"its job {job_id} is {state['status']} ({reason}); {resume} once the cause is fixed, "
+        f"or {resend}",
+    )
+
+
+def require_complete(
+    redis: Redis, store: Store, featureset: FeatureSet, *, field: str = "featureset_id"
+) -> None:
+    """Raise NotReadyError unless ``featureset`` is complete, saying what its job is doing.
+
+    The message ends with the hint of `featureset_job_status`: wait for a queued or running
+    job, resume a failed or canceled one, or extract again when no job record is left.
+    """
+    if featureset.is_complete:
+        return
+    progress = featureset.progress()
+    job = featureset_job_status(redis, store, featureset)
     raise NotReadyError(
         f"{field} {featureset.id!r} is not complete yet ({progress.blocks_done}/"
-        f"{progress.blocks_total} blocks written); {hint}",
+        f"{progress.blocks_total} blocks written); {job.hint}",
         field=field,
         value=featureset.id,
         progress=progress.as_dict(),

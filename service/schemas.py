@@ -123,7 +123,12 @@ class JobsPublic(BaseModel):
 
 class FeatureSetPublic(BaseModel):
     featureset_id: str
-    status: str
+    status: Literal["pending", "complete", "failed", "canceled"] = Field(
+        description="complete once every block is written; pending while its job is queued or "
+        "running; failed when the job failed or no job record is left; canceled when the job "
+        "was canceled. A failed or canceled set stays incomplete until its job is resumed or "
+        "the same POST /v1/extractions is sent again (see hint)."
+    )
     spec: dict[str, Any]
     layer_map: list[dict[str, Any]]
     shape: list[int]
@@ -137,6 +142,15 @@ class FeatureSetPublic(BaseModel):
     progress: dict[str, int]
     token_layers: list[int] = Field(default_factory=list)
     token_shape: list[int] | None = None
+    job_id: str | None = Field(None, description="The job that writes or wrote the set.")
+    error: ErrorPublic | None = Field(
+        None, description="Why the set is failed or canceled, from its job when it has one."
+    )
+    hint: str | None = Field(
+        None,
+        description="The next step while the set is not complete: wait for, resume or re-send "
+        "its job. The 409 of the layer and labels routes ends with the same sentence.",
+    )
 
 
 class FeatureSetsPublic(BaseModel):

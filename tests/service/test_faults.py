@@ -122,10 +122,13 @@ def test_fsck_repair_resume_rewrites_block(client: Client, settings: Settings) -
         "GET", f"/v1/featuresets/{featureset_id}/fsck", params={"repair": "true"}
     ).json()
     assert repaired["missing_blocks"] == [1]
-    # The report gives the status after its own repair, as the set's summary does.
+    # The report gives the stored status after its own repair. The set's summary reports the
+    # job, which the repair left failed, and how to resume it.
     assert repaired["status"] == "pending"
-    assert client.featureset(featureset_id)["status"] == "pending"
     assert client.job(answer["job_id"])["status"] == "failed"
+    summary = client.featureset(featureset_id)
+    assert summary["status"] == "failed"
+    assert f"/v1/jobs/{answer['job_id']}/resume" in summary["hint"]
     # Only complete sets are served, labels as well as layers.
     for part in ("labels", "layers/0"):
         with pytest.raises(ClientError) as refused:
