@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import io
 import logging
+from collections import Counter
 from typing import Any
 
 import matplotlib
@@ -245,10 +246,51 @@ def _fonts() -> list[Any]:
     return fonts
 
 
+# Maximum length of a drawn class label, in characters, ellipsis included. A longer name is
+# cut, because a name of thousands of characters would push the plot out of the figure.
+MAX_CLASS_LABEL_CHARS = 30
+
+
+def class_labels(class_names: list[str]) -> list[str]:
+    """Turn class names into labels that a plot can show and a reader can tell apart.
+
+    Runs of whitespace become one space, and a name longer than `MAX_CLASS_LABEL_CHARS` is cut
+    to that length with a trailing ellipsis. A label that is empty, or that two classes share
+    (also after the cut), gets the class index appended: ["a", "a", ""] gives
+    ["a #0", "a #1", "#2"].
+    """
+    shortened = [_shorten(" ".join(name.split())) for name in class_names]
+    counts = Counter(shortened)
+    labels = []
+    for index, label in enumerate(shortened):
+        if not label:
+            labels.append(f"#{index}")
+        elif counts[label] > 1:
+            labels.append(f"{label} #{index}")
+        else:
+            labels.append(label)
+    return labels
+
+
+def _shorten(name: str) -> str:
+    if len(name) <= MAX_CLASS_LABEL_CHARS:
+        return name
+    return name[: MAX_CLASS_LABEL_CHARS - 1] + "\u2026"
+
+
 def scatter_png(
     coords: np.ndarray, labels: np.ndarray, *, class_names: list[str], title: str, axis_label: str
 ) -> bytes:
-    """Draw 2-D points coloured by class with a legend of class names.
+    """Draw `scatter_figure` as PNG bytes."""
+    return _png(
+        scatter_figure(coords, labels, class_names=class_names, title=title, axis_label=axis_label)
+    )
+
+
+def scatter_figure(
+    coords: np.ndarray, labels: np.ndarray, *, class_names: list[str], title: str, axis_label: str
+) -> Figure:
+    """Plot 2-D points coloured by class with a legend of class names (see `class_labels`).
 
     Parameters
     ----------
@@ -263,9 +305,10 @@ def scatter_png(
     figure, axes = plt.subplots(figsize=(7, 6), dpi=110)
     classes = np.unique(labels)
     colours = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20")
+    names = class_labels(class_names)
     for index, label in enumerate(classes):
         members = labels == label
-        name = class_names[label] if 0 <= label < len(class_names) else str(label)
+        name = names[label] if 0 <= label < len(names) else str(label)
         axes.scatter(
             coords[members, 0],
             coords[members, 1],
@@ -284,16 +327,23 @@ def scatter_png(
         loc="center left",
         bbox_to_anchor=(1.01, 0.5),
     )
-    return _png(figure)
+    return figure
 
 
 def confusion_png(matrix: np.ndarray, *, class_names: list[str], title: str) -> bytes:
-    """Draw a confusion matrix, rows = true class, columns = predicted class.
+    """Draw `confusion_figure` as PNG bytes."""
+    return _png(confusion_figure(matrix, class_names=class_names, title=title))
+
+
+def confusion_figure(matrix: np.ndarray, *, class_names: list[str], title: str) -> Figure:
+    """Plot a confusion matrix, rows = true class, columns = predicted class.
 
     Cells are coloured by the fraction of their row (the recall of each class) and annotated
-    with counts; ``matrix`` has shape (n_classes, n_classes).
+    with counts; ``matrix`` has shape (n_classes, n_classes). Classes without a name in
+    ``class_names`` are named by their index, and the names are made into `class_labels`.
     """
     n = len(matrix)
+    names = class_labels([class_names[i] if i < len(class_names) else str(i) for i in range(n)])
     totals = matrix.sum(axis=1, keepdims=True)
     fractions = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
     size = min(12.0, 3.0 + 0.5 * n)
@@ -314,13 +364,13 @@ def confusion_png(matrix: np.ndarray, *, class_names: list[str], title: str) -> 
                     color=colour,
                 )
     axes.set_xticks(
-        range(n), class_names, rotation=45 if n > 10 else 0, ha="right" if n > 10 else "center"
+        range(n), names, rotation=45 if n > 10 else 0, ha="right" if n > 10 else "center"
     )
-    axes.set_yticks(range(n), class_names)
+    axes.set_yticks(range(n), names)
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class")
     axes.set_title(title)
-    return _png(figure)
+    return figure
 
 
 def accuracy_vs_loss_png(points: list[dict[str, Any]], *, title: str) -> bytes:

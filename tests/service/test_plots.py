@@ -117,3 +117,51 @@ def test_curve_line_broken_at_unprobed_layers() -> None:
     assert [int(x) for x in xs[np.isfinite(xs)]] == layers
     assert _drawn_segments(line) == [(3.0, 4.0), (4.0, 5.0)]
     plt.close(figure)
+
+
+def test_class_labels_mark_repeats_and_empty() -> None:
+    assert plots.class_labels(["a", "a", "", "b"]) == ["a #0", "a #1", "#2", "b"]
+    assert plots.class_labels(["cat", " ", "dog"]) == ["cat", "#1", "dog"]
+
+
+def test_class_labels_shorten_long_names() -> None:
+    long_name = "x" * 5000
+    (label,) = plots.class_labels([long_name])
+    assert len(label) == plots.MAX_CLASS_LABEL_CHARS
+    assert label.endswith("…")
+    assert label.startswith("x" * (plots.MAX_CLASS_LABEL_CHARS - 1))
+
+
+def test_class_labels_repeat_after_shortening() -> None:
+    """Names that differ only after the cut get their class index appended too."""
+    prefix = "y" * plots.MAX_CLASS_LABEL_CHARS
+    labels = plots.class_labels([prefix + "1", prefix + "2"])
+    assert labels[0] != labels[1]
+    assert labels[0].endswith("#0")
+    assert labels[1].endswith("#1")
+    assert all(len(label) <= plots.MAX_CLASS_LABEL_CHARS + len(" #1") for label in labels)
+
+
+def test_confusion_rows_distinguishable() -> None:
+    matrix = np.array([[2, 0, 0], [1, 3, 0], [0, 0, 4]])
+    figure = plots.confusion_figure(matrix, class_names=["a", "a", ""], title="repeats")
+    figure.canvas.draw()
+    axes = figure.axes[0]
+    rows = [label.get_text() for label in axes.get_yticklabels()]
+    columns = [label.get_text() for label in axes.get_xticklabels()]
+    assert rows == ["a #0", "a #1", "#2"]
+    assert columns == rows
+    plt.close(figure)
+
+
+def test_scatter_legend_shortens_long_name() -> None:
+    coords = np.array([[0.0, 0.0], [1.0, 1.0], [2.0, 0.5]])
+    labels = np.array([0, 1, 1])
+    long_name = "z" * 5000
+    figure = plots.scatter_figure(
+        coords, labels, class_names=[long_name, "b"], title="long", axis_label="PCA"
+    )
+    legend = [text.get_text() for text in figure.axes[0].get_legend().get_texts()]
+    shortened = "z" * (plots.MAX_CLASS_LABEL_CHARS - 1) + "…"
+    assert legend == [f"{shortened} (1)", "b (2)"]
+    plt.close(figure)
