@@ -25,11 +25,15 @@ from typing import IO
 
 from redis import Redis
 from redis.exceptions import RedisError
+from rq import Worker
+from rq.job import Job
+from rq.registry import StartedJobRegistry
 
 logger = logging.getLogger(__name__)
 
 # Seconds a worker gets to finish its current job after SIGTERM (rq's warm shutdown) before it
-# is killed. A killed worker's job stays "started" until its heartbeat expires.
+# is killed. The supervisor then hands the killed worker's job back to rq (see
+# release_killed_workers), so it is retried without waiting for the heartbeat to expire.
 WORKER_STOP_TIMEOUT = 30.0
 
 # A supervised redis-server is started again at most REDIS_MAX_RESTARTS times within
@@ -303,12 +307,16 @@ def worker_environment(env: dict[str, str] | None = None) -> dict[str, str]:
 
 def stop_processes(
     processes: list[subprocess.Popen[bytes]], timeout: float = WORKER_STOP_TIMEOUT
-) -> None:
-    """Send SIGTERM to every process at once, then kill those still running after ``timeout``."""
+) -> set[int]:
+    """Send SIGTERM to every process at once, then kill those still running after ``timeout``.
+
+    Returns the pids of the processes that had to be killed.
+    """
     running = [process for process in processes if process.poll() is None]
     for process in running:
         process.terminate()
     deadline = time.monotonic() + timeout
+    killed = set()
     for process in running:
         try:
             process.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -318,6 +326,35 @@ def stop_processes(
             )
             process.kill()
             process.wait()
+            killed.add(process.pid)
+    return killed
+
+
+def release_killed_workers(redis: Redis, pids: set[int]) -> None:
+    """Hand the jobs of rq workers this machine killed back to rq, and deregister the workers.
+
+    rq treats a started job as abandoned once its entry in the started-job registry expires,
+    which for a killed worker is when its heartbeat runs out. The worker is known to be dead
+    here, so each of its executions is expired now, and rq's own registry cleanup retries the
+    job or, with no retries left, marks it failed, as it would after the heartbeat timeout.
+    """
+    host = socket.gethostname()
+    for worker in Worker.all(connection=redis):
+        if worker.pid not in pids or worker.hostname != host:
+            continue
+        for execution in worker.get_current_executions(refresh=True):
+            job = Job.fetch(execution.job_id, connection=redis)
+            registry = StartedJobRegistry(job.origin, connection=redis)
+            redis.zadd(registry.key, {execution.composite_key: 0}, xx=True)
+            registry.cleanup()
+            logger.info(
+                "worker %s (pid %d) was killed while running rq job %s; the job is %s",
+                worker.name,
+                worker.pid,
+                job.id,
+                job.get_status(refresh=True),
+            )
+        worker.register_death()
 
 
 def start_worker(
@@ -428,7 +465,22 @@ class WorkerSupervisor:
                     self.processes[index] = self._start(index)
 
     def stop(self, timeout: float = WORKER_STOP_TIMEOUT) -> None:
-        """Stop every worker: SIGTERM lets each finish its job, a kill follows after ``timeout``."""
+        """Stop every worker: SIGTERM lets each finish its job, a kill follows after ``timeout``.
+
+        The job of a killed worker goes back to rq at once (see `release_killed_workers`).
+        """
         self._stopping.set()
         self._thread.join(timeout=self.interval * 2)
-        stop_processes(self.processes, timeout)
+        killed = stop_processes(self.processes, timeout)
+        if not killed:
+            return
+        try:
+            with Redis.from_url(self.redis_url) as redis:
+                release_killed_workers(redis, killed)
+        except RedisError as exc:
+            logger.warning(
+                "could not hand the jobs of killed workers %s back to rq (%s); they are "
+                "retried once their heartbeat expires",
+                sorted(killed),
+                exc,
+            )
