@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 
 from service.auth import public
 from service.deps import StoreDep
-from service.routes.probes import MATCHING_FIELDS, describe_difference
+from service.routes.probes import pair_mismatch
 from store import FeatureSet, Store, StoreError
 
 logger = logging.getLogger(__name__)
@@ -73,25 +73,14 @@ def probe_pairs(store: StoreDep) -> dict[str, Any]:
 def incompatibility_reason(train: FeatureSet, test: FeatureSet) -> str | None:
     """Return why POST /v1/probes would reject ``train`` with ``test``, or None.
 
-    The checks are those of `service.routes.probes` that read no arrays: a different set,
-    the fields of ``MATCHING_FIELDS``, the feature width and the class names. Overlapping
-    items and test labels missing from train are found by POST /v1/probes only.
+    The checks are those of POST /v1/probes that read no arrays: a different set, and
+    `service.routes.probes.pair_mismatch`. Overlapping items and test labels missing from
+    train are found by POST /v1/probes only.
     """
     if train.id == test.id:
         return "the train feature set itself"
-    train_spec, test_spec = train.spec.model_dump(), test.spec.model_dump()
-    for name in MATCHING_FIELDS:
-        if train_spec[name] != test_spec[name]:
-            return "differs in " + describe_difference(name, train_spec[name], test_spec[name])
-    train_dim, test_dim = train.features.shape[2], test.features.shape[2]
-    if train_dim != test_dim:
-        return f"differs in dim ({train_dim} vs {test_dim})"
-    train_names = list(train.attrs.get("class_names") or [])
-    test_names = list(test.attrs.get("class_names") or [])
-    for index, (in_train, in_test) in enumerate(zip(train_names, test_names, strict=False)):
-        if in_train != in_test:
-            return f"names class {index} differently ({in_train!r} vs {in_test!r})"
-    return None
+    mismatch = pair_mismatch(train, test)
+    return None if mismatch is None else f"train and test {mismatch[0]}"
 
 
 def _test_rank(train: FeatureSet, test: FeatureSet, entry: dict[str, Any]) -> tuple[int, ...]:

@@ -126,27 +126,16 @@ def _probe_spec(body: ProbeCreate, store: Store, redis: Redis, settings: Setting
             value=test.id,
         )
     _check_disjoint(train, test)
-    train_spec, test_spec = train.spec.model_dump(), test.spec.model_dump()
-    for name in MATCHING_FIELDS:
-        if train_spec[name] != test_spec[name]:
-            raise StoreError(
-                f"train and test feature sets differ in "
-                f"{describe_difference(name, train_spec[name], test_spec[name])}; extract both "
-                "splits with the same model and settings",
-                field="test_featureset",
-                value=body.test_featureset,
-            )
-    if train.features.shape[2] != test.features.shape[2]:
+    mismatch = pair_mismatch(train, test)
+    if mismatch is not None:
+        reason, fix = mismatch
         raise StoreError(
-            f"train and test feature sets differ in dim ({train.features.shape[2]} vs "
-            f"{test.features.shape[2]}); extract both splits with the same model, layers and "
-            "pooling",
+            f"train and test feature sets {reason}; {fix}",
             field="test_featureset",
             value=body.test_featureset,
         )
-
     train_labels = train.read_labels()
-    _check_same_classes(train, test, train_labels)
+    check_classes(train_labels, test.read_labels(), "train_featureset", "test_featureset")
 
     layers = train.layers if body.layers == "all" else body.layers
     if not layers:
@@ -274,24 +263,36 @@ def _check_disjoint(train: FeatureSet, test: FeatureSet) -> None:
         )
 
 
-def _check_same_classes(train: FeatureSet, test: FeatureSet, train_labels: np.ndarray) -> None:
-    """Raise unless the labels of ``test`` name the same classes as those of ``train``.
+def pair_mismatch(train: FeatureSet, test: FeatureSet) -> tuple[str, str] | None:
+    """Return why ``train`` and ``test`` cannot be probed together, and the fix, or None.
 
-    Names derived from labels ("0", "1", ...) cover the classes up to the largest label of
-    each split, so only the names both lists have are compared.
+    Compares what needs no array reads: the fields of ``MATCHING_FIELDS``, the feature width
+    and the class names. Names derived from labels ("0", "1", ...) cover the classes up to the
+    largest label of each split, so only the names both lists have are compared. The reason
+    reads after "train and test feature sets".
     """
+    train_spec, test_spec = train.spec.model_dump(), test.spec.model_dump()
+    for name in MATCHING_FIELDS:
+        if train_spec[name] != test_spec[name]:
+            return (
+                f"differ in {describe_difference(name, train_spec[name], test_spec[name])}",
+                "extract both splits with the same model and settings",
+            )
+    if train.features.shape[2] != test.features.shape[2]:
+        return (
+            f"differ in dim ({train.features.shape[2]} vs {test.features.shape[2]})",
+            "extract both splits with the same model, layers and pooling",
+        )
     train_names = list(train.attrs.get("class_names") or [])
     test_names = list(test.attrs.get("class_names") or [])
     for index, (in_train, in_test) in enumerate(zip(train_names, test_names, strict=False)):
         if in_train != in_test:
-            raise StoreError(
-                f"train and test feature sets name class {index} differently ({in_train!r} in "
-                f"dataset {train.spec.dataset!r}, {in_test!r} in dataset {test.spec.dataset!r}); "
+            return (
+                f"name class {index} differently ({in_train!r} in dataset "
+                f"{train.spec.dataset!r}, {in_test!r} in dataset {test.spec.dataset!r})",
                 "extract the test split from a dataset with the same classes in the same order",
-                field="test_featureset",
-                value=test.id,
             )
-    check_classes(train_labels, test.read_labels(), "train_featureset", "test_featureset")
+    return None
 
 
 def _params_by_kind(params: dict[str, Any], kinds: list[str]) -> dict[str, dict[str, Any]]:
