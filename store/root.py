@@ -214,10 +214,13 @@ class Store:
     def models_dir(self) -> Path:
         """Return the local directory of checkpoints the service pretrained itself."""
         if self.local_root is None:
-            # NOTE: pretrained checkpoints live on local disk only; with an fsspec root each
-            # worker keeps its own copy under LAYERBANK_MODELS_DIR.
+            # Pretrained checkpoints are plain directories that the model loader reads from
+            # local disk, so only a store on local disk keeps them.
             raise NotFoundError(
-                f"store root {self.root!r} is not a local directory; set LAYERBANK_MODELS_DIR",
+                f"store root {self.root!r} is not a local directory, and pretrained models "
+                "(store:<name>) live in a local store only; pretrain with a local "
+                "LAYERBANK_STORE, then copy the model's directory into a folder listed in "
+                "LAYERBANK_MODEL_ROOTS and extract it by that path",
                 field="store",
                 value=self.root,
             )

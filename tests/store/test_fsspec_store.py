@@ -142,3 +142,6 @@ def test_fsspec_store_models_dir_rejected(memory_root: str) -> None:
     with pytest.raises(NotFoundError) as info:
         Store(memory_root).models_dir()
     assert info.value.field == "store"
+    # No setting moves pretrained models elsewhere; the message names what works.
+    assert "LAYERBANK_MODELS_DIR" not in info.value.message
+    assert "LAYERBANK_MODEL_ROOTS" in info.value.message
