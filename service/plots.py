@@ -42,28 +42,6 @@ def font_families() -> list[str]:
 plt.rcParams["font.family"] = font_families()
 
 
-def layer_curve_png(
-    rows_by_kind: dict[str, list[dict[str, Any]]],
-    *,
-    title: str,
-    baseline: float | None = None,
-    baseline_label: str = "raw pixels",
-    reference: list[tuple[int, float]] | None = None,
-    reference_label: str = "reference",
-) -> bytes:
-    """Draw `layer_curve_figure` as PNG bytes."""
-    return _png(
-        layer_curve_figure(
-            rows_by_kind,
-            title=title,
-            baseline=baseline,
-            baseline_label=baseline_label,
-            reference=reference,
-            reference_label=reference_label,
-        )
-    )
-
-
 def layer_curve_figure(
     rows_by_kind: dict[str, list[dict[str, Any]]],
     *,
@@ -177,7 +155,7 @@ def _set_layer_ticks(axes: Any, layers: set[int]) -> None:
         )
 
 
-def _png(figure: Any) -> bytes:
+def figure_png(figure: Any) -> bytes:
     """Return ``figure`` as PNG bytes and close it.
 
     Characters that no font of `font_families` has are replaced by U+FFFD before drawing, and
@@ -278,15 +256,6 @@ def _shorten(name: str) -> str:
     return name[: MAX_CLASS_LABEL_CHARS - 1] + "\u2026"
 
 
-def scatter_png(
-    coords: np.ndarray, labels: np.ndarray, *, class_names: list[str], title: str, axis_label: str
-) -> bytes:
-    """Draw `scatter_figure` as PNG bytes."""
-    return _png(
-        scatter_figure(coords, labels, class_names=class_names, title=title, axis_label=axis_label)
-    )
-
-
 def scatter_figure(
     coords: np.ndarray, labels: np.ndarray, *, class_names: list[str], title: str, axis_label: str
 ) -> Figure:
@@ -332,7 +301,7 @@ def scatter_figure(
 
 def confusion_png(matrix: np.ndarray, *, class_names: list[str], title: str) -> bytes:
     """Draw `confusion_figure` as PNG bytes."""
-    return _png(confusion_figure(matrix, class_names=class_names, title=title))
+    return figure_png(confusion_figure(matrix, class_names=class_names, title=title))
 
 
 def confusion_figure(matrix: np.ndarray, *, class_names: list[str], title: str) -> Figure:
@@ -414,4 +383,4 @@ def accuracy_vs_loss_png(points: list[dict[str, Any]], *, title: str) -> bytes:
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend(loc="lower right", fontsize=8)
-    return _png(figure)
+    return figure_png(figure)

@@ -21,7 +21,7 @@ from service.jobs import (
     result_status,
     submit_result_job,
 )
-from service.plots import confusion_png, layer_curve_png
+from service.plots import confusion_png, figure_png, layer_curve_figure
 from service.schemas import CurvePublic, ProbeCreate, ProbeCreated, ProbePublic, ProbesPublic
 from store import FeatureSet, NotFoundError, NotReadyError, ProbeSpec, Store, StoreError, check_id
 from store.settings import Settings
@@ -450,7 +450,9 @@ def read_curve_png(
     title = f"{train.model} on {train.dataset}: probe accuracy per layer ({train.pooling} pooling)"
     points = _reference_points(reference)
     _check_reference_layers(points, reference, [row["layer"] for row in probe["rows"]])
-    png = layer_curve_png(rows_by_kind, title=title, baseline=baseline, reference=points)
+    png = figure_png(
+        layer_curve_figure(rows_by_kind, title=title, baseline=baseline, reference=points)
+    )
     return Response(png, media_type="image/png")
 
 

@@ -18,7 +18,7 @@ from service.jobs import (
     result_status,
     submit_result_job,
 )
-from service.plots import scatter_png
+from service.plots import figure_png, scatter_figure
 from service.schemas import (
     ProjectionCreate,
     ProjectionCreated,
@@ -187,8 +187,10 @@ def _scatter(store: Store, redis: Any, projection_id: str) -> Response:
         f"{method} of layer {spec['layer']}: {model} on {featureset.dataset}/"
         f"{featureset.split}\n({len(labels)} points, {featureset.pooling} pooling)"
     )
-    png = scatter_png(
-        coords, labels, class_names=projection["class_names"], title=title, axis_label=method
+    png = figure_png(
+        scatter_figure(
+            coords, labels, class_names=projection["class_names"], title=title, axis_label=method
+        )
     )
     return Response(png, media_type="image/png")
 
