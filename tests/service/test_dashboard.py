@@ -244,6 +244,9 @@ def test_dashboard_probe_form_starts_job(
     page.evaluate(f"""(() => {{
         const form = document.getElementById('probe-form');
         form.train.value = {json.dumps(dashboard_data["train"])};
+        // As a user's pick does: the test list then holds this train set's candidates, and
+        // a test set disabled for the previous train set would not be submitted.
+        form.train.dispatchEvent(new Event('change'));
         form.test.value = {json.dumps(dashboard_data["test"])};
         for (const box of form.querySelectorAll('input[name=kind]')) {{
             box.checked = box.value === 'knn';
@@ -377,32 +380,29 @@ def test_dashboard_probe_rows_match_api(
 @pytest.fixture(scope="module")
 def incompatible_test_set(api_url: str, client: Any, dashboard_data: dict[str, str]) -> str:
     """A complete test split of the tiny model that the dashboard's train set cannot be probed
-    against (one layer fewer), whose id sorts before every listed feature set.
+    against (one layer fewer), with the lowest id of 180 candidate limits.
 
-    GET /v1/featuresets lists by id, so a form that took the first "test" split would pick it.
-    The id is content-addressed (the spec with the subset's fingerprint), so the limit that
-    makes it sort first is found without extracting anything.
+    GET /v1/featuresets lists by id, and a form that took the first "test" split picked the
+    lowest id. The id is content-addressed (the spec with the subset's fingerprint), so the
+    limit is found without extracting anything. Whether it sorts first depends on the ids the
+    session's other tests created, so the tests below check the pairs, not the order.
     """
     from store import FeatureSetSpec
     from workers.datasets import load_split
 
-    listed = httpx.get(f"{api_url}/v1/featuresets").json()["data"]
-    first_id = min(fs["featureset_id"] for fs in listed)
     spec = httpx.get(f"{api_url}/v1/featuresets/{dashboard_data['test']}").json()["spec"]
     layers = spec["layers"][:-1]
+    candidates = {}
     for limit in range(20, 200):
         fingerprint = load_split("digits", "test", limit=limit).fingerprint
-        candidate = FeatureSetSpec.model_validate(
+        candidates[limit] = FeatureSetSpec.model_validate(
             {**spec, "layers": layers, "limit": limit, "dataset_fingerprint": fingerprint}
-        )
-        if candidate.featureset_id() < first_id:
-            break
-    else:
-        pytest.fail(f"no limit in [20, 200) gives a feature set id before {first_id}")
+        ).featureset_id()
+    limit = min(candidates, key=candidates.__getitem__)
     answer = client.extract(
         spec["model"], "digits", "test", layers=layers, limit=limit, block_rows=100, batch_size=50
     )
-    assert answer["featureset_id"] == candidate.featureset_id()
+    assert answer["featureset_id"] == candidates[limit]
     state = wait_job(client, answer["job_id"])
     assert state is None or state["status"] == "finished", state
     return str(answer["featureset_id"])
@@ -441,8 +441,10 @@ def test_dashboard_preselects_compatible_probe_pair(
     assert train != ""
     assert test != ""
     assert test != incompatible_test_set
-    # The API must accept the preselected pair: knn on one layer is the quickest probe.
-    answer = client.probe(train, test, kind="knn", layers=[0])
+    # The API must accept the preselected pair: knn on its first stored layer is the quickest
+    # probe. Which sets the pair holds depends on the session's other tests.
+    first_layer = client.featureset(train)["layer_map"][0]["layer"]
+    answer = client.probe(train, test, kind="knn", layers=[first_layer])
     state = wait_job(client, answer["job_id"])
     assert state is None or state["status"] == "finished", state
 
@@ -465,7 +467,14 @@ def test_dashboard_disables_incompatible_test_sets(
     assert page.evaluate(f"{option}.disabled") is True
     assert "not compatible" in page.evaluate(f"{option}.textContent")
     assert "layers" in page.evaluate(f"{option}.title")
-    assert page.evaluate("document.getElementById('probe-test').value") == dashboard_data["test"]
+    # The selection is a compatible set; other tests may have stored more than one.
+    selected = page.evaluate("document.getElementById('probe-test').value")
+    pairs = httpx.get(f"{api_url}/dashboard/probe-pairs").json()
+    compatible = [
+        e["featureset_id"] for e in pairs["tests"][dashboard_data["train"]] if e["compatible"]
+    ]
+    assert selected in compatible
+    assert dashboard_data["test"] in compatible
     # Picking the incompatible set as train leaves the test set of other layers disabled.
     page.evaluate(f"""(() => {{
         const select = document.getElementById('probe-train');
