@@ -261,6 +261,11 @@ def resolve_model(
             )
         name, _, step = name.partition("@step")
         if step:
+            if step.isdigit():
+                # One spelling per checkpoint, so that @step020 and @step20 give one
+                # feature-set id.
+                step = str(int(step))
+                ref = f"store:{name}@step{step}"
             return _resolve_checkpoint(ref, models_dir / name, step)
         path = models_dir / name
         if not (path / "config.json").is_file():

@@ -67,6 +67,22 @@ def test_final_step_named_by_the_run(tmp_path: Path) -> None:
         assert "the weights of its last step, 5, are store:ck1" in caught.value.message
 
 
+def test_step_written_with_leading_zeros_is_one_reference(tmp_path: Path) -> None:
+    """@step20, @step020 and @step0020 load one checkpoint, so they give one reference and
+    therefore one feature-set id."""
+    folder = tmp_path / "p1" / "checkpoints" / "step-20"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "imagegpt"}')
+    (folder / "model.safetensors").write_bytes(b"weights")
+
+    refs = {
+        resolve_model(f"store:p1@step{step}", models_dir=tmp_path).ref
+        for step in ("20", "020", "0020")
+    }
+
+    assert refs == {"store:p1@step20"}
+
+
 def test_run_without_checkpoints_says_so(tmp_path: Path) -> None:
     _checkpoint(tmp_path / "dig")
 
