@@ -17,7 +17,7 @@ from fastapi.staticfiles import StaticFiles
 
 from service.auth import public
 from service.deps import StoreDep
-from service.routes.probes import pair_mismatch
+from service.routes.probes import PairFacts, count_shared_items, pair_mismatch
 from store import FeatureSet, Store, StoreError
 
 logger = logging.getLogger(__name__)
@@ -49,11 +49,12 @@ def probe_pairs(store: StoreDep) -> dict[str, Any]:
     """
     complete = _complete_featuresets(store)
     by_id = {featureset.id: featureset for featureset in complete}
+    facts = {featureset.id: PairFacts(featureset) for featureset in complete}
     tests: dict[str, list[dict[str, Any]]] = {}
     for train in complete:
         entries: list[dict[str, Any]] = []
         for test in complete:
-            reason = incompatibility_reason(train, test)
+            reason = incompatibility_reason(facts[train.id], facts[test.id])
             entries.append(
                 {"featureset_id": test.id, "compatible": reason is None, "reason": reason}
             )
@@ -70,17 +71,25 @@ def probe_pairs(store: StoreDep) -> dict[str, Any]:
     return {"default": default, "tests": tests}
 
 
-def incompatibility_reason(train: FeatureSet, test: FeatureSet) -> str | None:
+def incompatibility_reason(train: PairFacts, test: PairFacts) -> str | None:
     """Return why POST /v1/probes would reject ``train`` with ``test``, or None.
 
-    The checks are those of POST /v1/probes that read no arrays: a different set, and
-    `service.routes.probes.pair_mismatch`. Overlapping items and test labels missing from
-    train are found by POST /v1/probes only.
+    The checks are those of POST /v1/probes before it reads labels: a different set,
+    `service.routes.probes.pair_mismatch` and `service.routes.probes.count_shared_items`.
+    Test labels missing from train are found by POST /v1/probes only.
     """
     if train.id == test.id:
         return "the train feature set itself"
     mismatch = pair_mismatch(train, test)
-    return None if mismatch is None else f"train and test {mismatch[0]}"
+    if mismatch is not None:
+        return f"train and test {mismatch[0]}"
+    shared = count_shared_items(train, test)
+    if shared:
+        return (
+            f"train and test share {shared} of the test set's {test.n_items} items, so its "
+            "accuracy would count items the probe was trained on"
+        )
+    return None
 
 
 def _test_rank(train: FeatureSet, test: FeatureSet, entry: dict[str, Any]) -> tuple[int, ...]:

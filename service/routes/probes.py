@@ -126,7 +126,7 @@ def _probe_spec(body: ProbeCreate, store: Store, redis: Redis, settings: Setting
             value=test.id,
         )
     _check_disjoint(train, test)
-    mismatch = pair_mismatch(train, test)
+    mismatch = pair_mismatch(PairFacts(train), PairFacts(test))
     if mismatch is not None:
         reason, fix = mismatch
         raise StoreError(
@@ -225,32 +225,64 @@ def _adapter_fit_shape(
     )
 
 
-def _ids_span_splits(featureset: FeatureSet) -> bool:
-    """Return whether the item ids of ``featureset`` name the same items in every split."""
-    recorded = featureset.ids_span_splits
-    if recorded is None:
+class PairFacts:
+    """What the pairing and overlap checks compare of one feature set, read once.
+
+    The spec is validated and dumped once, and the item ids are read on first use only, so
+    that a request comparing many pairs reads each set's arrays at most once.
+    """
+
+    def __init__(self, featureset: FeatureSet) -> None:
+        self.featureset = featureset
+        self.id = featureset.id
+        self.spec: dict[str, Any] = featureset.spec.model_dump()
+        self.dim = int(featureset.features.shape[2])
+        self.n_items = featureset.n_items
+        self.class_names = list(featureset.attrs.get("class_names") or [])
+        recorded = featureset.ids_span_splits
         # Created before this was recorded: of the sources, only digits numbers its items
         # across splits.
-        return featureset.spec.dataset == "digits"
-    return recorded
+        self.ids_span_splits = self.spec["dataset"] == "digits" if recorded is None else recorded
+        self._item_ids: np.ndarray | None = None
+
+    def item_ids(self) -> np.ndarray:
+        """Return the set's item ids, read from the store on the first call."""
+        if self._item_ids is None:
+            self._item_ids = self.featureset.read_item_ids()
+        return self._item_ids
+
+
+def ids_comparable(train: PairFacts, test: PairFacts) -> bool:
+    """Return whether the item ids of ``train`` and ``test`` number the same items.
+
+    They do when both sets come from the same split of the same dataset, by the same reference
+    or by another reference to the same content. They also do for two splits of a dataset
+    whose ids name the same item in every split (the built-in digits).
+    """
+    same_split = train.spec["split"] == test.spec["split"]
+    same_content = (
+        same_split and train.spec["dataset_fingerprint"] == test.spec["dataset_fingerprint"]
+    )
+    same_dataset = train.spec["dataset"] == test.spec["dataset"]
+    return same_content or (
+        same_dataset and (same_split or (train.ids_span_splits and test.ids_span_splits))
+    )
+
+
+def count_shared_items(train: PairFacts, test: PairFacts) -> int:
+    """Return how many items of ``test`` are items of ``train``, as far as their ids show.
+
+    Returns 0 without reading ids when `ids_comparable` is false. POST /v1/probes rejects a
+    pair with shared items, and the dashboard's probe-pairs route marks it incompatible.
+    """
+    if not ids_comparable(train, test):
+        return 0
+    return int(np.intersect1d(train.item_ids(), test.item_ids()).size)
 
 
 def _check_disjoint(train: FeatureSet, test: FeatureSet) -> None:
-    """Raise if ``test`` contains items of ``train``, as far as their item ids show.
-
-    Ids are compared when both sets come from the same split of the same dataset (the same
-    reference, or the same content under another reference), or from two splits of a dataset
-    whose ids name the same item in every split (the built-in digits).
-    """
-    same_split = train.spec.split == test.spec.split
-    same_content = same_split and train.spec.dataset_fingerprint == test.spec.dataset_fingerprint
-    same_dataset = train.spec.dataset == test.spec.dataset
-    comparable = same_content or (
-        same_dataset and (same_split or (_ids_span_splits(train) and _ids_span_splits(test)))
-    )
-    if not comparable:
-        return
-    shared = np.intersect1d(train.read_item_ids(), test.read_item_ids()).size
+    """Raise if ``test`` contains items of ``train`` (see `count_shared_items`)."""
+    shared = count_shared_items(PairFacts(train), PairFacts(test))
     if shared:
         raise StoreError(
             f"test_featureset {test.id!r} shares {shared} of its {test.n_items} items with "
@@ -263,7 +295,7 @@ def _check_disjoint(train: FeatureSet, test: FeatureSet) -> None:
         )
 
 
-def pair_mismatch(train: FeatureSet, test: FeatureSet) -> tuple[str, str] | None:
+def pair_mismatch(train: PairFacts, test: PairFacts) -> tuple[str, str] | None:
     """Return why ``train`` and ``test`` cannot be probed together, and the fix, or None.
 
     Compares what needs no array reads: the fields of ``MATCHING_FIELDS``, the feature width
@@ -271,25 +303,23 @@ def pair_mismatch(train: FeatureSet, test: FeatureSet) -> tuple[str, str] | None
     largest label of each split, so only the names both lists have are compared. The reason
     reads after "train and test feature sets".
     """
-    train_spec, test_spec = train.spec.model_dump(), test.spec.model_dump()
     for name in MATCHING_FIELDS:
-        if train_spec[name] != test_spec[name]:
+        if train.spec[name] != test.spec[name]:
             return (
-                f"differ in {describe_difference(name, train_spec[name], test_spec[name])}",
+                f"differ in {describe_difference(name, train.spec[name], test.spec[name])}",
                 "extract both splits with the same model and settings",
             )
-    if train.features.shape[2] != test.features.shape[2]:
+    if train.dim != test.dim:
         return (
-            f"differ in dim ({train.features.shape[2]} vs {test.features.shape[2]})",
+            f"differ in dim ({train.dim} vs {test.dim})",
             "extract both splits with the same model, layers and pooling",
         )
-    train_names = list(train.attrs.get("class_names") or [])
-    test_names = list(test.attrs.get("class_names") or [])
-    for index, (in_train, in_test) in enumerate(zip(train_names, test_names, strict=False)):
+    pairs = zip(train.class_names, test.class_names, strict=False)
+    for index, (in_train, in_test) in enumerate(pairs):
         if in_train != in_test:
             return (
                 f"name class {index} differently ({in_train!r} in dataset "
-                f"{train.spec.dataset!r}, {in_test!r} in dataset {test.spec.dataset!r})",
+                f"{train.spec['dataset']!r}, {in_test!r} in dataset {test.spec['dataset']!r})",
                 "extract the test split from a dataset with the same classes in the same order",
             )
     return None

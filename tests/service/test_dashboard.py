@@ -486,3 +486,43 @@ def test_dashboard_disables_incompatible_test_sets(
     )
     assert page.evaluate(f"{test_option}.disabled") is True
     assert page.evaluate("document.getElementById('probe-test').value") != dashboard_data["test"]
+
+
+@pytest.fixture(scope="module")
+def overlapping_pixel_sets(client: Any) -> dict[str, str]:
+    """Raw-pixel feature sets of digits: the whole test split, its first 35 items, and 45
+    items of the train split, which shares no item with the test split."""
+    requests = {
+        "test_all": ("test", {}),
+        "test_35": ("test", {"limit": 35}),
+        "train_45": ("train", {"limit": 45}),
+    }
+    ids = {}
+    for name, (split, options) in requests.items():
+        answer = client.extract("pixels", "digits", split, **options)
+        state = wait_job(client, answer["job_id"], timeout=120)
+        assert state is None or state["status"] == "finished", state
+        ids[name] = answer["featureset_id"]
+    return ids
+
+
+def test_probe_pairs_marks_overlapping_sets(
+    api_url: str, overlapping_pixel_sets: dict[str, str]
+) -> None:
+    """A test set sharing items with the train set is incompatible, as POST /v1/probes finds."""
+    full, subset = overlapping_pixel_sets["test_all"], overlapping_pixel_sets["test_35"]
+    pairs = httpx.get(f"{api_url}/dashboard/probe-pairs", timeout=30).json()
+    entries = {e["featureset_id"]: e for e in pairs["tests"][full]}
+    assert entries[subset]["compatible"] is False
+    assert "share 35 of the test set's 35 items" in entries[subset]["reason"]
+    assert entries[overlapping_pixel_sets["train_45"]]["compatible"] is True
+    reverse = {e["featureset_id"]: e for e in pairs["tests"][subset]}
+    assert reverse[full]["compatible"] is False
+    assert "share 35 of the test set's" in reverse[full]["reason"]
+    response = httpx.post(
+        f"{api_url}/v1/probes",
+        json={"train_featureset": full, "test_featureset": subset, "kind": "knn"},
+        timeout=30,
+    )
+    assert response.status_code == 422
+    assert "shares 35 of its 35 items" in response.json()["detail"]["message"]
