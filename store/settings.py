@@ -21,6 +21,15 @@ DEVICE_PATTERN = r"^(auto|cpu|cuda(:(0|[1-9][0-9]*))?)$"
 # A name without whitespace, e.g. the queue name, which becomes part of rq's Redis keys.
 NAME_PATTERN = r"^\S+$"
 
+# Upper bounds of the durations, sizes and counts. A larger value is almost always a unit
+# mistake, and some would fail only later: with a heartbeat interval of 1e10 s the worker
+# crashes with "OverflowError: timestamp too large" on its first heartbeat.
+HOUR = 3600
+DAY = 86400
+WEEK = 7 * DAY
+GIB = 2**30
+MAX_MEMORY_GIB = 4096
+
 
 def allowed(text: str) -> dict[str, JsonValue]:
     """Return the ``json_schema_extra`` that states a setting's valid values in an error message.
@@ -92,19 +101,23 @@ class Settings(BaseSettings):
         json_schema_extra=allowed("comma-separated directories, or empty"),
     )
     allow_hub: bool = Field(True, description="Resolve Hugging Face Hub ids.")
-    block_timeout: int = Field(3600, ge=1, description="Seconds one extraction block job may run.")
+    block_timeout: int = Field(
+        3600, ge=1, le=DAY, description="Seconds one extraction block job may run."
+    )
     heartbeat_interval: float = Field(
         default=30.0,
-        gt=0,
+        ge=0.1,
+        le=HOUR,
         allow_inf_nan=False,
         description="Seconds between a worker's heartbeats, idle or busy. A running job whose "
         "worker misses three in a row is taken as dead, and the job is retried or marked failed. "
         "An idle worker drops out of /healthz three intervals plus 60 s after its last one.",
     )
-    probe_timeout: int = Field(3600, ge=1, description="Seconds one probe job may run.")
+    probe_timeout: int = Field(3600, ge=1, le=WEEK, description="Seconds one probe job may run.")
     adapter_fit_gib: float = Field(
         4.0,
         gt=0,
+        le=MAX_MEMORY_GIB,
         allow_inf_nan=False,
         description="GiB of memory one adapter probe fit may use, as estimated from its sizes "
         "before it is queued; set it to what one fit may take on the workers' device.",
@@ -112,24 +125,33 @@ class Settings(BaseSettings):
     job_retention_days: float = Field(
         30.0,
         ge=0,
+        le=3650,
         allow_inf_nan=False,
         description="Days after its creation that the record of an ended job (finished, failed "
         "or canceled) is deleted; 0 keeps every record.",
     )
-    pretrain_timeout: int = Field(7200, ge=1, description="Seconds one pretraining job may run.")
+    pretrain_timeout: int = Field(
+        7200, ge=1, le=WEEK, description="Seconds one pretraining job may run."
+    )
     pretrain_memory_gib: float = Field(
         8.0,
         gt=0,
+        le=MAX_MEMORY_GIB,
         allow_inf_nan=False,
         description="GiB of memory one pretraining run may use, as estimated from its model "
         "size, batch_size and image size; checked before the job is queued and again before it "
         "trains. Set it to what one run may take on the workers' device.",
     )
-    max_rows_per_fetch: int = Field(1_000_000, ge=1, description="Rows one layer fetch may return.")
-    max_json_rows: int = Field(1000, ge=1, description="Rows a JSON layer fetch may return.")
+    max_rows_per_fetch: int = Field(
+        1_000_000, ge=1, le=100_000_000, description="Rows one layer fetch may return."
+    )
+    max_json_rows: int = Field(
+        1000, ge=1, le=100_000, description="Rows a JSON layer fetch may return."
+    )
     max_token_bytes: int = Field(
-        2 * 1024**3,
+        2 * GIB,
         ge=0,
+        le=1024 * GIB,
         description="Bytes of token-level (unpooled) features one extraction may store.",
     )
     auth: Literal["auto", "required", "off"] = Field(
@@ -137,21 +159,24 @@ class Settings(BaseSettings):
         description="API keys: auto requires them once a key exists or when binding to a "
         "non-loopback host; required always; off never.",
     )
-    max_body_bytes: int = Field(1_048_576, ge=1, description="Bytes a request body may have.")
+    max_body_bytes: int = Field(
+        1_048_576, ge=1, le=GIB, description="Bytes a request body may have."
+    )
     max_layers_per_extraction: int = Field(
-        256, ge=1, description="Layers one extraction may store."
+        256, ge=1, le=4096, description="Layers one extraction may store."
     )
     max_items_per_extraction: int = Field(
-        2_000_000, ge=1, description="Dataset items one extraction may store."
+        2_000_000, ge=1, le=100_000_000, description="Dataset items one extraction may store."
     )
     max_blocks_per_extraction: int = Field(
         4096,
         ge=1,
+        le=1_000_000,
         description="Blocks one extraction may have; each block is one rq job, so a smaller "
         "block_rows is rejected and the default block size grows to fit.",
     )
     max_jobs_per_key: int = Field(
-        8, ge=1, description="Queued or running jobs one API key may have at once."
+        8, ge=1, le=100_000, description="Queued or running jobs one API key may have at once."
     )
     model_allow_list: Annotated[list[str] | None, NoDecode] = Field(
         None,
@@ -229,10 +254,14 @@ def allowed_values(field: str) -> str:
     kind = "an integer" if annotation is int else "a finite number"
     if lowest is not None and highest is not None:
         return f"{kind} from {lowest.ge} to {highest.le}"
+    if above is not None and highest is not None:
+        return f"{kind} greater than {above.gt} and at most {highest.le}"
     if lowest is not None:
         return f"{kind} of at least {lowest.ge}"
     if above is not None:
         return f"{kind} greater than {above.gt}"
+    if highest is not None:
+        return f"{kind} of at most {highest.le}"
     return kind
 
 

@@ -59,6 +59,18 @@ INVALID_VALUES = [
     ("LAYERBANK_ALLOW_HUB", "2"),
     ("LAYERBANK_CPU_BF16", "maybe"),
     ("REDIS_URL", "foo://x"),
+    ("LAYERBANK_HEARTBEAT_INTERVAL", "1e10"),
+    ("LAYERBANK_HEARTBEAT_INTERVAL", "1e308"),
+    ("LAYERBANK_BLOCK_TIMEOUT", "99999999999"),
+    ("LAYERBANK_PROBE_TIMEOUT", "99999999999"),
+    ("LAYERBANK_PRETRAIN_TIMEOUT", "99999999999"),
+    ("LAYERBANK_JOB_RETENTION_DAYS", "1e9"),
+    ("LAYERBANK_ADAPTER_FIT_GIB", "1e300"),
+    ("LAYERBANK_PRETRAIN_MEMORY_GIB", "1e300"),
+    ("LAYERBANK_MAX_TOKEN_BYTES", str(2**70)),
+    ("LAYERBANK_MAX_BODY_BYTES", str(2**62)),
+    ("LAYERBANK_MAX_ROWS_PER_FETCH", str(2**62)),
+    ("LAYERBANK_MAX_JSON_ROWS", str(2**62)),
 ]
 
 
@@ -84,6 +96,48 @@ def test_every_setting_states_its_range() -> None:
     for field in Settings.model_fields:
         description = allowed_values(field)
         assert description not in ("", "an integer", "a finite number"), field
+
+
+NUMERIC_FIELDS = [
+    field for field, info in Settings.model_fields.items() if info.annotation in (int, float)
+]
+
+
+def _upper_bound(field: str) -> int | float | None:
+    bounds = [item.le for item in Settings.model_fields[field].metadata if hasattr(item, "le")]
+    return bounds[0] if bounds else None
+
+
+@pytest.mark.parametrize("field", NUMERIC_FIELDS)
+def test_numeric_setting_has_upper_bound(field: str) -> None:
+    """Every duration, size and count has a maximum, and the error message states it."""
+    highest = _upper_bound(field)
+    assert highest is not None, field
+    assert str(highest) in allowed_values(field)
+
+
+@pytest.mark.parametrize("field", NUMERIC_FIELDS)
+def test_numeric_setting_maximum_accepted(monkeypatch: pytest.MonkeyPatch, field: str) -> None:
+    highest = _upper_bound(field)
+    assert highest is not None, field
+    monkeypatch.setenv(env_var_name(field), str(highest))
+    assert getattr(load_settings(), field) == highest
+
+
+@pytest.mark.parametrize("field", NUMERIC_FIELDS)
+def test_numeric_setting_above_maximum_rejected(
+    monkeypatch: pytest.MonkeyPatch, field: str
+) -> None:
+    highest = _upper_bound(field)
+    assert highest is not None, field
+    variable = env_var_name(field)
+    value = str(highest + 1)
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    message = str(caught.value)
+    assert message.startswith(f"invalid {variable}={value!r}: expected "), message
+    assert allowed_values(field) in message
 
 
 @pytest.mark.parametrize(
@@ -132,6 +186,9 @@ def test_deployment_table_lists_ranges() -> None:
         (["-m", "workers.main", "--burst"], "LAYERBANK_DEVICE", "tpu"),
         (["-m", "service.serve"], "LAYERBANK_MAX_JSON_ROWS", "-1"),
         (["-m", "service.cli", "up", "--port", "1"], "LAYERBANK_BLOCK_TIMEOUT", "0"),
+        (["-m", "workers.main", "--burst"], "LAYERBANK_HEARTBEAT_INTERVAL", "1e10"),
+        (["-m", "workers.main", "--burst"], "LAYERBANK_HEARTBEAT_INTERVAL", "1e308"),
+        (["-m", "service.cli", "up", "--port", "1"], "LAYERBANK_HEARTBEAT_INTERVAL", "1e10"),
     ],
 )
 def test_command_stops_at_start(
