@@ -490,14 +490,6 @@ def _check_key(
     return info
 
 
-def require_key_scope(request: Request, needed: str, reason: str) -> None:
-    """Raise the 403 of a key without scope ``needed`` for a part of a request, such as a
-    query parameter that makes a read route delete data. Requests served without keys pass."""
-    info = getattr(request.state, "api_key", None)
-    if info is not None and not scope_allows(info.scope, needed):
-        raise _forbidden(request, info, needed, reason)
-
-
 def _logged_path(request: Request) -> str:
     return escape_nonprintable(request.url.path)
 

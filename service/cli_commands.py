@@ -448,7 +448,8 @@ def fsck(
         typer.Option(
             "--repair",
             help="Also repair what the check finds (clear damaged blocks' flags, delete "
-            "damaged and temporary files, delete an unfinished feature set).",
+            "damaged and temporary files, delete an unfinished feature set), through POST "
+            "/v1/featuresets/{id}/fsck/repair; needs an admin key where keys are required.",
         ),
     ] = False,
 ) -> None:

@@ -341,13 +341,16 @@ class Client:
         ).content
 
     def fsck(self, featureset_id: str, *, repair: bool = False) -> dict[str, Any]:
-        """Run the consistency check of a feature set and return its report; with ``repair``,
-        also the repairs the report lists."""
-        return self._json(
-            "GET",
-            f"/v1/featuresets/{_path_id(featureset_id, 'featureset_id')}/fsck",
-            params={"repair": "true"} if repair else None,
-        )
+        """Run the consistency check of a feature set and return its report.
+
+        With ``repair``, send POST /v1/featuresets/{id}/fsck/repair instead, which also makes
+        the repairs that the report lists under ``repaired`` (admin scope where keys are
+        required).
+        """
+        path = f"/v1/featuresets/{_path_id(featureset_id, 'featureset_id')}/fsck"
+        if repair:
+            return self._json("POST", f"{path}/repair")
+        return self._json("GET", path)
 
     def projection(
         self,

@@ -158,7 +158,7 @@ def damaged_error(featureset_id: str, subject: str, problem: str) -> DamagedChun
     """Build the error for damaged data of a complete feature set, with the way to repair it."""
     return DamagedChunkError(
         f"{subject} of feature set {featureset_id!r} {problem}; repair the feature set with "
-        f"GET /v1/featuresets/{featureset_id}/fsck?repair=true, then resume the job that "
+        f"POST /v1/featuresets/{featureset_id}/fsck/repair, then resume the job that "
         "extracted it",
         field="featureset_id",
         value=featureset_id,

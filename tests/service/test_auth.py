@@ -563,11 +563,10 @@ def test_auth_fsck_repair_needs_admin(
     path = f"/v1/featuresets/{ZERO_ID}/fsck"
 
     check = auth_client.get(path, headers=_headers(credential, keys))
-    repair = auth_client.get(path, params={"repair": "true"}, headers=_headers(credential, keys))
+    repair = auth_client.post(f"{path}/repair", headers=_headers(credential, keys))
 
     assert check.status_code == 404
     assert repair.status_code == status, repair.text
     if status == 403:
         detail = repair.json()["detail"]
         assert detail["message"].startswith("this request needs an API key with scope 'admin'")
-        assert "repair=true" in detail["message"]

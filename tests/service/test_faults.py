@@ -118,9 +118,7 @@ def test_fsck_repair_resume_rewrites_block(client: Client, settings: Settings) -
     found = client.fsck(featureset_id)
     assert found["ok"] is False
     assert found["corrupt_blocks"] == [1]
-    repaired = client.request(
-        "GET", f"/v1/featuresets/{featureset_id}/fsck", params={"repair": "true"}
-    ).json()
+    repaired = client.request("POST", f"/v1/featuresets/{featureset_id}/fsck/repair").json()
     assert repaired["missing_blocks"] == [1]
     # The report gives the stored status after its own repair. The set's summary reports the
     # job, which the repair left failed, and how to resume it.

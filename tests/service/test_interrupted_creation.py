@@ -99,9 +99,7 @@ def test_fsck_repair_deletes_unfinished_set(client: Client, settings: Settings) 
     featureset_id = _extract_finished(client, 38)
     _interrupt(settings, featureset_id, [], arrays=False)
 
-    repaired = client.request(
-        "GET", f"/v1/featuresets/{featureset_id}/fsck", params={"repair": "true"}
-    ).json()
+    repaired = client.request("POST", f"/v1/featuresets/{featureset_id}/fsck/repair").json()
     assert f"deleted the folder featuresets/{featureset_id}" in repaired["repaired"]
     assert "send the same POST /v1/extractions again" in repaired["problems"][0]
     assert not (Path(settings.store) / "featuresets" / featureset_id).exists()

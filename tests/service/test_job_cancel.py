@@ -16,7 +16,6 @@ from redis import Redis
 from rq import Queue
 from rq.executions import ExecutionRegistry
 from rq.job import Job, JobStatus
-from starlette.requests import Request
 from typer.testing import CliRunner
 
 from service.cli import app
@@ -32,7 +31,7 @@ from service.jobs import (
     load_job,
     request_cancel,
 )
-from service.routes.fsck import fsck_featureset
+from service.routes.fsck import repair_featureset
 from store import NotReadyError, Store
 from tests.conftest import rq_starts, wait_job
 from tests.service.test_requeue import _pending_featureset
@@ -48,11 +47,6 @@ def redis(redis_server: Any) -> Iterator[Redis]:
     connection = Redis.from_url(redis_server.url)
     yield connection
     connection.close()
-
-
-def _request() -> Request:
-    """Return a request without an API key, as the API receives it where keys are not required."""
-    return Request({"type": "http", "method": "GET", "path": "/", "headers": []})
 
 
 def _cancel(client: Client, job_id: str) -> Any:
@@ -365,10 +359,10 @@ def test_canceled_job_busy_while_block_runs(redis: Redis, tmp_path: Path) -> Non
     assert busy_job(redis, store, featureset.id) == (job_id, "canceled but still running")
     # fsck with repair could clear the flags of the block that is still being written.
     with pytest.raises(NotReadyError, match="canceled but still running"):
-        fsck_featureset(featureset.id, _request(), store, redis, repair=True)
+        repair_featureset(featureset.id, store, redis)
     running.set_status(JobStatus.FINISHED)
     assert busy_job(redis, store, featureset.id) is None
-    repaired = fsck_featureset(featureset.id, _request(), store, redis, repair=True)
+    repaired = repair_featureset(featureset.id, store, redis)
     assert repaired.featureset_id == featureset.id
 
     clear_cancel(redis, job_id)

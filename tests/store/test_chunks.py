@@ -148,7 +148,7 @@ def test_damage_raises_not_fill_values(tmp_path: Path, damage: Any, problem: str
     message = caught.value.message
     assert problem in message
     assert "'features/c/0/1/0'" in message
-    assert f"/v1/featuresets/{featureset.id}/fsck?repair=true" in message
+    assert f"POST /v1/featuresets/{featureset.id}/fsck/repair" in message
     assert caught.value.field == "featureset_id"
     # Blocks that are intact still read.
     plain = zarr.open_array(featureset.store.zarr_store, path=featureset.path + "/features")
@@ -170,7 +170,7 @@ def test_api_damaged_chunk_is_500(api_url: str, stack_dirs: dict[str, Path]) -> 
     assert detail["field"] == "featureset_id"
     assert detail["value"] == featureset.id
     assert "fails the checksum" in detail["message"]
-    assert "fsck?repair=true" in detail["message"]
+    assert "fsck/repair" in detail["message"]
 
 
 def _flip_block(featureset: FeatureSet, block: int) -> None:
@@ -227,5 +227,5 @@ def test_probe_damaged_featureset_names_repair(tmp_path: Path) -> None:
     _flip_block(featureset, 1)
     labels = featureset.read_labels()
     view = featureset.by_position()
-    with pytest.raises(DamagedChunkError, match=r"fsck\?repair=true"):
+    with pytest.raises(DamagedChunkError, match="fsck/repair"):
         fit_probes("knn", view, labels, view, labels, layers=[0], params={}, seed=0)

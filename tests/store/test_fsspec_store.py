@@ -102,7 +102,7 @@ def test_fsspec_store_deleted_shard_is_an_error(memory_root: str) -> None:
         match=r"block 1 at layer position 2 .* contains values that are not finite",
     ):
         reopened.read_layer(2)
-    with pytest.raises(DamagedChunkError, match=r"fsck\?repair=true"):
+    with pytest.raises(DamagedChunkError, match="fsck/repair"):
         list(reopened.iter_layer(0, BLOCK_ROWS))
 
 
