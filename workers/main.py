@@ -91,9 +91,37 @@ def _wait_for_redis(connection: Redis, worker: HeartbeatWorker) -> bool:
     return False
 
 
+def check_device(device: str) -> None:
+    """Raise SettingsError when ``device`` names a CUDA device that this machine lacks.
+
+    Without the check the worker would register, count in /healthz and fail every job with a
+    torch error such as "Torch not compiled with CUDA enabled".
+    """
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    fix = "set LAYERBANK_DEVICE=auto (CUDA when a GPU is visible, else CPU) or cpu"
+    if not torch.cuda.is_available():
+        raise SettingsError(
+            f"invalid LAYERBANK_DEVICE={device!r}: CUDA is not available on this machine "
+            f"(torch {torch.__version__}); {fix}",
+            field="device",
+        )
+    _, _, index = device.partition(":")
+    count = torch.cuda.device_count()
+    if index and int(index) >= count:
+        raise SettingsError(
+            f"invalid LAYERBANK_DEVICE={device!r}: this machine has {count} CUDA device(s), "
+            f"cuda:0 to cuda:{count - 1}; name one of them, or {fix}",
+            field="device",
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         settings = get_settings()
+        check_device(settings.device)
     except SettingsError as exc:
         raise SystemExit(f"error: {exc}") from None
     parser = argparse.ArgumentParser(prog="layerbank-worker", description=__doc__)
