@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, NoReturn
 
-from fastapi import APIRouter, FastAPI
+from fastapi import APIRouter, FastAPI, Query
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 
 from service.auth import public
 from service.deps import StoreDep
 from service.routes.probes import PairFacts, count_shared_items, pair_mismatch
-from store import FeatureSet, Store, StoreError
+from store import FeatureSet, NotReadyError, Store, StoreError, check_id
 
 logger = logging.getLogger(__name__)
 
@@ -37,38 +37,84 @@ def read_dashboard() -> FileResponse:
 
 
 @router.get("/dashboard/probe-pairs")
-def probe_pairs(store: StoreDep) -> dict[str, Any]:
-    """List, for each complete feature set, the complete feature sets it can be probed against.
+def probe_pairs(
+    store: StoreDep,
+    train: Annotated[
+        str | None,
+        Query(
+            description="id of the complete train feature set whose test candidates to list; "
+            "the default pair's train set when left out"
+        ),
+    ] = None,
+) -> dict[str, Any]:
+    """List the complete feature sets that one complete train feature set can be probed against.
 
     The probe form uses this to preselect a pair that POST /v1/probes accepts and to disable
     test sets that it would reject. It needs the read scope, like every GET with data.
 
-    Returns ``{"default": {"train": id, "test": id} or null, "tests": {train id: [{
-    "featureset_id", "compatible", "reason"}]}}``, each list with the compatible sets first,
-    those of the same dataset and split "test" leading.
+    Returns ``{"default": {"train": id, "test": id} or null, "train": id or null, "tests":
+    [{"featureset_id", "compatible", "reason"}]}``. ``tests`` has one entry per complete
+    feature set, compatible sets first and those of the same dataset and split "test" leading,
+    so the response grows linearly with the number of sets.
     """
-    complete = _complete_featuresets(store)
-    by_id = {featureset.id: featureset for featureset in complete}
-    facts = {featureset.id: PairFacts(featureset) for featureset in complete}
-    tests: dict[str, list[dict[str, Any]]] = {}
-    for train in complete:
-        entries: list[dict[str, Any]] = []
-        for test in complete:
-            reason = incompatibility_reason(facts[train.id], facts[test.id])
-            entries.append(
-                {"featureset_id": test.id, "compatible": reason is None, "reason": reason}
-            )
-        entries.sort(key=lambda entry: _test_rank(train, by_id[entry["featureset_id"]], entry))
-        tests[train.id] = entries
-    # The first train split with a compatible test set, else any set with one.
-    candidates = sorted(
-        (train_id for train_id, entries in tests.items() if entries and entries[0]["compatible"]),
-        key=lambda train_id: by_id[train_id].spec.split != "train",
+    if train is not None:
+        check_id(train, field="train")
+    facts = [PairFacts(featureset) for featureset in _complete_featuresets(store)]
+    default = _default_pair(facts)
+    train_id = train
+    if train_id is None and default is not None:
+        train_id = default["train"]
+    tests: list[dict[str, Any]] = []
+    if train_id is not None:
+        train_facts = next((item for item in facts if item.id == train_id), None)
+        if train_facts is None:
+            _raise_not_complete(store, train_id)
+        tests = _test_candidates(train_facts, facts)
+    return {"default": default, "train": train_id, "tests": tests}
+
+
+def _test_candidates(train: PairFacts, facts: list[PairFacts]) -> list[dict[str, Any]]:
+    """Return an entry for every set of ``facts`` as a test set of ``train``, best first."""
+    ranked = []
+    for test in facts:
+        reason = incompatibility_reason(train, test)
+        entry = {"featureset_id": test.id, "compatible": reason is None, "reason": reason}
+        ranked.append(((0 if reason is None else 1, *_test_rank(train, test)), entry))
+    # The sort is stable, so sets of equal rank stay in id order.
+    ranked.sort(key=lambda item: item[0])
+    return [entry for _, entry in ranked]
+
+
+def _default_pair(facts: list[PairFacts]) -> dict[str, str] | None:
+    """Return the pair the probe form preselects, or None when no pair is compatible.
+
+    The train set is the first train split with a compatible test set, else the first set
+    with one, and the test set is its best compatible candidate. Only sets with the same
+    `PairFacts.match_key` are checked, in rank order, so item ids are read only for sets
+    that could be compatible.
+    """
+    groups: dict[tuple[str, int], list[PairFacts]] = {}
+    for item in facts:
+        groups.setdefault(item.match_key(), []).append(item)
+    trains = sorted(facts, key=lambda item: item.spec["split"] != "train")
+    for train in trains:
+        candidates = sorted(groups[train.match_key()], key=lambda test: _test_rank(train, test))
+        for test in candidates:
+            if incompatibility_reason(train, test) is None:
+                return {"train": train.id, "test": test.id}
+    return None
+
+
+def _raise_not_complete(store: Store, featureset_id: str) -> NoReturn:
+    """Raise the error for a train set that is missing or not complete."""
+    featureset = store.featureset(featureset_id, field="train")  # raises if missing
+    status = featureset.attrs.get("status")
+    raise NotReadyError(
+        f"train feature set {featureset_id!r} has status {status!r}, and only complete feature "
+        "sets can be probed; wait for its extraction to finish or pass a complete feature set",
+        field="train",
+        value=featureset_id,
     )
-    default = None
-    if candidates:
-        default = {"train": candidates[0], "test": tests[candidates[0]][0]["featureset_id"]}
-    return {"default": default, "tests": tests}
 
 
 def incompatibility_reason(train: PairFacts, test: PairFacts) -> str | None:
@@ -92,13 +138,12 @@ def incompatibility_reason(train: PairFacts, test: PairFacts) -> str | None:
     return None
 
 
-def _test_rank(train: FeatureSet, test: FeatureSet, entry: dict[str, Any]) -> tuple[int, ...]:
-    """Sort key of a test candidate: compatible first, then same dataset, then split "test"."""
+def _test_rank(train: PairFacts, test: PairFacts) -> tuple[int, ...]:
+    """Sort key of a test candidate: same dataset first, then split "test", then another split."""
     return (
-        0 if entry["compatible"] else 1,
-        0 if test.spec.dataset == train.spec.dataset else 1,
-        0 if test.spec.split == "test" else 1,
-        0 if test.spec.split != train.spec.split else 1,
+        0 if test.spec["dataset"] == train.spec["dataset"] else 1,
+        0 if test.spec["split"] == "test" else 1,
+        0 if test.spec["split"] != train.spec["split"] else 1,
     )
 
 

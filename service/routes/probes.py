@@ -251,6 +251,15 @@ class PairFacts:
             self._item_ids = self.featureset.read_item_ids()
         return self._item_ids
 
+    def match_key(self) -> tuple[str, int]:
+        """Return the fields of `MATCHING_FIELDS` and the width as one hashable value.
+
+        Sets that `pair_mismatch` finds equal in those fields and the width have equal keys,
+        so a caller looking for compatible pairs may compare only sets with equal keys.
+        """
+        fields = json.dumps([self.spec[name] for name in MATCHING_FIELDS], sort_keys=True)
+        return fields, self.dim
+
 
 def ids_comparable(train: PairFacts, test: PairFacts) -> bool:
     """Return whether the item ids of ``train`` and ``test`` number the same items.

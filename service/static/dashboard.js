@@ -9,9 +9,12 @@ const POLL_MS = 2000;
 let selectedProbe = null;
 let shownCurve = null;
 let projectionsAvailable = true;
-// GET /dashboard/probe-pairs: the default pair and, per train set, its test candidates.
-let probePairs = { default: null, tests: {} };
-let probePairsFor = null;  // the complete feature set ids that probePairs was read for
+// From GET /dashboard/probe-pairs: the pair to preselect, and the test candidates of each
+// train set read so far. Both are read again when the list of complete feature sets changes.
+let defaultPair = null;
+let candidatesByTrain = new Map();
+let probePairsFor = null;  // the complete feature set ids that the two above were read for
+let probePairsGeneration = 0;  // counts those reads, so that a late response is dropped
 let shownFeaturesets = [];
 
 function apiKey() {
@@ -124,19 +127,42 @@ function renderFeaturesets(featuresets) {
   }
   document.getElementById("featuresets-empty").hidden = featuresets.length > 0;
   shownFeaturesets = featuresets;
-  const preferredTrain = probePairs.default ? probePairs.default.train : null;
+  const preferredTrain = defaultPair ? defaultPair.train : null;
   fillTrainSelect(document.getElementById("probe-train"), featuresets, preferredTrain);
   fillTestSelect();
 }
 
-// The probe pairs of /dashboard/probe-pairs are read again only when the list of complete
-// feature sets changes, because a complete feature set never changes.
+// A complete feature set never changes, so the probe pairs are read again only when the list
+// of complete feature sets changes. The route lists the candidates of one train set: the
+// selected one while it is still complete, else the default pair's.
 async function refreshProbePairs(featuresets) {
-  const completeIds = featuresets.filter((fs) => fs.status === "complete")
-    .map((fs) => fs.featureset_id).join(",");
+  const complete = featuresets.filter((fs) => fs.status === "complete").map((fs) => fs.featureset_id);
+  const completeIds = complete.join(",");
   if (completeIds === probePairsFor) return;
-  probePairs = await getJson("/dashboard/probe-pairs");
+  probePairsGeneration += 1;
+  candidatesByTrain = new Map();
+  const selected = document.getElementById("probe-train").value;
+  await loadTestCandidates(complete.includes(selected) ? selected : null);
   probePairsFor = completeIds;
+}
+
+// Read the test candidates of train set `train` (of the default pair's train set when null)
+// and the default pair. A response to a read from before the last change of the list is
+// dropped.
+async function loadTestCandidates(train) {
+  const generation = probePairsGeneration;
+  const query = train ? `?train=${encodeURIComponent(train)}` : "";
+  const pairs = await getJson(`/dashboard/probe-pairs${query}`);
+  if (generation !== probePairsGeneration) return;
+  defaultPair = pairs.default;
+  if (pairs.train) candidatesByTrain.set(pairs.train, pairs.tests);
+}
+
+// Show the test candidates of the selected train set, reading them first if needed.
+async function showTestCandidates() {
+  const train = document.getElementById("probe-train").value;
+  if (train && !candidatesByTrain.has(train)) await loadTestCandidates(train);
+  fillTestSelect();
 }
 
 function featuresetOption(fs) {
@@ -167,7 +193,8 @@ function fillTestSelect() {
   const previous = select.value;
   const train = document.getElementById("probe-train").value;
   const byId = new Map(shownFeaturesets.map((fs) => [fs.featureset_id, fs]));
-  const entries = (probePairs.tests[train] || []).filter((entry) => byId.has(entry.featureset_id));
+  const candidates = candidatesByTrain.get(train);
+  const entries = (candidates || []).filter((entry) => byId.has(entry.featureset_id));
   const options = entries.map((entry) => {
     const option = featuresetOption(byId.get(entry.featureset_id));
     if (!entry.compatible) {
@@ -184,6 +211,8 @@ function fillTestSelect() {
   } else {
     select.value = compatible.length > 0 ? compatible[0] : "";
   }
+  // The train set whose candidates are shown, or "" while they are being read.
+  select.dataset.train = candidates ? train : "";
 }
 
 // -- jobs -----------------------------------------------------------------------------------
@@ -415,6 +444,7 @@ async function refresh() {
     const [featuresets, probes] = await Promise.all([getJson("/v1/featuresets"), getJson("/v1/probes")]);
     await refreshProbePairs(featuresets.data);
     renderFeaturesets(featuresets.data);
+    await showTestCandidates();
     renderProbes(probes.data);
     await refreshJobs();
     await refreshProjections();
@@ -440,7 +470,9 @@ function setUp() {
   });
   document.getElementById("extract-form").addEventListener("submit", submitExtraction);
   document.getElementById("probe-form").addEventListener("submit", submitProbe);
-  document.getElementById("probe-train").addEventListener("change", fillTestSelect);
+  document.getElementById("probe-train").addEventListener("change", () => {
+    showTestCandidates().catch((error) => setApiStatus(error.message, true));
+  });
   refresh();
   setInterval(refresh, POLL_MS);
 }

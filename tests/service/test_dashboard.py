@@ -241,12 +241,11 @@ def test_dashboard_probe_form_starts_job(
         f"document.querySelector('#probe-train option[value="
         f'"{dashboard_data["train"]}"]\') !== null'
     )
+    # As a user's pick does: the test list then contains this train set's candidates, and a
+    # test set disabled for the previous train set would not be submitted.
+    select_train(page, dashboard_data["train"])
     page.evaluate(f"""(() => {{
         const form = document.getElementById('probe-form');
-        form.train.value = {json.dumps(dashboard_data["train"])};
-        // As a user's pick does: the test list then holds this train set's candidates, and
-        // a test set disabled for the previous train set would not be submitted.
-        form.train.dispatchEvent(new Event('change'));
         form.test.value = {json.dumps(dashboard_data["test"])};
         for (const box of form.querySelectorAll('input[name=kind]')) {{
             box.checked = box.value === 'knn';
@@ -377,6 +376,23 @@ def test_dashboard_probe_rows_match_api(
             assert float(shown_params[name]) == value
 
 
+def probe_candidates(api_url: str, train: str) -> dict[str, dict[str, Any]]:
+    """Return the test candidates of ``train`` from the probe-pairs route, by feature set id."""
+    pairs = httpx.get(f"{api_url}/dashboard/probe-pairs", params={"train": train}, timeout=30)
+    assert pairs.status_code == 200, pairs.text
+    return {entry["featureset_id"]: entry for entry in pairs.json()["tests"]}
+
+
+def select_train(page: Page, train: str) -> None:
+    """Pick ``train`` in the probe form and wait until its test candidates are shown."""
+    page.evaluate(f"""(() => {{
+        const select = document.getElementById('probe-train');
+        select.value = {json.dumps(train)};
+        select.dispatchEvent(new Event('change'));
+    }})()""")
+    page.wait_for(f"document.getElementById('probe-test').dataset.train === {json.dumps(train)}")
+
+
 @pytest.fixture(scope="module")
 def incompatible_test_set(api_url: str, client: Any, dashboard_data: dict[str, str]) -> str:
     """A complete test split of the tiny model that the dashboard's train set cannot be probed
@@ -411,17 +427,12 @@ def incompatible_test_set(api_url: str, client: Any, dashboard_data: dict[str, s
 def test_probe_pairs_endpoint_marks_incompatible(
     api_url: str, dashboard_data: dict[str, str], incompatible_test_set: str
 ) -> None:
-    pairs = httpx.get(f"{api_url}/dashboard/probe-pairs").json()
-    entries = {e["featureset_id"]: e for e in pairs["tests"][dashboard_data["train"]]}
+    entries = probe_candidates(api_url, dashboard_data["train"])
     assert entries[dashboard_data["test"]]["compatible"] is True
     assert entries[dashboard_data["test"]]["reason"] is None
     assert entries[incompatible_test_set]["compatible"] is False
     assert "layers" in entries[incompatible_test_set]["reason"]
     assert entries[dashboard_data["train"]]["compatible"] is False
-    default = pairs["default"]
-    assert default is not None
-    default_test = {e["featureset_id"]: e for e in pairs["tests"][default["train"]]}
-    assert default_test[default["test"]]["compatible"] is True
 
 
 def test_dashboard_preselects_compatible_probe_pair(
@@ -459,28 +470,23 @@ def test_dashboard_disables_incompatible_test_sets(
     page.open(f"{api_url}/dashboard")
     option = f"document.querySelector('#probe-test option[value=\"{incompatible_test_set}\"]')"
     page.wait_for(f"{option} !== null")
-    page.evaluate(f"""(() => {{
-        const select = document.getElementById('probe-train');
-        select.value = {json.dumps(dashboard_data["train"])};
-        select.dispatchEvent(new Event('change'));
-    }})()""")
+    select_train(page, dashboard_data["train"])
     assert page.evaluate(f"{option}.disabled") is True
     assert "not compatible" in page.evaluate(f"{option}.textContent")
     assert "layers" in page.evaluate(f"{option}.title")
     # The selection is a compatible set; other tests may have stored more than one.
     selected = page.evaluate("document.getElementById('probe-test').value")
-    pairs = httpx.get(f"{api_url}/dashboard/probe-pairs").json()
-    compatible = [
-        e["featureset_id"] for e in pairs["tests"][dashboard_data["train"]] if e["compatible"]
-    ]
+    entries = probe_candidates(api_url, dashboard_data["train"])
+    compatible = [featureset_id for featureset_id, e in entries.items() if e["compatible"]]
     assert selected in compatible
     assert dashboard_data["test"] in compatible
     # Picking the incompatible set as train leaves the test set of other layers disabled.
-    page.evaluate(f"""(() => {{
-        const select = document.getElementById('probe-train');
-        select.value = {json.dumps(incompatible_test_set)};
-        select.dispatchEvent(new Event('change'));
-    }})()""")
+    select_train(page, incompatible_test_set)
+    requested = page.evaluate(
+        "performance.getEntriesByType('resource').map(entry => entry.name)"
+        ".filter(name => name.includes('/dashboard/probe-pairs'))"
+    )
+    assert any(f"train={incompatible_test_set}" in url for url in requested)
     test_option = (
         f"document.querySelector('#probe-test option[value=\"{dashboard_data['test']}\"]')"
     )
@@ -511,12 +517,11 @@ def test_probe_pairs_marks_overlapping_sets(
 ) -> None:
     """A test set sharing items with the train set is incompatible, as POST /v1/probes finds."""
     full, subset = overlapping_pixel_sets["test_all"], overlapping_pixel_sets["test_35"]
-    pairs = httpx.get(f"{api_url}/dashboard/probe-pairs", timeout=30).json()
-    entries = {e["featureset_id"]: e for e in pairs["tests"][full]}
+    entries = probe_candidates(api_url, full)
     assert entries[subset]["compatible"] is False
     assert "share 35 of the test set's 35 items" in entries[subset]["reason"]
     assert entries[overlapping_pixel_sets["train_45"]]["compatible"] is True
-    reverse = {e["featureset_id"]: e for e in pairs["tests"][subset]}
+    reverse = probe_candidates(api_url, subset)
     assert reverse[full]["compatible"] is False
     assert "share 35 of the test set's" in reverse[full]["reason"]
     response = httpx.post(
@@ -526,3 +531,48 @@ def test_probe_pairs_marks_overlapping_sets(
     )
     assert response.status_code == 422
     assert "shares 35 of its 35 items" in response.json()["detail"]["message"]
+
+
+def complete_featureset_ids(api_url: str) -> set[str]:
+    listing = httpx.get(f"{api_url}/v1/featuresets", timeout=30).json()
+    return {fs["featureset_id"] for fs in listing["data"] if fs["status"] == "complete"}
+
+
+def test_probe_pairs_lists_one_train_set(
+    api_url: str, dashboard_data: dict[str, str], overlapping_pixel_sets: dict[str, str]
+) -> None:
+    """The route lists the candidates of the requested train set only, one per complete set."""
+    train = dashboard_data["train"]
+    response = httpx.get(f"{api_url}/dashboard/probe-pairs", params={"train": train}, timeout=30)
+    assert response.status_code == 200
+    pairs = response.json()
+    assert pairs["train"] == train
+    listed = [entry["featureset_id"] for entry in pairs["tests"]]
+    assert len(listed) == len(set(listed))
+    assert set(listed) == complete_featureset_ids(api_url)
+    assert pairs["default"] is not None
+
+
+def test_probe_pairs_default_train_listed(api_url: str, dashboard_data: dict[str, str]) -> None:
+    """Without a train set the route lists the candidates of the default pair's train set."""
+    pairs = httpx.get(f"{api_url}/dashboard/probe-pairs", timeout=30).json()
+    default = pairs["default"]
+    assert default is not None
+    assert pairs["train"] == default["train"]
+    entries = {entry["featureset_id"]: entry for entry in pairs["tests"]}
+    assert entries[default["test"]]["compatible"] is True
+    assert pairs["tests"][0]["featureset_id"] == default["test"]
+
+
+@pytest.mark.parametrize(("train", "status_code"), [("0" * 24, 404), ("not an id", 422)])
+def test_probe_pairs_rejects_unknown_train(
+    api_url: str, dashboard_data: dict[str, str], train: str, status_code: int
+) -> None:
+    response = httpx.get(f"{api_url}/dashboard/probe-pairs", params={"train": train}, timeout=30)
+    assert response.status_code == status_code
+    assert response.json()["detail"]["field"] == "train"
+
+
+def test_probe_pairs_not_in_openapi(api_url: str) -> None:
+    paths = httpx.get(f"{api_url}/openapi.json", timeout=30).json()["paths"]
+    assert not [path for path in paths if path.startswith("/dashboard")]
