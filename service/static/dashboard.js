@@ -109,6 +109,29 @@ function progressCell(row, done, total, label) {
 
 // -- feature sets ---------------------------------------------------------------------------
 
+// Show the status of a feature set and, when it failed or was canceled, why (the error of its
+// job), its job id and the next step (the hint), as GET /v1/featuresets returns them.
+function statusCell(row, fs) {
+  const td = document.createElement("td");
+  const label = document.createElement("span");
+  label.className = `status status-${fs.status}`;
+  label.textContent = fs.status;
+  td.appendChild(label);
+  if (fs.status === "failed" || fs.status === "canceled") {
+    const lines = [];
+    if (fs.error && fs.error.message) lines.push(["error", fs.error.message]);
+    if (fs.job_id) lines.push(["job", `job ${fs.job_id}`]);
+    if (fs.hint) lines.push(["hint", fs.hint]);
+    for (const [name, text] of lines) {
+      const line = document.createElement("div");
+      line.className = `status-detail detail-${name}`;
+      line.textContent = text;
+      td.appendChild(line);
+    }
+  }
+  row.appendChild(td);
+}
+
 function renderFeaturesets(featuresets) {
   const tbody = document.querySelector("#featuresets tbody");
   tbody.replaceChildren();
@@ -116,7 +139,7 @@ function renderFeaturesets(featuresets) {
     const row = document.createElement("tr");
     row.dataset.id = fs.featureset_id;
     cell(row, fs.featureset_id, "id");
-    cell(row, fs.status, `status-${fs.status}`);
+    statusCell(row, fs);
     cell(row, fs.spec.model);
     cell(row, `${fs.spec.dataset} / ${fs.spec.split}`);
     cell(row, fs.shape[0]);

@@ -576,3 +576,68 @@ def test_probe_pairs_rejects_unknown_train(
 def test_probe_pairs_not_in_openapi(api_url: str) -> None:
     paths = httpx.get(f"{api_url}/openapi.json", timeout=30).json()["paths"]
     assert not [path for path in paths if path.startswith("/dashboard")]
+
+
+@pytest.fixture(scope="module")
+def unfinished_featuresets(api_url: str, redis_server: Any, settings: Any) -> dict[str, Any]:
+    """A feature set whose queued job was canceled, and one that never had a job (failed).
+
+    The job is queued on a queue no worker reads, so it is still queued when canceled. Returns
+    the two sets as GET /v1/featuresets/{id} reads them, by status.
+    """
+    import uuid
+
+    from redis import Redis
+    from rq import Queue
+
+    from service.jobs import enqueue_extraction
+    from tests.factories import pending_featureset
+
+    redis = Redis.from_url(redis_server.url)
+    queue = Queue(f"idle-{uuid.uuid4().hex[:8]}", connection=redis)
+    try:
+        canceled = pending_featureset(
+            Path(settings.store), n_items=4, dim=3, fingerprint=uuid.uuid4().hex[:16]
+        )
+        job_id = enqueue_extraction(queue, canceled, timeout=60)
+        response = httpx.post(f"{api_url}/v1/jobs/{job_id}/cancel", timeout=30)
+        assert response.status_code == 202, response.text
+        failed = pending_featureset(
+            Path(settings.store), n_items=4, dim=3, fingerprint=uuid.uuid4().hex[:16]
+        )
+        read = {}
+        for name, featureset in (("canceled", canceled), ("failed", failed)):
+            body = httpx.get(f"{api_url}/v1/featuresets/{featureset.id}", timeout=30).json()
+            assert body["status"] == name, body
+            read[name] = body
+        assert read["canceled"]["job_id"] == job_id
+        return read
+    finally:
+        queue.empty()
+        redis.close()
+
+
+def featureset_status_cell(featureset_id: str) -> str:
+    return f"document.querySelector('#featuresets tr[data-id=\"{featureset_id}\"] td:nth-child(2)')"
+
+
+def test_dashboard_shows_unfinished_set_details(
+    browser: Callable[[], Page], api_url: str, unfinished_featuresets: dict[str, Any]
+) -> None:
+    """A failed or canceled set's row shows its status, error message, hint and job id."""
+    page = browser()
+    page.open(f"{api_url}/dashboard")
+    body_colour = page.evaluate("getComputedStyle(document.body).color")
+    for status, body in unfinished_featuresets.items():
+        cell = featureset_status_cell(body["featureset_id"])
+        page.wait_for(f"{cell} !== null")
+        text = page.evaluate(f"{cell}.textContent")
+        assert text.startswith(status)
+        assert body["error"]["message"] in text
+        assert body["hint"] in text
+        if body["job_id"] is not None:
+            assert f"job {body['job_id']}" in text
+        label = page.evaluate(f"{cell}.querySelector('.status').className")
+        assert label == f"status status-{status}"
+        colour = page.evaluate(f"getComputedStyle({cell}.querySelector('.status')).color")
+        assert colour != body_colour
