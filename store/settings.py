@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
@@ -20,6 +22,9 @@ DEVICE_PATTERN = r"^(auto|cpu|cuda(:(0|[1-9][0-9]*))?)$"
 
 # A name without whitespace, e.g. the queue name, which becomes part of rq's Redis keys.
 NAME_PATTERN = r"^\S+$"
+
+# One DNS label of a host name (RFC 1123): letters, digits and inner hyphens, 1 to 63 characters.
+HOST_LABEL_PATTERN = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
 
 # Upper bounds of the durations, sizes and counts. A larger value is almost always a unit
 # mistake, and some would fail only later: with a heartbeat interval of 1e10 s the worker
@@ -51,9 +56,9 @@ class Settings(BaseSettings):
 
     store: str = Field(
         "./data/store",
-        min_length=1,
+        pattern=r"\S",
         description="Store root: a directory or an fsspec URL.",
-        json_schema_extra=allowed("a non-empty directory path or fsspec URL"),
+        json_schema_extra=allowed("a directory path or fsspec URL, not empty or only whitespace"),
     )
     redis_url: str = Field(
         "redis://127.0.0.1:6379/0",
@@ -71,9 +76,10 @@ class Settings(BaseSettings):
     )
     host: str = Field(
         "127.0.0.1",
-        pattern=NAME_PATTERN,
         description="Address the API binds to.",
-        json_schema_extra=allowed("a non-empty host name or IP address without whitespace"),
+        json_schema_extra=allowed(
+            "a host name, IPv4 address or IPv6 address without brackets or port, e.g. 127.0.0.1"
+        ),
     )
     port: int = Field(8000, ge=1, le=65535, description="Port the API listens on (1-65535).")
     device: str = Field(
@@ -203,6 +209,11 @@ class Settings(BaseSettings):
             raise ValueError(str(exc)) from None
         return value
 
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        return check_host(value)
+
     @field_validator("model_allow_list", mode="before")
     @classmethod
     def _split_names(cls, value: object) -> object:
@@ -218,6 +229,37 @@ class Settings(BaseSettings):
         import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_host(host: str) -> str:
+    """Return ``host`` if the API can bind to it, else raise ValueError saying why.
+
+    A host is an IPv4 or IPv6 address or a host name of RFC 1123 labels. `layerbank up --host`
+    and LAYERBANK_HOST both go through this check, so a port written into the host is reported
+    as such rather than as a failed name lookup.
+    """
+    try:
+        ipaddress.ip_address(host)
+        return host
+    except ValueError:
+        pass
+    if host.startswith("[") and host.endswith("]"):
+        raise ValueError(f"write the IPv6 address without brackets, e.g. {host[1:-1]}")
+    if "://" in host:
+        raise ValueError("the host must be an address or a name, not a URL")
+    name, colon, port = host.rpartition(":")
+    if colon and port.isdigit():
+        raise ValueError(
+            f"the host must not contain a port; set the host {name} and the port {port} "
+            "separately (LAYERBANK_PORT, or --port of layerbank up)"
+        )
+    labels = host.removesuffix(".").split(".")
+    if len(host) > 253 or not all(HOST_LABEL_PATTERN.fullmatch(label) for label in labels):
+        raise ValueError(
+            "a host name may contain only letters, digits, hyphens (not first or last in a "
+            "label) and dots between labels"
+        )
+    return host
 
 
 def env_var_name(field: str) -> str:

@@ -40,6 +40,15 @@ INVALID_VALUES = [
     ("LAYERBANK_QUEUE", "my queue"),
     ("LAYERBANK_HOST", ""),
     ("LAYERBANK_STORE", ""),
+    ("LAYERBANK_STORE", " "),
+    ("LAYERBANK_STORE", "\t\n"),
+    ("LAYERBANK_HOST", "127.0.0.1:80"),
+    ("LAYERBANK_HOST", "localhost:8000"),
+    ("LAYERBANK_HOST", "[::1]"),
+    ("LAYERBANK_HOST", "http://127.0.0.1"),
+    ("LAYERBANK_HOST", "api_host!"),
+    ("LAYERBANK_HOST", "a..b"),
+    ("LAYERBANK_HOST", "-api"),
     ("LAYERBANK_PRETRAIN_MEMORY_GIB", "inf"),
     ("LAYERBANK_PRETRAIN_MEMORY_GIB", "0"),
     ("LAYERBANK_ADAPTER_FIT_GIB", "nan"),
@@ -152,6 +161,25 @@ def test_float_setting_rejects_non_finite(
         load_settings()
 
 
+@pytest.mark.parametrize(
+    "value", ["127.0.0.1", "0.0.0.0", "localhost", "::1", "::", "layerbank-api", "api.internal."]
+)
+def test_valid_hosts_accepted(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("LAYERBANK_HOST", value)
+    assert load_settings().host == value
+
+
+def test_host_with_port_names_port(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAYERBANK_HOST", "127.0.0.1:80")
+    with pytest.raises(SettingsError, match="port"):
+        load_settings()
+
+
+def test_store_with_spaces_inside_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LAYERBANK_STORE", "/data/my store")
+    assert load_settings().store == "/data/my store"
+
+
 @pytest.mark.parametrize("value", ["auto", "cpu", "cuda", "cuda:0", "cuda:12"])
 def test_documented_devices_accepted(monkeypatch: pytest.MonkeyPatch, value: str) -> None:
     monkeypatch.setenv("LAYERBANK_DEVICE", value)
@@ -168,6 +196,27 @@ def test_device_pattern_subset_of_torch(value: str) -> None:
         return
     device = torch.device(value)
     assert device.type in ("cpu", "cuda")
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1:80", "not a host"])
+def test_up_host_option_checked(tmp_path: Path, host: str) -> None:
+    """`layerbank up --host` is checked as LAYERBANK_HOST is, before anything starts."""
+    env = {key: val for key, val in os.environ.items() if not key.startswith("LAYERBANK_")}
+    env.pop("REDIS_URL", None)
+    result = subprocess.run(
+        [sys.executable, "-m", "service.cli", "up", "--host", host, "--port", "1"],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith(f"error: invalid host={host!r}: "), lines[0]
+    assert "cannot listen" not in lines[0]
+    assert allowed_values("host") in lines[0]
 
 
 def test_deployment_table_lists_ranges() -> None:
