@@ -6,6 +6,7 @@ import functools
 import io
 import logging
 from collections import Counter
+from dataclasses import dataclass
 from typing import Any
 
 import matplotlib
@@ -317,6 +318,9 @@ def confusion_figure(matrix: np.ndarray, *, class_names: list[str], title: str) 
     fractions = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
     size = min(12.0, 3.0 + 0.5 * n)
     figure, axes = plt.subplots(figsize=(size + 1.2, size), dpi=110)
+    layout = _class_label_layout(figure, names, matrix_inches=size)
+    # Room for the labels: the y labels' width on the left, the x labels' height below.
+    figure.set_size_inches(size + 1.2 + layout.width_inches, size + layout.height_inches)
     image = axes.imshow(fractions, cmap="Blues", vmin=0.0, vmax=1.0)
     figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04, label="fraction of true class")
     if n <= 30:
@@ -332,14 +336,50 @@ def confusion_figure(matrix: np.ndarray, *, class_names: list[str], title: str) 
                     fontsize=8,
                     color=colour,
                 )
-    axes.set_xticks(
-        range(n), names, rotation=45 if n > 10 else 0, ha="right" if n > 10 else "center"
-    )
-    axes.set_yticks(range(n), names)
+    axes.set_xticks(range(n), names, rotation=layout.x_rotation, fontsize=layout.font_size)
+    axes.set_yticks(range(n), names, fontsize=layout.font_size)
     axes.set_xlabel("predicted class")
     axes.set_ylabel("true class")
     axes.set_title(title)
     return figure
+
+
+@dataclass(frozen=True)
+class ClassLabelLayout:
+    """Font size and x rotation of a confusion matrix's class labels, and the room they take."""
+
+    font_size: float
+    x_rotation: int
+    width_inches: float
+    height_inches: float
+
+
+def _class_label_layout(
+    figure: Figure, names: list[str], *, matrix_inches: float
+) -> ClassLabelLayout:
+    """Choose the size and x rotation of ``names`` on a matrix about ``matrix_inches`` wide.
+
+    The font shrinks with the cells, from 10 points down to 4, so that the labels of
+    neighbouring cells do not overlap. NOTE: at the 4-point floor they overlap again, which
+    starts between 130 and 200 classes. The x labels stand vertically when the longest would
+    not fit in its cell's width. Label widths are measured with the figure's renderer.
+    """
+    # An estimate: the axes take about 70% of the matrix size after the title, the colour bar and margins.
+    cell_inches = 0.7 * matrix_inches / max(len(names), 1)
+    font_size = min(10.0, max(4.0, 0.6 * cell_inches * 72))
+    renderer = figure.canvas.get_renderer()  # type: ignore[attr-defined]
+    font = font_manager.FontProperties(size=font_size)
+    widths = []
+    for name in names:
+        # Measured as figure_png draws it, because measuring a character that no font has
+        # would make matplotlib warn.
+        drawn = _displayable(name, set())
+        widths.append(renderer.get_text_width_height_descent(drawn, font, ismath=False)[0])
+    longest_inches = max(widths, default=0.0) / figure.dpi
+    line_inches = 1.3 * font_size / 72
+    if longest_inches <= 0.8 * cell_inches:
+        return ClassLabelLayout(font_size, 0, longest_inches, line_inches)
+    return ClassLabelLayout(font_size, 90, longest_inches, longest_inches)
 
 
 def accuracy_vs_loss_png(points: list[dict[str, Any]], *, title: str) -> bytes:

@@ -165,3 +165,41 @@ def test_scatter_legend_shortens_long_name() -> None:
     shortened = "z" * (plots.MAX_CLASS_LABEL_CHARS - 1) + "…"
     assert legend == [f"{shortened} (1)", "b (2)"]
     plt.close(figure)
+
+
+def _overlapping(boxes: list[Any]) -> list[tuple[int, int]]:
+    return [
+        (i, j)
+        for i in range(len(boxes))
+        for j in range(i + 1, len(boxes))
+        if boxes[i].overlaps(boxes[j])
+    ]
+
+
+@pytest.mark.parametrize("n_classes", [3, 10, 40])
+def test_confusion_labels_readable_inside_figure(n_classes: int) -> None:
+    """Long class names (cut to 30 characters) neither overlap nor leave the PNG's area."""
+    names = [f"class {index} with a rather long descriptive name" for index in range(n_classes)]
+    matrix = np.arange(n_classes * n_classes).reshape(n_classes, n_classes)
+    figure = plots.confusion_figure(matrix, class_names=names, title="long names\nsecond line")
+    # figure_png closes the figure, which detaches its Agg canvas, so the canvas is kept here.
+    canvas = figure.canvas
+    png = plots.figure_png(figure)
+    assert png.startswith(b"\x89PNG")
+    renderer = canvas.get_renderer()
+    area = figure.bbox
+    axes = figure.axes[0]
+    xlabels = [label for label in axes.get_xticklabels() if label.get_text()]
+    ylabels = [label for label in axes.get_yticklabels() if label.get_text()]
+    assert len(xlabels) == n_classes
+    assert len(ylabels) == n_classes
+    for labels in (xlabels, ylabels):
+        boxes = [label.get_window_extent(renderer) for label in labels]
+        assert _overlapping(boxes) == []
+    texts = [*xlabels, *ylabels, axes.xaxis.label, axes.yaxis.label, axes.title]
+    for text in texts:
+        box = text.get_window_extent(renderer)
+        assert box.x0 >= area.x0, text.get_text()
+        assert box.y0 >= area.y0, text.get_text()
+        assert box.x1 <= area.x1, text.get_text()
+        assert box.y1 <= area.y1, text.get_text()
