@@ -364,7 +364,8 @@ def _class_label_layout(
     starts between 130 and 200 classes. The x labels stand vertically when the longest would
     not fit in its cell's width. Label widths are measured with the figure's renderer.
     """
-    # An estimate: the axes take about 70% of the matrix size after the title, the colour bar and margins.
+    # An estimate: the axes take about 70% of the matrix size after the title, the colour
+    # bar and the margins.
     cell_inches = 0.7 * matrix_inches / max(len(names), 1)
     font_size = min(10.0, max(4.0, 0.6 * cell_inches * 72))
     renderer = figure.canvas.get_renderer()  # type: ignore[attr-defined]
