@@ -82,6 +82,15 @@ class JobNotResumableError(StoreError):
     """Raised when a resume is requested for a job whose failure a rerun would repeat."""
 
 
+def rerun_would_repeat(error: dict[str, Any] | None) -> bool:
+    """Return whether a job failed on a permanent error, one that a rerun would fail on again.
+
+    The resume route rejects such a job with 409, and a feature set's hint asks for a fix and a
+    new request instead of a resume.
+    """
+    return bool(error and error.get("permanent"))
+
+
 def _key(*parts: str) -> str:
     return ":".join((PREFIX, *parts))
 
@@ -518,13 +527,18 @@ def featureset_job_status(
         "value": None,
     }
     reason = error.get("message") or state["status"]
-    return FeatureSetJobStatus(
-        "failed",
-        job_id,
-        error,
-        f"its job {job_id} is {state['status']} ({reason}); {resume} once the cause is fixed, "
-        f"or {resend}",
-    )
+    if rerun_would_repeat(error):
+        hint = (
+            f"its job {job_id} failed on an error a rerun would repeat ({reason}); fix what "
+            f"the error names, then {resend} (a fixed checkpoint has a new revision, so that "
+            "request writes a new feature set)"
+        )
+    else:
+        hint = (
+            f"its job {job_id} is {state['status']} ({reason}); {resume} once the cause is "
+            f"fixed, or {resend}"
+        )
+    return FeatureSetJobStatus("failed", job_id, error, hint)
 
 
 def require_complete(

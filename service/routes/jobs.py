@@ -21,6 +21,7 @@ from service.jobs import (
     load_job,
     request_cancel,
     requeue_failed,
+    rerun_would_repeat,
     target_lock,
 )
 from service.schemas import JobPublic, JobsPublic
@@ -148,7 +149,7 @@ def resume_job(
                 value=job_id,
             )
         error = job_state(redis, store, job_id)["error"] or {}
-        if error.get("permanent"):
+        if rerun_would_repeat(error):
             raise JobNotResumableError(
                 f"job {job_id} failed on something a rerun would fail on again: "
                 f"{error.get('message')}; a resume would repeat it, so do what the error says "

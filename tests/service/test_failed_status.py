@@ -52,8 +52,22 @@ def test_failed_job_in_single_read(api_url: str, failed_extraction: dict[str, An
     assert body["status"] == "failed"
     assert body["job_id"] == job_id
     assert body["error"]["message"] == failed_extraction["state"]["error"]["message"]
-    assert f"POST /v1/jobs/{job_id}/resume" in body["hint"]
+    assert "/resume" not in body["hint"]
+    assert "fix what the error names" in body["hint"]
     assert "send the same POST /v1/extractions again" in body["hint"]
+
+
+def test_permanent_failure_hint_matches_resume(
+    api_url: str, failed_extraction: dict[str, Any]
+) -> None:
+    """The hint does not offer a resume that the resume route rejects."""
+    featureset_id = failed_extraction["featureset_id"]
+    job_id = failed_extraction["job_id"]
+    hint = httpx.get(f"{api_url}/v1/featuresets/{featureset_id}", timeout=30).json()["hint"]
+    response = httpx.post(f"{api_url}/v1/jobs/{job_id}/resume", timeout=30)
+    assert response.status_code == 409
+    assert "a resume would repeat it" in response.json()["detail"]["message"]
+    assert "resume" not in hint.replace("a resume would repeat", "")
 
 
 def test_failed_job_in_list(api_url: str, failed_extraction: dict[str, Any]) -> None:
@@ -63,7 +77,10 @@ def test_failed_job_in_list(api_url: str, failed_extraction: dict[str, Any]) -> 
     assert listed["status"] == "failed"
     assert listed["job_id"] == job_id
     assert listed["error"]["message"] == failed_extraction["state"]["error"]["message"]
-    assert f"POST /v1/jobs/{job_id}/resume" in listed["hint"]
+    assert (
+        listed["hint"]
+        == httpx.get(f"{api_url}/v1/featuresets/{featureset_id}", timeout=30).json()["hint"]
+    )
 
 
 def test_layer_conflict_uses_same_hint(api_url: str, failed_extraction: dict[str, Any]) -> None:
@@ -89,6 +106,40 @@ def test_queued_job_reads_pending(api_url: str, redis_server: Any, settings: Any
         assert body["error"] is None
         assert f"wait for its job {job_id}" in body["hint"]
         assert _listed(api_url, featureset.id)["status"] == "pending"
+    finally:
+        queue.empty()
+        redis.close()
+
+
+def test_retryable_failure_hint_offers_resume(
+    api_url: str, redis_server: Any, settings: Any
+) -> None:
+    """For a job that failed on an error a rerun may not repeat, the hint offers a resume."""
+    from rq.job import Job, JobStatus
+
+    redis = Redis.from_url(redis_server.url)
+    # A queue no worker listens to: the block job is marked failed here instead of by a worker.
+    queue = Queue(f"idle-{uuid.uuid4().hex[:8]}", connection=redis)
+    featureset = pending_featureset(
+        Path(settings.store), n_items=4, dim=3, fingerprint=uuid.uuid4().hex[:16]
+    )
+    job_id = enqueue_extraction(queue, featureset, timeout=60)
+    try:
+        rq_job = Job.fetch(queue.get_job_ids()[0], connection=redis)
+        rq_job.meta["error"] = {
+            "message": "ConnectionError: the Hub did not respond",
+            "field": None,
+            "value": None,
+            "type": "ConnectionError",
+            "permanent": False,
+        }
+        rq_job.save_meta()
+        queue.remove(rq_job.id)
+        rq_job.set_status(JobStatus.FAILED)
+        body = httpx.get(f"{api_url}/v1/featuresets/{featureset.id}", timeout=30).json()
+        assert body["status"] == "failed"
+        assert body["job_id"] == job_id
+        assert f"resume it with POST /v1/jobs/{job_id}/resume" in body["hint"]
     finally:
         queue.empty()
         redis.close()
