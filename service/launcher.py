@@ -7,6 +7,7 @@ when given a port and no bind address.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -18,23 +19,26 @@ import sys
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
 from redis import Redis
 from redis.exceptions import RedisError
-from rq import Worker
-from rq.job import Job
-from rq.registry import StartedJobRegistry
+from rq import Queue, Worker
+from rq.job import Job, JobStatus
 
 logger = logging.getLogger(__name__)
 
 # Seconds a worker gets to finish its current job after SIGTERM (rq's warm shutdown) before it
-# is killed. The supervisor then hands the killed worker's job back to rq (see
-# release_killed_workers), so it is retried without waiting for the heartbeat to expire.
+# is killed. The supervisor then queues the killed worker's job again (see
+# release_killed_workers), so it runs again without waiting for the heartbeat to expire.
 WORKER_STOP_TIMEOUT = 30.0
+
+# Seconds a stop waits for idle workers to exit after SIGTERM. The workers still running then
+# are counted as busy in the logged line that gives the wait.
+IDLE_WORKER_EXIT = 1.0
 
 # A supervised redis-server is started again at most REDIS_MAX_RESTARTS times within
 # REDIS_RESTART_WINDOW seconds. The next exit in that window stops the stack, because a server
@@ -305,38 +309,84 @@ def worker_environment(env: dict[str, str] | None = None) -> dict[str, str]:
     return {**os.environ, **(env or {})}
 
 
+def _wait_all(
+    processes: list[subprocess.Popen[bytes]], deadline: float, interrupted: threading.Event
+) -> None:
+    """Wait until every process exits, ``deadline`` (time.monotonic) passes or ``interrupted``."""
+    while not interrupted.is_set() and time.monotonic() < deadline:
+        if all(process.poll() is not None for process in processes):
+            return
+        interrupted.wait(0.1)
+
+
+@contextlib.contextmanager
+def _interrupt_on_signal(interrupted: threading.Event) -> Iterator[None]:
+    """Set ``interrupted`` on SIGINT or SIGTERM instead of raising, while the block runs.
+
+    Signal handlers can only be set in the main thread, so elsewhere nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: object) -> None:
+        interrupted.set()
+
+    previous = {
+        number: signal.signal(number, handler) for number in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        yield
+    finally:
+        for number, old in previous.items():
+            signal.signal(number, old)
+
+
 def stop_processes(
     processes: list[subprocess.Popen[bytes]], timeout: float = WORKER_STOP_TIMEOUT
 ) -> set[int]:
     """Send SIGTERM to every process at once, then kill those still running after ``timeout``.
 
-    Returns the pids of the processes that had to be killed.
+    A SIGINT or SIGTERM received meanwhile (in the main thread) kills them at once. Returns
+    the pids of the processes that had to be killed.
     """
     running = [process for process in processes if process.poll() is None]
-    for process in running:
-        process.terminate()
-    deadline = time.monotonic() + timeout
+    interrupted = threading.Event()
+    with _interrupt_on_signal(interrupted):
+        for process in running:
+            process.terminate()
+        started = time.monotonic()
+        _wait_all(running, started + min(IDLE_WORKER_EXIT, timeout), interrupted)
+        busy = [process for process in running if process.poll() is None]
+        if busy and timeout > IDLE_WORKER_EXIT and not interrupted.is_set():
+            workers = "1 busy worker" if len(busy) == 1 else f"{len(busy)} busy workers"
+            jobs = "its job" if len(busy) == 1 else "their jobs"
+            logger.warning(
+                "waiting up to %.0f s for %s to finish %s; press Ctrl-C again to stop now",
+                timeout,
+                workers,
+                jobs,
+            )
+            _wait_all(busy, started + timeout, interrupted)
     killed = set()
     for process in running:
-        try:
-            process.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            logger.warning(
-                "process %d still running %.0f s after SIGTERM; killing it", process.pid, timeout
-            )
-            process.kill()
-            process.wait()
-            killed.add(process.pid)
+        if process.poll() is not None:
+            continue
+        reason = "on a second signal" if interrupted.is_set() else f"{timeout:.0f} s after SIGTERM"
+        logger.warning("process %d still running %s; killing it", process.pid, reason)
+        process.kill()
+        process.wait()
+        killed.add(process.pid)
     return killed
 
 
 def release_killed_workers(redis: Redis, pids: set[int]) -> None:
-    """Hand the jobs of rq workers this machine killed back to rq, and deregister the workers.
+    """Queue the jobs of rq workers this machine killed again, and deregister the workers.
 
-    rq treats a started job as abandoned once its entry in the started-job registry expires,
-    which for a killed worker is when its heartbeat runs out. The worker is known to be dead
-    here, so each of its executions is expired now, and rq's own registry cleanup retries the
-    job or, with no retries left, marks it failed, as it would after the heartbeat timeout.
+    The workers were killed by a planned stop, not by a failure of their jobs, so each job goes
+    back to the front of its queue with its retries unchanged. rq's started-job registry
+    cleanup, which would handle it after the heartbeat runs out, would count a retry instead
+    (rq 3.0 `StartedJobRegistry.cleanup` calls `Job.retry`, which decrements retries_left).
     """
     host = socket.gethostname()
     for worker in Worker.all(connection=redis):
@@ -344,15 +394,19 @@ def release_killed_workers(redis: Redis, pids: set[int]) -> None:
             continue
         for execution in worker.get_current_executions(refresh=True):
             job = Job.fetch(execution.job_id, connection=redis)
-            registry = StartedJobRegistry(job.origin, connection=redis)
-            redis.zadd(registry.key, {execution.composite_key: 0}, xx=True)
-            registry.cleanup()
+            if job.get_status(refresh=False) == JobStatus.STARTED:
+                with redis.pipeline() as pipeline:
+                    execution.delete(job=job, pipeline=pipeline)
+                    pipeline.execute()
+                Queue(job.origin, connection=redis).enqueue_job(job, at_front=True)
             logger.info(
-                "worker %s (pid %d) was killed while running rq job %s; the job is %s",
+                "worker %s (pid %d) was killed while running rq job %s; the job is %s "
+                "(%s retries left)",
                 worker.name,
                 worker.pid,
                 job.id,
                 job.get_status(refresh=True),
+                job.retries_left,
             )
         worker.register_death()
 
@@ -467,7 +521,9 @@ class WorkerSupervisor:
     def stop(self, timeout: float = WORKER_STOP_TIMEOUT) -> None:
         """Stop every worker: SIGTERM lets each finish its job, a kill follows after ``timeout``.
 
-        The job of a killed worker goes back to rq at once (see `release_killed_workers`).
+        A SIGINT or SIGTERM during the wait (the second signal for `layerbank up`) kills the
+        busy workers at once. The job of a killed worker is queued again at once, with its
+        retries unchanged (see `release_killed_workers`).
         """
         self._stopping.set()
         self._thread.join(timeout=self.interval * 2)
