@@ -232,7 +232,7 @@ class Settings(BaseSettings):
 
 
 def check_host(host: str) -> str:
-    """Return ``host`` if the API can bind to it, else raise ValueError saying why.
+    """Return ``host`` if it is an IP address or a valid host name, else raise ValueError.
 
     A host is an IPv4 or IPv6 address or a host name of RFC 1123 labels. `layerbank up --host`
     and LAYERBANK_HOST both go through this check, so a port written into the host is reported
