@@ -61,7 +61,15 @@ from service.routes import (
     probes,
     projections,
 )
-from store import DamagedChunkError, InvalidIdError, NotFoundError, NotReadyError, Store, StoreError
+from store import (
+    DamagedChunkError,
+    InvalidIdError,
+    LayoutError,
+    NotFoundError,
+    NotReadyError,
+    Store,
+    StoreError,
+)
 from store.ids import ID_REGEX, NAME_REGEX
 from store.logs import escape_nonprintable
 from store.settings import Settings, get_settings
@@ -87,6 +95,8 @@ STATUS_BY_ERROR: list[tuple[type[Exception], int]] = [
     (JobNotResumableError, 409),
     (NotFoundError, 404),
     (NotReadyError, 409),
+    # A feature set whose metadata is damaged or not laid out as this version writes it.
+    (LayoutError, 409),
     (InvalidIdError, 422),
     (DatasetError, 422),
     (ModelError, 422),

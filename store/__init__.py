@@ -6,6 +6,7 @@ Imports numpy, zarr and pydantic only, never torch, so the API process stays lig
 from store.errors import (
     DamagedChunkError,
     DamagedCreationArrayError,
+    DamagedMetadataError,
     IncompleteFeatureSetError,
     InvalidIdError,
     LayoutError,
@@ -22,6 +23,7 @@ from store.spec import FeatureSetSpec, ProbeSpec
 __all__ = [
     "DamagedChunkError",
     "DamagedCreationArrayError",
+    "DamagedMetadataError",
     "FeatureSet",
     "FeatureSetSpec",
     "IncompleteFeatureSetError",

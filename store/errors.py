@@ -50,6 +50,29 @@ class LayoutError(StoreError):
     """Raised when a group on disk does not have the layout this version writes."""
 
 
+class DamagedMetadataError(LayoutError):
+    """Raised when a zarr.json metadata file of a feature set is missing, cannot be read, is not
+    JSON or is not valid Zarr metadata. ``key`` is the file's store key relative to the feature
+    set, such as ``zarr.json`` or ``features/zarr.json``, and ``damage`` the sentence that
+    states the damage without the advice. A retry reads the same file, so the worker does not
+    retry it."""
+
+    permanent = True
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        key: str,
+        damage: str,
+        field: str | None = None,
+        value: object = None,
+    ) -> None:
+        super().__init__(message, field=field, value=value)
+        self.key = key
+        self.damage = damage
+
+
 class DamagedChunkError(StoreError):
     """Raised when a stored object of a complete feature set is missing, truncated or fails
     its checksum."""

@@ -36,13 +36,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec
+from zarr.core.buffer import default_buffer_prototype
+from zarr.core.sync import sync
+from zarr.storage import MemoryStore
 
 from store.arrays import group_array
 from store.chunks import ShardReader, damaged_error
 from store.errors import (
     DamagedCreationArrayError,
+    DamagedMetadataError,
     IncompleteFeatureSetError,
-    LayoutError,
     NonFiniteFeaturesError,
     NotReadyError,
     StoreError,
@@ -100,6 +103,121 @@ def incomplete_error(
         field=field,
         value=featureset_id,
     )
+
+
+# What zarr 3.1 raises for a zarr.json it cannot use: json's JSONDecodeError and
+# UnicodeDecodeError, zarr's MetadataValidationError and ContainsArrayError (all ValueError), and
+# TypeError for JSON of another shape. PermissionError is a file the process may not read.
+METADATA_ERRORS = (ValueError, TypeError, PermissionError)
+# What it raises when a group's zarr.json is missing; NodeNotFoundError is also a ValueError, so
+# these are caught before METADATA_ERRORS.
+GROUP_NOT_FOUND_ERRORS = (FileNotFoundError, zarr.errors.GroupNotFoundError)
+
+
+def damaged_metadata_error(
+    featureset_id: str, key: str, cause: Exception | None
+) -> DamagedMetadataError:
+    """Return the error for the metadata file ``key`` (relative to the feature set's folder)
+    that is missing (``cause`` None) or that zarr could not read (``cause``)."""
+    if cause is None:
+        problem = "is missing"
+    else:
+        problem = f"cannot be read as Zarr metadata ({type(cause).__name__}: {cause})"
+    if key == "zarr.json":
+        advice = (
+            "its attributes (spec, layers, status) are lost, so `layerbank fsck "
+            f"{featureset_id} --repair` deletes the set's folder, and the same POST "
+            "/v1/extractions then creates it again"
+        )
+    elif key == "blocks_done/zarr.json":
+        advice = (
+            f"`layerbank fsck {featureset_id} --repair` rebuilds it from the group attributes "
+            "and keeps the stored done flags"
+        )
+    else:
+        advice = (
+            f"`layerbank fsck {featureset_id}` reports it; a repair cannot rebuild it, so "
+            f"delete the feature set (DELETE /v1/featuresets/{featureset_id}) and extract it "
+            "again"
+        )
+    damage = (
+        f"feature set {featureset_id!r} has damaged metadata: featuresets/{featureset_id}/{key} "
+        f"{problem}"
+    )
+    return DamagedMetadataError(
+        f"{damage}; {advice}",
+        key=key,
+        damage=damage,
+        field="featureset_id",
+        value=featureset_id,
+    )
+
+
+def open_featureset_group(store: Store, featureset_id: str, mode: Any = "r") -> zarr.Group:
+    """Open the Zarr group of a feature set.
+
+    Raises FileNotFoundError or zarr's GroupNotFoundError, as `zarr.open_group` does, when the
+    group's zarr.json is missing, and `DamagedMetadataError` when it cannot be read.
+    """
+    try:
+        return zarr.open_group(store.zarr_store, path=f"featuresets/{featureset_id}", mode=mode)
+    except GROUP_NOT_FOUND_ERRORS:
+        raise
+    except METADATA_ERRORS as exc:
+        raise damaged_metadata_error(featureset_id, "zarr.json", exc) from exc
+
+
+def _open_array(group: zarr.Group, featureset_id: str, name: str) -> zarr.Array:
+    """Return the array ``name`` of a feature set's group, or raise `DamagedMetadataError` when
+    its zarr.json is missing or cannot be read."""
+    try:
+        return group_array(group, name)
+    except KeyError as exc:
+        raise damaged_metadata_error(featureset_id, f"{name}/zarr.json", None) from exc
+    except METADATA_ERRORS as exc:
+        raise damaged_metadata_error(featureset_id, f"{name}/zarr.json", exc) from exc
+
+
+def _create_blocks_done(zarr_store: Any, path: str, n_blocks: int) -> None:
+    """Create the ``blocks_done`` array of the feature set at ``path``: one bool chunk per block."""
+    zarr.create_array(
+        zarr_store,
+        name=f"{path}/blocks_done",
+        shape=(n_blocks,),
+        chunks=(1,),
+        dtype=bool,
+        fill_value=False,
+        dimension_names=("block",),
+    )
+
+
+def rebuild_blocks_done_metadata(store: Store, featureset_id: str) -> None:
+    """Write blocks_done/zarr.json again from the group's ``n_blocks`` attribute.
+
+    Only the metadata file is written, so the stored flag chunks are read again. The metadata
+    is built the way `create_featureset` builds it now. NOTE: a set created with other codecs
+    for its flags then fails to decode them, which fsck reports as damaged flags.
+    """
+    group = open_featureset_group(store, featureset_id)
+    n_blocks = group.attrs.get("n_blocks")
+    if not isinstance(n_blocks, int) or n_blocks < 1:
+        damage = (
+            f"feature set {featureset_id!r} has no valid n_blocks attribute ({n_blocks!r}), so "
+            "blocks_done/zarr.json cannot be rebuilt"
+        )
+        raise DamagedMetadataError(
+            f"{damage}; delete the feature set and extract it again",
+            key="zarr.json",
+            damage=damage,
+            field="featureset_id",
+            value=featureset_id,
+        )
+    scratch = MemoryStore()
+    _create_blocks_done(scratch, "set", n_blocks)
+    metadata = sync(scratch.get("set/blocks_done/zarr.json", default_buffer_prototype()))
+    assert metadata is not None
+    sync(store.zarr_store.set(f"featuresets/{featureset_id}/blocks_done/zarr.json", metadata))
+    logger.warning("feature set %s: blocks_done/zarr.json rebuilt", featureset_id)
 
 
 # Target size of one (1, block_rows, dim) chunk: large enough for fast layer reads, small enough
@@ -163,22 +281,15 @@ class FeatureSet:
         self.store = store
         self.id = featureset_id
         self._group = group
-        try:
-            self.features = group_array(group, "features")
-            self.labels_array = group_array(group, "labels")
-            self.item_ids_array = group_array(group, "item_ids")
-            self.blocks_done_array = group_array(group, "blocks_done")
-        except KeyError as exc:
-            raise LayoutError(
-                f"feature set {featureset_id!r} is missing the array {exc.args[0]!r}; "
-                "run `layerbank fsck` on it",
-                field="featureset_id",
-                value=featureset_id,
-            ) from exc
-        self.token_features: zarr.Array | None = (
-            group_array(group, "token_features") if "token_features" in group else None
-        )
+        self.features = _open_array(group, featureset_id, "features")
+        self.labels_array = _open_array(group, featureset_id, "labels")
+        self.item_ids_array = _open_array(group, featureset_id, "item_ids")
+        self.blocks_done_array = _open_array(group, featureset_id, "blocks_done")
         self._attrs: dict[str, Any] = dict(group.attrs)
+        # A set with token layers has the array, so its absence is a missing zarr.json.
+        self.token_features: zarr.Array | None = None
+        if self._attrs.get("spec", {}).get("token_layers"):
+            self.token_features = _open_array(group, featureset_id, "token_features")
         self._chunks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._chunk_bytes = 0
         self._chunk_lock = threading.Lock()
@@ -190,9 +301,7 @@ class FeatureSet:
     def attrs(self) -> dict[str, Any]:
         if self._attrs.get("status") != STATUS_COMPLETE:
             # Pending groups change status when finalised; complete ones never change again.
-            self._attrs = dict(
-                zarr.open_group(self.store.zarr_store, path=self.path, mode="r").attrs
-            )
+            self._attrs = dict(open_featureset_group(self.store, self.id).attrs)
         return self._attrs
 
     @property
@@ -376,7 +485,7 @@ class FeatureSet:
         """Set status "complete" if every block is written; return whether it is complete."""
         # Read from the store, not this handle, because fsck with repair may have set it back
         # to pending.
-        stored = zarr.open_group(self.store.zarr_store, path=self.path, mode="r").attrs
+        stored = open_featureset_group(self.store, self.id).attrs
         if stored.get("status") == STATUS_COMPLETE:
             self._attrs = dict(stored)
             return True  # A block job or an earlier finalize already marked it.
@@ -384,7 +493,7 @@ class FeatureSet:
         if missing:
             logger.info("feature set %s: %d blocks still missing", self.id, len(missing))
             return False
-        group = zarr.open_group(self.store.zarr_store, path=self.path, mode="r+")
+        group = open_featureset_group(self.store, self.id, mode="r+")
         # One write of the group metadata, unlike group.attrs.update, which writes once per key.
         group.update_attributes(
             {"status": STATUS_COMPLETE, "completed": dt.datetime.now(dt.timezone.utc).isoformat()}
@@ -725,15 +834,7 @@ def create_featureset(
         chunks=(rows,),
         dimension_names=("item",),
     )
-    zarr.create_array(
-        store.zarr_store,
-        name=f"{path}/blocks_done",
-        shape=(n_blocks,),
-        chunks=(1,),
-        dtype=bool,
-        fill_value=False,
-        dimension_names=("block",),
-    )
+    _create_blocks_done(store.zarr_store, path, n_blocks)
     # group.attrs.update would write the group metadata once per key, so a kill between two
     # writes would leave a spec without block_rows.
     group.update_attributes(

@@ -19,8 +19,14 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
-from store.errors import IncompleteFeatureSetError, LayoutError
-from store.featureset import STATUS_PENDING, FeatureSet, describe_incomplete
+from store.errors import DamagedMetadataError, IncompleteFeatureSetError, LayoutError
+from store.featureset import (
+    STATUS_PENDING,
+    FeatureSet,
+    describe_incomplete,
+    open_featureset_group,
+    rebuild_blocks_done_metadata,
+)
 
 if TYPE_CHECKING:
     from store.root import Store
@@ -63,10 +69,14 @@ def check_featureset(store: Store, featureset_id: str, *, repair: bool = False) 
         store's own metadata are listed without making ``ok`` false), ``repaired`` (actions
         taken).
     """
+    # Read the metadata from the store, not from a handle opened before the damage.
+    store.forget(featureset_id)
     try:
         featureset = store.featureset(featureset_id)
     except IncompleteFeatureSetError:
         return _incomplete_report(store, featureset_id, repair=repair)
+    except DamagedMetadataError as exc:
+        return _damaged_metadata_report(store, featureset_id, exc, repair=repair)
     except LayoutError as exc:
         return _layout_report(featureset_id, exc)
     report: dict[str, Any] = {
@@ -124,8 +134,19 @@ def _incomplete_report(store: Store, featureset_id: str, *, repair: bool) -> dic
     With ``repair``, delete its folder, so that the same extraction request creates it from
     scratch.
     """
-    path = f"featuresets/{featureset_id}"
     missing = store.missing_creation_attrs(featureset_id) or []
+    problem = describe_incomplete(featureset_id, missing)
+    report = _folder_report(store, featureset_id, problem, repair=repair)
+    logger.info("feature set %s: fsck found an unfinished creation", featureset_id)
+    return report
+
+
+def _folder_report(
+    store: Store, featureset_id: str, problem: str, *, repair: bool
+) -> dict[str, Any]:
+    """Return the report of a feature set that has no usable group attributes, with
+    ``problem`` first. With ``repair``, delete its folder."""
+    path = f"featuresets/{featureset_id}"
     report = _unreadable_report(featureset_id, partial_files=_partial_files(store, path))
     _add_store_partial_files(store, report)
     if repair:
@@ -142,8 +163,41 @@ def _incomplete_report(store: Store, featureset_id: str, *, repair: bool) -> dic
             "send the same POST /v1/extractions again to recreate it, or run fsck with repair "
             "to delete its folder"
         )
-    report["problems"].insert(0, f"{describe_incomplete(featureset_id, missing)}; {advice}")
-    logger.info("feature set %s: fsck found an unfinished creation", featureset_id)
+    report["problems"].insert(0, f"{problem}; {advice}")
+    return report
+
+
+def _damaged_metadata_report(
+    store: Store, featureset_id: str, exc: DamagedMetadataError, *, repair: bool
+) -> dict[str, Any]:
+    """Return the report of a feature set with a damaged zarr.json.
+
+    With ``repair``: a damaged group metadata file loses the attributes, so the folder is
+    deleted as for an unfinished creation. The metadata of ``blocks_done`` is rebuilt from the
+    group attributes and the set is checked again. The metadata of the data arrays is left as
+    it is, because their shape, width and codecs are recorded nowhere else.
+    """
+    logger.info("feature set %s: fsck found damaged metadata: %s", featureset_id, exc.message)
+    if exc.key == "zarr.json":
+        problem = exc.damage + ", so its attributes (spec, layers, status) are lost"
+        return _folder_report(store, featureset_id, problem, repair=repair)
+    if exc.key == "blocks_done/zarr.json" and repair:
+        rebuild_blocks_done_metadata(store, featureset_id)
+        store.forget(featureset_id)
+        report = check_featureset(store, featureset_id, repair=True)
+        report["ok"] = False
+        report["problems"].insert(0, exc.damage)
+        report["repaired"].insert(0, "rebuilt blocks_done/zarr.json from the group attributes")
+        return report
+    report = _unreadable_report(featureset_id, partial_files=[])
+    if exc.key == "blocks_done/zarr.json":
+        advice = "run fsck with repair to rebuild it from the group attributes"
+    else:
+        advice = (
+            "a repair cannot rebuild it, because the array's shape and codecs are recorded only "
+            "there, so delete the feature set and extract it again"
+        )
+    report["problems"].append(f"{exc.damage}; {advice}")
     return report
 
 
@@ -340,7 +394,7 @@ def _repair(store: Store, featureset: FeatureSet, report: dict[str, Any]) -> Non
         report["repaired"].append(f"cleared the done flag of block {block}")
     _delete_partial_files(store, featureset.path, report)
     if report["corrupt_blocks"] or report["missing_blocks"]:
-        group = zarr.open_group(zarr_store, path=featureset.path, mode="r+")
+        group = open_featureset_group(store, featureset.id, mode="r+")
         if group.attrs.get("status") != STATUS_PENDING:
             group.update_attributes({"status": STATUS_PENDING, "completed": None})
             report["repaired"].append("set status to 'pending'")

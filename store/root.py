@@ -14,16 +14,31 @@ from zarr.core.common import AccessModeLiteral
 from zarr.core.sync import sync
 from zarr.storage import FsspecStore, LocalStore
 
-from store.errors import LayoutError, NotFoundError
+from store.errors import NotFoundError
 from store.featureset import (
     CREATION_ATTRS,
+    GROUP_NOT_FOUND_ERRORS,
     FeatureSet,
     incomplete_error,
     missing_creation_attrs,
+    open_featureset_group,
 )
 from store.ids import check_id
 
 logger = logging.getLogger(__name__)
+
+# The metadata files of a feature set whose change or loss makes an open handle stale: the
+# group's, whose attributes change at finalising and repair, and those of its arrays.
+METADATA_FILES = (
+    "zarr.json",
+    "features/zarr.json",
+    "labels/zarr.json",
+    "item_ids/zarr.json",
+    "blocks_done/zarr.json",
+    "token_features/zarr.json",
+)
+# (inode, mtime in ns) of each of METADATA_FILES, or None for a missing one.
+MetadataStamp = tuple[tuple[int, int] | None, ...]
 
 
 def is_local_url(root: str) -> bool:
@@ -51,7 +66,7 @@ class Store:
             self.local_root = None
             self.zarr_store = FsspecStore.from_url(self.root, read_only=False)
         # Open handles with the stamp of their group's metadata file when they were opened.
-        self._open: dict[str, tuple[FeatureSet, tuple[int, int] | None]] = {}
+        self._open: dict[str, tuple[FeatureSet, MetadataStamp | None]] = {}
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -60,25 +75,25 @@ class Store:
     # -- feature sets -----------------------------------------------------------------------
 
     def find_featureset(self, featureset_id: str) -> FeatureSet | None:
-        """Return the feature set ``featureset_id``, or None if it does not exist."""
+        """Return the feature set ``featureset_id``, or None if it does not exist.
+
+        Raises `DamagedMetadataError` when a zarr.json of the set's group or of one of its
+        arrays is missing or cannot be read.
+        """
         check_id(featureset_id, field="featureset_id")
         cached = self.open_featureset(featureset_id)
         if cached is not None:
             return cached
         stamp = self._metadata_stamp(featureset_id)
         try:
-            group = zarr.open_group(self.zarr_store, path=f"featuresets/{featureset_id}", mode="r+")
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            group = open_featureset_group(self, featureset_id, mode="r+")
+        except GROUP_NOT_FOUND_ERRORS:
             return None
         if missing_creation_attrs(group.attrs):
             # Creation was interrupted or is still running: absent for readers, and the next
             # request for the spec creates it again (see `featureset` for the error).
             return None
-        try:
-            featureset = FeatureSet(self, featureset_id, group)
-        except LayoutError:
-            logger.exception("feature set %s: unreadable layout", featureset_id)
-            raise
+        featureset = FeatureSet(self, featureset_id, group)
         with self._lock:
             self._open[featureset_id] = (featureset, stamp)
         return featureset
@@ -89,13 +104,13 @@ class Store:
 
         Objects under the path without the group's metadata count as lacking every attribute:
         a creation killed before it wrote the metadata leaves them, and so does a delete in
-        progress.
+        progress. Raises `DamagedMetadataError` when the group's zarr.json cannot be read.
         """
         check_id(featureset_id, field="featureset_id")
         path = f"featuresets/{featureset_id}"
         try:
-            group = zarr.open_group(self.zarr_store, path=path, mode="r")
-        except (FileNotFoundError, zarr.errors.GroupNotFoundError):
+            group = open_featureset_group(self, featureset_id)
+        except GROUP_NOT_FOUND_ERRORS:
             return list(CREATION_ATTRS) if self._contains_objects(path) else None
         return missing_creation_attrs(group.attrs)
 
@@ -113,9 +128,9 @@ class Store:
     def open_featureset(self, featureset_id: str) -> FeatureSet | None:
         """Return the open handle of ``featureset_id``, or None if none is open and current.
 
-        In a local store, a handle whose group metadata file changed or vanished since it was
-        opened (another process deleted, re-created or finalised the set) is dropped, at the
-        cost of one ``stat`` call.
+        In a local store, a handle whose group or array metadata file changed or vanished since
+        it was opened (another process deleted, re-created, finalised or repaired the set, or
+        the file was damaged) is dropped, at the cost of one ``stat`` call per file.
         """
         with self._lock:
             entry = self._open.get(featureset_id)
@@ -127,19 +142,24 @@ class Store:
             return None
         return featureset
 
-    def _metadata_stamp(self, featureset_id: str) -> tuple[int, int] | None:
-        """Return (inode, mtime in ns) of the group's zarr.json in a local store, else None.
+    def _metadata_stamp(self, featureset_id: str) -> MetadataStamp | None:
+        """Return the (inode, mtime in ns) of each of `METADATA_FILES` in a local store, else None.
 
         NOTE: handles on an fsspec store are not checked, so another process's delete or
         repair is seen only after `forget` or a restart.
         """
         if self.local_root is None:
             return None
-        try:
-            info = os.stat(self.local_root / "featuresets" / featureset_id / "zarr.json")
-        except FileNotFoundError:
-            return None
-        return info.st_ino, info.st_mtime_ns
+        folder = self.local_root / "featuresets" / featureset_id
+        stamp: list[tuple[int, int] | None] = []
+        for name in METADATA_FILES:
+            try:
+                info = os.stat(folder / name)
+            except FileNotFoundError:
+                stamp.append(None)
+                continue
+            stamp.append((info.st_ino, info.st_mtime_ns))
+        return tuple(stamp)
 
     def featureset(self, featureset_id: str, *, field: str = "featureset_id") -> FeatureSet:
         """Return the feature set ``featureset_id``, or raise `NotFoundError`, or

@@ -14,20 +14,23 @@ import numpy as np
 from fastapi import APIRouter, HTTPException, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
 from redis import Redis
+from rq.job import Job, JobStatus
 from starlette.concurrency import run_in_threadpool
 
 from service.auth import requires_scope
 from service.deps import RedisDep, SettingsDep, StoreDep
 from service.head import is_head
 from service.jobs import (
+    active_job_id,
     busy_job,
     featureset_job_status,
+    load_job,
     record_progress_at_delete,
     require_complete,
     target_lock,
 )
 from service.schemas import FeatureSetPublic, FeatureSetsPublic
-from store import FeatureSet, NotReadyError, Store, check_id
+from store import FeatureSet, LayoutError, NotReadyError, Store, check_id
 from store.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -55,19 +58,16 @@ def _public(redis: Redis, store: Store, featureset: FeatureSet) -> FeatureSetPub
 def list_featuresets(store: StoreDep, redis: RedisDep) -> FeatureSetsPublic:
     """List all feature sets in the store with their status.
 
-    A folder whose creation did not finish is left out, with one warning in the log.
+    A folder whose creation did not finish, or whose metadata is damaged, is left out, with one
+    warning in the log.
     """
     data = []
     for featureset_id in store.featureset_ids():
         try:
-            featureset = store.find_featureset(featureset_id)
-            public = _public(redis, store, featureset) if featureset is not None else None
-        except Exception:
-            # A delete that runs while the list reads the set removes files under it.
-            store.forget(featureset_id)
-            if store.find_featureset(featureset_id) is not None:
-                raise
-            public = None
+            public = _listed(redis, store, featureset_id)
+        except LayoutError as exc:
+            _log_skipped(featureset_id, exc.message)
+            continue
         if public is not None:
             data.append(public)
         else:  # deleted since the ids were listed, or not completely created
@@ -75,15 +75,32 @@ def list_featuresets(store: StoreDep, redis: RedisDep) -> FeatureSetsPublic:
     return FeatureSetsPublic(data=data, count=len(data))
 
 
+def _listed(redis: Redis, store: Store, featureset_id: str) -> FeatureSetPublic | None:
+    """Describe one feature set of the list, or return None when it does not exist (any more)."""
+    try:
+        featureset = store.find_featureset(featureset_id)
+        return _public(redis, store, featureset) if featureset is not None else None
+    except LayoutError:
+        raise
+    except Exception:
+        # A delete that runs while the list reads the set removes files under it.
+        store.forget(featureset_id)
+        if store.find_featureset(featureset_id) is not None:
+            raise
+        return None
+
+
 def _log_incomplete(store: Store, featureset_id: str) -> None:
     """Log a warning the first time the list skips a feature set whose creation did not finish."""
-    missing = store.missing_creation_attrs(featureset_id)
+    try:
+        missing = store.missing_creation_attrs(featureset_id)
+    except LayoutError as exc:  # its metadata was damaged after find_featureset read it
+        _log_skipped(featureset_id, exc.message)
+        return
     if not missing:
         return
-    with _logged_incomplete_lock:
-        if featureset_id in _logged_incomplete:
-            return
-        _logged_incomplete.add(featureset_id)
+    if not _first_skip(featureset_id):
+        return
     logger.warning(
         "feature set %s: left out of the list because its creation did not finish (missing "
         "attributes: %s); the same POST /v1/extractions recreates it, and DELETE "
@@ -92,6 +109,21 @@ def _log_incomplete(store: Store, featureset_id: str) -> None:
         ", ".join(missing),
         featureset_id,
     )
+
+
+def _log_skipped(featureset_id: str, reason: str) -> None:
+    """Log a warning the first time the list skips a feature set whose metadata is damaged."""
+    if _first_skip(featureset_id):
+        logger.warning("feature set %s: left out of the list: %s", featureset_id, reason)
+
+
+def _first_skip(featureset_id: str) -> bool:
+    """Record that the list skipped ``featureset_id``; return whether it is the first time."""
+    with _logged_incomplete_lock:
+        if featureset_id in _logged_incomplete:
+            return False
+        _logged_incomplete.add(featureset_id)
+    return True
 
 
 @router.get("/{featureset_id}", response_model=FeatureSetPublic)
@@ -213,11 +245,10 @@ def delete_featureset(featureset_id: str, store: StoreDep, redis: RedisDep) -> R
     """Delete a feature set with the probe results and projections computed from it (admin)."""
     check_id(featureset_id, field="featureset_id")
     with target_lock(redis, featureset_id):
-        featureset = store.find_featureset(featureset_id)
-        if featureset is None and not store.missing_creation_attrs(featureset_id):
-            store.featureset(featureset_id)  # raises NotFoundError
-        # featureset None: a folder whose creation did not finish, deleted like any set.
-        busy = busy_job(redis, store, featureset_id)
+        featureset = _deletable(store, featureset_id)
+        # featureset None: a folder whose creation did not finish or whose metadata is damaged,
+        # deleted like any set.
+        busy = writing_job(redis, store, featureset_id)
         if busy is not None:
             raise NotReadyError(
                 f"feature set {featureset_id!r} is still being written by job {busy[0]!r} "
@@ -236,6 +267,43 @@ def delete_featureset(featureset_id: str, store: StoreDep, redis: RedisDep) -> R
         store.forget(featureset_id)
     logger.info("feature set %s deleted with %d dependent results", featureset_id, len(dependents))
     return Response(status_code=status.HTTP_204_NO_CONTENT)
+
+
+# rq statuses of a job that may still write its target.
+_UNFINISHED_RQ = (JobStatus.QUEUED, JobStatus.STARTED, JobStatus.DEFERRED, JobStatus.SCHEDULED)
+
+
+def writing_job(redis: Redis, store: Store, featureset_id: str) -> tuple[str, str] | None:
+    """Return (job id, status) of the job that may still write the feature set, as `busy_job`.
+
+    `busy_job` reads the feature set to compute its job's status, which fails while the set's
+    metadata is damaged. The job then counts as busy while any of its rq jobs has not ended.
+    """
+    try:
+        return busy_job(redis, store, featureset_id)
+    except LayoutError:
+        job_id = active_job_id(redis, featureset_id)
+        if job_id is None:
+            return None
+        rq_jobs = Job.fetch_many(load_job(redis, job_id)["rq_ids"], connection=redis)
+        if any(job is not None and job.get_status() in _UNFINISHED_RQ for job in rq_jobs):
+            return job_id, "queued or running"
+        return None
+
+
+def _deletable(store: Store, featureset_id: str) -> FeatureSet | None:
+    """Return the feature set to delete, or None for a folder without a readable set, or raise
+    NotFoundError when nothing is stored under its id."""
+    try:
+        featureset = store.find_featureset(featureset_id)
+    except LayoutError as exc:
+        logger.info(
+            "feature set %s: deleting it despite its damage: %s", featureset_id, exc.message
+        )
+        return None
+    if featureset is None and not store.missing_creation_attrs(featureset_id):
+        store.featureset(featureset_id)  # raises NotFoundError
+    return featureset
 
 
 def _check_not_computing(

@@ -11,11 +11,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query
 from pydantic import BaseModel, Field
+from redis import Redis
 
 from service.auth import requires_scope
 from service.deps import RedisDep, StoreDep
-from service.jobs import busy_job, job_state, target_lock
-from store import NotReadyError, StoreError, check_id
+from service.jobs import job_state, target_lock
+from service.routes.featuresets import writing_job
+from store import LayoutError, NotReadyError, Store, StoreError, check_id
 from store.fsck import check_featureset
 
 logger = logging.getLogger(__name__)
@@ -78,7 +80,7 @@ def repair_featureset(featureset_id: str, store: StoreDep, redis: RedisDep) -> F
     """
     check_id(featureset_id, field="featureset_id")
     with target_lock(redis, featureset_id):
-        busy = busy_job(redis, store, featureset_id)
+        busy = writing_job(redis, store, featureset_id)
         if busy is not None:
             job_id, status = busy
             raise NotReadyError(
@@ -86,9 +88,17 @@ def repair_featureset(featureset_id: str, store: StoreDep, redis: RedisDep) -> F
                 "repair it after the job has finished, failed or been canceled",
                 field="featureset_id",
                 value=featureset_id,
-                progress=job_state(redis, store, job_id)["progress"],
+                progress=_progress(redis, store, job_id),
             )
         report = check_featureset(store, featureset_id, repair=True)
     if report["repaired"]:
         logger.warning("feature set %s: fsck repair: %s", featureset_id, report["repaired"])
     return FsckPublic.model_validate(report)
+
+
+def _progress(redis: Redis, store: Store, job_id: str) -> dict[str, int] | None:
+    """Return the progress of ``job_id``, or None when the feature set's metadata is damaged."""
+    try:
+        return dict(job_state(redis, store, job_id)["progress"])
+    except LayoutError:
+        return None
