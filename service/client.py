@@ -102,7 +102,9 @@ class InvalidUrlError(ClientError, ValueError):
 def check_base_url(url: str) -> str:
     """Return ``url`` if it is an http or https URL with a host and, if any, a port 1-65535.
 
-    Raises InvalidUrlError, with the reason, otherwise.
+    A trailing ``/`` is accepted. Raises InvalidUrlError, with the reason, for anything else,
+    including user information, a path, a query string or a fragment: the client appends the
+    API's paths itself, and httpx would merge or drop such parts.
     """
     try:
         parts = urlsplit(url)
@@ -116,6 +118,12 @@ def check_base_url(url: str) -> str:
         raise InvalidUrlError(url, f"its scheme is {parts.scheme!r}, not http or https")
     if not parts.hostname:
         raise InvalidUrlError(url, "it has no host")
+    if "@" in parts.netloc:
+        raise InvalidUrlError(
+            url,
+            "it contains user information (USER[:PASSWORD]@), which the API does not read; "
+            "pass an API key with --api-key or Client(api_key=...)",
+        )
     host_and_port = parts.netloc.rpartition("@")[2]
     # An IPv6 host such as [::1] contains colons, so only the text after its "]" can be a port.
     after_host = (
@@ -125,6 +133,15 @@ def check_base_url(url: str) -> str:
         port = after_host.rpartition(":")[2]
         if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
             raise InvalidUrlError(url, f"the port {port!r} is not a number from 1 to 65535")
+    # urlsplit drops an empty "#" or "?", so the text itself is checked for them.
+    if "#" in url:
+        raise InvalidUrlError(url, f"it has a fragment ({url[url.index('#') :]!r})")
+    if "?" in url:
+        raise InvalidUrlError(url, f"it has a query string ({url[url.index('?') :]!r})")
+    if parts.path not in ("", "/"):
+        raise InvalidUrlError(
+            url, f"it has the path {parts.path!r}, but the client adds the API's paths itself"
+        )
     try:
         httpx.URL(url)
     except httpx.InvalidURL as exc:
@@ -196,7 +213,23 @@ class Client:
         raise AssertionError("unreachable")
 
     def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self.request(method, path, **kwargs).json()
+        """Send a request and return its JSON body, or raise ClientError when it is not JSON."""
+        response = self.request(method, path, **kwargs)
+        try:
+            return response.json()
+        except ValueError as exc:
+            content_type = response.headers.get("content-type") or "no content type"
+            raise ClientError(
+                response.status_code,
+                {
+                    "message": f"{method} {response.url} returned HTTP {response.status_code} "
+                    f"with {content_type} that is not JSON ({exc}), starting with "
+                    f"{response.content[:80]!r}; check that {self.base_url} is the layerbank "
+                    "API and not a proxy or another server",
+                    "field": "url",
+                    "value": str(response.url),
+                },
+            ) from None
 
     # -- API methods ------------------------------------------------------------------------
 

@@ -1,5 +1,5 @@
 """The API with a feature set whose zarr.json files are damaged on disk: the list skips the set
-with one warning, reads answer 409 naming the set, the file and fsck, fsck reports the damage,
+with one warning, reads return 409 naming the set, the file and fsck, fsck reports the damage,
 and the repair and DELETE still work."""
 
 from __future__ import annotations
