@@ -720,6 +720,11 @@ def _print_featureset(fs: dict[str, Any]) -> None:
             "progress",
         )
     }
+    # The job that writes or wrote the set, with its error and the next step when it failed or
+    # was canceled; an API that does not return them leaves the rows out.
+    for key in ("job_id", "error", "hint"):
+        if fs.get(key):
+            summary[key] = fs[key]["message"] if key == "error" else fs[key]
     summary.update({f"spec.{k}": v for k, v in fs["spec"].items()})
     _print_record(f"feature set {fs['featureset_id']}", summary)
     table = Table(title="layer map", title_justify="left")
