@@ -150,7 +150,18 @@ def up(
     env = {"LAYERBANK_STORE": str(store_path), "REDIS_URL": redis_url}
     log_dir = store_path.parent / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    supervisor = WorkerSupervisor(workers, redis_url, env=env, log_dir=log_dir)
+    server = uvicorn.Server(
+        uvicorn.Config(create_app(settings), host=host, port=port, log_level="info")
+    )
+    stack_failures: list[str] = []
+
+    def stop_stack(reason: str) -> None:
+        stack_failures.append(reason)
+        server.should_exit = True
+
+    supervisor = WorkerSupervisor(
+        workers, redis_url, env=env, log_dir=log_dir, on_give_up=stop_stack
+    )
     console.print(
         f"layerbank up: API http://{host}:{port}  store {store_path}  redis "
         f"{redis_url}  workers {workers} (logs in {log_dir})"
@@ -160,16 +171,7 @@ def up(
             "[yellow]open mode: no API keys are checked; anyone who can reach "
             f"{host}:{port} on this machine can use the API[/yellow]"
         )
-    server = uvicorn.Server(
-        uvicorn.Config(create_app(settings), host=host, port=port, log_level="info")
-    )
-    redis_failures: list[str] = []
     if redis_server is not None:
-
-        def stop_stack(reason: str) -> None:
-            redis_failures.append(reason)
-            server.should_exit = True
-
         # Only a Redis this command started is restarted: an external REDIS_URL is left alone.
         redis_server.supervise(stop_stack)
     try:
@@ -180,8 +182,8 @@ def up(
         supervisor.stop()
         if redis_server is not None:
             redis_server.stop()
-    if redis_failures:
-        _exit_with_error(redis_failures[0])
+    if stack_failures:
+        _exit_with_error(stack_failures[0])
 
 
 @app.command()

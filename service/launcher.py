@@ -40,11 +40,34 @@ WORKER_STOP_TIMEOUT = 30.0
 # are counted as busy in the logged line that gives the wait.
 IDLE_WORKER_EXIT = 1.0
 
-# A supervised redis-server is started again at most REDIS_MAX_RESTARTS times within
-# REDIS_RESTART_WINDOW seconds. The next exit in that window stops the stack, because a server
-# that keeps exiting (a full disk, a damaged AOF file) would otherwise be restarted forever.
-REDIS_MAX_RESTARTS = 3
-REDIS_RESTART_WINDOW = 60.0
+# A supervised redis-server or worker is started again at most MAX_RESTARTS times within
+# RESTART_WINDOW seconds. The next exit in that window stops the stack, because a process that
+# keeps exiting (a full disk, a damaged AOF file, a worker setting the machine cannot meet)
+# would otherwise be restarted forever.
+MAX_RESTARTS = 3
+RESTART_WINDOW = 60.0
+
+
+class _RestartBudget:
+    """Count the restarts of one supervised process within a sliding time window."""
+
+    def __init__(self, max_restarts: int, window: float) -> None:
+        self.max_restarts, self.window = max_restarts, window
+        self._times: deque[float] = deque()
+
+    def spend(self) -> bool:
+        """Record a restart and return True, or return False when the budget is used up."""
+        now = time.monotonic()
+        while self._times and now - self._times[0] > self.window:
+            self._times.popleft()
+        if len(self._times) >= self.max_restarts:
+            return False
+        self._times.append(now)
+        return True
+
+    @property
+    def used(self) -> int:
+        return len(self._times)
 
 
 def _die_with_parent() -> None:
@@ -186,8 +209,8 @@ class RedisServer:
         on_give_up: Callable[[str], None],
         *,
         interval: float = 1.0,
-        max_restarts: int = REDIS_MAX_RESTARTS,
-        window: float = REDIS_RESTART_WINDOW,
+        max_restarts: int = MAX_RESTARTS,
+        window: float = RESTART_WINDOW,
     ) -> None:
         """Watch the running server from a thread and start it again when its process exits.
 
@@ -209,26 +232,22 @@ class RedisServer:
     def _watch(
         self, on_give_up: Callable[[str], None], interval: float, max_restarts: int, window: float
     ) -> None:
-        restarts: deque[float] = deque()
+        budget = _RestartBudget(max_restarts, window)
         while not self._stopping.wait(interval):
             process = self.process
             # poll() also reaps the exited process, so it does not stay a zombie.
             if process is None or process.poll() is None:
                 continue
             status = describe_exit(process.returncode)
-            now = time.monotonic()
-            while restarts and now - restarts[0] > window:
-                restarts.popleft()
-            if len(restarts) >= max_restarts:
+            if not budget.spend():
                 reason = (
                     f"redis-server on 127.0.0.1:{self.port} exited ({status}) after "
-                    f"{len(restarts)} restarts within {window:.0f} s, so it is not started "
+                    f"{budget.used} restarts within {window:.0f} s, so it is not started "
                     f"again; see {self.directory / 'redis.log'}"
                 )
                 logger.error("%s; stopping the stack", reason)
                 on_give_up(reason)
                 return
-            restarts.append(now)
             logger.error(
                 "redis-server process %d on 127.0.0.1:%d exited (%s); starting it again with "
                 "the data in %s (restart %d of %d within %.0f s)",
@@ -236,7 +255,7 @@ class RedisServer:
                 self.port,
                 status,
                 self.directory,
-                len(restarts),
+                budget.used,
                 max_restarts,
                 window,
             )
@@ -472,7 +491,9 @@ class WorkerSupervisor:
     """Keep ``count`` worker processes alive: a worker that exits or is killed is started again.
 
     A block whose worker died is queued again by rq once the worker's heartbeat expires, so a
-    replacement worker finishes the job without a manual resume.
+    replacement worker finishes the job without a manual resume. After ``max_restarts``
+    restarts of one worker within ``window`` seconds, its next exit is not restarted:
+    ``on_give_up``, if given, is called once with the reason and the worker's last log line.
     """
 
     def __init__(
@@ -483,8 +504,13 @@ class WorkerSupervisor:
         env: dict[str, str],
         log_dir: Path,
         interval: float = 2.0,
+        on_give_up: Callable[[str], None] | None = None,
+        max_restarts: int = MAX_RESTARTS,
+        window: float = RESTART_WINDOW,
     ) -> None:
         self.redis_url = redis_url
+        self.on_give_up = on_give_up
+        self._budgets = [_RestartBudget(max_restarts, window) for _ in range(count)]
         # Each worker's torch gets its share of the cores: more threads than cores make every
         # worker many times slower (busy-waiting thread pools), not faster.
         self.env = dict(env)
@@ -510,13 +536,36 @@ class WorkerSupervisor:
         while not self._stopping.wait(self.interval):
             for index, process in enumerate(self.processes):
                 code = process.poll()
-                if code is not None and not self._stopping.is_set():
-                    logger.warning(
-                        "worker process %d exited with code %s; starting a new one",
-                        process.pid,
-                        code,
-                    )
-                    self.processes[index] = self._start(index)
+                if code is None or self._stopping.is_set():
+                    continue
+                budget = self._budgets[index]
+                if not budget.spend():
+                    self._give_up(index, process, budget)
+                    return
+                logger.warning(
+                    "worker process %d exited with code %s; starting a new one",
+                    process.pid,
+                    code,
+                )
+                self.processes[index] = self._start(index)
+
+    def _give_up(
+        self, index: int, process: subprocess.Popen[bytes], budget: _RestartBudget
+    ) -> None:
+        log_file = self.log_dir / f"worker-{index}.log"
+        try:
+            lines = log_file.read_text(errors="replace").strip().splitlines()
+        except OSError:
+            lines = []
+        last = f"; its last log line: {lines[-1].strip()}" if lines else ""
+        reason = (
+            f"worker process {process.pid} exited ({describe_exit(process.returncode)}) after "
+            f"{budget.used} restarts within {budget.window:.0f} s, so it is not started "
+            f"again{last}; see {log_file}"
+        )
+        logger.error("%s; stopping the stack", reason)
+        if self.on_give_up is not None:
+            self.on_give_up(reason)
 
     def stop(self, timeout: float = WORKER_STOP_TIMEOUT) -> None:
         """Stop every worker: SIGTERM lets each finish its job, a kill follows after ``timeout``.

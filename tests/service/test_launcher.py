@@ -38,6 +38,38 @@ def test_supervisor_restarts_killed_worker(stack_env: dict[str, str], tmp_path: 
     assert all(process.poll() is not None for process in supervisor.processes)
 
 
+def test_supervisor_gives_up_on_worker_exiting_at_start(
+    stack_env: dict[str, str], tmp_path: Path
+) -> None:
+    """A worker that cannot start (here a CUDA device on a machine without one) is not started
+    again forever: after the restart budget the supervisor reports why, with its log line."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, so a cuda worker starts")
+    reasons: list[str] = []
+    env = {**stack_env, "LAYERBANK_DEVICE": "cuda", "LAYERBANK_QUEUE": "layerbank-give-up"}
+    supervisor = WorkerSupervisor(
+        1,
+        stack_env["REDIS_URL"],
+        env=env,
+        log_dir=tmp_path,
+        interval=0.2,
+        on_give_up=reasons.append,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not reasons and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        supervisor.stop()
+    assert len(reasons) == 1
+    assert "restarts within 60 s" in reasons[0]
+    assert "invalid LAYERBANK_DEVICE='cuda'" in reasons[0]
+    assert str(tmp_path / "worker-0.log") in reasons[0]
+    assert all(process.poll() is not None for process in supervisor.processes)
+
+
 @pytest.fixture()
 def foreign_server() -> Iterator[str]:
     """A plain HTTP file server: something that responds but is not layerbank."""
@@ -189,3 +221,34 @@ def test_up_beside_running_stack_is_one_error_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("error: the Redis data folder")
     assert "Traceback" not in result.stderr
+
+
+def test_up_stops_when_worker_keeps_exiting(tmp_path: Path) -> None:
+    """`up` with a worker that exits at start stops with one error line and exit code 1,
+    instead of starting the worker again every few seconds."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, so a cuda worker starts")
+    env = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service.cli",
+            "up",
+            "--port",
+            str(free_port()),
+            "--store",
+            str(tmp_path / "store"),
+        ],
+        env={**env, "OMP_NUM_THREADS": "1", "LAYERBANK_DEVICE": "cuda"},
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert "restarts within 60 s" in errors[0]
+    assert "invalid LAYERBANK_DEVICE='cuda'" in errors[0]

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from redis import Redis
 
-from service.launcher import REDIS_MAX_RESTARTS, free_port, wait_for_http
+from service.launcher import MAX_RESTARTS, free_port, wait_for_http
 
 STARTED = re.compile(r"redis-server process (\d+) up on 127\.0\.0\.1:(\d+)")
 
@@ -117,11 +117,11 @@ def test_up_restarts_killed_redis(stack: Stack) -> None:
 
 
 def test_up_stops_when_redis_keeps_dying(tmp_path: Path) -> None:
-    """After REDIS_MAX_RESTARTS restarts within the window, the next exit stops the stack."""
+    """After MAX_RESTARTS restarts within the window, the next exit stops the stack."""
     stack = Stack(tmp_path, workers=0)
     try:
         wait_for_http(f"{stack.url}/healthz", timeout=90)
-        for count in range(1, REDIS_MAX_RESTARTS + 2):
+        for count in range(1, MAX_RESTARTS + 2):
             pid, _ = stack.wait_for_redis_start(count)
             os.kill(pid, signal.SIGKILL)
         code = stack.process.wait(timeout=60)
@@ -130,7 +130,7 @@ def test_up_stops_when_redis_keeps_dying(tmp_path: Path) -> None:
 
     output = stack.output()
     assert code == 1, output
-    assert len(stack.redis_starts()) == REDIS_MAX_RESTARTS + 1, output
-    assert f"after {REDIS_MAX_RESTARTS} restarts within 60 s" in output
+    assert len(stack.redis_starts()) == MAX_RESTARTS + 1, output
+    assert f"after {MAX_RESTARTS} restarts within 60 s" in output
     assert "error: redis-server on 127.0.0.1:" in output
     assert "Traceback" not in output
