@@ -37,6 +37,7 @@ EXPECTED_SCOPE: dict[tuple[str, str], str] = {
     ("GET", "/v1/featuresets/{featureset_id}/layers/{layer}"): "read",
     ("GET", "/v1/featuresets/{featureset_id}/labels"): "read",
     ("GET", "/v1/featuresets/{featureset_id}/fsck"): "read",
+    ("POST", "/v1/featuresets/{featureset_id}/fsck/repair"): "admin",
     ("POST", "/v1/probes"): "write",
     ("GET", "/v1/probes"): "read",
     ("GET", "/v1/probes/{probe_id}"): "read",
