@@ -30,7 +30,7 @@ from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Dependency, Job, JobStatus
 from rq.registry import CanceledJobRegistry, StartedJobRegistry
 
-from store import FeatureSet, NotFoundError, NotReadyError, Store
+from store import FeatureSet, LayoutError, NotFoundError, NotReadyError, Store
 from store.errors import StoreError
 
 logger = logging.getLogger(__name__)
@@ -320,8 +320,13 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
 
     kind = record["kind"]
     result = None
+    damage: LayoutError | None = None
     if kind == "extraction":
-        featureset = store.find_featureset(record["target"])
+        try:
+            featureset = store.find_featureset(record["target"])
+        except LayoutError as exc:
+            # Damaged metadata of the set: the job's own record still gives its state.
+            featureset, damage = None, exc
         # Status before progress: a block finishing between the two reads must not show a
         # complete feature set with a block missing.
         done = bool(featureset and featureset.is_complete)
@@ -372,6 +377,8 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
         }
     elif done:
         status = "finished"
+    elif damage is not None:
+        status = "failed"
     elif record.get(CANCELED_FIELD) and kind == "extraction" and featureset is None:
         status = "canceled"
         error = {
@@ -433,6 +440,8 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
         status = "running"
     else:
         status = "queued"
+    if damage is not None:
+        error = {"message": damage.message, "field": "featureset_id", "value": record["target"]}
     return {
         "job_id": job_id,
         "kind": kind,

@@ -21,8 +21,8 @@ KEYS = ("zarr.json", "features/zarr.json", "labels/zarr.json", "blocks_done/zarr
 
 @pytest.fixture(autouse=True)
 def _delete_damaged_sets(client: Client) -> Iterator[None]:
-    """Delete the sets a test damaged, because GET /v1/jobs reads the set of every extraction
-    job, and other tests of the session list jobs."""
+    """Delete the sets a test damaged, so that later tests of the session, which list feature
+    sets and jobs of the shared store, find none."""
     yield
     for featureset_id in _DAMAGED:
         try:
@@ -139,3 +139,18 @@ def test_delete_damaged_group_metadata(client: Client, settings: Settings) -> No
     response = client.request("DELETE", f"/v1/featuresets/{featureset_id}")
     assert response.status_code == 204
     assert not (Path(settings.store) / "featuresets" / featureset_id).exists()
+
+
+@pytest.mark.parametrize("key", ["zarr.json", "blocks_done/zarr.json"])
+def test_damaged_set_leaves_job_list_readable(client: Client, settings: Settings, key: str) -> None:
+    """The job list and the job of a damaged set still answer; the job names the damage."""
+    limit = 120 + KEYS.index(key)
+    featureset_id = _damaged_set(client, settings, limit, key, "not-json")
+    jobs = client.request("GET", "/v1/jobs", params={"limit": 1000}).json()["data"]
+    mine = [job for job in jobs if job["target_id"] == featureset_id]
+    assert len(mine) == 1
+    state = client.request("GET", f"/v1/jobs/{mine[0]['job_id']}").json()
+    assert state["status"] == "finished"
+    assert state["target_id"] == featureset_id
+    assert "damaged metadata" in state["error"]["message"]
+    assert state["error"]["field"] == "featureset_id"
