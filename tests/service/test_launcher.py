@@ -38,15 +38,20 @@ def test_supervisor_restarts_killed_worker(stack_env: dict[str, str], tmp_path: 
     assert all(process.poll() is not None for process in supervisor.processes)
 
 
+def _skip_with_cuda() -> None:
+    """Skip a test that needs LAYERBANK_DEVICE=cuda to fail at worker start."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA, so a cuda worker starts")
+
+
 def test_supervisor_gives_up_on_worker_exiting_at_start(
     stack_env: dict[str, str], tmp_path: Path
 ) -> None:
     """A worker that cannot start (here a CUDA device on a machine without one) is not started
     again forever: after the restart budget the supervisor reports why, with its log line."""
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA, so a cuda worker starts")
+    _skip_with_cuda()
     reasons: list[str] = []
     env = {**stack_env, "LAYERBANK_DEVICE": "cuda", "LAYERBANK_QUEUE": "layerbank-give-up"}
     supervisor = WorkerSupervisor(
@@ -226,10 +231,7 @@ def test_up_beside_running_stack_is_one_error_line(tmp_path: Path) -> None:
 def test_up_stops_when_worker_keeps_exiting(tmp_path: Path) -> None:
     """`up` with a worker that exits at start stops with one error line and exit code 1,
     instead of starting the worker again every few seconds."""
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("this machine has CUDA, so a cuda worker starts")
+    _skip_with_cuda()
     env = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
     result = subprocess.run(
         [

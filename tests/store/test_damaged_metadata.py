@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from store import DamagedMetadataError, NotFoundError, Store
-from store.featureset import FeatureSet, create_featureset
+from store.featureset import FeatureSet
 from store.fsck import check_featureset
-from store.spec import FeatureSetSpec
+from tests.factories import pending_featureset
 
-LAYERS, N_ITEMS, DIM, BLOCK_ROWS = [0, 1], 40, 8, 10
+LAYERS, N_ITEMS, DIM, BLOCK_ROWS = (0, 1), 40, 8, 10
 N_BLOCKS = N_ITEMS // BLOCK_ROWS
 
 # Damages of one metadata file: the text written in its place, or None to delete it.
@@ -29,25 +29,9 @@ def store(tmp_path: Path) -> Store:
 
 
 def _complete(store: Store) -> FeatureSet:
-    spec = FeatureSetSpec(
-        model="tiny-igpt",
-        model_revision="rev-1",
-        model_family="imagegpt",
-        dataset="digits",
-        dataset_fingerprint="0" * 16,
-        split="test",
-        layers=LAYERS,
-        pooling="mean",
-    )
-    featureset = create_featureset(
-        store,
-        spec,
-        layer_map=[{"layer": i, "description": f"h{i}"} for i in LAYERS],
-        dim=DIM,
-        labels=np.arange(N_ITEMS) % 2,
-        item_ids=np.arange(N_ITEMS),
-        class_names=["a", "b"],
-        block_rows=BLOCK_ROWS,
+    assert store.local_root is not None
+    featureset = pending_featureset(
+        store.local_root, n_items=N_ITEMS, dim=DIM, layers=LAYERS, block_rows=BLOCK_ROWS
     )
     features = np.random.default_rng(0).standard_normal((len(LAYERS), N_ITEMS, DIM))
     for block in range(N_BLOCKS):
