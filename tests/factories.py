@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -127,3 +129,20 @@ class MetadataWrites:
             await original(key, value)
 
         monkeypatch.setattr(store.zarr_store, "set", recording_set)
+
+
+def one_error_line(args: list[str], env: dict[str, str]) -> str:
+    """Run ``python *args`` in the repository root and return its one stderr line, asserting
+    that the command failed with exit code 1 and wrote exactly one line to stderr."""
+    result = subprocess.run(
+        [sys.executable, *args],
+        env=env,
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]

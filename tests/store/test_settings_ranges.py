@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ from store.settings import (
     env_var_name,
     load_settings,
 )
+from tests.factories import one_error_line
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -203,20 +202,10 @@ def test_up_host_option_checked(tmp_path: Path, host: str) -> None:
     """`layerbank up --host` is checked as LAYERBANK_HOST is, before anything starts."""
     env = {key: val for key, val in os.environ.items() if not key.startswith("LAYERBANK_")}
     env.pop("REDIS_URL", None)
-    result = subprocess.run(
-        [sys.executable, "-m", "service.cli", "up", "--host", host, "--port", "1"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 1, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"error: invalid host={host!r}: "), lines[0]
-    assert "cannot listen" not in lines[0]
-    assert allowed_values("host") in lines[0]
+    line = one_error_line(["-m", "service.cli", "up", "--host", host, "--port", "1"], env)
+    assert line.startswith(f"error: invalid host={host!r}: "), line
+    assert "cannot listen" not in line
+    assert allowed_values("host") in line
 
 
 def test_deployment_table_lists_ranges() -> None:
@@ -248,16 +237,6 @@ def test_command_stops_at_start(
     env.pop("REDIS_URL", None)
     env[variable] = value
     env["LAYERBANK_STORE"] = str(tmp_path / "store")
-    result = subprocess.run(
-        [sys.executable, *command],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 1, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert re.match(rf"error: invalid {variable}='{re.escape(value)}': expected ", lines[0])
+    line = one_error_line(command, env)
+    assert re.match(rf"error: invalid {variable}='{re.escape(value)}': expected ", line)
     assert not (tmp_path / "redis").exists()

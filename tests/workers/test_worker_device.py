@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.factories import one_error_line
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -29,20 +29,10 @@ def test_missing_cuda_device_stops_worker(
     env["REDIS_URL"] = redis_server.url  # type: ignore[attr-defined]
     env["LAYERBANK_STORE"] = str(tmp_path / "store")
     env["LAYERBANK_DEVICE"] = value
-    result = subprocess.run(
-        [sys.executable, "-m", "workers.main", "--burst"],
-        env=env,
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert result.returncode == 1, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith(f"error: invalid LAYERBANK_DEVICE='{value}': "), lines[0]
-    assert "LAYERBANK_DEVICE=auto" in lines[0]
-    assert "cpu" in lines[0]
+    line = one_error_line(["-m", "workers.main", "--burst"], env)
+    assert line.startswith(f"error: invalid LAYERBANK_DEVICE='{value}': "), line
+    assert "LAYERBANK_DEVICE=auto" in line
+    assert "cpu" in line
 
 
 def test_cuda_index_beyond_count_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
