@@ -9,8 +9,6 @@ import pytest
 
 from tests.factories import one_error_line
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def _cuda_count() -> int:
     torch = pytest.importorskip("torch")
