@@ -142,10 +142,11 @@ def _incomplete_report(store: Store, featureset_id: str, *, repair: bool) -> dic
 
 
 def _folder_report(
-    store: Store, featureset_id: str, problem: str, *, repair: bool
+    store: Store, featureset_id: str, problem: str, *, repair: bool, damaged: bool = False
 ) -> dict[str, Any]:
     """Return the report of a feature set that has no usable group attributes, with
-    ``problem`` first. With ``repair``, delete its folder."""
+    ``problem`` first. With ``repair``, delete its folder. ``damaged`` marks a group whose
+    metadata file is damaged rather than one whose creation did not finish."""
     path = f"featuresets/{featureset_id}"
     report = _unreadable_report(featureset_id, partial_files=_partial_files(store, path))
     _add_store_partial_files(store, report)
@@ -157,6 +158,13 @@ def _folder_report(
         advice = "fsck deleted its folder, so send the same POST /v1/extractions again to create it"
         logger.warning(
             "feature set %s: fsck repaired: %s", featureset_id, "; ".join(report["repaired"])
+        )
+    elif damaged:
+        # The API reads a damaged group as a damaged set (409), not as an unfinished one, so
+        # the POST recreates it only after the repair.
+        advice = (
+            "run fsck with repair to delete its folder, then send the same POST "
+            "/v1/extractions again to create it"
         )
     else:
         advice = (
@@ -180,7 +188,7 @@ def _damaged_metadata_report(
     logger.info("feature set %s: fsck found damaged metadata: %s", featureset_id, exc.message)
     if exc.key == "zarr.json":
         problem = exc.damage + ", so its attributes (spec, layers, status) are lost"
-        return _folder_report(store, featureset_id, problem, repair=repair)
+        return _folder_report(store, featureset_id, problem, repair=repair, damaged=True)
     if exc.key == "blocks_done/zarr.json" and repair:
         rebuild_blocks_done_metadata(store, featureset_id)
         store.forget(featureset_id)

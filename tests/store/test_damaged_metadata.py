@@ -91,6 +91,17 @@ def test_fsck_reports_damaged_metadata(store: Store, key: str, damage: str) -> N
 
 
 @pytest.mark.parametrize("damage", ["not-json", "not-metadata"])
+def test_damaged_group_report_asks_repair_first(store: Store, damage: str) -> None:
+    """The API answers 409 to the POST while the group is damaged, so the report does not
+    offer the POST alone."""
+    featureset = _complete(store)
+    _damage(store, featureset.id, "zarr.json", damage)
+    problem = check_featureset(store, featureset.id)["problems"][0]
+    assert "run fsck with repair to delete its folder, then send the same POST" in problem
+    assert "again to recreate it, or run fsck" not in problem
+
+
+@pytest.mark.parametrize("damage", ["not-json", "not-metadata"])
 def test_repair_deletes_set_with_damaged_group(store: Store, damage: str) -> None:
     featureset = _complete(store)
     _damage(store, featureset.id, "zarr.json", damage)
