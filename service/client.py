@@ -23,6 +23,8 @@ from store.ids import InvalidIdError, check_id
 TERMINAL = ("finished", "failed", "canceled")
 # The URL that error messages about an invalid base URL show as an example.
 EXAMPLE_URL = "http://127.0.0.1:8000"
+# The first bytes of every .npy file.
+NPY_MAGIC = b"\x93NUMPY"
 
 
 def _path_id(value: str, field: str) -> str:
@@ -104,8 +106,14 @@ def check_base_url(url: str) -> str:
 
     A trailing ``/`` is accepted. Raises InvalidUrlError, with the reason, for anything else,
     including user information, a path, a query string or a fragment: the client appends the
-    API's paths itself, and httpx would merge or drop such parts.
+    API's paths itself, and httpx would merge or drop such parts. Whitespace anywhere is
+    rejected too, because httpx would otherwise fail on it only when the first request is sent.
     """
+    for index, char in enumerate(url):
+        if char.isspace():
+            raise InvalidUrlError(
+                url, f"it contains whitespace ({char!r} at index {index}); remove it"
+            )
     try:
         parts = urlsplit(url)
     except ValueError as exc:
@@ -151,6 +159,39 @@ def check_base_url(url: str) -> str:
 
 class IncompleteBodyError(Exception):
     """Raised when an .npy body ends before its array, or runs past it."""
+
+
+class NotNpyError(ValueError):
+    """Raised when a body does not start with the .npy magic string.
+
+    ``head`` contains the bytes of the body read so far.
+    """
+
+    def __init__(self, head: bytes) -> None:
+        self.head = head
+        super().__init__("the body is not an .npy array")
+
+
+def _unexpected_body_error(
+    method: str, response: httpx.Response, head: bytes, expected: str, base_url: str
+) -> ClientError:
+    """Return the ClientError for a response whose body is not ``expected``.
+
+    ``head`` is the start of the body. The message names the request, the status, the content
+    type and the first 80 bytes, because such a body usually comes from a proxy or another
+    server at ``base_url``.
+    """
+    content_type = response.headers.get("content-type") or "no content type"
+    return ClientError(
+        response.status_code,
+        {
+            "message": f"{method} {response.url} returned HTTP {response.status_code} "
+            f"with {content_type} that is not {expected}, starting with {head[:80]!r}; "
+            f"check that {base_url} is the layerbank API and not a proxy or another server",
+            "field": "url",
+            "value": str(response.url),
+        },
+    )
 
 
 class Client:
@@ -205,7 +246,7 @@ class Client:
                 continue
             try:
                 if response.status_code >= 400:
-                    raise ClientError(response.status_code, _error_detail(response))
+                    raise self._error(method, response)
                 yield response
             finally:
                 response.close()
@@ -218,18 +259,27 @@ class Client:
         try:
             return response.json()
         except ValueError as exc:
-            content_type = response.headers.get("content-type") or "no content type"
-            raise ClientError(
-                response.status_code,
-                {
-                    "message": f"{method} {response.url} returned HTTP {response.status_code} "
-                    f"with {content_type} that is not JSON ({exc}), starting with "
-                    f"{response.content[:80]!r}; check that {self.base_url} is the layerbank "
-                    "API and not a proxy or another server",
-                    "field": "url",
-                    "value": str(response.url),
-                },
+            raise _unexpected_body_error(
+                method, response, response.content, f"JSON ({exc})", self.base_url
             ) from None
+
+    def _error(self, method: str, response: httpx.Response) -> ClientError:
+        """Read the body of an error response and return its ClientError.
+
+        The API's own error body is JSON with a ``detail``, which the error carries. A body
+        that is not JSON comes from something else, such as a proxy, and the error names the
+        request and the start of the body.
+        """
+        response.read()
+        try:
+            body = response.json()
+        except ValueError:
+            return _unexpected_body_error(
+                method, response, response.content, "the layerbank API's error JSON", self.base_url
+            )
+        if isinstance(body, dict):
+            return ClientError(response.status_code, body.get("detail", response.text))
+        return ClientError(response.status_code, response.text)
 
     # -- API methods ------------------------------------------------------------------------
 
@@ -342,6 +392,10 @@ class Client:
         with self.stream("GET", path, params=params) as response:
             try:
                 return _read_npy(response.iter_bytes())
+            except NotNpyError as exc:
+                raise _unexpected_body_error(
+                    "GET", response, exc.head, "an .npy array", self.base_url
+                ) from None
             except (httpx.RemoteProtocolError, IncompleteBodyError) as exc:
                 raise ClientError(
                     response.status_code,
@@ -414,15 +468,6 @@ class Client:
         ).content
 
 
-def _error_detail(response: httpx.Response) -> Any:
-    """Return the ``detail`` of an error response, or its text when the body is not JSON."""
-    response.read()
-    try:
-        return response.json().get("detail", response.text)
-    except (ValueError, AttributeError):
-        return response.text
-
-
 def _read_npy(pieces: Iterable[bytes]) -> np.ndarray:
     """Read an .npy body that arrives in ``pieces`` into one preallocated array."""
     pieces = iter(pieces)
@@ -433,6 +478,10 @@ def _read_npy(pieces: Iterable[bytes]) -> np.ndarray:
         if piece is None:
             raise IncompleteBodyError(f"the body ended in the .npy header, after {len(head)} bytes")
         head += piece
+        # Checked before the header is complete, so that a short HTML page is not reported
+        # as an .npy body that ended early.
+        if head[:6] != NPY_MAGIC[: len(head)]:
+            raise NotNpyError(bytes(head))
         if header_end is None and len(head) >= 12:
             header_end = _npy_header_end(head)
 
@@ -462,8 +511,8 @@ def _read_npy(pieces: Iterable[bytes]) -> np.ndarray:
 
 def _npy_header_end(head: bytearray) -> int:
     """Return the offset of the array data in an .npy body from its first 12 bytes."""
-    if head[:6] != b"\x93NUMPY":
-        raise ValueError("the body is not an .npy array")
+    if head[:6] != NPY_MAGIC:
+        raise NotNpyError(bytes(head))
     if head[6] == 1:
         return 10 + int.from_bytes(head[8:10], "little")
     return 12 + int.from_bytes(head[8:12], "little")
