@@ -14,9 +14,11 @@ from typing import Annotated, Any, NoReturn
 from fastapi import APIRouter, FastAPI, Query
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
+from redis import Redis
 
 from service.auth import public
-from service.deps import StoreDep
+from service.deps import RedisDep, StoreDep
+from service.jobs import require_complete
 from service.routes.probes import PairFacts, count_shared_items, pair_mismatch
 from store import FeatureSet, NotReadyError, Store, StoreError, check_id
 
@@ -39,6 +41,7 @@ def read_dashboard() -> FileResponse:
 @router.get("/dashboard/probe-pairs")
 def probe_pairs(
     store: StoreDep,
+    redis: RedisDep,
     train: Annotated[
         str | None,
         Query(
@@ -68,7 +71,7 @@ def probe_pairs(
     if train_id is not None:
         train_facts = next((item for item in facts if item.id == train_id), None)
         if train_facts is None:
-            _raise_not_complete(store, train_id)
+            _raise_not_complete(redis, store, train_id)
         tests = _test_candidates(train_facts, facts)
     return {"default": default, "train": train_id, "tests": tests}
 
@@ -105,13 +108,13 @@ def _default_pair(facts: list[PairFacts]) -> dict[str, str] | None:
     return None
 
 
-def _raise_not_complete(store: Store, featureset_id: str) -> NoReturn:
-    """Raise the error for a train set that is missing or not complete."""
+def _raise_not_complete(redis: Redis, store: Store, featureset_id: str) -> NoReturn:
+    """Raise the error of POST /v1/probes for a train set that is missing or not complete."""
     featureset = store.featureset(featureset_id, field="train")  # raises if missing
-    status = featureset.attrs.get("status")
+    require_complete(redis, store, featureset, field="train")
+    # Complete after all: it finished after the list above was read.
     raise NotReadyError(
-        f"train feature set {featureset_id!r} has status {status!r}, and only complete feature "
-        "sets can be probed; wait for its extraction to finish or pass a complete feature set",
+        f"train feature set {featureset_id!r} completed while this request ran; send it again",
         field="train",
         value=featureset_id,
     )

@@ -91,6 +91,22 @@ def test_layer_conflict_uses_same_hint(api_url: str, failed_extraction: dict[str
     assert response.json()["detail"]["message"].endswith(hint)
 
 
+def test_probe_pairs_of_failed_set_use_same_hint(
+    api_url: str, failed_extraction: dict[str, Any]
+) -> None:
+    """The dashboard's pair list names a failed train set's status as the set's read does."""
+    featureset_id = failed_extraction["featureset_id"]
+    read = httpx.get(f"{api_url}/v1/featuresets/{featureset_id}", timeout=30).json()
+    response = httpx.get(
+        f"{api_url}/dashboard/probe-pairs", params={"train": featureset_id}, timeout=30
+    )
+    assert response.status_code == 409
+    detail = response.json()["detail"]
+    assert detail["field"] == "train"
+    assert "pending" not in detail["message"]
+    assert detail["message"].endswith(read["hint"])
+
+
 def test_queued_job_reads_pending(api_url: str, redis_server: Any, settings: Any) -> None:
     redis = Redis.from_url(redis_server.url)
     # A queue no worker listens to, so the job stays queued.
