@@ -413,7 +413,12 @@ class Client:
         response = self.request(
             "GET", f"/v1/featuresets/{_path_id(featureset_id, 'featureset_id')}/labels"
         )
-        return np.load(io.BytesIO(response.content), allow_pickle=False)
+        try:
+            return np.load(io.BytesIO(response.content), allow_pickle=False)
+        except ValueError:
+            raise _unexpected_body_error(
+                "GET", response, response.content, "an .npy array", self.base_url
+            ) from None
 
     def probe_result(self, probe_id: str) -> dict[str, Any]:
         return self._json("GET", f"/v1/probes/{_path_id(probe_id, 'probe_id')}")

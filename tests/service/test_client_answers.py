@@ -72,6 +72,14 @@ def test_layer_array_short_html_is_client_error(proxy_url: str) -> None:
     assert "ended early" not in str(caught.value)
 
 
+def test_labels_html_is_client_error(proxy_url: str) -> None:
+    with Client(proxy_url, retries=0) as client, pytest.raises(ClientError) as caught:
+        client.labels(FEATURESET_ID)
+    url = f"{proxy_url}/v1/featuresets/{FEATURESET_ID}/labels"
+    assert f"GET {url} returned HTTP 200" in str(caught.value)
+    assert "not an .npy array" in str(caught.value)
+
+
 def test_non_json_error_names_url(proxy_url: str) -> None:
     with Client(proxy_url, retries=0) as client, pytest.raises(ClientError) as caught:
         client.request("GET", "/bad-gateway/x")
