@@ -442,6 +442,16 @@ def job_state(redis: Redis, store: Store, job_id: str) -> dict[str, Any]:
         status = "queued"
     if damage is not None:
         error = {"message": damage.message, "field": "featureset_id", "value": record["target"]}
+    if status == "failed" and error is not None:
+        later = active_job_id(redis, record["target"])
+        if later not in (None, job_id):
+            # A later request took over the work, so resuming this job is not the fix.
+            reason = error["message"].split("; resume it with")[0]
+            error = {
+                **error,
+                "message": f"{reason}; a later request started job {later} for the same work, "
+                f"so follow GET /v1/jobs/{later} instead",
+            }
     return {
         "job_id": job_id,
         "kind": kind,

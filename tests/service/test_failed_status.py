@@ -197,3 +197,19 @@ def test_complete_set_has_no_hint(api_url: str, digits_featuresets: dict[str, st
     assert body["status"] == "complete"
     assert body["error"] is None
     assert body["hint"] is None
+
+
+def test_replaced_failed_job_points_to_newer_job(client: Any, stack_dirs: dict[str, Path]) -> None:
+    """A failed job whose work a later request took over names the newer job, not a resume."""
+    model = _nan_model(stack_dirs["models"] / f"nan-igpt-{uuid.uuid4().hex[:6]}")
+    first = client.extract(str(model), "digits", "test", limit=21, block_rows=21)
+    state = wait_job(client, first["job_id"], timeout=240)
+    assert state is not None
+    assert state["status"] == "failed", state
+    second = client.extract(str(model), "digits", "test", limit=21, block_rows=21)
+    assert second["job_id"] != first["job_id"]
+    old = client.request("GET", f"/v1/jobs/{first['job_id']}").json()
+    assert old["status"] == "failed"
+    assert f"GET /v1/jobs/{second['job_id']}" in old["error"]["message"]
+    assert "/resume" not in old["error"]["message"]
+    wait_job(client, second["job_id"], timeout=240)
