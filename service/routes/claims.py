@@ -7,6 +7,8 @@ each ``store:<name>@step<N>`` checkpoint, then pass the probe ids here.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -153,15 +155,27 @@ def _listed(probe_ids: list[str]) -> str:
     return f"{noun} {', '.join(map(repr, probe_ids))}"
 
 
+def _probe_ids_by(
+    checked: list[_ProbedCheckpoint], key: Callable[[_ProbedCheckpoint], str]
+) -> dict[str, list[str]]:
+    """Group the probe ids of ``checked`` by ``key``, groups in the order first seen."""
+    groups: dict[str, list[str]] = {}
+    for item in checked:
+        groups.setdefault(key(item), []).append(item.point["probe_id"])
+    return groups
+
+
+def _setting_text(item: _ProbedCheckpoint, *, name: str) -> str:
+    return format_json(item.settings[name])
+
+
 def _check_one_run(checked: list[_ProbedCheckpoint]) -> None:
     """Raise unless every probe comes from a checkpoint of the same pretraining run.
 
     The run with the most probes (the first listed one on a tie) is taken as the intended
     one, and the error's value lists the probes of the other runs.
     """
-    by_run: dict[str, list[str]] = {}
-    for item in checked:
-        by_run.setdefault(item.run, []).append(item.point["probe_id"])
+    by_run = _probe_ids_by(checked, lambda item: item.run)
     if len(by_run) == 1:
         return
     main = max(by_run, key=lambda run: len(by_run[run]))
@@ -211,10 +225,7 @@ def _check_same_settings(checked: list[_ProbedCheckpoint]) -> None:
     as the intended one, and the error's value lists the probes with another value.
     """
     for name in checked[0].settings:
-        by_value: dict[str, list[str]] = {}
-        for item in checked:
-            value = format_json(item.settings[name])
-            by_value.setdefault(value, []).append(item.point["probe_id"])
+        by_value = _probe_ids_by(checked, functools.partial(_setting_text, name=name))
         if len(by_value) == 1:
             continue
         main = max(by_value, key=lambda value: len(by_value[value]))

@@ -4,15 +4,15 @@ A base URL with whitespace is rejected before any request."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 from typer.testing import CliRunner
 
 from service.cli import app
 from service.client import Client, ClientError, InvalidUrlError, check_base_url
+from tests.factories import local_http_server
 
 FEATURESET_ID = "0" * 24
 PROXY_PAGE = b"<html><body>Bad gateway from proxy</body></html>"
@@ -40,13 +40,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def proxy_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _ProxyHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+    with local_http_server(_ProxyHandler) as url:
+        yield url
 
 
 def test_layer_array_html_is_client_error(proxy_url: str) -> None:

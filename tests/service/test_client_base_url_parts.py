@@ -4,15 +4,15 @@ and what came back."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 from typer.testing import CliRunner
 
 from service.cli import app
 from service.client import Client, ClientError, InvalidUrlError, check_base_url
+from tests.factories import local_http_server
 
 REJECTED = {
     "http://127.0.0.1:18731?x=1": "query",
@@ -63,13 +63,8 @@ class _HtmlHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture()
 def html_url() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _HtmlHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
-    server.server_close()
-    thread.join(timeout=5)
+    with local_http_server(_HtmlHandler) as url:
+        yield url
 
 
 def test_non_json_response_is_client_error(html_url: str) -> None:

@@ -197,30 +197,27 @@ def test_redis_folder_locked_while_running(tmp_path: Path) -> None:
     again.stop()
 
 
+def _run_up(
+    store: Path, *options: str, env: dict[str, str] | None = None, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Run `layerbank up` on a free port until it exits, without the session's REDIS_URL."""
+    base = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
+    command = ["up", "--port", str(free_port()), "--store", str(store), *options]
+    return subprocess.run(
+        [sys.executable, "-m", "service.cli", *command],
+        env={**base, **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
 def test_up_beside_running_stack_is_one_error_line(tmp_path: Path) -> None:
     from service.launcher import RedisServer
 
     running = RedisServer(free_port(), tmp_path / "redis", persistent=True).start()
-    env = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
     try:
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "service.cli",
-                "up",
-                "--port",
-                str(free_port()),
-                "--store",
-                str(tmp_path / "second"),
-                "--workers",
-                "0",
-            ],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
+        result = _run_up(tmp_path / "second", "--workers", "0", timeout=60)
     finally:
         running.stop()
     assert result.returncode == 1
@@ -232,22 +229,8 @@ def test_up_stops_when_worker_keeps_exiting(tmp_path: Path) -> None:
     """`up` with a worker that exits at start stops with one error line and exit code 1,
     instead of starting the worker again every few seconds."""
     _skip_with_cuda()
-    env = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "service.cli",
-            "up",
-            "--port",
-            str(free_port()),
-            "--store",
-            str(tmp_path / "store"),
-        ],
-        env={**env, "OMP_NUM_THREADS": "1", "LAYERBANK_DEVICE": "cuda"},
-        capture_output=True,
-        text=True,
-        timeout=180,
+    result = _run_up(
+        tmp_path / "store", env={"OMP_NUM_THREADS": "1", "LAYERBANK_DEVICE": "cuda"}, timeout=180
     )
     assert result.returncode == 1, result.stderr
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
