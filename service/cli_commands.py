@@ -721,7 +721,7 @@ def _print_featureset(fs: dict[str, Any]) -> None:
         )
     }
     # The job that writes or wrote the set, with its error and the next step when it failed or
-    # was canceled; an API that does not return them leaves the rows out.
+    # was canceled. An API that does not return these fields leaves the rows out.
     for key in ("job_id", "error", "hint"):
         if fs.get(key):
             summary[key] = fs[key]["message"] if key == "error" else fs[key]

@@ -85,8 +85,8 @@ class JobNotResumableError(StoreError):
 def rerun_would_repeat(error: dict[str, Any] | None) -> bool:
     """Return whether a job failed on a permanent error, one that a rerun would fail on again.
 
-    The resume route rejects such a job with 409, and a feature set's hint asks for a fix and a
-    new request instead of a resume.
+    The resume route rejects such a job with 409, and the hint of its feature set requests a fix
+    and a new request instead of a resume.
     """
     return bool(error and error.get("permanent"))
 

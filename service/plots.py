@@ -145,8 +145,8 @@ def _set_layer_ticks(axes: Any, layers: set[int]) -> None:
     if not layers:
         return
     low, high = min(layers), max(layers)
-    # Half a layer of margin on each side; one layer alone would otherwise get a view of
-    # +-0.1 around it and fractional ticks.
+    # Half a layer of margin on each side, because one layer alone would otherwise get a view
+    # of +-0.1 around it and fractional ticks.
     axes.set_xlim(low - 0.5, high + 0.5)
     if len(layers) <= MAX_LAYER_TICKS:
         axes.set_xticks(sorted(layers))

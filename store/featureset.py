@@ -105,12 +105,12 @@ def incomplete_error(
     )
 
 
-# What zarr 3.1 raises for a zarr.json it cannot use: json's JSONDecodeError and
+# Errors zarr 3.1 raises for a zarr.json it cannot use: json's JSONDecodeError and
 # UnicodeDecodeError, zarr's MetadataValidationError and ContainsArrayError (all ValueError), and
 # TypeError for JSON of another shape. PermissionError is a file the process may not read.
 METADATA_ERRORS = (ValueError, TypeError, PermissionError)
-# What it raises when a group's zarr.json is missing; NodeNotFoundError is also a ValueError, so
-# these are caught before METADATA_ERRORS.
+# Errors zarr raises when a group's zarr.json is missing. NodeNotFoundError is also a
+# ValueError, so these are caught before METADATA_ERRORS.
 GROUP_NOT_FOUND_ERRORS = (FileNotFoundError, zarr.errors.GroupNotFoundError)
 
 

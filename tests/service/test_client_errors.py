@@ -20,7 +20,7 @@ from service.launcher import free_port
 
 @pytest.fixture
 def silent_url() -> Iterator[str]:
-    """URL of a loopback port that accepts connections but never answers."""
+    """URL of a loopback port that accepts connections but never sends a response."""
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen(8)

@@ -1,6 +1,7 @@
-"""The API with a feature set whose zarr.json files are damaged on disk: the list skips the set
-with one warning, reads return 409 naming the set, the file and fsck, fsck reports the damage,
-and the repair and DELETE still work."""
+"""The API with a feature set whose zarr.json files are damaged on disk.
+
+The list skips the set with one warning, and reads return 409 naming the set, the file and
+fsck. fsck reports the damage, and the repair and DELETE still work."""
 
 from __future__ import annotations
 
@@ -143,7 +144,7 @@ def test_delete_damaged_group_metadata(client: Client, settings: Settings) -> No
 
 @pytest.mark.parametrize("key", ["zarr.json", "blocks_done/zarr.json"])
 def test_damaged_set_leaves_job_list_readable(client: Client, settings: Settings, key: str) -> None:
-    """The job list and the job of a damaged set still answer; the job names the damage."""
+    """The job list and the job of a damaged set return 200, and the job names the damage."""
     limit = 120 + KEYS.index(key)
     featureset_id = _damaged_set(client, settings, limit, key, "not-json")
     jobs = client.request("GET", "/v1/jobs", params={"limit": 1000}).json()["data"]

@@ -453,7 +453,7 @@ def test_dashboard_preselects_compatible_probe_pair(
     assert test != ""
     assert test != incompatible_test_set
     # The API must accept the preselected pair: knn on its first stored layer is the quickest
-    # probe. Which sets the pair holds depends on the session's other tests.
+    # probe. Which sets the pair contains depends on the session's other tests.
     first_layer = client.featureset(train)["layer_map"][0]["layer"]
     answer = client.probe(train, test, kind="knn", layers=[first_layer])
     state = wait_job(client, answer["job_id"])

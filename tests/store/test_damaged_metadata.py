@@ -92,7 +92,7 @@ def test_fsck_reports_damaged_metadata(store: Store, key: str, damage: str) -> N
 
 @pytest.mark.parametrize("damage", ["not-json", "not-metadata"])
 def test_damaged_group_report_asks_repair_first(store: Store, damage: str) -> None:
-    """The API answers 409 to the POST while the group is damaged, so the report does not
+    """The API returns 409 to the POST while the group is damaged, so the report does not
     offer the POST alone."""
     featureset = _complete(store)
     _damage(store, featureset.id, "zarr.json", damage)

@@ -79,8 +79,8 @@ def test_reader_accepts_values_at_bounds(kind: str, params: dict[str, Any]) -> N
 @pytest.mark.parametrize("engine", ["sklearn", "torch"])
 @pytest.mark.parametrize("c", [5e-324, 1e-300, 9.9e-13])
 def test_logistic_c_below_the_floor_rejected(engine: str, c: float) -> None:
-    """A C so small that its penalty overflows (5e-324) failed every fit after 0 iterations
-    with advice that cannot help; every C below the floor is refused before fitting."""
+    """Every C below the floor is rejected before fitting. A C whose penalty overflows
+    (5e-324) made every fit stop after 0 iterations."""
     with pytest.raises(ProbeError) as info:
         probe_settings.read_logistic_settings({"engine": engine, "C": [c, 1.0]})
 

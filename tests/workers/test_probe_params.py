@@ -242,7 +242,7 @@ def test_parameter_others_need_is_kept() -> None:
     assert normalised == {"engine": "torch", "c_batch": 2}
 
 
-def test_c_batch_of_the_whole_grid_is_left_out() -> None:
+def test_c_batch_whole_grid_dropped() -> None:
     """A c_batch that covers the whole C grid runs it at once, as no c_batch does."""
     y_train = np.repeat(np.arange(4), 25)
     plain = normalise_params("logistic", {"engine": "torch", "C": [0.1, 1.0]}, y_train)
@@ -254,7 +254,7 @@ def test_c_batch_of_the_whole_grid_is_left_out() -> None:
         assert normalised == plain
 
 
-def test_train_eval_items_beyond_the_train_set_is_left_out() -> None:
+def test_train_eval_items_beyond_train_dropped() -> None:
     """kNN scores at most every train item, so any train_eval_items from the train size on
     reads as the default does on a train set of that size."""
     y_train = np.repeat(np.arange(4), 25)

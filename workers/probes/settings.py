@@ -40,7 +40,7 @@ class TrainSizes(Protocol):
 ENGINES = ("sklearn", "torch")
 DEFAULT_C_GRID = (0.01, 0.1, 1.0, 10.0, 100.0)
 # Smallest C. The features are standardised, so on digits every C up to about 1e-6 already
-# holds the weights near zero (chance-level accuracy); below about 1e-310 the penalty
+# keeps the weights near zero (chance-level accuracy). Below about 1e-310 the penalty
 # 1 / (2 C n) overflows and no fit can start.
 MIN_C = 1e-12
 DEFAULT_MAX_ITER = {"sklearn": 5000, "torch": 1000}
