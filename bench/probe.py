@@ -21,6 +21,7 @@ linear probes of iGPT do.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -69,8 +70,34 @@ def run_engine(
     data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     args: argparse.Namespace,
     layers: list[int] | None = None,
+    threads: int | None = None,
 ) -> dict[str, Any]:
-    """Fit ``layers`` (default: every layer) with one engine and return timings and results."""
+    """Fit ``layers`` (default: every layer) with one engine and return timings and results.
+
+    ``threads`` limits torch's pool and every BLAS and OpenMP pool of numpy, scipy and
+    scikit-learn for this run only; None leaves each library's own default.
+    """
+    with contextlib.ExitStack() as stack:
+        if threads:
+            stack.enter_context(threadpool_limits(threads))
+            previous = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            stack.callback(torch.set_num_threads, previous)
+        pools = ", ".join(
+            f"{p['internal_api']} ({_package(p['filepath'])}) {p['num_threads']}"
+            for p in threadpool_info()
+        )
+        print(f"{name}: torch {torch.get_num_threads()} threads; thread pools: {pools}")
+        return _timed_fit(name, params, data, args, layers)
+
+
+def _timed_fit(
+    name: str,
+    params: dict[str, Any],
+    data: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+    args: argparse.Namespace,
+    layers: list[int] | None,
+) -> dict[str, Any]:
     train, y_train, test, y_test = data
     start, cpu_start = time.perf_counter(), time.process_time()
     results = fit_probes(
@@ -90,14 +117,28 @@ def run_engine(
     return {"name": name, "params": params, "wall": wall, "cpu": cpu, "results": results}
 
 
-def torch_variants(args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
-    """One torch run per combination of ``--c-batch``, ``--dtype`` and ``--torch-tol`` values."""
+def torch_variants(
+    args: argparse.Namespace,
+) -> list[tuple[str, dict[str, Any], int | None]]:
+    """One torch run per combination of ``--torch-threads``, ``--c-batch``, ``--dtype`` and
+    ``--torch-tol`` values: (name, engine params, threads)."""
+    variants = []
+    for threads in args.torch_threads or [args.threads]:
+        variants += [(name, params, threads) for name, params in _torch_params(args, threads)]
+    return variants
+
+
+def _torch_params(
+    args: argparse.Namespace, threads: int | None
+) -> list[tuple[str, dict[str, Any]]]:
     variants = []
     for dtype in args.dtype or [None]:
         for c_batch in args.c_batch:
             for tol in args.torch_tol or [None]:
                 params: dict[str, Any] = {"engine": "torch"}
                 name = f"torch c_batch={c_batch}"
+                if args.torch_threads:
+                    name += f" threads={threads}"
                 if c_batch != "all":
                     params["c_batch"] = int(c_batch)
                 if dtype:
@@ -268,6 +309,20 @@ def main() -> None:
         default=None,
         help="threads of torch and numpy/scipy alike (default: each library's own)",
     )
+    parser.add_argument(
+        "--sklearn-threads",
+        type=int,
+        default=None,
+        help="threads of the scikit-learn run only (default: --threads)",
+    )
+    parser.add_argument(
+        "--torch-threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="threads of the torch variants, one run per value, e.g. --torch-threads 1 2 "
+        "(default: --threads)",
+    )
     parser.add_argument("--json", default=None, help="also write the figures to this file")
     args = parser.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -277,15 +332,13 @@ def main() -> None:
             "run on a machine with a GPU or use --device cpu"
         )
     logging.basicConfig(level=logging.WARNING)
-    if args.threads:
-        # Both engines alike: torch's own pool, and numpy/scipy BLAS and OpenMP for sklearn.
-        torch.set_num_threads(args.threads)
-        threadpool_limits(args.threads)
-        pools = ", ".join(
-            f"{p['internal_api']} ({_package(p['filepath'])}) {p['num_threads']}"
-            for p in threadpool_info()
-        )
-        print(f"thread pools: {pools}")
+    for name in ("threads", "sklearn_threads"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            parser.error(
+                f"invalid --{name.replace('_', '-')} {getattr(args, name)}: give 1 or more"
+            )
+    if any(n < 1 for n in args.torch_threads or []):
+        parser.error(f"invalid --torch-threads {args.torch_threads}: give 1 or more per value")
 
     n_test = args.test_items or max(1, args.items // 5)
     start = time.perf_counter()
@@ -304,15 +357,18 @@ def main() -> None:
         f"({time.perf_counter() - start:.1f} s to generate)"
     )
     print(
-        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} "
-        f"threads, torch {torch.__version__}, device {args.device}; "
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        f"(default {torch.get_num_threads()} threads), device {args.device}; "
         f"load average before: {os.getloadavg()[0]:.1f}"
     )
 
     sklearn_layers = evenly_spaced(args.layers, args.sklearn_layers or args.layers)
-    runs = [run_engine("sklearn", {"engine": "sklearn"}, data, args, sklearn_layers)]
-    for name, params in torch_variants(args):
-        runs.append(run_engine(name, params, data, args))
+    sklearn_threads = args.sklearn_threads or args.threads
+    runs = [
+        run_engine("sklearn", {"engine": "sklearn"}, data, args, sklearn_layers, sklearn_threads)
+    ]
+    for name, params, threads in torch_variants(args):
+        runs.append(run_engine(name, params, data, args, threads=threads))
     summaries = report(runs, args.layers)
     if args.json:
         with open(args.json, "w") as f:

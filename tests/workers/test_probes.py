@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,7 +26,12 @@ from torch.overrides import TorchFunctionMode
 
 from workers.errors import ProbeError
 from workers.probes import PROBE_KINDS, fit_probes
-from workers.probes.logistic import LogisticSettings, _BatchedLogistic, _standardise_parts_
+from workers.probes.logistic import (
+    LogisticSettings,
+    _balanced_batches,
+    _BatchedLogistic,
+    _standardise_parts_,
+)
 from workers.probes.metrics import CI_DECIMALS, bootstrap_accuracy_ci
 from workers.probes.mlp import _unfinished_training_warning
 from workers.probes.settings import MlpSettings
@@ -678,6 +684,102 @@ def test_torch_engine_reports_progress_per_batch(digits: Digits) -> None:
         progress=lambda done, total: calls.append((done, total)),
     )
     assert calls == [(2, 3), (3, 3)]
+
+
+@pytest.fixture
+def two_torch_threads() -> Iterator[None]:
+    """Two torch threads, so the torch engine fits two batches of layers at a time on a CPU."""
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(1)
+
+
+def _zarr_copies(digits: Digits, path: Any) -> dict[str, Any]:
+    stored = {}
+    for split in ("train", "test"):
+        array = zarr.create_array(
+            path / f"{split}.zarr", shape=digits[split].shape, dtype="float32", chunks=(1, 256, 64)
+        )
+        array[:] = digits[split]
+        stored[split] = array
+    return stored
+
+
+def test_torch_engine_fits_batches_in_threads_as_one_at_a_time(
+    digits: Digits, tmp_path: Any
+) -> None:
+    params = {"engine": "torch", "C": [0.1, 1.0, 10.0], "layer_batch": 1}
+    one_at_a_time = probe(digits, "logistic", params)
+
+    stored = _zarr_copies(digits, tmp_path)
+    progress: list[tuple[int, int, int]] = []
+    checks: list[tuple[str, int]] = []
+    torch.set_num_threads(2)
+    try:
+        in_threads = fit_probes(
+            "logistic",
+            stored["train"],
+            digits["y_train"],
+            stored["test"],
+            digits["y_test"],
+            layers=LAYERS,
+            params=params,
+            seed=0,
+            progress=lambda done, total: progress.append((threading.get_ident(), done, total)),
+            check=lambda: checks.append((threading.current_thread().name, torch.get_num_threads())),
+        )
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(1)
+
+    for one, threaded in zip(one_at_a_time, in_threads, strict=True):
+        assert threaded["layer"] == one["layer"]
+        assert threaded["params"]["C"] == one["params"]["C"]
+        assert threaded["test_accuracy"] == one["test_accuracy"]
+        assert threaded["confusion_matrix"] == one["confusion_matrix"]
+        assert threaded["grid"] == one["grid"]
+        assert threaded["n_iter"] == one["n_iter"]
+    # Progress comes from the calling thread, whose rq job the callback updates.
+    assert {ident for ident, _, _ in progress} == {threading.get_ident()}
+    assert [done for _, done, _ in progress] == [1, 2, 3]
+    # Two batch threads ran the iterations, with one torch thread each.
+    names = {name for name, _ in checks}
+    assert len(names) == 2 and all(name.startswith("logistic-batch") for name in names), names
+    assert {threads for _, threads in checks} == {1}
+
+
+@pytest.mark.usefixtures("two_torch_threads")
+def test_torch_engine_threads_raise_the_first_error_and_stop(digits: Digits) -> None:
+    calls: list[str] = []
+
+    def check() -> None:
+        calls.append(threading.current_thread().name)
+        if len(calls) == 5:
+            raise _Stop
+
+    with pytest.raises(_Stop):
+        probe(digits, "logistic", {"engine": "torch", "C": 1.0, "layer_batch": 1}, check=check)
+    assert [t for t in threading.enumerate() if t.name.startswith("logistic-batch")] == []
+    assert torch.get_num_threads() == 2
+    assert all(name.startswith("logistic-batch") for name in calls), calls
+
+
+@pytest.mark.parametrize(
+    ("n_layers", "largest", "parallel", "sizes"),
+    [
+        (25, 3, 2, [3, 3, 3, 3, 3, 2, 2, 2, 2, 2]),  # 10 batches, not 8 of 3 and a lone 1
+        (25, 3, 1, [3, 3, 3, 3, 3, 3, 3, 2, 2]),
+        (3, 5, 2, [2, 1]),  # fits in one batch, split to give each thread one
+        (1, 5, 2, [1]),
+    ],
+)
+def test_torch_engine_balances_automatic_batches(
+    n_layers: int, largest: int, parallel: int, sizes: list[int]
+) -> None:
+    batches = _balanced_batches(list(range(n_layers)), largest, parallel)
+    assert [len(b) for b in batches] == sizes
+    assert [layer for b in batches for layer in b] == list(range(n_layers))
+    assert all(type(layer) is int for b in batches for layer in b)
 
 
 def test_zarr_float16_features_are_read_per_layer(digits: Digits, tmp_path: Any) -> None:

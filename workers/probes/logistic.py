@@ -45,9 +45,11 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any
 
@@ -67,8 +69,13 @@ from workers.probes.task import ProbeTask
 
 logger = logging.getLogger(__name__)
 
-# Bytes of features and activations that one torch batch of layers may hold on the CPU.
+# Bytes of features and activations that the torch batches of layers may hold on the CPU.
 CPU_BATCH_BYTES = 2 * 2**30
+# Batches of layers fitted at once on a CPU, each in its own thread with a share of torch's
+# threads. With one torch thread each, two batches fitted the full sweep of
+# docs/benchmarks-probe.md faster than one batch at a time on two threads: most matmuls of the
+# sweep cover few values of C and gain little from a second thread.
+CPU_PARALLEL_BATCHES = 2
 
 
 def fit_logistic(task: ProbeTask, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -157,27 +164,108 @@ def _sklearn_model(
 def _fit_torch(task: ProbeTask, s: LogisticSettings) -> list[dict[str, Any]]:
     device = resolve_device(task.device)
     dtype = getattr(torch, s.dtype)
-    batch = s.layer_batch or _layer_batch(task, s, device, dtype)
+    threads = torch.get_num_threads()
+    parallel = min(CPU_PARALLEL_BATCHES, threads) if device.type == "cpu" else 1
+    if s.layer_batch:
+        batches = [
+            task.layers[i : i + s.layer_batch] for i in range(0, len(task.layers), s.layer_batch)
+        ]
+    else:
+        batches = _balanced_batches(
+            task.layers, _layer_batch(task, s, device, dtype, parallel), parallel
+        )
+    parallel = min(parallel, len(batches))
     logger.info(
-        "logistic probe (torch): %d layers in batches of %d, %d values of C, %s on %s",
+        "logistic probe (torch): %d layers in %d batches of up to %d (%d at a time), %d values "
+        "of C, %s on %s",
         len(task.layers),
-        batch,
+        len(batches),
+        max(len(layers) for layers in batches),
+        parallel,
         len(s.c_grid),
         dtype,
         device,
     )
+    if parallel > 1:
+        return _fit_batches_in_threads(task, s, batches, device, dtype, parallel)
     results: list[dict[str, Any]] = []
-    for first in range(0, len(task.layers), batch):
-        layers = task.layers[first : first + batch]
-        results.extend(_fit_torch_batch(task, s, layers, device, dtype))
+    for layers in batches:
+        results.extend(_fit_torch_batch(task, s, layers, device, dtype, task.check_running))
         task.report_progress(len(results))
     return results
 
 
+def _balanced_batches(layers: list[int], largest: int, parallel: int) -> list[list[int]]:
+    """Split ``layers`` into batches of at most ``largest`` layers, as even as can be, and in
+    a multiple of ``parallel`` batches where there are enough layers, so that no thread is
+    left with a lone extra batch at the end."""
+    count = math.ceil(len(layers) / largest)
+    count = min(len(layers), math.ceil(count / parallel) * parallel)
+    return [part.tolist() for part in np.array_split(np.asarray(layers), count)]
+
+
+def _fit_batches_in_threads(
+    task: ProbeTask,
+    s: LogisticSettings,
+    batches: list[list[int]],
+    device: torch.device,
+    dtype: torch.dtype,
+    parallel: int,
+) -> list[dict[str, Any]]:
+    """Fit ``parallel`` batches of layers at a time, each in its own thread, on a CPU.
+
+    torch's threads are shared out evenly among the batches for the run. Progress is reported
+    from the calling thread, whose rq job the progress callback updates. When one batch fails
+    or the calling thread is interrupted (cancel, rq's job timeout), the other batches stop at
+    their next iteration and the first error is raised.
+    """
+    stop = threading.Event()
+
+    def check() -> None:
+        if stop.is_set():
+            raise _BatchStopped
+        task.check_running()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // parallel))
+    by_batch: list[list[dict[str, Any]]] = [[] for _ in batches]
+    try:
+        with ThreadPoolExecutor(parallel, thread_name_prefix="logistic-batch") as pool:
+            futures = {
+                pool.submit(_fit_torch_batch, task, s, layers, device, dtype, check): i
+                for i, layers in enumerate(batches)
+            }
+            try:
+                pending, done = set(futures), 0
+                while pending:
+                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        by_batch[futures[future]] = future.result()
+                        done += len(batches[futures[future]])
+                    task.report_progress(done)
+            except BaseException:
+                stop.set()
+                for future in futures:
+                    future.cancel()
+                raise
+    finally:
+        torch.set_num_threads(threads)
+    return [row for rows in by_batch for row in rows]
+
+
+class _BatchStopped(Exception):
+    """Raised in a batch's thread when another batch failed; its own error is the one raised."""
+
+
 def _layer_batch(
-    task: ProbeTask, s: LogisticSettings, device: torch.device, dtype: torch.dtype
+    task: ProbeTask,
+    s: LogisticSettings,
+    device: torch.device,
+    dtype: torch.dtype,
+    parallel: int = 1,
 ) -> int:
-    """Layers per batch so that features, logits and solver state stay within a memory budget."""
+    """Layers per batch so that features, logits and solver state of ``parallel`` batches
+    stay within a memory budget."""
     n_train, n_test = len(task.y_train), len(task.y_test)
     itemsize = torch.finfo(dtype).bits // 8
     n_c = len(s.c_grid)
@@ -196,7 +284,7 @@ def _layer_batch(
     if device.type == "cuda":
         budget = torch.cuda.mem_get_info(device)[0] // 2
     else:
-        budget = CPU_BATCH_BYTES
+        budget = CPU_BATCH_BYTES // parallel
     return max(1, min(len(task.layers), budget // per_layer))
 
 
@@ -206,6 +294,7 @@ def _fit_torch_batch(
     layers: list[int],
     device: torch.device,
     dtype: torch.dtype,
+    check: Callable[[], None],
 ) -> list[dict[str, Any]]:
     start = time.perf_counter()
     x_train, x_test = _read_with_ones(task, layers, device, dtype)
@@ -217,9 +306,7 @@ def _fit_torch_batch(
     # Validation: every layer x every C, standardised with the fit part's statistics.
     x_fit, x_val = x_train.index_select(1, fit_idx), x_train.index_select(1, val_idx)  # copies
     fit_cov, whole = _standardise_parts_(x_fit, x_val)
-    val_fit, val_run = _fit_grid(
-        x_fit, y_train[fit_idx], s, task.n_classes, fit_cov, check=task.check_running
-    )
+    val_fit, val_run = _fit_grid(x_fit, y_train[fit_idx], s, task.n_classes, fit_cov, check=check)
     del x_fit
     val_pred = val_fit.predict(x_val)  # (n_layers, n_C, n_val)
     val_acc = (val_pred == y_train[val_idx]).double().mean(dim=2).cpu().numpy()
@@ -236,7 +323,7 @@ def _fit_torch_batch(
     pick = torch.from_numpy(best).to(device)
     refit.init_from(val_fit.weight[rows, pick][:, None], val_fit.bias[rows, pick][:, None])
     del val_fit
-    run = refit.minimise(s, check=task.check_running)
+    run = refit.minimise(s, check=check)
     train_pred = refit.predict(x_all)[:, 0].cpu().numpy()  # (n_layers, n_train)
     test_pred = refit.predict(x_test)[:, 0].cpu().numpy()  # (n_layers, n_test)
     seconds = (time.perf_counter() - start) / n_layers
