@@ -120,8 +120,8 @@ def _timed_fit(
 def torch_variants(
     args: argparse.Namespace,
 ) -> list[tuple[str, dict[str, Any], int | None]]:
-    """One torch run per combination of ``--torch-threads``, ``--c-batch``, ``--dtype`` and
-    ``--torch-tol`` values: (name, engine params, threads)."""
+    """Return (name, engine params, threads) of one torch run per combination of
+    ``--torch-threads``, ``--c-batch``, ``--dtype`` and ``--torch-tol`` values."""
     variants = []
     for threads in args.torch_threads or [args.threads]:
         variants += [(name, params, threads) for name, params in _torch_params(args, threads)]

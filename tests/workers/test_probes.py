@@ -705,11 +705,9 @@ def _zarr_copies(digits: Digits, path: Any) -> dict[str, Any]:
     return stored
 
 
-def test_torch_engine_fits_batches_in_threads_as_one_at_a_time(
-    digits: Digits, tmp_path: Any
-) -> None:
+def test_torch_batches_in_threads_match_sequential(digits: Digits, tmp_path: Any) -> None:
     params = {"engine": "torch", "C": [0.1, 1.0, 10.0], "layer_batch": 1}
-    one_at_a_time = probe(digits, "logistic", params)
+    sequential = probe(digits, "logistic", params)
 
     stored = _zarr_copies(digits, tmp_path)
     progress: list[tuple[int, int, int]] = []
@@ -732,13 +730,13 @@ def test_torch_engine_fits_batches_in_threads_as_one_at_a_time(
     finally:
         torch.set_num_threads(1)
 
-    for one, threaded in zip(one_at_a_time, in_threads, strict=True):
-        assert threaded["layer"] == one["layer"]
-        assert threaded["params"]["C"] == one["params"]["C"]
-        assert threaded["test_accuracy"] == one["test_accuracy"]
-        assert threaded["confusion_matrix"] == one["confusion_matrix"]
-        assert threaded["grid"] == one["grid"]
-        assert threaded["n_iter"] == one["n_iter"]
+    for expected, threaded in zip(sequential, in_threads, strict=True):
+        assert threaded["layer"] == expected["layer"]
+        assert threaded["params"]["C"] == expected["params"]["C"]
+        assert threaded["test_accuracy"] == expected["test_accuracy"]
+        assert threaded["confusion_matrix"] == expected["confusion_matrix"]
+        assert threaded["grid"] == expected["grid"]
+        assert threaded["n_iter"] == expected["n_iter"]
     # Progress comes from the calling thread, whose rq job the callback updates.
     assert {ident for ident, _, _ in progress} == {threading.get_ident()}
     assert [done for _, done, _ in progress] == [1, 2, 3]
@@ -749,7 +747,7 @@ def test_torch_engine_fits_batches_in_threads_as_one_at_a_time(
 
 
 @pytest.mark.usefixtures("two_torch_threads")
-def test_torch_engine_threads_raise_the_first_error_and_stop(digits: Digits) -> None:
+def test_torch_batch_threads_raise_first_error(digits: Digits) -> None:
     calls: list[str] = []
 
     def check() -> None:
@@ -773,7 +771,7 @@ def test_torch_engine_threads_raise_the_first_error_and_stop(digits: Digits) -> 
         (1, 5, 2, [1]),
     ],
 )
-def test_torch_engine_balances_automatic_batches(
+def test_torch_automatic_batches_balanced(
     n_layers: int, largest: int, parallel: int, sizes: list[int]
 ) -> None:
     batches = _balanced_batches(list(range(n_layers)), largest, parallel)

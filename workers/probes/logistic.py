@@ -29,11 +29,15 @@ gradient stops falling is reported as stalled rather than run to ``max_iter``. T
 ``tol`` is 1e-6, tighter than the reference's 1e-5, because at 1e-5 a tie between values of C
 on validation can break either way (see ``workers.probes.settings``).
 
-On the 2-core CPU of docs/benchmarks-probe.md, with one thread each, the full sweep of 25
+On a CPU where torch has two or more threads, two batches of layers are fitted at a time,
+each in its own thread with half of torch's threads. Most matmuls of a sweep cover few values
+of C, so a second thread inside one matmul gains little.
+
+On the 2-core CPUs of docs/benchmarks-probe.md, with one thread each, the full sweep of 25
 layers x 8 values of C on 50,000 x 512 features ran 5.39x faster than the reference in
-float64 and 8.65x in float32 (13.3x in float32 at the reference's tol of 1e-5). It chose the
-same values of C except where values tie on validation and the reference stopped short of
-its optimum.
+float64 and 8.65x to 11.27x in float32. On both cores, with the reference on one thread (its
+faster setting there), it ran 20.4x faster in float32. It chose the same values of C except
+where values tie on validation and the reference stopped short of its optimum.
 ``c_batch=1`` (one value of C per run, warm-started along the grid) needs fewer iterations
 but is slower on a CPU, because each matmul then covers a single value of C.
 
@@ -72,9 +76,8 @@ logger = logging.getLogger(__name__)
 # Bytes of features and activations that the torch batches of layers may hold on the CPU.
 CPU_BATCH_BYTES = 2 * 2**30
 # Batches of layers fitted at once on a CPU, each in its own thread with a share of torch's
-# threads. With one torch thread each, two batches fitted the full sweep of
-# docs/benchmarks-probe.md faster than one batch at a time on two threads: most matmuls of the
-# sweep cover few values of C and gain little from a second thread.
+# threads. On 2 cores this ran the full sweep of docs/benchmarks-probe.md 2.04x faster than one
+# thread, where one batch at a time on two threads gave 1.59x (table 9 there).
 CPU_PARALLEL_BATCHES = 2
 
 
