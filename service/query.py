@@ -63,7 +63,7 @@ def check_query(request: Request) -> None:
     route = request.scope.get("route")
     if not isinstance(route, APIRoute) or not request.query_params:
         return
-    if not route.include_in_schema or is_public(route.endpoint) or route.path in SCRAPED_PATHS:
+    if is_public(route.endpoint) or route.path in SCRAPED_PATHS:
         # Pages, /metrics and the open health check are read by browsers, scrapers and load
         # balancers, which may add parameters of their own (tracking, cache busting).
         return

@@ -16,6 +16,8 @@ MISSING = "0" * 24
         ("/v1/jobs?staus=failed", "staus", ["'staus'", "before, kind, limit, status"]),
         (f"/v1/featuresets/{MISSING}/layers/0?rows=5", "rows", ["'rows'", "format, start, stop"]),
         ("/v1/datasets?x=1", "x", ["'x'", "no query parameters"]),
+        # The dashboard's JSON route is checked like the API; only its pages are not.
+        ("/dashboard/probe-pairs?trian=x", "trian", ["'trian'", "use one of train"]),
     ],
 )
 def test_unknown_query_parameter_is_422(
@@ -35,6 +37,14 @@ def test_repeated_query_parameter_is_422(api_url: str) -> None:
     detail = response.json()["detail"]
     assert detail["field"] == "status"
     assert detail["value"] == ["failed", "finished"]
+    assert "pass it once" in detail["message"]
+
+
+def test_repeated_dashboard_pair_query_is_422(api_url: str) -> None:
+    response = httpx.get(f"{api_url}/dashboard/probe-pairs?train={MISSING}&train={'1' * 24}")
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert detail["field"] == "train"
     assert "pass it once" in detail["message"]
 
 
