@@ -30,6 +30,7 @@ from workers.probes.logistic import (
     LogisticSettings,
     _balanced_batches,
     _BatchedLogistic,
+    _GradientLows,
     _standardise_parts_,
 )
 from workers.probes.metrics import CI_DECIMALS, bootstrap_accuracy_ci
@@ -181,6 +182,34 @@ def test_logistic_torch_records_stall_as_warning(digits: Digits) -> None:
     assert result["converged"] is False
     assert result["n_iter"] < 5000
     assert any("stopped falling" in w for w in result["warnings"])
+
+
+def test_float64_stall_advice_keeps_dtype(digits: Digits) -> None:
+    """A float64 fit stopped at its rounding level is advised a larger tol, not float64."""
+    (result,) = probe(
+        digits,
+        "logistic",
+        {"engine": "torch", "dtype": "float64", "C": 1.0, "tol": 1e-300, "max_iter": 5000},
+        layers=[0],
+    )
+    assert result["converged"] is False
+    assert len(result["warnings"]) == 2  # validation fit and refit
+    for warning in result["warnings"]:
+        assert "stopped falling" in warning
+        assert "use a larger tol" in warning
+        assert "dtype float64" not in warning
+
+
+def test_stall_rule_ignores_warm_start_gradient() -> None:
+    """A run warm-started below the gradients of its first iterations is still falling."""
+    lows = _GradientLows(2)
+    # Problem 0 starts at 1e-6 and falls slowly from 1e-3; problem 1 stops falling at 1e-4.
+    steps = 60
+    for step in range(1, steps + 1):
+        norms = np.array([1e-3 * 0.99**step, 1e-4 if step > 5 else 1e-3])
+        stalled = lows.stalled(norms, np.array([step, step]))
+    assert not stalled[0]
+    assert stalled[1]
 
 
 def test_logistic_engines_report_their_name(

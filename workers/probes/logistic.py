@@ -445,6 +445,8 @@ def _fit_grid(
 
 def _advice(run: _Run, layer: int, columns: list[int], s: LogisticSettings) -> str:
     if run.stalled[layer, columns].any():
+        if s.dtype == "float64":
+            return "the gradient stopped falling before max_iter; use a larger tol"
         return "the gradient stopped falling before max_iter; use dtype float64 or a larger tol"
     return "raise max_iter"
 
@@ -804,7 +806,7 @@ class _BatchedLogistic:
         stalled = np.zeros(total, dtype=bool)
         solver = _Solver(self, np.arange(total), flat.clone(), s)
         norms[solver.ids] = solver.norms()
-        best, best_iter = norms.copy(), np.zeros(total, dtype=np.int64)
+        lows = _GradientLows(total)
         live = ~(norms <= s.tol) & (s.max_iter > 0)
         while live.any():
             if check is not None:
@@ -814,11 +816,7 @@ class _BatchedLogistic:
             n_iter[solver.ids[done]] += 1
             norms[solver.ids] = solver.norms()
             stalled[solver.ids[failed]] = True
-            # A gradient that has not reached a new low for STALL_ITER iterations is at the
-            # rounding level of its dtype (float32 near a small tol).
-            improved = norms < best
-            best[improved], best_iter[improved] = norms[improved], n_iter[improved]
-            stalled |= live & (n_iter - best_iter >= STALL_ITER)
+            stalled |= live & lows.stalled(norms, n_iter)
             live &= ~stalled & (n_iter < s.max_iter) & ~(norms <= s.tol)
         solver.keep(np.zeros(len(solver.ids), dtype=bool), flat)
         shape = (n_layers, n_c)
@@ -828,6 +826,26 @@ class _BatchedLogistic:
             n_iter=n_iter.reshape(shape),
             stalled=stalled.reshape(shape),
         )
+
+
+class _GradientLows:
+    """Lowest gradient max-norm of each problem reached by an iteration, and when.
+
+    A gradient that has not reached a new low for STALL_ITER iterations is at the rounding
+    level of its dtype (float32 near a small tol). The starting point does not count: a run
+    warm-started from a nearby value of C can start lower than its first iterations reach.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.best = np.full(total, np.inf)
+        self.best_iter = np.zeros(total, dtype=np.int64)
+
+    def stalled(self, norms: np.ndarray, n_iter: np.ndarray) -> np.ndarray:
+        """Record ``norms`` after ``n_iter`` iterations; return which problems stalled."""
+        improved = (norms < self.best) & (n_iter > 0)
+        self.best[improved] = norms[improved]
+        self.best_iter[improved] = n_iter[improved]
+        return n_iter - self.best_iter >= STALL_ITER
 
 
 class _Solver:
