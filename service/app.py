@@ -28,6 +28,7 @@ from starlette.routing import Match
 
 from service.auth import (
     ERROR_RESPONSES,
+    REDIS_RETRY_AFTER,
     BodySizeLimitMiddleware,
     InternalErrorMiddleware,
     JobQuotaError,
@@ -143,10 +144,6 @@ async def _domain_error(request: Request, exc: Exception) -> JSONResponse:
     )
     headers = {"Retry-After": str(exc.retry_after)} if isinstance(exc, BusyError) else None
     return SafeJSONResponse(error_body(exc), status_code=code, headers=headers)
-
-
-# Retry-After of the 503 sent while Redis is unavailable, in seconds.
-REDIS_RETRY_AFTER = 5
 
 
 async def _redis_error(request: Request, exc: Exception) -> JSONResponse:

@@ -437,10 +437,15 @@ def log_redis_outage(context: str, exc: BaseException) -> None:
     )
 
 
+# Retry-After of the 503 sent while Redis is unavailable, in seconds.
+REDIS_RETRY_AFTER = 5
+
+
 def _redis_unavailable(exc: BaseException) -> HTTPException:
     log_redis_outage("API key check failed", exc)
     return HTTPException(
         status_code=503,
+        headers={"Retry-After": str(REDIS_RETRY_AFTER)},
         detail={
             "message": "Redis is unavailable, so API keys, jobs and results cannot be read; "
             "retry later",

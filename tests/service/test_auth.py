@@ -275,15 +275,17 @@ def test_auth_keys_stay_required_after_redis_data_loss(
     assert after_loss.status_code == 401
 
 
-def test_auth_off_redis_down_is_503(
-    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+@pytest.mark.parametrize("auth", ["off", "auto"])
+def test_redis_down_is_503_with_retry_after(
+    settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture, auth: str
 ) -> None:
+    """With keys on, the key check meets the outage first; its 503 says when to retry too."""
     from service.launcher import free_port
 
     unreachable = f"redis://127.0.0.1:{free_port()}/0"
     app = create_app(
         settings.model_copy(
-            update={"store": str(tmp_path / "store"), "redis_url": unreachable, "auth": "off"}
+            update={"store": str(tmp_path / "store"), "redis_url": unreachable, "auth": auth}
         )
     )
     with TestClient(app) as client, caplog.at_level("ERROR"):
