@@ -115,6 +115,14 @@ def up(
 
     configure_logging(logging.INFO)
 
+    if not store.strip():
+        err.print(
+            f"error: invalid --store {store!r}: give a store folder, or leave the option out "
+            "for ./data/store",
+            markup=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(2)
     terminate_on_sigterm()
     redis_server = None
     redis_url = os.environ.get("REDIS_URL")
@@ -126,8 +134,19 @@ def up(
     # The API's socket is bound before Redis and workers start, so a busy port ends the
     # command with one line and nothing to clean up.
     api_socket = _bind(host, port)
+    log_dir = store_path.parent / "logs"
+    redis_dir = store_path.parent / "redis"
+    for folder in [log_dir] if redis_url else [redis_dir, log_dir]:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            api_socket.close()
+            _exit_with_error(
+                f"cannot create the folder {folder} ({exc.strerror or exc}); pass a --store "
+                "path whose folders can be created and written"
+            )
     if redis_url is None:
-        redis_server = RedisServer(free_port(), store_path.parent / "redis", persistent=True)
+        redis_server = RedisServer(free_port(), redis_dir, persistent=True)
         try:
             redis_url = redis_server.start().url
         except RuntimeError as exc:
@@ -148,8 +167,6 @@ def up(
         api_socket.close()
         raise typer.Exit(2)
     env = {"LAYERBANK_STORE": str(store_path), "REDIS_URL": redis_url}
-    log_dir = store_path.parent / "logs"
-    log_dir.mkdir(parents=True, exist_ok=True)
     server = uvicorn.Server(
         uvicorn.Config(create_app(settings), host=host, port=port, log_level="info")
     )

@@ -198,17 +198,26 @@ def test_redis_folder_locked_while_running(tmp_path: Path) -> None:
 
 
 def _run_up(
-    store: Path, *options: str, env: dict[str, str] | None = None, timeout: float
+    store: Path,
+    *options: str,
+    env: dict[str, str] | None = None,
+    timeout: float,
+    store_option: str | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run `layerbank up` on a free port until it exits, without the session's REDIS_URL."""
+    """Run `layerbank up` on a free port until it exits, without the session's REDIS_URL.
+
+    ``store_option`` replaces the ``--store`` value given by ``store``."""
     base = {key: value for key, value in os.environ.items() if key != "REDIS_URL"}
-    command = ["up", "--port", str(free_port()), "--store", str(store), *options]
+    store_value = str(store) if store_option is None else store_option
+    command = ["up", "--port", str(free_port()), "--store", store_value, *options]
     return subprocess.run(
         [sys.executable, "-m", "service.cli", *command],
-        env={**base, **(env or {})},
+        env={**base, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
+        cwd=cwd,
     )
 
 
@@ -223,6 +232,25 @@ def test_up_beside_running_stack_is_one_error_line(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert result.stderr.startswith("error: the Redis data folder")
     assert "Traceback" not in result.stderr
+
+
+def test_up_store_under_file_one_error_line(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("not a folder")
+    result = _run_up(tmp_path / "afile" / "store", "--workers", "0", timeout=60)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.startswith("error: cannot create the folder ")
+    assert str(tmp_path / "afile") in result.stderr
+    assert "--store" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+@pytest.mark.parametrize("store", ["", "  "])
+def test_up_blank_store_is_usage_error(tmp_path: Path, store: str) -> None:
+    result = _run_up(Path(), "--workers", "0", timeout=60, store_option=store, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "invalid --store" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing created in the current folder
 
 
 def test_up_stops_when_worker_keeps_exiting(tmp_path: Path) -> None:
