@@ -424,7 +424,7 @@ def release_killed_workers(redis: Redis, pids: set[int]) -> None:
                 worker.name,
                 worker.pid,
                 job.id,
-                job.get_status(refresh=True),
+                getattr(job.get_status(refresh=True), "value", None),
                 job.retries_left,
             )
         worker.register_death()

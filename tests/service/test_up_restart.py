@@ -95,6 +95,8 @@ def test_second_signal_stops_at_once(
         job.refresh()
         assert job.get_status() == JobStatus.QUEUED
         assert job.retries_left == 1
+        (killed,) = [r.getMessage() for r in caplog.records if "was killed" in r.getMessage()]
+        assert f"rq job {job.id}; the job is queued (1 retries left)" in killed
     finally:
         queue.empty()
         redis.close()
