@@ -77,7 +77,7 @@ def test_reader_accepts_values_at_bounds(kind: str, params: dict[str, Any]) -> N
 
 
 @pytest.mark.parametrize("engine", ["sklearn", "torch"])
-@pytest.mark.parametrize("c", [5e-324, 1e-300, 9.9e-13])
+@pytest.mark.parametrize("c", [0.0, -1.0, 5e-324, 1e-300, 9.9e-13])
 def test_logistic_c_below_the_floor_rejected(engine: str, c: float) -> None:
     """Every C below the floor is rejected before fitting. A C whose penalty overflows
     (5e-324) made every fit stop after 0 iterations."""
@@ -88,6 +88,7 @@ def test_logistic_c_below_the_floor_rejected(engine: str, c: float) -> None:
     assert info.value.value == c
     assert f"C={c!r}" in info.value.message
     assert "pass C >= 1e-12" in info.value.message
+    assert "(0, inf)" not in info.value.message  # the range C=1e-13 would fail too
 
 
 def test_logistic_c_at_the_floor_accepted() -> None:

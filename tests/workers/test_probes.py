@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -882,6 +883,11 @@ def test_error_k_larger_than_train_set(digits: Digits) -> None:
     assert error.value == 5000
     assert "k=5000" in str(error)
     assert "1297" in str(error)
+    # The k it suggests is accepted: the fit part, not the whole train set, bounds k.
+    suggested = re.search(r"pass k <= (\d+)", str(error))
+    assert suggested is not None, str(error)
+    (result, *_) = probe(digits, "knn", {"k": int(suggested.group(1))}, layers=[0])
+    assert result["params"]["k"] == int(suggested.group(1))
 
 
 def test_error_fewer_than_two_classes(digits: Digits) -> None:

@@ -6,6 +6,7 @@ readers, so a bad parameter is rejected before a job is queued.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -95,12 +96,17 @@ def read_logistic_settings(params: dict[str, Any]) -> LogisticSettings:
                     field=name,
                     value=params[name],
                 )
-    c_grid, _ = read_grid(params, "C", DEFAULT_C_GRID)
+    # Any number passes here, so that C <= 0 gets the message below with the real floor.
+    c_grid, _ = read_grid(params, "C", DEFAULT_C_GRID, low=-math.inf, low_open=False)
     if c_grid[0] < MIN_C:
+        reason = (
+            "C must be positive"
+            if c_grid[0] <= 0
+            else "the penalty then holds every weight at zero and the probe cannot beat chance"
+        )
         raise ProbeError(
-            f"C={format_json(c_grid[0])} is below the smallest accepted value {MIN_C:g}: the "
-            "penalty then holds every weight at zero and the probe cannot beat chance; "
-            f"pass C >= {MIN_C:g}",
+            f"C={format_json(c_grid[0])} is below the smallest accepted value {MIN_C:g}: "
+            f"{reason}; pass C >= {MIN_C:g}",
             field="C",
             value=c_grid[0],
         )
@@ -169,7 +175,8 @@ def read_knn_settings(params: dict[str, Any], task: TrainSizes) -> KnnSettings:
         )
     if explicit and k_grid[-1] > n_train:
         raise ProbeError(
-            f"k={k_grid[-1]} is larger than the train set ({n_train} items); pass k <= {n_train}",
+            f"k={k_grid[-1]} is larger than the train set ({n_train} items); pass k <= "
+            f"{n_fit}, the items left for fitting after the validation split",
             field="k",
             value=k_grid[-1],
         )
@@ -184,7 +191,7 @@ def read_knn_settings(params: dict[str, Any], task: TrainSizes) -> KnnSettings:
     if not k_grid:
         raise ProbeError(
             f"every k in {dropped} exceeds the {n_fit} items left for fitting after the "
-            "validation split; pass a smaller k or a smaller val_fraction",
+            f"validation split; pass k <= {n_fit} or a smaller val_fraction",
             field="k",
             value=dropped,
         )
