@@ -338,7 +338,7 @@ def run_probe(probe_id: str) -> dict[str, Any]:
             check_canceled()
 
         if kind == "adapter":
-            kind_rows = _fit_adapters(store, settings, train, test, spec, progress)
+            kind_rows = _fit_adapters(store, settings, train, test, spec, progress, check_canceled)
         else:
             kind_rows = fit_probes(
                 kind,
@@ -385,8 +385,11 @@ def _fit_adapters(
     test: Any,
     spec: dict[str, Any],
     progress: Callable[[int, int], None],
+    check: Callable[[], None],
 ) -> list[dict[str, Any]]:
-    """Train adapter probes from the images and model behind two feature sets, layer by layer."""
+    """Train adapter probes from the images and model behind two feature sets, layer by layer.
+
+    ``check`` runs after each epoch and raises to stop the fit (a canceled job)."""
     from workers.adapters import fit_adapter
     from workers.extract import load_featureset_split, resolve_for_featureset
     from workers.imagegpt import build_input_ids
@@ -431,6 +434,7 @@ def _fit_adapters(
                 params=spec["params"].get("adapter", {}),
                 seed=spec["seed"],
                 class_names=train.attrs.get("class_names") or None,
+                progress=lambda _epoch, _epochs: check(),
             )
         )
         progress(index + 1, len(spec["layers"]))

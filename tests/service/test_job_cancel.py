@@ -238,6 +238,34 @@ def test_cancel_running_pretraining_stops(
     assert client.job(job_id)["status"] == "canceled"
 
 
+def test_cancel_running_adapter_stops_within_layer(
+    client: Client, redis: Redis, digits_featuresets: dict[str, str]
+) -> None:
+    """An adapter probe checks for a cancel each epoch, not only after each layer."""
+    answer = client.probe(
+        digits_featuresets["train"],
+        digits_featuresets["test"],
+        kind="adapter",
+        layers=[1],
+        params={"epochs": 10_000, "bottleneck": 4},
+        seed=int(uuid.uuid4().int % 2**31),  # a new probe id, so the run starts fresh
+    )
+    job_id = answer["job_id"]
+    try:
+        _wait_rq_started(redis, job_id)
+        time.sleep(2.0)  # well inside the layer's first epochs
+        started = time.monotonic()
+        response = _cancel(client, job_id)
+        statuses = _wait_rq_idle(redis, job_id, timeout=60)
+        stopped_after = time.monotonic() - started
+    finally:
+        _cancel(client, job_id)
+    assert response.status_code == 202
+    assert statuses == [JobStatus.FAILED]
+    assert stopped_after < 30, stopped_after
+    assert client.job(job_id)["status"] == "canceled"
+
+
 def test_cancel_finished_job_is_200_unchanged(client: Client) -> None:
     answer = client.extract("pixels", "digits", "test", limit=40, seed=9102, block_rows=20)
     before = wait_job(client, answer["job_id"], timeout=60)
