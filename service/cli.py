@@ -221,6 +221,13 @@ def demo(
     ] = "http://127.0.0.1:8000",
     output: Annotated[Path, typer.Option(help="directory for the curve PNG")] = Path("demo-output"),
     steps: Annotated[int, typer.Option(min=1, help="pretraining steps")] = 1000,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            help="store name of the pretrained model (default: digits-igpt, with the steps "
+            "appended when --steps is not 1000)"
+        ),
+    ] = None,
     api_key: ApiKeyOption = None,
 ) -> None:
     """Pretrain a small ImageGPT on digits, extract every layer, probe, print and plot."""
@@ -283,11 +290,18 @@ def demo(
             stop_process(stack)
             _exit_with_error(f"the embedded stack did not start; its output is in {stack_log}")
     try:
-        run_demo(client, output, steps=steps, console=console)
+        run_demo(client, output, steps=steps, console=console, name=name)
     except ClientError as exc:
         hint = ""
         if exc.status_code == 401:
             hint = "; pass a write key with --api-key or LAYERBANK_API_KEY"
+        elif (
+            exc.status_code == 422
+            and isinstance(exc.detail, dict)
+            and exc.detail.get("field") == "name"
+        ):
+            # A model of that name was pretrained with settings other than the demo's.
+            hint = "; or run the demo with --name NEW to pretrain its model under another name"
         _exit_with_error(f"demo failed: {exc}{hint}")
     finally:
         client.close()

@@ -85,16 +85,25 @@ def _progress_printer(console: Console, label: str) -> Any:
 
 
 def run_demo(
-    client: Client, output: Path, *, steps: int = 1000, console: Console | None = None
+    client: Client,
+    output: Path,
+    *,
+    steps: int = 1000,
+    console: Console | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """Run the whole main job on scikit-learn's digits and return the probe rows and baseline."""
+    """Run the whole main job on scikit-learn's digits and return the probe rows and baseline.
+
+    ``name`` is the store name of the pretrained model; by default ``digits-igpt``, with the
+    steps appended when they are not the default."""
     console = console or Console()
     output.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
 
     console.rule("1. pretrain a small ImageGPT on digits/train (next-pixel, start token)")
     # A run with other settings gets its own name, so it never clashes with the default model.
-    name = DEMO_MODEL if steps == DEMO_PRETRAIN["steps"] else f"{DEMO_MODEL}-{steps}steps"
+    if name is None:
+        name = DEMO_MODEL if steps == DEMO_PRETRAIN["steps"] else f"{DEMO_MODEL}-{steps}steps"
     created = client.pretrain(name, **{**DEMO_PRETRAIN, "steps": steps})
     if created["status"] == "complete":
         console.print(f"  {created['model']} already in the store: reused")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,31 @@ def test_demo_second_run_reuses_everything(client: Any, tmp_path: Path) -> None:
     assert second["featuresets"] == first["featuresets"]
     assert second["probes"] == first["probes"]
     assert "already in the store: reused" in (tmp_path / "out.txt").read_text()
+
+
+def test_demo_name_taken_gives_name_option(
+    client: Any, api_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store model of the demo's name pretrained with other settings ends the demo with a
+    fix that the demo accepts."""
+    from service import cli, launcher
+    from tests.conftest import wait_job
+
+    monkeypatch.setattr(launcher, "terminate_on_sigterm", lambda: None)
+    taken = f"taken-{uuid.uuid4().hex[:8]}"
+    answer = client.pretrain(
+        taken, dataset="digits", split="train", n_layer=1, n_embd=16, n_head=1, steps=2
+    )
+    state = wait_job(client, answer["job_id"])
+    assert state is not None and state["status"] == "finished", state
+
+    result = CliRunner().invoke(
+        cli.app,
+        ["demo", "--url", api_url, "--output", str(tmp_path / "out"), "--name", taken],
+    )
+    assert result.exit_code == 1
+    assert f"store:{taken} already exists with different settings" in result.stderr
+    assert "--name NEW" in result.stderr
 
 
 @pytest.mark.parametrize(
