@@ -194,7 +194,7 @@ def _probe_spec(body: ProbeCreate, store: Store, redis: Redis, settings: Setting
             adapter_shape=adapter_shape,
             adapter_limit=int(settings.adapter_fit_gib * 2**30),
         )
-        params[kind] = normalise_params(kind, kind_params, train_labels)
+        params[kind] = normalise_params(kind, kind_params, train_labels, n_layers=len(set(layers)))
     return ProbeSpec(
         train_featureset=train.id,
         test_featureset=test.id,

@@ -254,6 +254,20 @@ def test_c_batch_whole_grid_dropped() -> None:
         assert normalised == plain
 
 
+def test_layer_batch_beyond_layers_clamped() -> None:
+    """A layer_batch above the number of layers makes the same batches as that number; with
+    one layer every layer_batch, and none, fits it alone."""
+    y_train = np.repeat(np.arange(4), 25)
+
+    def normalised(layer_batch: int, n_layers: int) -> dict:
+        params = {"engine": "torch", "layer_batch": layer_batch}
+        return normalise_params("logistic", params, y_train, n_layers=n_layers)
+
+    assert normalised(5, 5) == normalised(128, 5) == {"engine": "torch", "layer_batch": 5}
+    assert normalised(2, 5) == {"engine": "torch", "layer_batch": 2}
+    assert normalised(1, 1) == normalised(64, 1) == {"engine": "torch"}
+
+
 def test_train_eval_items_beyond_train_dropped() -> None:
     """kNN scores at most every train item, so any train_eval_items from the train size on
     reads as the default does on a train set of that size."""

@@ -468,17 +468,27 @@ GRID_PARAMS = {"logistic": ("C", False), "knn": ("k", True)}
 
 
 def normalise_params(
-    kind: str, params: dict[str, Any], y_train: np.ndarray | None = None
+    kind: str,
+    params: dict[str, Any],
+    y_train: np.ndarray | None = None,
+    *,
+    n_layers: int | None = None,
 ) -> dict[str, Any]:
     """Return ``params`` as the engines read them, so that equal requests get one probe id.
 
     A float with an integral value becomes an int (``100.0`` and ``100`` are one ``max_iter``),
     and the grid becomes its distinct values in increasing order, all of one number type
     (``1`` or ``[1.0, 1.0]``). With the train labels ``y_train``, a parameter that the engine
-    would read the same without it (a default written out) is left out. Call it after
-    `check_params`.
+    would read the same without it (a default written out) is left out. With the number of
+    layers ``n_layers``, a logistic ``layer_batch`` above it becomes it, and with one layer
+    ``layer_batch`` is left out. Call it after `check_params`.
     """
     params = {name: _integral_to_int(value) for name, value in params.items()}
+    if kind == "logistic" and n_layers is not None and "layer_batch" in params:
+        if n_layers == 1:
+            del params["layer_batch"]
+        else:
+            params["layer_batch"] = min(params["layer_batch"], n_layers)
     grid = GRID_PARAMS.get(kind)
     if grid is not None and grid[0] in params:
         name, integer = grid
