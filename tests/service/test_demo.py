@@ -52,19 +52,19 @@ def test_demo_name_taken_gives_name_option(
     from tests.conftest import wait_job
 
     monkeypatch.setattr(launcher, "terminate_on_sigterm", lambda: None)
-    taken = f"taken-{uuid.uuid4().hex[:8]}"
+    existing_name = f"taken-{uuid.uuid4().hex[:8]}"
     answer = client.pretrain(
-        taken, dataset="digits", split="train", n_layer=1, n_embd=16, n_head=1, steps=2
+        existing_name, dataset="digits", split="train", n_layer=1, n_embd=16, n_head=1, steps=2
     )
     state = wait_job(client, answer["job_id"])
     assert state is not None and state["status"] == "finished", state
 
     result = CliRunner().invoke(
         cli.app,
-        ["demo", "--url", api_url, "--output", str(tmp_path / "out"), "--name", taken],
+        ["demo", "--url", api_url, "--output", str(tmp_path / "out"), "--name", existing_name],
     )
     assert result.exit_code == 1
-    assert f"store:{taken} already exists with different settings" in result.stderr
+    assert f"store:{existing_name} already exists with different settings" in result.stderr
     assert "--name NEW" in result.stderr
 
 
