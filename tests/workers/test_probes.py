@@ -201,16 +201,21 @@ def test_float64_stall_advice_keeps_dtype(digits: Digits) -> None:
         assert "dtype float64" not in warning
 
 
-def test_stall_rule_ignores_warm_start_gradient() -> None:
-    """A run warm-started below the gradients of its first iterations is still falling."""
-    lows = _GradientLows(2)
-    # Problem 0 starts at 1e-6 and falls slowly from 1e-3; problem 1 stops falling at 1e-4.
+def test_stall_rule_needs_flat_gradient_and_loss() -> None:
+    """A run whose gradient stays above an early low while its loss falls is still running."""
+    noise = 1e-13
+    lows = _GradientLows(3, noise)
+    # Problem 0 starts at 1e-6 and falls slowly from 1e-3 (a warm start). Problem 1's gradient
+    # stops at 1e-4 after an early low of 1e-5 while its loss keeps falling. Problem 2's
+    # gradient and loss both stop falling.
     steps = 60
     for step in range(1, steps + 1):
-        norms = np.array([1e-3 * 0.99**step, 1e-4 if step > 5 else 1e-3])
-        stalled = lows.stalled(norms, np.array([step, step]))
+        norms = np.array([1e-3 * 0.99**step, 1e-5 if step == 1 else 1e-4, 1e-4])
+        losses = np.array([1.0, 1.0 - 1e-3 * step, 1.0])
+        stalled = lows.stalled(norms, losses, np.array([step, step, step]))
     assert not stalled[0]
-    assert stalled[1]
+    assert not stalled[1]
+    assert stalled[2]
 
 
 def test_logistic_engines_report_their_name(

@@ -806,7 +806,8 @@ class _BatchedLogistic:
         stalled = np.zeros(total, dtype=bool)
         solver = _Solver(self, np.arange(total), flat.clone(), s)
         norms[solver.ids] = solver.norms()
-        lows = _GradientLows(total)
+        losses = np.full(total, np.inf)
+        lows = _GradientLows(total, solver.noise)
         live = ~(norms <= s.tol) & (s.max_iter > 0)
         while live.any():
             if check is not None:
@@ -816,7 +817,8 @@ class _BatchedLogistic:
             n_iter[solver.ids[done]] += 1
             norms[solver.ids] = solver.norms()
             stalled[solver.ids[failed]] = True
-            stalled |= live & lows.stalled(norms, n_iter)
+            losses[solver.ids] = solver.f.cpu().numpy()
+            stalled |= live & lows.stalled(norms, losses, n_iter)
             live &= ~stalled & (n_iter < s.max_iter) & ~(norms <= s.tol)
         solver.keep(np.zeros(len(solver.ids), dtype=bool), flat)
         shape = (n_layers, n_c)
@@ -829,23 +831,31 @@ class _BatchedLogistic:
 
 
 class _GradientLows:
-    """Lowest gradient max-norm of each problem reached by an iteration, and when.
+    """Lowest gradient max-norm of each problem reached by an iteration, with its iteration and
+    loss.
 
-    A gradient that has not reached a new low for STALL_ITER iterations is at the rounding
-    level of its dtype (float32 near a small tol). The starting point does not count: a run
-    warm-started from a nearby value of C can start lower than its first iterations reach.
+    A problem is stalled when its gradient has reached no new low for STALL_ITER iterations
+    and its loss has fallen by no more than STALL_ITER times its rounding level since that low:
+    its dtype's rounding (float32 near a small tol) then stops it. A large-C fit can go on
+    lowering its loss for many iterations while its gradient max-norm stays above an early
+    low, as a run warm-started from a nearby value of C does. The starting point does not count.
     """
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, noise: float) -> None:
+        self.noise = noise  # relative rounding level of a loss
         self.best = np.full(total, np.inf)
         self.best_iter = np.zeros(total, dtype=np.int64)
+        self.best_loss = np.full(total, np.inf)
 
-    def stalled(self, norms: np.ndarray, n_iter: np.ndarray) -> np.ndarray:
-        """Record ``norms`` after ``n_iter`` iterations; return which problems stalled."""
+    def stalled(self, norms: np.ndarray, losses: np.ndarray, n_iter: np.ndarray) -> np.ndarray:
+        """Record ``norms`` and ``losses`` after ``n_iter`` iterations; return which problems
+        stalled."""
         improved = (norms < self.best) & (n_iter > 0)
         self.best[improved] = norms[improved]
         self.best_iter[improved] = n_iter[improved]
-        return n_iter - self.best_iter >= STALL_ITER
+        self.best_loss[improved] = losses[improved]
+        flat = self.best_loss - losses <= STALL_ITER * self.noise * np.abs(losses)
+        return (n_iter - self.best_iter >= STALL_ITER) & flat
 
 
 class _Solver:
@@ -872,7 +882,7 @@ class _Solver:
         # row stops them.
         self.restarted = np.zeros(n, dtype=bool)
         # Relative rounding level of a loss computed from compute-dtype logits.
-        self.noise = 10.0 * torch.finfo(model.x.dtype).eps
+        self.noise = 10.0 * float(torch.finfo(model.x.dtype).eps)
 
     def norms(self) -> np.ndarray:
         """Gradient max-norm of each row."""
