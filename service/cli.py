@@ -136,7 +136,7 @@ def up(
     api_socket = _bind(host, port)
     log_dir = store_path.parent / "logs"
     redis_dir = store_path.parent / "redis"
-    for folder in [log_dir] if redis_url else [redis_dir, log_dir]:
+    for folder in [store_path, log_dir] if redis_url else [store_path, redis_dir, log_dir]:
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -240,6 +240,12 @@ def demo(
         wait_for_http,
     )
 
+    # Checked before anything starts, and without creating the folder yet.
+    existing = next((path for path in (output, *output.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        _exit_with_error(
+            f"cannot create the --output folder {output} ({existing} is a file); pass a folder path"
+        )
     terminate_on_sigterm()
     stack = None
     client = Client(url, api_key=api_key, timeout=120)

@@ -68,6 +68,20 @@ def test_demo_name_taken_gives_name_option(
     assert "--name NEW" in result.stderr
 
 
+def test_demo_output_on_file_one_error_line(
+    api_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service import cli, launcher
+
+    monkeypatch.setattr(launcher, "terminate_on_sigterm", lambda: None)
+    (tmp_path / "afile").write_text("not a folder")
+    for output in (tmp_path / "afile", tmp_path / "afile" / "out"):
+        result = CliRunner().invoke(cli.app, ["demo", "--url", api_url, "--output", str(output)])
+        assert result.exit_code == 1
+        assert result.stderr.startswith(f"error: cannot create the --output folder {output}")
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
 @pytest.mark.parametrize(
     ("url", "address"),
     [

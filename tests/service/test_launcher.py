@@ -234,15 +234,20 @@ def test_up_beside_running_stack_is_one_error_line(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_up_store_under_file_one_error_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize("store", ["afile/store", "box/afile"])
+def test_up_store_on_file_one_error_line(tmp_path: Path, store: str) -> None:
+    """A store path on or under a regular file ends `up` with one line, before Redis starts."""
+    (tmp_path / "box").mkdir()
     (tmp_path / "afile").write_text("not a folder")
-    result = _run_up(tmp_path / "afile" / "store", "--workers", "0", timeout=60)
+    (tmp_path / "box" / "afile").write_text("not a folder")
+    result = _run_up(tmp_path / store, "--workers", "0", timeout=60)
     assert result.returncode == 1, result.stderr
     assert result.stderr.startswith("error: cannot create the folder ")
-    assert str(tmp_path / "afile") in result.stderr
+    assert "afile" in result.stderr
     assert "--store" in result.stderr
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "box" / "redis").exists()
 
 
 @pytest.mark.parametrize("store", ["", "  "])
