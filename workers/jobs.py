@@ -164,11 +164,15 @@ class CancelCheck:
         self._next_check = 0.0
         self._failures = 0
 
-    def __call__(self) -> None:
-        now = time.monotonic()
-        if self.job is None or now < self._next_check:
+    def __call__(self, *, now: bool = False) -> None:
+        """Read the cancel time, unless it was read less than ``interval`` seconds ago.
+
+        ``now=True`` reads it in any case, as before a result is written: a short fit may end
+        between two reads, and a canceled job must not then write its result."""
+        clock = time.monotonic()
+        if self.job is None or (clock < self._next_check and not now):
             return
-        self._next_check = now + self.interval
+        self._next_check = clock + self.interval
         try:
             _raise_if_canceled(self.job)
         except RedisError:
@@ -360,6 +364,7 @@ def run_probe(probe_id: str) -> dict[str, Any]:
 
     best = _best_rows(rows)
     fit_seconds = time.perf_counter() - started
+    check_canceled(now=True)
     store.write_result(
         "probes",
         probe_id,

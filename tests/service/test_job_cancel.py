@@ -266,6 +266,34 @@ def test_cancel_running_adapter_stops_within_layer(
     assert client.job(job_id)["status"] == "canceled"
 
 
+def test_cancel_of_short_running_probe_stays_canceled(
+    client: Client, redis: Redis, digits_featuresets: dict[str, str]
+) -> None:
+    """A cancel that reaches a short probe between two cancel checks keeps the job canceled:
+    the worker reads the cancel time again before it writes the result."""
+    landed = 0
+    for _ in range(3):
+        answer = client.probe(
+            digits_featuresets["train"],
+            digits_featuresets["test"],
+            kind="logistic",
+            layers=[0, 1, 2],
+            params={"engine": "torch", "C": [0.01, 0.1, 1.0, 10.0, 100.0]},
+            seed=int(uuid.uuid4().int % 2**31),  # a new probe id, so the fit runs
+        )
+        job_id = answer["job_id"]
+        _wait_rq_started(redis, job_id)
+        time.sleep(0.3)  # past the fit's first cancel check, which reads at once
+        response = _cancel(client, job_id)
+        _wait_rq_idle(redis, job_id, timeout=60)
+        state = client.job(job_id)
+        if response.json()["status"] == "canceled":
+            landed += 1
+            assert state["status"] == "canceled", state
+            assert client.probe_result(answer["probe_id"])["status"] == "canceled"
+    assert landed > 0, "every cancel arrived after its probe had finished"
+
+
 def test_cancel_finished_job_is_200_unchanged(client: Client) -> None:
     answer = client.extract("pixels", "digits", "test", limit=40, seed=9102, block_rows=20)
     before = wait_job(client, answer["job_id"], timeout=60)
