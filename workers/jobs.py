@@ -451,7 +451,10 @@ def run_projection(projection_id: str) -> dict[str, Any]:
     """Compute a 2-D projection of one stored layer and write its coordinates."""
     from workers.projections import run_projection as run
 
-    result = run(_store(get_settings()), projection_id, check_canceled=CancelCheck())
+    # The projection checks twice, the second time right before it writes: both read Redis,
+    # so a cancel that arrives while a fast projection runs keeps it from writing.
+    check = CancelCheck(interval=0.0)
+    result = run(_store(get_settings()), projection_id, check_canceled=check)
     _record_finished()
     return result
 
