@@ -5,7 +5,6 @@ and what came back."""
 from __future__ import annotations
 
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler
 
 import pytest
 from typer.testing import CliRunner
@@ -13,6 +12,7 @@ from typer.testing import CliRunner
 from service.cli import app
 from service.client import Client, ClientError, InvalidUrlError, check_base_url
 from tests.factories import local_http_server
+from tests.service.test_client_answers import PROXY_PAGE, _ProxyHandler
 
 REJECTED = {
     "http://127.0.0.1:18731?x=1": "query",
@@ -48,22 +48,10 @@ def test_cli_url_query_is_usage_error() -> None:
     assert "Traceback" not in result.output
 
 
-class _HtmlHandler(BaseHTTPRequestHandler):
-    def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
-        body = b"<html><body>a proxy login page</body></html>"
-        self.send_response(200)
-        self.send_header("Content-Type", "text/html; charset=utf-8")
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, format: str, *args: object) -> None:
-        pass
-
-
 @pytest.fixture()
 def html_url() -> Iterator[str]:
-    with local_http_server(_HtmlHandler) as url:
+    # The proxy page of the client answer tests: HTML with 200, or 502 under /v1/jobs.
+    with local_http_server(_ProxyHandler) as url:
         yield url
 
 
@@ -73,7 +61,7 @@ def test_non_json_response_is_client_error(html_url: str) -> None:
     message = str(caught.value)
     assert f"{html_url}/healthz" in message
     assert "text/html" in message
-    assert "<html><body>a proxy" in message
+    assert repr(PROXY_PAGE) in message
     assert caught.value.status_code == 200
 
 
