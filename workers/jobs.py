@@ -167,7 +167,7 @@ class CancelCheck:
     def __call__(self, *, now: bool = False) -> None:
         """Read the cancel time, unless it was read less than ``interval`` seconds ago.
 
-        ``now=True`` reads it in any case, as before a result is written: a short fit may end
+        ``now=True`` reads it in any case, as before a result is written. A short fit may end
         between two reads, and a canceled job must not then write its result."""
         clock = time.monotonic()
         if self.job is None or (clock < self._next_check and not now):
@@ -451,8 +451,8 @@ def run_projection(projection_id: str) -> dict[str, Any]:
     """Compute a 2-D projection of one stored layer and write its coordinates."""
     from workers.projections import run_projection as run
 
-    # The projection checks twice, the second time right before it writes: both read Redis,
-    # so a cancel that arrives while a fast projection runs keeps it from writing.
+    # The projection checks twice, the second time right before it writes. Both checks read
+    # Redis, so a cancel that arrives while a fast projection runs keeps it from writing.
     check = CancelCheck(interval=0.0)
     result = run(_store(get_settings()), projection_id, check_canceled=check)
     _record_finished()

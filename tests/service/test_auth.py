@@ -279,7 +279,7 @@ def test_auth_keys_stay_required_after_redis_data_loss(
 def test_redis_down_is_503_with_retry_after(
     settings: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture, auth: str
 ) -> None:
-    """With keys on, the key check meets the outage first; its 503 says when to retry too."""
+    """With keys on, the key check reads Redis first, so its 503 also carries Retry-After."""
     from service.launcher import free_port
 
     unreachable = f"redis://127.0.0.1:{free_port()}/0"

@@ -36,8 +36,9 @@ of C, so a second thread inside one matmul gains little.
 On the 2-core CPUs of docs/benchmarks-probe.md, with one thread each, the full sweep of 25
 layers x 8 values of C on 50,000 x 512 features ran 5.39x faster than the reference in
 float64 and 8.65x to 11.27x in float32. On both cores, with the reference on one thread (its
-faster setting there), it ran 20.4x faster in float32. It chose the same values of C except
-where values tie on validation and the reference stopped short of its optimum.
+faster setting there), it ran 20.4x and 21.5x faster in float32 (two runs). It chose the
+same values of C except where values tie on validation and the reference stopped short of its
+optimum.
 ``c_batch=1`` (one value of C per run, warm-started along the grid) needs fewer iterations
 but is slower on a CPU, because each matmul then covers a single value of C.
 
@@ -835,8 +836,8 @@ class _GradientLows:
     loss.
 
     A problem is stalled when its gradient has reached no new low for STALL_ITER iterations
-    and its loss has fallen by no more than STALL_ITER times its rounding level since that low:
-    its dtype's rounding (float32 near a small tol) then stops it. A large-C fit can go on
+    and its loss has fallen by no more than STALL_ITER times its rounding level since that low.
+    Its dtype's rounding (float32 near a small tol) then stops it. A large-C fit can go on
     lowering its loss for many iterations while its gradient max-norm stays above an early
     low, as a run warm-started from a nearby value of C does. The starting point does not count.
     """
@@ -848,8 +849,8 @@ class _GradientLows:
         self.best_loss = np.full(total, np.inf)
 
     def stalled(self, norms: np.ndarray, losses: np.ndarray, n_iter: np.ndarray) -> np.ndarray:
-        """Record ``norms`` and ``losses`` after ``n_iter`` iterations; return which problems
-        stalled."""
+        """Record ``norms`` and ``losses`` after ``n_iter`` iterations and return which
+        problems stalled."""
         improved = (norms < self.best) & (n_iter > 0)
         self.best[improved] = norms[improved]
         self.best_iter[improved] = n_iter[improved]
